@@ -1,0 +1,256 @@
+//! Plain serde mirrors of the diffusers / transformers `config.json` files easel reads.
+//!
+//! Each network is built from these, never from a hard-coded preset, so SD 1.5, 2.x, SDXL,
+//! Turbo variants, community fine-tunes and tiny test models all load through one path.
+
+use std::path::Path;
+
+use serde::de::DeserializeOwned;
+use serde::Deserialize;
+
+use crate::error::{EngineError, Result};
+
+/// Reads and parses a JSON config, naming the file and the offending field on failure.
+pub fn read_json<T: DeserializeOwned>(path: &Path) -> Result<T> {
+    let text = std::fs::read_to_string(path).map_err(|e| match e.kind() {
+        std::io::ErrorKind::NotFound => EngineError::MissingFile {
+            path: path.to_path_buf(),
+            hint: "expected a diffusers-layout model directory".into(),
+        },
+        _ => EngineError::Io { path: path.to_path_buf(), source: e },
+    })?;
+    let de = &mut serde_json::Deserializer::from_str(&text);
+    serde_path_to_error::deserialize(de).map_err(|e| {
+        let field = e.path().to_string();
+        let inner = e.into_inner();
+        let message = if field == "." || field.is_empty() {
+            format!("malformed config: {inner}")
+        } else {
+            format!("malformed config, field `{field}`: {inner}")
+        };
+        EngineError::BadConfig { path: path.to_path_buf(), message }
+    })
+}
+
+/// A value diffusers accepts either once for all blocks or per block.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged)]
+pub enum PerBlock<T> {
+    One(T),
+    Many(Vec<T>),
+}
+
+impl<T: Clone> PerBlock<T> {
+    /// The value for each of `n` blocks.
+    pub fn expand(&self, n: usize) -> Vec<T> {
+        match self {
+            PerBlock::One(v) => vec![v.clone(); n],
+            PerBlock::Many(v) => v.clone(),
+        }
+    }
+}
+
+/// `model_index.json`: the pipeline class and its components.
+#[derive(Debug, Clone, Deserialize)]
+pub struct ModelIndex {
+    #[serde(rename = "_class_name")]
+    pub class_name: String,
+    /// SDXL: use zero embeddings for an absent negative prompt.
+    #[serde(default)]
+    pub force_zeros_for_empty_prompt: Option<bool>,
+    /// Every other key: component name to `[library, class]` (or null).
+    #[serde(flatten)]
+    pub components: std::collections::BTreeMap<String, serde_json::Value>,
+}
+
+impl ModelIndex {
+    /// Whether the pipeline declares a component (a non-null `[library, class]` entry).
+    pub fn has(&self, component: &str) -> bool {
+        matches!(self.components.get(component), Some(serde_json::Value::Array(v)) if v.first().is_some_and(|x| !x.is_null()))
+    }
+}
+
+fn default_one() -> usize {
+    1
+}
+fn default_true() -> bool {
+    true
+}
+fn default_groups() -> usize {
+    32
+}
+fn default_eps() -> f64 {
+    1e-5
+}
+
+/// `unet/config.json` for `UNet2DConditionModel`.
+#[derive(Debug, Clone, Deserialize)]
+pub struct UNetConfig {
+    pub in_channels: usize,
+    pub out_channels: usize,
+    pub block_out_channels: Vec<usize>,
+    pub down_block_types: Vec<String>,
+    pub up_block_types: Vec<String>,
+    #[serde(default = "default_mid_block")]
+    pub mid_block_type: Option<String>,
+    pub layers_per_block: PerBlock<usize>,
+    pub cross_attention_dim: PerBlock<usize>,
+    pub attention_head_dim: PerBlock<usize>,
+    #[serde(default)]
+    pub num_attention_heads: Option<PerBlock<usize>>,
+    #[serde(default = "default_transformer_layers")]
+    pub transformer_layers_per_block: PerBlock<usize>,
+    #[serde(default)]
+    pub reverse_transformer_layers_per_block: Option<serde_json::Value>,
+    #[serde(default = "default_groups")]
+    pub norm_num_groups: usize,
+    #[serde(default = "default_eps")]
+    pub norm_eps: f64,
+    #[serde(default = "default_true")]
+    pub flip_sin_to_cos: bool,
+    #[serde(default)]
+    pub freq_shift: f64,
+    #[serde(default = "default_one")]
+    pub downsample_padding: usize,
+    #[serde(default = "default_one_f")]
+    pub mid_block_scale_factor: f64,
+    #[serde(default)]
+    pub center_input_sample: bool,
+    #[serde(default)]
+    pub use_linear_projection: bool,
+    #[serde(default)]
+    pub upcast_attention: bool,
+    #[serde(default)]
+    pub addition_embed_type: Option<String>,
+    #[serde(default)]
+    pub addition_time_embed_dim: Option<usize>,
+    #[serde(default)]
+    pub projection_class_embeddings_input_dim: Option<usize>,
+    #[serde(default)]
+    pub class_embed_type: Option<String>,
+    #[serde(default)]
+    pub time_cond_proj_dim: Option<usize>,
+    #[serde(default)]
+    pub sample_size: Option<usize>,
+    #[serde(default)]
+    pub only_cross_attention: Option<serde_json::Value>,
+    #[serde(default)]
+    pub resnet_time_scale_shift: Option<String>,
+    #[serde(default)]
+    pub encoder_hid_dim: Option<usize>,
+}
+
+fn default_mid_block() -> Option<String> {
+    Some("UNetMidBlock2DCrossAttn".into())
+}
+fn default_transformer_layers() -> PerBlock<usize> {
+    PerBlock::One(1)
+}
+fn default_one_f() -> f64 {
+    1.0
+}
+
+/// `vae/config.json` for `AutoencoderKL`.
+#[derive(Debug, Clone, Deserialize)]
+pub struct VaeConfig {
+    #[serde(default = "default_three")]
+    pub in_channels: usize,
+    #[serde(default = "default_three")]
+    pub out_channels: usize,
+    pub block_out_channels: Vec<usize>,
+    #[serde(default = "default_one")]
+    pub layers_per_block: usize,
+    #[serde(default = "default_four")]
+    pub latent_channels: usize,
+    #[serde(default = "default_groups")]
+    pub norm_num_groups: usize,
+    #[serde(default = "default_scaling")]
+    pub scaling_factor: f64,
+    #[serde(default)]
+    pub shift_factor: Option<f64>,
+    #[serde(default = "default_true")]
+    pub use_quant_conv: bool,
+    #[serde(default = "default_true")]
+    pub use_post_quant_conv: bool,
+    #[serde(default)]
+    pub force_upcast: bool,
+}
+
+fn default_three() -> usize {
+    3
+}
+fn default_four() -> usize {
+    4
+}
+fn default_scaling() -> f64 {
+    0.18215
+}
+
+/// `text_encoder*/config.json` for `CLIPTextModel` / `CLIPTextModelWithProjection`.
+#[derive(Debug, Clone, Deserialize)]
+pub struct ClipTextConfig {
+    pub vocab_size: usize,
+    pub hidden_size: usize,
+    pub intermediate_size: usize,
+    pub num_hidden_layers: usize,
+    pub num_attention_heads: usize,
+    pub max_position_embeddings: usize,
+    #[serde(default = "default_act")]
+    pub hidden_act: String,
+    #[serde(default = "default_eps")]
+    pub layer_norm_eps: f64,
+    #[serde(default)]
+    pub projection_dim: Option<usize>,
+    #[serde(default)]
+    pub eos_token_id: Option<u32>,
+    #[serde(default)]
+    pub architectures: Option<Vec<String>>,
+}
+
+fn default_act() -> String {
+    "quick_gelu".into()
+}
+
+/// `scheduler/scheduler_config.json`: the union of the keys easel's schedulers read.
+/// Absent keys take each scheduler class's own diffusers default.
+#[derive(Debug, Clone, Default, Deserialize)]
+pub struct SchedulerConfig {
+    #[serde(rename = "_class_name", default)]
+    pub class_name: Option<String>,
+    #[serde(default)]
+    pub num_train_timesteps: Option<usize>,
+    #[serde(default)]
+    pub beta_start: Option<f64>,
+    #[serde(default)]
+    pub beta_end: Option<f64>,
+    #[serde(default)]
+    pub beta_schedule: Option<String>,
+    #[serde(default)]
+    pub trained_betas: Option<Vec<f64>>,
+    #[serde(default)]
+    pub prediction_type: Option<String>,
+    #[serde(default)]
+    pub timestep_spacing: Option<String>,
+    #[serde(default)]
+    pub steps_offset: Option<usize>,
+    #[serde(default)]
+    pub set_alpha_to_one: Option<bool>,
+    #[serde(default)]
+    pub clip_sample: Option<bool>,
+    #[serde(default)]
+    pub clip_sample_range: Option<f64>,
+    #[serde(default)]
+    pub use_karras_sigmas: Option<bool>,
+    #[serde(default)]
+    pub rescale_betas_zero_snr: Option<bool>,
+    #[serde(default)]
+    pub final_sigmas_type: Option<String>,
+    #[serde(default)]
+    pub algorithm_type: Option<String>,
+    #[serde(default)]
+    pub solver_order: Option<usize>,
+    #[serde(default)]
+    pub lower_order_final: Option<bool>,
+    #[serde(default)]
+    pub euler_at_final: Option<bool>,
+}

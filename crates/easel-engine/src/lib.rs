@@ -1,0 +1,63 @@
+//! easel-engine: local text-to-image inference on candle.
+//!
+//! Loads diffusers-layout pipelines (from a directory or the Hugging Face hub), builds every
+//! network from its `config.json`, and runs the denoising loop with schedulers that follow
+//! diffusers step for step, so outputs match the reference implementation on the same weights
+//! and the same init latents. This crate is the only one in the workspace that depends on
+//! candle: a gateway-only build never compiles it.
+
+pub mod config;
+pub mod error;
+pub mod models;
+pub mod output;
+pub mod pipeline;
+pub mod scheduler;
+pub mod source;
+pub mod tokenizer;
+pub mod weights;
+
+pub use candle_core::{DType, Device, Tensor};
+pub use error::{EngineError, Result};
+pub use pipeline::{GenerateParams, Generated, LoadOptions, StableDiffusionPipeline};
+pub use scheduler::SchedulerKind;
+
+/// Parses a `--device` value.
+pub fn parse_device(name: &str) -> Result<Device> {
+    let unavailable = |what: &str, e: candle_core::Error| {
+        EngineError::Unsupported(format!("device `{what}` is not available ({e}); build with --features {what}, or use --device cpu"))
+    };
+    match name {
+        "cpu" => Ok(Device::Cpu),
+        "cuda" => Device::new_cuda(0).map_err(|e| unavailable("cuda", e)),
+        "metal" => Device::new_metal(0).map_err(|e| unavailable("metal", e)),
+        other => Err(EngineError::param("device", format!("unknown device `{other}`; expected cpu, cuda or metal"))),
+    }
+}
+
+/// Parses a `--dtype` value.
+pub fn parse_dtype(name: &str) -> Result<DType> {
+    match name {
+        "f32" => Ok(DType::F32),
+        "f16" => Ok(DType::F16),
+        "bf16" => Ok(DType::BF16),
+        other => Err(EngineError::param("dtype", format!("unknown dtype `{other}`; expected f32, f16 or bf16"))),
+    }
+}
+
+/// Reads `--init-latents`: the tensor named `latents` in a safetensors file.
+pub fn read_latents(path: &std::path::Path) -> Result<Tensor> {
+    let tensors = candle_core::safetensors::load(path, &Device::Cpu).map_err(|e| weights::bad_weights(path, &e))?;
+    tensors.get("latents").cloned().ok_or_else(|| EngineError::BadWeights {
+        path: path.to_path_buf(),
+        message: "no tensor named `latents`".into(),
+    })
+}
+
+/// Writes `--save-latents`: `latents` as the tensor named `latents`.
+pub fn write_latents(path: &std::path::Path, latents: &Tensor) -> Result<()> {
+    let map = std::collections::HashMap::from([("latents".to_string(), latents.clone())]);
+    candle_core::safetensors::save(&map, path).map_err(|e| EngineError::Io {
+        path: path.to_path_buf(),
+        source: std::io::Error::other(e.to_string()),
+    })
+}

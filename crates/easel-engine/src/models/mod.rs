@@ -1,0 +1,5 @@
+//! The networks, each mirroring its reference implementation's module tree.
+
+pub mod clip;
+pub mod unet;
+pub mod attention;

@@ -1,0 +1,313 @@
+//! `UNet2DConditionModel` built from its diffusers `config.json`.
+//!
+//! The struct tree mirrors diffusers (`down_blocks.N.resnets.M`, `.attentions.M`,
+//! `.downsamplers.0.conv`, `mid_block`, `up_blocks`, `add_embedding`), so checkpoint names map
+//! one to one. Per-block heads, transformer depths and layer counts come from the config, and
+//! SDXL's `text_time` additional embedding (pooled text embeddings and `add_time_ids`) is built in.
+
+use candle_core::{DType, Module, Result, Tensor};
+use candle_nn::{conv2d, group_norm, Conv2d, Conv2dConfig, GroupNorm, VarBuilder};
+use candle_transformers::models::stable_diffusion::embeddings::{TimestepEmbedding, Timesteps};
+use candle_transformers::models::stable_diffusion::resnet::{ResnetBlock2D, ResnetBlock2DConfig};
+
+use super::attention::{Transformer2DModel, TransformerConfig};
+use crate::config::UNetConfig;
+
+/// A down or up block: resnets, optional transformers after each resnet, optional resampler.
+struct UNetBlock {
+    resnets: Vec<ResnetBlock2D>,
+    attentions: Vec<Transformer2DModel>,
+    resampler: Option<Conv2d>,
+}
+
+fn resnet(vb: VarBuilder, in_ch: usize, out_ch: usize, temb: usize, c: &UNetConfig, scale: f64) -> Result<ResnetBlock2D> {
+    let cfg = ResnetBlock2DConfig {
+        out_channels: Some(out_ch),
+        temb_channels: Some(temb),
+        groups: c.norm_num_groups,
+        groups_out: None,
+        eps: c.norm_eps,
+        use_in_shortcut: None,
+        output_scale_factor: scale,
+    };
+    ResnetBlock2D::new(vb, in_ch, cfg)
+}
+
+impl UNetBlock {
+    fn down(&self, xs: &Tensor, temb: &Tensor, context: &Tensor, residuals: &mut Vec<Tensor>) -> Result<Tensor> {
+        let mut xs = xs.clone();
+        for (i, r) in self.resnets.iter().enumerate() {
+            xs = r.forward(&xs, Some(temb))?;
+            if let Some(a) = self.attentions.get(i) {
+                xs = a.forward(&xs, context)?;
+            }
+            residuals.push(xs.clone());
+        }
+        if let Some(down) = &self.resampler {
+            xs = down.forward(&xs)?;
+            residuals.push(xs.clone());
+        }
+        Ok(xs)
+    }
+
+    fn up(&self, xs: &Tensor, temb: &Tensor, context: &Tensor, residuals: &mut Vec<Tensor>, size: Option<(usize, usize)>) -> Result<Tensor> {
+        let mut xs = xs.clone();
+        for (i, r) in self.resnets.iter().enumerate() {
+            let skip = residuals.pop().ok_or_else(|| candle_core::Error::Msg("unet: residual stack underflow".into()))?;
+            xs = r.forward(&Tensor::cat(&[&xs, &skip], 1)?, Some(temb))?;
+            if let Some(a) = self.attentions.get(i) {
+                xs = a.forward(&xs, context)?;
+            }
+        }
+        if let Some(up) = &self.resampler {
+            let (_, _, h, w) = xs.dims4()?;
+            let (h, w) = size.unwrap_or((2 * h, 2 * w));
+            xs = up.forward(&xs.upsample_nearest2d(h, w)?)?;
+        }
+        Ok(xs)
+    }
+}
+
+/// `UNetMidBlock2DCrossAttn`: resnet, then (transformer, resnet) per layer.
+struct MidBlock {
+    resnets: Vec<ResnetBlock2D>,
+    attentions: Vec<Transformer2DModel>,
+}
+
+impl MidBlock {
+    fn forward(&self, xs: &Tensor, temb: &Tensor, context: &Tensor) -> Result<Tensor> {
+        let mut xs = self.resnets[0].forward(xs, Some(temb))?;
+        for (a, r) in self.attentions.iter().zip(self.resnets.iter().skip(1)) {
+            xs = r.forward(&a.forward(&xs, context)?, Some(temb))?;
+        }
+        Ok(xs)
+    }
+}
+
+/// SDXL's `addition_embed_type="text_time"` conditioning.
+struct TextTimeEmbedding {
+    add_time_proj: Timesteps,
+    add_embedding: TimestepEmbedding,
+}
+
+/// Extra conditioning SDXL-style UNets take besides the text states.
+#[derive(Debug, Clone)]
+pub struct AddedCond {
+    /// Pooled, projected embeddings from the second text encoder: `[batch, proj_dim]`.
+    pub text_embeds: Tensor,
+    /// `original_size + crops_coords_top_left + target_size`: `[batch, 6]`.
+    pub time_ids: Tensor,
+}
+
+/// The denoising UNet of the Stable Diffusion family.
+pub struct UNet2DConditionModel {
+    conv_in: Conv2d,
+    time_proj: Timesteps,
+    time_embedding: TimestepEmbedding,
+    text_time: Option<TextTimeEmbedding>,
+    down_blocks: Vec<UNetBlock>,
+    mid_block: MidBlock,
+    up_blocks: Vec<UNetBlock>,
+    conv_norm_out: GroupNorm,
+    conv_out: Conv2d,
+    center_input_sample: bool,
+    /// The config this UNet was built from.
+    pub config: UNetConfig,
+}
+
+fn unsupported(what: String) -> candle_core::Error {
+    candle_core::Error::Msg(format!("unet/config.json: {what} is not supported"))
+}
+
+impl UNet2DConditionModel {
+    /// Builds the UNet from its config; `vb` is rooted at the checkpoint's top level.
+    pub fn new(vb: VarBuilder, config: &UNetConfig) -> Result<Self> {
+        let c = config;
+        let n = c.block_out_channels.len();
+        if n == 0 || c.down_block_types.len() != n || c.up_block_types.len() != n {
+            return Err(unsupported("block_out_channels / down_block_types / up_block_types of different lengths".into()));
+        }
+        if let Some(t) = &c.class_embed_type {
+            return Err(unsupported(format!("class_embed_type `{t}`")));
+        }
+        if c.time_cond_proj_dim.is_some() {
+            return Err(unsupported("time_cond_proj_dim (LCM-distilled UNets)".into()));
+        }
+        if c.encoder_hid_dim.is_some() {
+            return Err(unsupported("encoder_hid_dim".into()));
+        }
+        if !matches!(c.mid_block_type.as_deref(), Some("UNetMidBlock2DCrossAttn") | None) {
+            return Err(unsupported(format!("mid_block_type {:?}", c.mid_block_type)));
+        }
+        let heads = c.num_attention_heads.as_ref().unwrap_or(&c.attention_head_dim).expand(n);
+        let layers = c.layers_per_block.expand(n);
+        let depths = c.transformer_layers_per_block.expand(n);
+        let cross_dims = c.cross_attention_dim.expand(n);
+        if heads.len() != n || layers.len() != n || depths.len() != n || cross_dims.len() != n {
+            return Err(unsupported("per-block lists whose length differs from block_out_channels".into()));
+        }
+        if c.reverse_transformer_layers_per_block.as_ref().is_some_and(|v| !v.is_null()) {
+            return Err(unsupported("reverse_transformer_layers_per_block".into()));
+        }
+        let ch0 = c.block_out_channels[0];
+        let time_embed_dim = ch0 * 4;
+        let conv_cfg = Conv2dConfig { padding: 1, ..Default::default() };
+        let conv_in = conv2d(c.in_channels, ch0, 3, conv_cfg, vb.pp("conv_in"))?;
+        let time_proj = Timesteps::new(ch0, c.flip_sin_to_cos, c.freq_shift);
+        let time_embedding = TimestepEmbedding::new(vb.pp("time_embedding"), ch0, time_embed_dim)?;
+        let text_time = match c.addition_embed_type.as_deref() {
+            None => None,
+            Some("text_time") => {
+                let dim = c.addition_time_embed_dim.ok_or_else(|| unsupported("text_time without addition_time_embed_dim".into()))?;
+                let input = c
+                    .projection_class_embeddings_input_dim
+                    .ok_or_else(|| unsupported("text_time without projection_class_embeddings_input_dim".into()))?;
+                Some(TextTimeEmbedding {
+                    add_time_proj: Timesteps::new(dim, c.flip_sin_to_cos, c.freq_shift),
+                    add_embedding: TimestepEmbedding::new(vb.pp("add_embedding"), input, time_embed_dim)?,
+                })
+            }
+            Some(other) => return Err(unsupported(format!("addition_embed_type `{other}`"))),
+        };
+
+        let transformer = |channels: usize, heads: usize, depth: usize, context_dim: usize| TransformerConfig {
+            channels,
+            heads,
+            depth,
+            context_dim,
+            groups: c.norm_num_groups,
+            use_linear_projection: c.use_linear_projection,
+        };
+        let cross_attn = |kind: &str, plain: &str, attn: &str| -> Result<bool> {
+            match kind {
+                k if k == plain => Ok(false),
+                k if k == attn => Ok(true),
+                other => Err(unsupported(format!("block type `{other}`"))),
+            }
+        };
+
+        let mut down_blocks = Vec::with_capacity(n);
+        for i in 0..n {
+            let vb_i = vb.pp("down_blocks").pp(i);
+            let out_ch = c.block_out_channels[i];
+            let with_attn = cross_attn(&c.down_block_types[i], "DownBlock2D", "CrossAttnDownBlock2D")?;
+            let mut resnets = vec![];
+            let mut attentions = vec![];
+            for j in 0..layers[i] {
+                let in_ch = if j > 0 { out_ch } else if i == 0 { ch0 } else { c.block_out_channels[i - 1] };
+                resnets.push(resnet(vb_i.pp("resnets").pp(j), in_ch, out_ch, time_embed_dim, c, 1.0)?);
+                if with_attn {
+                    let tc = transformer(out_ch, heads[i], depths[i], cross_dims[i]);
+                    attentions.push(Transformer2DModel::new(vb_i.pp("attentions").pp(j), tc)?);
+                }
+            }
+            let resampler = if i + 1 < n {
+                let cfg = Conv2dConfig { padding: c.downsample_padding, stride: 2, ..Default::default() };
+                Some(conv2d(out_ch, out_ch, 3, cfg, vb_i.pp("downsamplers").pp(0).pp("conv"))?)
+            } else {
+                None
+            };
+            down_blocks.push(UNetBlock { resnets, attentions, resampler });
+        }
+
+        let last = n - 1;
+        let mid_ch = c.block_out_channels[last];
+        let vb_mid = vb.pp("mid_block");
+        let mid_block = MidBlock {
+            resnets: (0..2)
+                .map(|j| resnet(vb_mid.pp("resnets").pp(j), mid_ch, mid_ch, time_embed_dim, c, c.mid_block_scale_factor))
+                .collect::<Result<Vec<_>>>()?,
+            attentions: vec![Transformer2DModel::new(
+                vb_mid.pp("attentions").pp(0),
+                transformer(mid_ch, heads[last], depths[last], cross_dims[last]),
+            )?],
+        };
+
+        let rev = |v: &[usize], i: usize| v[n - 1 - i];
+        let mut up_blocks = Vec::with_capacity(n);
+        for i in 0..n {
+            let vb_i = vb.pp("up_blocks").pp(i);
+            let prev_out = if i == 0 { mid_ch } else { rev(&c.block_out_channels, i - 1) };
+            let out_ch = rev(&c.block_out_channels, i);
+            let in_ch = rev(&c.block_out_channels, (i + 1).min(last));
+            let with_attn = cross_attn(&c.up_block_types[i], "UpBlock2D", "CrossAttnUpBlock2D")?;
+            let num_layers = rev(&layers, i) + 1;
+            let mut resnets = vec![];
+            let mut attentions = vec![];
+            for j in 0..num_layers {
+                let skip = if j == num_layers - 1 { in_ch } else { out_ch };
+                let res_in = if j == 0 { prev_out } else { out_ch };
+                resnets.push(resnet(vb_i.pp("resnets").pp(j), res_in + skip, out_ch, time_embed_dim, c, 1.0)?);
+                if with_attn {
+                    let tc = transformer(out_ch, rev(&heads, i), rev(&depths, i), rev(&cross_dims, i));
+                    attentions.push(Transformer2DModel::new(vb_i.pp("attentions").pp(j), tc)?);
+                }
+            }
+            let resampler = if i < last {
+                Some(conv2d(out_ch, out_ch, 3, conv_cfg, vb_i.pp("upsamplers").pp(0).pp("conv"))?)
+            } else {
+                None
+            };
+            up_blocks.push(UNetBlock { resnets, attentions, resampler });
+        }
+
+        Ok(Self {
+            conv_in,
+            time_proj,
+            time_embedding,
+            text_time,
+            down_blocks,
+            mid_block,
+            up_blocks,
+            conv_norm_out: group_norm(c.norm_num_groups, ch0, c.norm_eps, vb.pp("conv_norm_out"))?,
+            conv_out: conv2d(ch0, c.out_channels, 3, conv_cfg, vb.pp("conv_out"))?,
+            center_input_sample: c.center_input_sample,
+            config: config.clone(),
+        })
+    }
+
+    /// Whether this UNet needs [`AddedCond`] (SDXL).
+    pub fn needs_added_cond(&self) -> bool {
+        self.text_time.is_some()
+    }
+
+    /// One evaluation: predicts noise (or v) for `sample` at `timestep` given the text states.
+    pub fn forward(&self, sample: &Tensor, timestep: f64, context: &Tensor, added: Option<&AddedCond>) -> Result<Tensor> {
+        let batch = sample.dim(0)?;
+        let device = sample.device();
+        let xs = if self.center_input_sample { ((sample * 2.0)? - 1.0)? } else { sample.clone() };
+
+        let t = Tensor::full(timestep as f32, batch, device)?;
+        let emb = self.time_proj.forward(&t)?.to_dtype(sample.dtype())?;
+        let mut emb = self.time_embedding.forward(&emb)?;
+        if let Some(tt) = &self.text_time {
+            let added = added.ok_or_else(|| candle_core::Error::Msg("SDXL UNet needs text_embeds and time_ids".into()))?;
+            let time_ids = added.time_ids.to_dtype(DType::F32)?.flatten_all()?;
+            let time_embeds = tt.add_time_proj.forward(&time_ids)?.reshape((batch, ()))?;
+            let add = Tensor::cat(&[&added.text_embeds, &time_embeds.to_dtype(added.text_embeds.dtype())?], 1)?;
+            emb = (emb + tt.add_embedding.forward(&add.to_dtype(sample.dtype())?)?)?;
+        }
+
+        let xs = self.conv_in.forward(&xs)?;
+        let mut residuals = vec![xs.clone()];
+        let mut xs = xs;
+        for block in &self.down_blocks {
+            xs = block.down(&xs, &emb, context, &mut residuals)?;
+        }
+        let mut xs = self.mid_block.forward(&xs, &emb, context)?;
+        for block in &self.up_blocks {
+            // With odd latent sizes, upsample to the size of the skip connection that comes next.
+            let after = residuals.len().saturating_sub(block.resnets.len());
+            let size = match after.checked_sub(1).and_then(|k| residuals.get(k)) {
+                Some(r) if block.resampler.is_some() => {
+                    let (_, _, h, w) = r.dims4()?;
+                    Some((h, w))
+                }
+                _ => None,
+            };
+            xs = block.up(&xs, &emb, context, &mut residuals, size)?;
+        }
+        let xs = candle_nn::ops::silu(&self.conv_norm_out.forward(&xs)?)?;
+        self.conv_out.forward(&xs)
+    }
+}

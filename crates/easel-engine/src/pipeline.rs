@@ -1,0 +1,414 @@
+//! Text-to-image pipelines of the Stable Diffusion family (SD 1.x, 2.x, SDXL, Turbo variants),
+//! assembled from a diffusers-layout directory and run as diffusers runs them.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use candle_core::{DType, Device, Tensor, D};
+use candle_transformers::models::stable_diffusion::vae::{AutoEncoderKL, AutoEncoderKLConfig};
+
+use crate::config::{read_json, ClipTextConfig, ModelIndex, SchedulerConfig, UNetConfig, VaeConfig};
+use crate::error::{EngineError, Result};
+use crate::models::clip::ClipTextModel;
+use crate::models::unet::{AddedCond, UNet2DConditionModel};
+use crate::scheduler::{NoiseSource, SchedulerKind, SeededNoise};
+use crate::source::component_weights;
+use crate::tokenizer::ClipTokenizer;
+use crate::weights::{bad_weights, load_var_builder};
+
+/// Which conditioning scheme the pipeline uses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Family {
+    /// SD 1.x / 2.x: one CLIP encoder, last hidden state.
+    StableDiffusion,
+    /// SDXL: two CLIP encoders, penultimate states, pooled embeddings and size conditioning.
+    StableDiffusionXl,
+}
+
+/// Settings for loading a pipeline.
+#[derive(Debug, Clone)]
+pub struct LoadOptions {
+    pub device: Device,
+    pub dtype: DType,
+}
+
+impl Default for LoadOptions {
+    fn default() -> Self {
+        Self { device: Device::Cpu, dtype: DType::F32 }
+    }
+}
+
+/// One text encoder with its tokenizer.
+struct TextStack {
+    tokenizer: ClipTokenizer,
+    encoder: ClipTextModel,
+}
+
+/// A loaded, ready-to-run Stable Diffusion family pipeline.
+pub struct StableDiffusionPipeline {
+    family: Family,
+    text: Option<TextStack>,
+    text_2: Option<TextStack>,
+    unet: UNet2DConditionModel,
+    vae: AutoEncoderKL,
+    vae_config: VaeConfig,
+    scheduler_config: SchedulerConfig,
+    force_zeros_for_empty_prompt: bool,
+    vae_scale_factor: usize,
+    dtype: DType,
+    device: Device,
+    dir: PathBuf,
+}
+
+/// What to generate.
+#[derive(Debug, Clone)]
+pub struct GenerateParams {
+    pub prompt: String,
+    pub negative_prompt: Option<String>,
+    pub width: usize,
+    pub height: usize,
+    pub steps: usize,
+    /// Classifier-free guidance scale; 1 or less turns guidance off.
+    pub guidance: f64,
+    pub seed: u64,
+    /// Images per prompt.
+    pub batch: usize,
+    /// `None` uses the model's own scheduler (or Euler where easel lacks it).
+    pub scheduler: Option<SchedulerKind>,
+    /// Latents with the meaning of diffusers' `latents` argument: `[batch, C, H/f, W/f]`.
+    pub init_latents: Option<Tensor>,
+}
+
+/// Wall-clock time spent in each stage.
+#[derive(Debug, Clone, Default)]
+pub struct Timings {
+    pub text_encode: Duration,
+    pub denoise: Duration,
+    pub decode: Duration,
+}
+
+/// What a generation produced.
+#[derive(Debug)]
+pub struct Generated {
+    /// RGB images, `width x height`.
+    pub images: Vec<image::RgbImage>,
+    /// The final latents (diffusers' `output_type="latent"`), on the CPU in f32.
+    pub latents: Tensor,
+    /// The decoded images in `[0, 1]`, `[batch, 3, H, W]`, f32 on the CPU.
+    pub decoded: Tensor,
+    /// The scheduler that actually ran.
+    pub scheduler: SchedulerKind,
+    pub timings: Timings,
+    /// Whether a prompt was longer than the tokenizer's limit and was cut.
+    pub truncated: bool,
+}
+
+/// Called after each denoising step with (steps done, total); return `false` to cancel.
+pub type StepCallback<'a> = &'a mut dyn FnMut(usize, usize) -> bool;
+
+fn component_config<T: serde::de::DeserializeOwned>(dir: &Path, component: &str, file: &str) -> Result<T> {
+    read_json(&dir.join(component).join(file))
+}
+
+fn build<T>(dir: &Path, component: &str, r: candle_core::Result<T>) -> Result<T> {
+    r.map_err(|e| bad_weights(&dir.join(component), &e))
+}
+
+impl StableDiffusionPipeline {
+    /// Loads every component named in `dir/model_index.json`.
+    pub fn load(dir: &Path, opts: &LoadOptions) -> Result<Self> {
+        let index: ModelIndex = read_json(&dir.join("model_index.json"))?;
+        let family = match index.class_name.as_str() {
+            "StableDiffusionPipeline" => Family::StableDiffusion,
+            "StableDiffusionXLPipeline" => Family::StableDiffusionXl,
+            other => {
+                return Err(EngineError::Unsupported(format!(
+                    "pipeline class `{other}` in {} (easel loads StableDiffusionPipeline and StableDiffusionXLPipeline)",
+                    dir.join("model_index.json").display()
+                )))
+            }
+        };
+        for required in ["unet", "vae", "scheduler"] {
+            if !index.has(required) {
+                return Err(EngineError::BadConfig {
+                    path: dir.join("model_index.json"),
+                    message: format!("the pipeline has no `{required}` component"),
+                });
+            }
+        }
+        let half = opts.dtype != DType::F32;
+        let (dtype, device) = (opts.dtype, &opts.device);
+
+        let load_text = |te: &str, tok: &str| -> Result<Option<TextStack>> {
+            if !index.has(te) {
+                return Ok(None);
+            }
+            let cfg: ClipTextConfig = component_config(dir, te, "config.json")?;
+            let tokenizer = ClipTokenizer::from_dir(&dir.join(tok), cfg.max_position_embeddings)?;
+            let vb = load_var_builder(&component_weights(dir, te, half)?, dtype, device)?;
+            let encoder = build(dir, te, ClipTextModel::new(vb, &cfg))?;
+            Ok(Some(TextStack { tokenizer, encoder }))
+        };
+        let text = load_text("text_encoder", "tokenizer")?;
+        let text_2 = load_text("text_encoder_2", "tokenizer_2")?;
+        if text.is_none() && text_2.is_none() {
+            return Err(EngineError::BadConfig {
+                path: dir.join("model_index.json"),
+                message: "the pipeline has no text encoder".into(),
+            });
+        }
+
+        let unet_cfg: UNetConfig = component_config(dir, "unet", "config.json")?;
+        let vb = load_var_builder(&component_weights(dir, "unet", half)?, dtype, device)?;
+        let unet = build(dir, "unet", UNet2DConditionModel::new(vb, &unet_cfg))?;
+        if family == Family::StableDiffusionXl && !unet.needs_added_cond() {
+            return Err(EngineError::BadConfig {
+                path: dir.join("unet/config.json"),
+                message: "field `addition_embed_type`: an SDXL UNet needs \"text_time\"".into(),
+            });
+        }
+
+        let vae_config: VaeConfig = component_config(dir, "vae", "config.json")?;
+        let vb = load_var_builder(&component_weights(dir, "vae", half)?, dtype, device)?;
+        let vae = build(
+            dir,
+            "vae",
+            AutoEncoderKL::new(
+                vb,
+                vae_config.in_channels,
+                vae_config.out_channels,
+                AutoEncoderKLConfig {
+                    block_out_channels: vae_config.block_out_channels.clone(),
+                    layers_per_block: vae_config.layers_per_block,
+                    latent_channels: vae_config.latent_channels,
+                    norm_num_groups: vae_config.norm_num_groups,
+                    use_quant_conv: vae_config.use_quant_conv,
+                    use_post_quant_conv: vae_config.use_post_quant_conv,
+                },
+            ),
+        )?;
+        let scheduler_config: SchedulerConfig = component_config(dir, "scheduler", "scheduler_config.json")?;
+        // Validate the scheduler config once at load time, not at the first request.
+        SchedulerKind::from_config(&scheduler_config).unwrap_or(SchedulerKind::Euler).build(&scheduler_config, 1)?;
+        Ok(Self {
+            family,
+            text,
+            text_2,
+            vae_scale_factor: 1 << vae_config.block_out_channels.len().saturating_sub(1),
+            unet,
+            vae,
+            vae_config,
+            scheduler_config,
+            force_zeros_for_empty_prompt: index.force_zeros_for_empty_prompt.unwrap_or(family == Family::StableDiffusionXl),
+            dtype,
+            device: opts.device.clone(),
+            dir: dir.to_path_buf(),
+        })
+    }
+
+    /// The conditioning scheme.
+    pub fn family(&self) -> Family {
+        self.family
+    }
+
+    /// The directory the pipeline was loaded from.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Pixels per latent cell along each side.
+    pub fn vae_scale_factor(&self) -> usize {
+        self.vae_scale_factor
+    }
+
+    /// diffusers' default image side: the UNet's sample size times the VAE factor.
+    pub fn default_size(&self) -> usize {
+        self.unet.config.sample_size.unwrap_or(64) * self.vae_scale_factor
+    }
+
+    /// The scheduler a request without `--scheduler` gets.
+    pub fn default_scheduler(&self) -> SchedulerKind {
+        SchedulerKind::from_config(&self.scheduler_config).unwrap_or(SchedulerKind::Euler)
+    }
+
+    /// The model's own scheduler class name, for a warning when easel substitutes it.
+    pub fn scheduler_class(&self) -> Option<&str> {
+        self.scheduler_config.class_name.as_deref()
+    }
+
+    /// Checks request parameters before any work is done.
+    pub fn validate(&self, p: &GenerateParams) -> Result<()> {
+        for (name, v) in [("width", p.width), ("height", p.height)] {
+            let name = if name == "width" { "width" } else { "height" };
+            if v == 0 || v % 8 != 0 {
+                return Err(EngineError::param(name, format!("{v} must be a positive multiple of 8")));
+            }
+            if v > 4096 {
+                return Err(EngineError::param(name, format!("{v} is larger than 4096")));
+            }
+        }
+        if p.steps == 0 || p.steps > 1000 {
+            return Err(EngineError::param("steps", format!("{} must be between 1 and 1000", p.steps)));
+        }
+        if !p.guidance.is_finite() || p.guidance < 0.0 {
+            return Err(EngineError::param("guidance", format!("{} must be a finite number >= 0", p.guidance)));
+        }
+        if p.batch == 0 || p.batch > 64 {
+            return Err(EngineError::param("batch", format!("{} must be between 1 and 64", p.batch)));
+        }
+        if let Some(l) = &p.init_latents {
+            let want = self.latent_shape(p);
+            if l.dims() != want {
+                return Err(EngineError::param(
+                    "init_latents",
+                    format!("shape {:?} does not match {:?} (batch, channels, height/{f}, width/{f})", l.dims(), want, f = self.vae_scale_factor),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    fn latent_shape(&self, p: &GenerateParams) -> [usize; 4] {
+        let f = self.vae_scale_factor;
+        [p.batch, self.unet.config.in_channels, p.height / f, p.width / f]
+    }
+
+    /// Encodes one prompt: (context `[1, 77, D]`, pooled `[1, P]` for SDXL, truncated?).
+    fn encode(&self, prompt: &str) -> Result<(Tensor, Option<Tensor>, bool)> {
+        let run = |stack: &TextStack| -> Result<(crate::models::clip::ClipOutput, bool)> {
+            let tokens = stack.tokenizer.encode(prompt)?;
+            let ids = Tensor::new(tokens.ids.as_slice(), &self.device)?.unsqueeze(0)?;
+            Ok((stack.encoder.forward(&ids)?, tokens.truncated))
+        };
+        match self.family {
+            Family::StableDiffusion => {
+                let stack = self.text.as_ref().or(self.text_2.as_ref()).ok_or_else(|| EngineError::Unsupported("no text encoder".into()))?;
+                let (out, truncated) = run(stack)?;
+                Ok((out.last_hidden_state, None, truncated))
+            }
+            Family::StableDiffusionXl => {
+                let mut states = vec![];
+                let mut pooled = None;
+                let mut truncated = false;
+                for stack in [&self.text, &self.text_2].into_iter().flatten() {
+                    let (out, t) = run(stack)?;
+                    truncated |= t;
+                    states.push(out.penultimate);
+                    pooled = Some(out.pooled);
+                }
+                Ok((Tensor::cat(&states, D::Minus1)?, pooled, truncated))
+            }
+        }
+    }
+
+    /// Encodes an absent negative prompt as SDXL does: zeros when `force_zeros_for_empty_prompt`.
+    fn encode_negative(&self, negative: Option<&str>, like: &(Tensor, Option<Tensor>, bool)) -> Result<(Tensor, Option<Tensor>, bool)> {
+        if negative.is_none() && self.family == Family::StableDiffusionXl && self.force_zeros_for_empty_prompt {
+            let pooled = like.1.as_ref().map(Tensor::zeros_like).transpose()?;
+            return Ok((like.0.zeros_like()?, pooled, false));
+        }
+        self.encode(negative.unwrap_or(""))
+    }
+
+    /// Draws the initial latents from `noise` (before scaling by the scheduler's init sigma).
+    pub fn random_latents(&self, p: &GenerateParams, noise: &mut dyn NoiseSource) -> Result<Tensor> {
+        noise.randn(&self.latent_shape(p), self.dtype, &self.device)
+    }
+
+    /// Generates images; `noise` feeds the ancestral schedulers (defaults to the seed's stream).
+    pub fn generate(&self, p: &GenerateParams, noise: Option<&mut dyn NoiseSource>, on_step: StepCallback) -> Result<Generated> {
+        self.validate(p)?;
+        let mut seeded = SeededNoise::new(p.seed);
+        let latents = match &p.init_latents {
+            Some(l) => l.to_device(&self.device)?.to_dtype(self.dtype)?,
+            None => self.random_latents(p, &mut seeded)?,
+        };
+        let noise: &mut dyn NoiseSource = match noise {
+            Some(n) => n,
+            None => &mut seeded,
+        };
+        let kind = p.scheduler.unwrap_or_else(|| self.default_scheduler());
+        let mut scheduler = kind.build(&self.scheduler_config, p.steps)?;
+        let guided = p.guidance > 1.0;
+        let mut timings = Timings::default();
+
+        let t0 = Instant::now();
+        let positive = self.encode(&p.prompt)?;
+        let mut truncated = positive.2;
+        let repeat = |t: &Tensor| -> Result<Tensor> { Ok(t.repeat(&[p.batch, 1, 1][..t.rank()])?) };
+        let (mut context, mut pooled) = (repeat(&positive.0)?, positive.1.as_ref().map(repeat).transpose()?);
+        if guided {
+            let negative = self.encode_negative(p.negative_prompt.as_deref(), &positive)?;
+            truncated |= negative.2;
+            context = Tensor::cat(&[repeat(&negative.0)?, context], 0)?;
+            pooled = match (negative.1.as_ref().map(repeat).transpose()?, pooled) {
+                (Some(n), Some(c)) => Some(Tensor::cat(&[n, c], 0)?),
+                _ => None,
+            };
+        }
+        let context = context.to_dtype(self.dtype)?;
+        let added = match pooled {
+            Some(text_embeds) => {
+                let (h, w) = (p.height as f32, p.width as f32);
+                let rows = context.dim(0)?;
+                let ids: Vec<f32> = (0..rows).flat_map(|_| [h, w, 0.0, 0.0, h, w]).collect();
+                Some(AddedCond { text_embeds: text_embeds.to_dtype(self.dtype)?, time_ids: Tensor::from_vec(ids, (rows, 6), &self.device)? })
+            }
+            None => None,
+        };
+        timings.text_encode = t0.elapsed();
+
+        let t1 = Instant::now();
+        let mut latents = (latents * scheduler.init_noise_sigma())?;
+        let timesteps = scheduler.timesteps().to_vec();
+        for (i, &t) in timesteps.iter().enumerate() {
+            let input = if guided { Tensor::cat(&[&latents, &latents], 0)? } else { latents.clone() };
+            let input = scheduler.scale_model_input(&input, i)?;
+            let pred = self.unet.forward(&input, t, &context, added.as_ref())?;
+            let pred = if guided {
+                let chunks = pred.chunk(2, 0)?;
+                let (uncond, text) = (&chunks[0], &chunks[1]);
+                (uncond + ((text - uncond)? * p.guidance)?)?
+            } else {
+                pred
+            };
+            latents = scheduler.step(&pred, i, &latents, noise)?;
+            if !on_step(i + 1, timesteps.len()) {
+                return Err(EngineError::Canceled);
+            }
+        }
+        timings.denoise = t1.elapsed();
+
+        let t2 = Instant::now();
+        let decoded = self.decode(&latents)?;
+        timings.decode = t2.elapsed();
+        let images = to_images(&decoded)?;
+        Ok(Generated { images, latents: latents.to_device(&Device::Cpu)?.to_dtype(DType::F32)?, decoded, scheduler: kind, timings, truncated })
+    }
+
+    /// Decodes final latents to images in `[0, 1]` (f32, CPU), as the diffusers pipelines do.
+    pub fn decode(&self, latents: &Tensor) -> Result<Tensor> {
+        let scaled = (latents / self.vae_config.scaling_factor)?;
+        let scaled = match self.vae_config.shift_factor {
+            Some(shift) => (scaled + shift)?,
+            None => scaled,
+        };
+        let image = self.vae.decode(&scaled.to_dtype(self.dtype)?)?;
+        Ok(((image.to_dtype(DType::F32)? / 2.0)? + 0.5)?.clamp(0f32, 1f32)?.to_device(&Device::Cpu)?)
+    }
+}
+
+/// `[batch, 3, H, W]` in `[0, 1]` to RGB images, rounding as diffusers' `numpy_to_pil` does.
+pub fn to_images(decoded: &Tensor) -> Result<Vec<image::RgbImage>> {
+    let (b, c, h, w) = decoded.dims4()?;
+    if c != 3 {
+        return Err(EngineError::Unsupported(format!("VAE produced {c} channels, expected 3")));
+    }
+    let pixels = (decoded * 255.0)?.round()?.clamp(0f32, 255f32)?.to_dtype(DType::U8)?.permute((0, 2, 3, 1))?.contiguous()?;
+    (0..b)
+        .map(|i| {
+            let data = pixels.get(i)?.flatten_all()?.to_vec1::<u8>()?;
+            image::RgbImage::from_raw(w as u32, h as u32, data).ok_or_else(|| EngineError::Image("bad image buffer".into()))
+        })
+        .collect()
+}

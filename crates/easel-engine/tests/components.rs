@@ -1,0 +1,103 @@
+//! Each network on its own against diffusers / transformers: tokenizer ids, text encoders,
+//! one UNet evaluation, one VAE decode. A failure here localises a parity failure.
+
+mod common;
+
+use common::{fixtures, reference, rel_l2};
+use easel_engine::config::{read_json, ClipTextConfig, UNetConfig, VaeConfig};
+use easel_engine::models::clip::ClipTextModel;
+use easel_engine::models::unet::{AddedCond, UNet2DConditionModel};
+use easel_engine::source::component_weights;
+use easel_engine::tokenizer::ClipTokenizer;
+use easel_engine::weights::load_var_builder;
+use easel_engine::{DType, Device, Tensor};
+
+fn vb(pipe: &str, component: &str) -> candle_nn::VarBuilder<'static> {
+    let dir = fixtures().join("pipelines").join(pipe);
+    load_var_builder(&component_weights(&dir, component, false).unwrap(), DType::F32, &Device::Cpu).unwrap()
+}
+
+fn check_text(pipe: &str, te: &str, tok: &str, sfx: &str) {
+    let dir = fixtures().join("pipelines").join(pipe);
+    let (t, _) = reference(&format!("{pipe}-components.safetensors"));
+    let cfg: ClipTextConfig = read_json(&dir.join(te).join("config.json")).unwrap();
+    let tokenizer = ClipTokenizer::from_dir(&dir.join(tok), cfg.max_position_embeddings).unwrap();
+    let prompt = "a red circle on a blue background, high quality";
+    let long = format!("a photo of {}", vec!["a small red circle"; 30].join(" and "));
+    for (key, text, cut) in [("prompt", prompt, false), ("long", long.as_str(), true), ("empty", "", false)] {
+        let tokens = tokenizer.encode(text).unwrap();
+        let want: Vec<u32> = t[&format!("ids{sfx}_{key}")].flatten_all().unwrap().to_vec1::<i64>().unwrap().iter().map(|&x| x as u32).collect();
+        assert_eq!(tokens.ids, want, "{pipe}/{tok}: ids for {key}");
+        assert_eq!(tokens.truncated, cut, "{pipe}/{tok}: truncation flag for {key}");
+    }
+    let model = ClipTextModel::new(vb(pipe, te), &cfg).unwrap();
+    let ids = Tensor::new(tokenizer.encode(prompt).unwrap().ids.as_slice(), &Device::Cpu).unwrap().unsqueeze(0).unwrap();
+    let out = model.forward(&ids).unwrap();
+    let e1 = rel_l2(&out.last_hidden_state, &t[&format!("text{sfx}_last_hidden")]);
+    let e2 = rel_l2(&out.penultimate, &t[&format!("text{sfx}_penultimate")]);
+    assert!(e1 < 1e-5 && e2 < 1e-5, "{pipe}/{te}: last {e1:.2e}, penultimate {e2:.2e}");
+    if sfx == "_2" {
+        let e3 = rel_l2(&out.pooled, &t["text_2_text_embeds"]);
+        assert!(e3 < 1e-5, "{pipe}/{te}: text_embeds {e3:.2e}");
+    }
+}
+
+#[test]
+fn tokenizers_and_text_encoders_match_transformers() {
+    check_text("sd15-tiny", "text_encoder", "tokenizer", "");
+    check_text("sd21v-tiny", "text_encoder", "tokenizer", "");
+    check_text("sdxl-tiny", "text_encoder", "tokenizer", "");
+    check_text("sdxl-tiny", "text_encoder_2", "tokenizer_2", "_2");
+}
+
+#[test]
+fn tokenizer_builds_from_vocab_and_merges_when_tokenizer_json_is_absent() {
+    let src = fixtures().join("pipelines/sd15-tiny/tokenizer");
+    let tmp = tempfile::tempdir().unwrap();
+    for f in ["vocab.json", "merges.txt", "tokenizer_config.json"] {
+        std::fs::copy(src.join(f), tmp.path().join(f)).unwrap();
+    }
+    let slow = ClipTokenizer::from_dir(tmp.path(), 77).unwrap();
+    let fast = ClipTokenizer::from_dir(&src, 77).unwrap();
+    for text in ["a red circle on a blue background, high quality", "Hello   WORLD!! it's 4k", ""] {
+        assert_eq!(slow.encode(text).unwrap().ids, fast.encode(text).unwrap().ids, "{text}");
+    }
+}
+
+fn check_unet_and_vae(pipe: &str) {
+    let dir = fixtures().join("pipelines").join(pipe);
+    let (t, _) = reference(&format!("{pipe}-components.safetensors"));
+    let cfg: UNetConfig = read_json(&dir.join("unet/config.json")).unwrap();
+    let unet = UNet2DConditionModel::new(vb(pipe, "unet"), &cfg).unwrap();
+    let added = t.get("unet_text_embeds").map(|te| AddedCond { text_embeds: te.clone(), time_ids: t["unet_time_ids"].clone() });
+    let ts = t["unet_timestep"].to_vec1::<f32>().unwrap()[0] as f64;
+    let out = unet.forward(&t["unet_sample"], ts, &t["unet_context"], added.as_ref()).unwrap();
+    let e = rel_l2(&out, &t["unet_out"]);
+    assert!(e < 1e-5, "{pipe}: unet rel L2 {e:.2e}");
+
+    let vcfg: VaeConfig = read_json(&dir.join("vae/config.json")).unwrap();
+    let vae = candle_transformers::models::stable_diffusion::vae::AutoEncoderKL::new(
+        vb(pipe, "vae"),
+        vcfg.in_channels,
+        vcfg.out_channels,
+        candle_transformers::models::stable_diffusion::vae::AutoEncoderKLConfig {
+            block_out_channels: vcfg.block_out_channels.clone(),
+            layers_per_block: vcfg.layers_per_block,
+            latent_channels: vcfg.latent_channels,
+            norm_num_groups: vcfg.norm_num_groups,
+            use_quant_conv: vcfg.use_quant_conv,
+            use_post_quant_conv: vcfg.use_post_quant_conv,
+        },
+    )
+    .unwrap();
+    let decoded = vae.decode(&t["vae_latents"]).unwrap();
+    let e = rel_l2(&decoded, &t["vae_decoded"]);
+    assert!(e < 1e-5, "{pipe}: vae rel L2 {e:.2e}");
+}
+
+#[test]
+fn unet_and_vae_match_diffusers() {
+    check_unet_and_vae("sd15-tiny");
+    check_unet_and_vae("sd21v-tiny");
+    check_unet_and_vae("sdxl-tiny");
+}
