@@ -1,1 +1,36 @@
-fn main(){}
+//! `easel`: generate images locally, serve the API, run workers, manage models, price them.
+
+mod bundled;
+mod generate;
+
+use clap::{Parser, Subcommand};
+
+/// easel: own your image generation.
+#[derive(Parser)]
+#[command(name = "easel", version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Generate images from a prompt with a local model.
+    Generate(generate::GenerateArgs),
+}
+
+fn main() {
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_env("EASEL_LOG").unwrap_or_else(|_| "warn".into()))
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Generate(args) => generate::run(args),
+    };
+    if let Err(e) = result {
+        // One line: the error and its causes, never a panic or a backtrace.
+        eprintln!("error: {}", format!("{e:#}").replace('\n', " "));
+        std::process::exit(1);
+    }
+}

@@ -231,15 +231,17 @@ impl StableDiffusionPipeline {
         SchedulerKind::from_config(&self.scheduler_config).unwrap_or(SchedulerKind::Euler)
     }
 
-    /// The model's own scheduler class name, for a warning when easel substitutes it.
-    pub fn scheduler_class(&self) -> Option<&str> {
-        self.scheduler_config.class_name.as_deref()
+    /// The model's own scheduler class when easel lacks it and runs Euler instead.
+    pub fn substituted_scheduler(&self) -> Option<&str> {
+        match SchedulerKind::from_config(&self.scheduler_config) {
+            Some(_) => None,
+            None => self.scheduler_config.class_name.as_deref(),
+        }
     }
 
     /// Checks request parameters before any work is done.
     pub fn validate(&self, p: &GenerateParams) -> Result<()> {
         for (name, v) in [("width", p.width), ("height", p.height)] {
-            let name = if name == "width" { "width" } else { "height" };
             if v == 0 || v % 8 != 0 {
                 return Err(EngineError::param(name, format!("{v} must be a positive multiple of 8")));
             }
@@ -411,4 +413,33 @@ pub fn to_images(decoded: &Tensor) -> Result<Vec<image::RgbImage>> {
             image::RgbImage::from_raw(w as u32, h as u32, data).ok_or_else(|| EngineError::Image("bad image buffer".into()))
         })
         .collect()
+}
+
+/// Per-model generation defaults from an optional `easel.json` beside `model_index.json`
+/// (distilled models want few steps and no guidance; the bundled model ships its own).
+#[derive(Debug, Clone, serde::Deserialize)]
+pub struct ModelDefaults {
+    #[serde(default)]
+    pub steps: Option<usize>,
+    #[serde(default)]
+    pub guidance: Option<f64>,
+    #[serde(default)]
+    pub scheduler: Option<String>,
+    #[serde(default)]
+    pub negative_prompt: Option<String>,
+}
+
+impl ModelDefaults {
+    /// Reads `dir/easel.json`, or the family's diffusers defaults when it is absent.
+    pub fn load(dir: &Path, family: Family) -> Result<Self> {
+        let path = dir.join("easel.json");
+        let mut d: ModelDefaults = if path.exists() {
+            read_json(&path)?
+        } else {
+            ModelDefaults { steps: None, guidance: None, scheduler: None, negative_prompt: None }
+        };
+        d.steps.get_or_insert(30);
+        d.guidance.get_or_insert(if family == Family::StableDiffusionXl { 5.0 } else { 7.5 });
+        Ok(d)
+    }
 }

@@ -24,10 +24,13 @@ pub fn load_var_builder(files: &[PathBuf], dtype: DType, device: &Device) -> Res
 pub fn bad_weights(path: &Path, e: &dyn std::fmt::Display) -> EngineError {
     let message = e.to_string();
     let first = message.lines().next().unwrap_or_default().to_string();
-    let message = if first.contains("MetadataIncompleteBuffer") || first.contains("incomplete") {
+    let lower = first.to_lowercase();
+    let message = if lower.contains("incomplete") {
         "truncated or corrupt safetensors file (data shorter than its header says)".to_string()
-    } else if first.contains("HeaderTooLarge") || first.contains("HeaderTooSmall") || first.contains("InvalidHeader") {
-        format!("not a valid safetensors file ({first})")
+    } else if lower.contains("header") || lower.contains("deserializ") || lower.contains("safetensor") {
+        // candle repeats the path in its message; the path is already in front of ours.
+        let detail = first.rsplit(": ").next().unwrap_or(&first);
+        format!("truncated or corrupt safetensors file ({detail})")
     } else {
         first
     };

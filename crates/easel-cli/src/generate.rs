@@ -1,0 +1,193 @@
+//! `easel generate`: one prompt to image files, with a progress bar and reproducible metadata.
+
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use anyhow::{Context, Result};
+use clap::Args;
+use easel_engine::output::{save_image, ImageFormat, ImageMetadata};
+use easel_engine::pipeline::ModelDefaults;
+use easel_engine::{GenerateParams, LoadOptions, SchedulerKind, StableDiffusionPipeline};
+use indicatif::{ProgressBar, ProgressStyle};
+
+#[derive(Args, Debug)]
+pub struct GenerateArgs {
+    /// The prompt (or use --prompt).
+    #[arg(value_name = "PROMPT")]
+    prompt_positional: Option<String>,
+    /// The prompt.
+    #[arg(short, long)]
+    prompt: Option<String>,
+    /// A diffusers-layout directory or a Hugging Face hub id (default: the bundled model).
+    #[arg(short, long)]
+    model: Option<String>,
+    #[arg(long)]
+    negative_prompt: Option<String>,
+    #[arg(long)]
+    width: Option<usize>,
+    #[arg(long)]
+    height: Option<usize>,
+    /// Denoising steps (1-1000).
+    #[arg(long)]
+    steps: Option<usize>,
+    /// Classifier-free guidance scale; 1 or less runs one UNet pass per step.
+    #[arg(long)]
+    guidance: Option<f64>,
+    /// Random seed; the same seed, device and parameters give the same image.
+    #[arg(long)]
+    seed: Option<u64>,
+    /// Images to generate.
+    #[arg(short = 'n', long, default_value_t = 1)]
+    batch: usize,
+    /// euler, euler-a, ddim, dpmpp-2m, dpmpp-2m-karras (default: the model's own).
+    #[arg(long)]
+    scheduler: Option<String>,
+    /// f32, f16 or bf16.
+    #[arg(long, default_value = "f32")]
+    dtype: String,
+    /// cpu, cuda or metal.
+    #[arg(long, default_value = "cpu")]
+    device: String,
+    /// Output file (.png, .jpg or .webp); batches get -1, -2, ... suffixes.
+    #[arg(short, long)]
+    output: Option<PathBuf>,
+    /// Start from these latents (safetensors, tensor `latents`, as diffusers' `latents` argument).
+    #[arg(long)]
+    init_latents: Option<PathBuf>,
+    /// Write the final latents (diffusers' output_type="latent") to this safetensors file.
+    #[arg(long)]
+    save_latents: Option<PathBuf>,
+}
+
+/// The path of image `i` of `n` for a requested output path.
+fn numbered(path: &Path, i: usize, n: usize) -> PathBuf {
+    if n == 1 {
+        return path.to_path_buf();
+    }
+    let stem = path.file_stem().and_then(|s| s.to_str()).unwrap_or("easel");
+    let ext = path.extension().and_then(|s| s.to_str()).unwrap_or("png");
+    path.with_file_name(format!("{stem}-{}.{ext}", i + 1))
+}
+
+struct DownloadBar(Option<ProgressBar>);
+
+impl Clone for DownloadBar {
+    fn clone(&self) -> Self {
+        DownloadBar(None)
+    }
+}
+
+impl easel_engine::source::DownloadProgress for DownloadBar {
+    fn init(&mut self, size: usize, filename: &str) {
+        let bar = ProgressBar::new(size as u64).with_message(filename.to_string());
+        bar.set_style(ProgressStyle::with_template("{msg} {bar:30} {bytes}/{total_bytes} {bytes_per_sec}").unwrap_or_else(|_| ProgressStyle::default_bar()));
+        self.0 = Some(bar);
+    }
+    fn update(&mut self, size: usize) {
+        if let Some(b) = &self.0 {
+            b.inc(size as u64);
+        }
+    }
+    fn finish(&mut self) {
+        if let Some(b) = self.0.take() {
+            b.finish_and_clear();
+        }
+    }
+}
+
+pub fn run(args: GenerateArgs) -> Result<()> {
+    let prompt = args.prompt.clone().or(args.prompt_positional.clone()).context("a prompt is required: easel generate \"a red circle on a blue background\"")?;
+    let device = easel_engine::parse_device(&args.device)?;
+    let dtype = easel_engine::parse_dtype(&args.dtype)?;
+    let explicit_scheduler = args.scheduler.as_deref().map(SchedulerKind::parse).transpose()?;
+    let output = args.output.clone().unwrap_or_else(|| PathBuf::from("easel.png"));
+    ImageFormat::from_path(&output)?;
+
+    let model_spec = match &args.model {
+        Some(m) => m.clone(),
+        None => crate::bundled::model_dir()?.display().to_string(),
+    };
+    let started = Instant::now();
+    let dir = easel_engine::source::resolve_model(&model_spec, dtype != easel_engine::DType::F32, DownloadBar(None))?;
+    let pipe = StableDiffusionPipeline::load(&dir, &LoadOptions { device, dtype })?;
+    let defaults = ModelDefaults::load(&dir, pipe.family())?;
+    let load_time = started.elapsed();
+
+    let scheduler = match (explicit_scheduler, defaults.scheduler.as_deref()) {
+        (Some(k), _) => Some(k),
+        (None, Some(name)) => Some(SchedulerKind::parse(name)?),
+        (None, None) => {
+            if let Some(class) = pipe.substituted_scheduler() {
+                eprintln!("warning: the model's scheduler {class} is not implemented in easel; using euler");
+            }
+            None
+        }
+    };
+    let size = pipe.default_size();
+    let seed = args.seed.unwrap_or_else(rand_seed);
+    let init_latents = args.init_latents.as_deref().map(easel_engine::read_latents).transpose()?;
+    let params = GenerateParams {
+        prompt: prompt.clone(),
+        negative_prompt: args.negative_prompt.clone().or(defaults.negative_prompt.clone()),
+        width: args.width.unwrap_or(size),
+        height: args.height.unwrap_or(size),
+        steps: args.steps.or(defaults.steps).unwrap_or(30),
+        guidance: args.guidance.or(defaults.guidance).unwrap_or(7.5),
+        seed,
+        batch: args.batch,
+        scheduler,
+        init_latents,
+    };
+    pipe.validate(&params)?;
+
+    let bar = ProgressBar::new(params.steps as u64);
+    bar.set_style(ProgressStyle::with_template("denoising {bar:30} {pos}/{len} [{elapsed_precise}<{eta_precise}]").unwrap_or_else(|_| ProgressStyle::default_bar()));
+    let span = tracing::info_span!("generate", model = %model_spec, seed, steps = params.steps);
+    let _enter = span.enter();
+    let gen_start = Instant::now();
+    let out = pipe.generate(&params, None, &mut |done, _| {
+        bar.set_position(done as u64);
+        true
+    })?;
+    bar.finish_and_clear();
+    let gen_time = gen_start.elapsed();
+    if out.truncated {
+        eprintln!("warning: the prompt is longer than the text encoder's limit and was truncated");
+    }
+    if let Some(path) = &args.save_latents {
+        easel_engine::write_latents(path, &out.latents)?;
+    }
+    for (i, img) in out.images.iter().enumerate() {
+        let meta = ImageMetadata {
+            prompt: prompt.clone(),
+            negative_prompt: params.negative_prompt.clone(),
+            seed,
+            steps: params.steps,
+            scheduler: out.scheduler.name().to_string(),
+            guidance: params.guidance,
+            width: params.width,
+            height: params.height,
+            model: model_spec.clone(),
+            batch_index: i,
+        };
+        let path = numbered(&output, i, out.images.len());
+        save_image(img, &path, Some(&meta))?;
+        println!("{}", path.display());
+    }
+    eprintln!(
+        "generated {} image(s) in {:.2}s (load {:.2}s, text {:.3}s, denoise {:.2}s, decode {:.3}s), seed {seed}",
+        out.images.len(),
+        gen_time.as_secs_f64(),
+        load_time.as_secs_f64(),
+        out.timings.text_encode.as_secs_f64(),
+        out.timings.denoise.as_secs_f64(),
+        out.timings.decode.as_secs_f64()
+    );
+    Ok(())
+}
+
+fn rand_seed() -> u64 {
+    use std::time::{SystemTime, UNIX_EPOCH};
+    let nanos = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0);
+    (nanos as u64 ^ (std::process::id() as u64).rotate_left(32)) % (1 << 53)
+}

@@ -1,0 +1,210 @@
+//! Drives the real `easel` binary: successful runs on the tiny pipelines, reproducibility,
+//! latents in and out, and a one-line error with a non-zero exit for every kind of bad input.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+fn fixtures() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../fixtures/pipelines")
+}
+
+fn easel(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_easel")).args(args).env("HF_HUB_OFFLINE", "1").output().expect("run easel")
+}
+
+/// Asserts a clean failure: non-zero exit, one `error:` line naming `needle`, no panic.
+fn assert_fails_with(out: &Output, needles: &[&str]) {
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "expected failure, got success: {stderr}");
+    assert!(!stderr.contains("panicked"), "panicked: {stderr}");
+    let lines: Vec<&str> = stderr.lines().filter(|l| l.starts_with("error")).collect();
+    assert_eq!(lines.len(), 1, "expected one error line: {stderr}");
+    for n in needles {
+        assert!(lines[0].contains(n), "error line lacks `{n}`: {}", lines[0]);
+    }
+}
+
+/// A copy of a tiny pipeline: untouched components are symlinked, `writable` ones copied.
+fn pipeline_copy(name: &str, writable: &[&str]) -> tempfile::TempDir {
+    let tmp = tempfile::tempdir().unwrap();
+    let src = fixtures().join(name);
+    for entry in std::fs::read_dir(&src).unwrap() {
+        let entry = entry.unwrap();
+        let file_name = entry.file_name();
+        let dst = tmp.path().join(&file_name);
+        if writable.iter().any(|w| file_name == *w) || entry.path().is_file() {
+            copy_dir(&entry.path(), &dst);
+        } else {
+            std::os::unix::fs::symlink(entry.path(), &dst).unwrap();
+        }
+    }
+    tmp
+}
+
+fn copy_dir(src: &Path, dst: &Path) {
+    if src.is_file() {
+        std::fs::copy(src, dst).unwrap();
+        return;
+    }
+    std::fs::create_dir_all(dst).unwrap();
+    for e in std::fs::read_dir(src).unwrap() {
+        let e = e.unwrap();
+        copy_dir(&e.path(), &dst.join(e.file_name()));
+    }
+}
+
+fn sd15() -> String {
+    fixtures().join("sd15-tiny").display().to_string()
+}
+
+#[test]
+fn generates_reproducibly_with_metadata_and_latents_round_trip() {
+    let tmp = tempfile::tempdir().unwrap();
+    let a = tmp.path().join("a.png");
+    let b = tmp.path().join("b.png");
+    let lat = tmp.path().join("lat.safetensors");
+    let base = ["generate", "--model", &sd15(), "--prompt", "a red circle", "--steps", "3", "--seed", "42", "--width", "64", "--height", "64"];
+    let out = easel(&[&base[..], &["-o", a.to_str().unwrap(), "--save-latents", lat.to_str().unwrap()]].concat());
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), a.display().to_string());
+    let out = easel(&[&base[..], &["-o", b.to_str().unwrap()]].concat());
+    assert!(out.status.success());
+    assert_eq!(std::fs::read(&a).unwrap(), std::fs::read(&b).unwrap(), "same seed must give the same image");
+
+    // The PNG carries everything needed to reproduce it.
+    let bytes = std::fs::read(&a).unwrap();
+    let chunks = easel_engine::output::png_text_chunks(&bytes).unwrap();
+    let meta: serde_json::Value = serde_json::from_str(&chunks.iter().find(|(k, _)| k == "easel").unwrap().1).unwrap();
+    assert_eq!(meta["prompt"], "a red circle");
+    assert_eq!(meta["seed"], 42);
+    assert_eq!(meta["steps"], 3);
+    assert_eq!(meta["scheduler"], "euler");
+    assert_eq!(meta["width"], 64);
+    assert!(chunks.iter().any(|(k, v)| k == "parameters" && v.contains("Seed: 42")));
+
+    // Starting from the saved final latents with the same settings is valid input.
+    let c = tmp.path().join("c.webp");
+    let out = easel(&["generate", "--model", &sd15(), "a red circle", "--steps", "2", "--init-latents", lat.to_str().unwrap(), "-o", c.to_str().unwrap(), "--guidance", "1"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(c.exists());
+}
+
+#[test]
+fn batches_write_numbered_files() {
+    let tmp = tempfile::tempdir().unwrap();
+    let o = tmp.path().join("img.jpg");
+    let out = easel(&["generate", "--model", &fixtures().join("sdxl-tiny").display().to_string(), "a cat", "--steps", "2", "-n", "2", "-o", o.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(tmp.path().join("img-1.jpg").exists() && tmp.path().join("img-2.jpg").exists());
+}
+
+#[test]
+fn bad_parameters_get_one_line_errors() {
+    let m = sd15();
+    let cases: Vec<(Vec<&str>, Vec<&str>)> = vec![
+        (vec!["--width", "0"], vec!["width"]),
+        (vec!["--height", "100"], vec!["height", "multiple of 8"]),
+        (vec!["--steps", "0"], vec!["steps"]),
+        (vec!["--steps", "1001"], vec!["steps", "1000"]),
+        (vec!["--scheduler", "plms"], vec!["scheduler", "plms", "euler-a"]),
+        (vec!["--dtype", "f8"], vec!["dtype"]),
+        (vec!["--device", "tpu"], vec!["device"]),
+        (vec!["-o", "out.gif"], vec!["output", ".png"]),
+        (vec!["--init-latents", "/nonexistent/l.safetensors"], vec!["/nonexistent/l.safetensors"]),
+    ];
+    for (extra, needles) in cases {
+        let out = easel(&[&["generate", "--model", &m, "p"][..], &extra[..]].concat());
+        assert_fails_with(&out, &needles);
+    }
+}
+
+#[test]
+fn missing_component_file_is_named() {
+    let tmp = pipeline_copy("sd15-tiny", &["unet"]);
+    std::fs::remove_file(tmp.path().join("unet/diffusion_pytorch_model.safetensors")).unwrap();
+    let out = easel(&["generate", "--model", tmp.path().to_str().unwrap(), "p", "--steps", "1"]);
+    assert_fails_with(&out, &["unet/diffusion_pytorch_model.safetensors"]);
+
+    let tmp = pipeline_copy("sd15-tiny", &["vae"]);
+    std::fs::remove_file(tmp.path().join("vae/config.json")).unwrap();
+    let out = easel(&["generate", "--model", tmp.path().to_str().unwrap(), "p", "--steps", "1"]);
+    assert_fails_with(&out, &["vae/config.json"]);
+
+    let tmp = tempfile::tempdir().unwrap();
+    let out = easel(&["generate", "--model", tmp.path().to_str().unwrap(), "p"]);
+    assert_fails_with(&out, &["model_index.json"]);
+}
+
+#[test]
+fn malformed_config_names_file_and_field() {
+    let tmp = pipeline_copy("sd15-tiny", &["unet"]);
+    let path = tmp.path().join("unet/config.json");
+    let mut cfg: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    cfg["block_out_channels"] = serde_json::json!("wide");
+    std::fs::write(&path, cfg.to_string()).unwrap();
+    let out = easel(&["generate", "--model", tmp.path().to_str().unwrap(), "p", "--steps", "1"]);
+    assert_fails_with(&out, &["unet/config.json", "block_out_channels"]);
+
+    std::fs::write(&path, "{ not json").unwrap();
+    let out = easel(&["generate", "--model", tmp.path().to_str().unwrap(), "p", "--steps", "1"]);
+    assert_fails_with(&out, &["unet/config.json", "malformed"]);
+}
+
+#[test]
+fn truncated_or_corrupt_weights_are_reported() {
+    let tmp = pipeline_copy("sd15-tiny", &["unet"]);
+    let path = tmp.path().join("unet/diffusion_pytorch_model.safetensors");
+    let bytes = std::fs::read(&path).unwrap();
+    std::fs::write(&path, &bytes[..bytes.len() / 2]).unwrap();
+    let out = easel(&["generate", "--model", tmp.path().to_str().unwrap(), "p", "--steps", "1"]);
+    assert_fails_with(&out, &["diffusion_pytorch_model.safetensors", "truncated"]);
+
+    let mut corrupt = bytes.clone();
+    corrupt[8..40].copy_from_slice(&[0xAB; 32]);
+    std::fs::write(&path, &corrupt).unwrap();
+    let out = easel(&["generate", "--model", tmp.path().to_str().unwrap(), "p", "--steps", "1"]);
+    assert_fails_with(&out, &["diffusion_pytorch_model.safetensors"]);
+
+    // Weights that do not fit the config name the tensor.
+    let cfg_path = tmp.path().join("unet/config.json");
+    std::fs::write(&path, &bytes).unwrap();
+    let mut cfg: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&cfg_path).unwrap()).unwrap();
+    cfg["block_out_channels"] = serde_json::json!([64, 64]);
+    std::fs::write(&cfg_path, cfg.to_string()).unwrap();
+    let out = easel(&["generate", "--model", tmp.path().to_str().unwrap(), "p", "--steps", "1"]);
+    assert_fails_with(&out, &["unet", "shape"]);
+}
+
+#[test]
+fn hub_ids_offline_or_missing_say_what_to_do() {
+    let home = tempfile::tempdir().unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_easel"))
+        .args(["generate", "--model", "nobody/no-such-model", "p"])
+        .env("HF_HUB_OFFLINE", "1")
+        .env("HF_HOME", home.path())
+        .output()
+        .unwrap();
+    assert_fails_with(&out, &["nobody/no-such-model", "HF_HUB_OFFLINE", "--model /path"]);
+
+    // A hub that answers 404, as huggingface.co does for an unknown repo.
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    std::thread::spawn(move || {
+        use std::io::{Read, Write};
+        for stream in listener.incoming().take(8) {
+            let Ok(mut s) = stream else { continue };
+            let mut buf = [0u8; 4096];
+            let _ = s.read(&mut buf);
+            let body = r#"{"error":"Repository not found"}"#;
+            let _ = write!(s, "HTTP/1.1 404 Not Found\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}", body.len());
+        }
+    });
+    let out = Command::new(env!("CARGO_BIN_EXE_easel"))
+        .args(["generate", "--model", "nobody/no-such-model", "p"])
+        .env_remove("HF_HUB_OFFLINE")
+        .env("HF_HOME", home.path())
+        .env("HF_ENDPOINT", format!("http://{addr}"))
+        .output()
+        .unwrap();
+    assert_fails_with(&out, &["nobody/no-such-model", "does not exist"]);
+}
