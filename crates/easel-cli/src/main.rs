@@ -1,5 +1,6 @@
 //! `easel`: generate images locally, serve the API, run workers, manage models, price them.
 
+mod bench;
 mod bundled;
 mod generate;
 
@@ -17,6 +18,8 @@ struct Cli {
 enum Command {
     /// Generate images from a prompt with a local model.
     Generate(generate::GenerateArgs),
+    /// Benchmarks (compared with PyTorch by the harnesses in tools/bench).
+    Bench(bench::BenchArgs),
 }
 
 fn main() {
@@ -27,6 +30,7 @@ fn main() {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Generate(args) => generate::run(args),
+        Command::Bench(args) => bench::run(args),
     };
     if let Err(e) = result {
         // One line: the error and its causes, never a panic or a backtrace.

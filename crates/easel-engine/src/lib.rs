@@ -44,9 +44,17 @@ pub fn parse_dtype(name: &str) -> Result<DType> {
     }
 }
 
+/// Reads every tensor of a safetensors file onto the CPU.
+pub fn read_tensors(path: &std::path::Path) -> Result<std::collections::HashMap<String, Tensor>> {
+    if !path.exists() {
+        return Err(EngineError::MissingFile { path: path.to_path_buf(), hint: "no such file".into() });
+    }
+    candle_core::safetensors::load(path, &Device::Cpu).map_err(|e| weights::bad_weights(path, &e))
+}
+
 /// Reads `--init-latents`: the tensor named `latents` in a safetensors file.
 pub fn read_latents(path: &std::path::Path) -> Result<Tensor> {
-    let tensors = candle_core::safetensors::load(path, &Device::Cpu).map_err(|e| weights::bad_weights(path, &e))?;
+    let tensors = read_tensors(path)?;
     tensors.get("latents").cloned().ok_or_else(|| EngineError::BadWeights {
         path: path.to_path_buf(),
         message: "no tensor named `latents`".into(),

@@ -1,0 +1,209 @@
+//! `easel bench`: timings that the Python harnesses in tools/bench compare with PyTorch.
+
+use std::path::PathBuf;
+use std::time::Instant;
+
+use anyhow::{Context, Result};
+use clap::{Args, Subcommand};
+use easel_engine::config::{read_json, UNetConfig};
+use easel_engine::models::unet::UNet2DConditionModel;
+use easel_engine::source::component_weights;
+use easel_engine::weights::load_var_builder;
+use easel_engine::{DType, Device, Tensor};
+
+#[derive(Args, Debug)]
+pub struct BenchArgs {
+    #[command(subcommand)]
+    what: BenchWhat,
+}
+
+#[derive(Subcommand, Debug)]
+enum BenchWhat {
+    /// Grade the bundled easel-shapes model: colour and shape accuracy over random seeds,
+    /// on training combinations and on held-out ones, and the time per image.
+    Shapes {
+        /// Images over combinations seen in training.
+        #[arg(long, default_value_t = 200)]
+        n: usize,
+        /// Images over held-out combinations.
+        #[arg(long, default_value_t = 96)]
+        held_out: usize,
+        #[arg(long, default_value_t = 20)]
+        steps: usize,
+        #[arg(long)]
+        guidance: Option<f64>,
+        #[arg(long)]
+        scheduler: Option<String>,
+        /// Seed of the first image; image i uses seed + i.
+        #[arg(long, default_value_t = 1000)]
+        seed: u64,
+        /// Write every graded image here.
+        #[arg(long)]
+        save_dir: Option<PathBuf>,
+    },
+    /// Time loading a UNet and evaluating it once per iteration; prints one JSON line.
+    Unet {
+        /// A diffusers-layout model directory (its unet/ is used).
+        #[arg(long)]
+        model: PathBuf,
+        /// Image side in pixels (latents are side / 8).
+        #[arg(long, default_value_t = 256)]
+        size: usize,
+        #[arg(long, default_value_t = 2)]
+        batch: usize,
+        #[arg(long, default_value_t = 3)]
+        iters: usize,
+        /// Timed evaluations are preceded by this many untimed ones.
+        #[arg(long, default_value_t = 1)]
+        warmup: usize,
+        /// Inputs (safetensors with `sample`, `context`) to use instead of zeros.
+        #[arg(long)]
+        inputs: Option<PathBuf>,
+        /// Where to write the output tensor (safetensors `out`), to check it matches PyTorch.
+        #[arg(long)]
+        save_output: Option<PathBuf>,
+    },
+}
+
+pub fn run(args: BenchArgs) -> Result<()> {
+    match args.what {
+        BenchWhat::Shapes { n, held_out, steps, guidance, scheduler, seed, save_dir } => {
+            shapes_quality(n, held_out, steps, guidance, scheduler, seed, save_dir)?;
+        }
+        BenchWhat::Unet { model, size, batch, iters, warmup, inputs, save_output } => {
+            let device = Device::Cpu;
+            let t0 = Instant::now();
+            let cfg: UNetConfig = read_json(&model.join("unet/config.json"))?;
+            let vb = load_var_builder(&component_weights(&model, "unet", false)?, DType::F32, &device)?;
+            let unet = UNet2DConditionModel::new(vb, &cfg).context("building the UNet")?;
+            let load_s = t0.elapsed().as_secs_f64();
+            let ctx_dim = match &cfg.cross_attention_dim {
+                easel_engine::config::PerBlock::One(d) => *d,
+                easel_engine::config::PerBlock::Many(v) => v[0],
+            };
+            let (sample, context) = match inputs {
+                Some(p) => {
+                    let t = easel_engine::read_tensors(&p)?;
+                    (t.get("sample").context("inputs lack `sample`")?.clone(), t.get("context").context("inputs lack `context`")?.clone())
+                }
+                None => (
+                    Tensor::zeros((batch, cfg.in_channels, size / 8, size / 8), DType::F32, &device)?,
+                    Tensor::zeros((batch, 77, ctx_dim), DType::F32, &device)?,
+                ),
+            };
+            for _ in 0..warmup {
+                unet.forward(&sample, 500.0, &context, None)?;
+            }
+            let mut times = vec![];
+            let mut out = None;
+            for _ in 0..iters.max(1) {
+                let t = Instant::now();
+                out = Some(unet.forward(&sample, 500.0, &context, None)?);
+                times.push(t.elapsed().as_secs_f64());
+            }
+            if let (Some(path), Some(out)) = (save_output, out) {
+                easel_engine::write_latents(&path, &out)?;
+            }
+            times.sort_by(f64::total_cmp);
+            let median = times[times.len() / 2];
+            println!("{}", serde_json::json!({"load_s": load_s, "eval_s_median": median, "eval_s": times}));
+        }
+    }
+    Ok(())
+}
+
+#[derive(Default)]
+struct Tally {
+    images: usize,
+    background: usize,
+    color: usize,
+    shape: usize,
+    all: usize,
+}
+
+impl Tally {
+    fn add(&mut self, (b, c, s): (bool, bool, bool)) {
+        self.images += 1;
+        self.background += b as usize;
+        self.color += c as usize;
+        self.shape += s as usize;
+        self.all += (b && c && s) as usize;
+    }
+
+    fn json(&self) -> serde_json::Value {
+        let pct = |k: usize| if self.images == 0 { 0.0 } else { 100.0 * k as f64 / self.images as f64 };
+        serde_json::json!({
+            "images": self.images,
+            "background_pct": pct(self.background),
+            "shape_color_pct": pct(self.color),
+            "shape_class_pct": pct(self.shape),
+            "all_three_pct": pct(self.all),
+        })
+    }
+}
+
+fn shapes_quality(
+    n: usize,
+    held_out: usize,
+    steps: usize,
+    guidance: Option<f64>,
+    scheduler: Option<String>,
+    seed: u64,
+    save_dir: Option<PathBuf>,
+) -> Result<()> {
+    use easel_engine::pipeline::ModelDefaults;
+    use easel_engine::{GenerateParams, LoadOptions, SchedulerKind, StableDiffusionPipeline};
+    use rand::{Rng, SeedableRng};
+
+    let spec = easel_shapes::Spec::bundled();
+    let dir = crate::bundled::model_dir()?;
+    let pipe = StableDiffusionPipeline::load(&dir, &LoadOptions::default())?;
+    let defaults = ModelDefaults::load(&dir, pipe.family())?;
+    let scheduler = scheduler.or(defaults.scheduler.clone()).as_deref().map(SchedulerKind::parse).transpose()?;
+    let guidance = guidance.or(defaults.guidance).unwrap_or(7.5);
+    let (train, held): (Vec<_>, Vec<_>) = spec.combos().into_iter().partition(|c| !spec.is_held_out(c));
+    if let Some(d) = &save_dir {
+        std::fs::create_dir_all(d)?;
+    }
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let mut tallies = [Tally::default(), Tally::default()];
+    let mut gen_time = 0.0;
+    let mut i = 0u64;
+    for (which, pool, count) in [(0, &train, n), (1, &held, held_out)] {
+        for _ in 0..count {
+            let combo = &pool[rng.random_range(0..pool.len())];
+            let params = GenerateParams {
+                prompt: spec.prompt(combo),
+                negative_prompt: None,
+                width: 64,
+                height: 64,
+                steps,
+                guidance,
+                seed: seed + i,
+                batch: 1,
+                scheduler,
+                init_latents: None,
+            };
+            let t = Instant::now();
+            let out = pipe.generate(&params, None, &mut |_, _| true)?;
+            gen_time += t.elapsed().as_secs_f64();
+            let got = spec.classify(&out.images[0]);
+            tallies[which].add(got.grade(combo));
+            if let Some(d) = &save_dir {
+                let ok = if got.grade(combo) == (true, true, true) { "ok" } else { "miss" };
+                let name = format!("{i:04}-{ok}-{}-{}-{}.png", combo.color, combo.shape, combo.background);
+                easel_engine::output::save_image(&out.images[0], &d.join(name), None)?;
+            }
+            i += 1;
+        }
+    }
+    let report = serde_json::json!({
+        "steps": steps,
+        "guidance": guidance,
+        "seconds_per_image": gen_time / i.max(1) as f64,
+        "trained_combinations": tallies[0].json(),
+        "held_out_combinations": tallies[1].json(),
+    });
+    println!("{}", serde_json::to_string_pretty(&report)?);
+    Ok(())
+}
