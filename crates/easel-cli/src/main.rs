@@ -2,7 +2,9 @@
 
 mod bench;
 mod bundled;
+mod executor;
 mod generate;
+mod serve;
 
 use clap::{Parser, Subcommand};
 
@@ -18,6 +20,8 @@ struct Cli {
 enum Command {
     /// Generate images from a prompt with a local model.
     Generate(generate::GenerateArgs),
+    /// Serve the OpenAI-compatible images API and async jobs, with an in-process worker.
+    Serve(serve::ServeArgs),
     /// Benchmarks (compared with PyTorch by the harnesses in tools/bench).
     Bench(bench::BenchArgs),
 }
@@ -31,6 +35,7 @@ fn main() {
     let result = match cli.command {
         Command::Generate(args) => generate::run(args),
         Command::Bench(args) => bench::run(args),
+        Command::Serve(args) => serve::run(args),
     };
     if let Err(e) = result {
         // One line: the error and its causes, never a panic or a backtrace.

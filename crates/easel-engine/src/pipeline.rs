@@ -38,6 +38,12 @@ impl Default for LoadOptions {
     }
 }
 
+/// Text conditioning of one prompt: (states, pooled states for SDXL, whether it was truncated).
+type Encoded = (Tensor, Option<Tensor>, bool);
+
+/// How many prompts' embeddings a pipeline remembers.
+const EMBEDDING_CACHE_SIZE: usize = 256;
+
 /// One text encoder with its tokenizer.
 struct TextStack {
     tokenizer: ClipTokenizer,
@@ -58,6 +64,7 @@ pub struct StableDiffusionPipeline {
     dtype: DType,
     device: Device,
     dir: PathBuf,
+    embeddings: std::sync::Mutex<std::collections::HashMap<String, Encoded>>,
 }
 
 /// What to generate.
@@ -101,6 +108,24 @@ pub struct Generated {
     pub timings: Timings,
     /// Whether a prompt was longer than the tokenizer's limit and was cut.
     pub truncated: bool,
+}
+
+/// Ancestral noise for a batch: each request's rows come from its own seed stream, so a
+/// request gets the same image in a batch as alone.
+struct BatchNoise {
+    sources: Vec<SeededNoise>,
+    counts: Vec<usize>,
+}
+
+impl NoiseSource for BatchNoise {
+    fn randn(&mut self, shape: &[usize], dtype: DType, device: &Device) -> Result<Tensor> {
+        let per_row: usize = shape[1..].iter().product();
+        let mut data = Vec::with_capacity(shape.iter().product());
+        for (src, &n) in self.sources.iter_mut().zip(&self.counts) {
+            data.extend(src.normal_vec(n * per_row));
+        }
+        Ok(Tensor::from_vec(data, shape, &Device::Cpu)?.to_dtype(dtype)?.to_device(device)?)
+    }
 }
 
 /// Called after each denoising step with (steps done, total); return `false` to cancel.
@@ -203,6 +228,7 @@ impl StableDiffusionPipeline {
             dtype,
             device: opts.device.clone(),
             dir: dir.to_path_buf(),
+            embeddings: Default::default(),
         })
     }
 
@@ -275,8 +301,24 @@ impl StableDiffusionPipeline {
         [p.batch, self.unet.config.in_channels, p.height / f, p.width / f]
     }
 
+    /// Encodes one prompt, reusing the embeddings of recently seen prompts.
+    fn encode(&self, prompt: &str) -> Result<Encoded> {
+        let mut cache = self.embeddings.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(hit) = cache.get(prompt) {
+            return Ok(hit.clone());
+        }
+        drop(cache);
+        let enc = self.encode_uncached(prompt)?;
+        cache = self.embeddings.lock().unwrap_or_else(|p| p.into_inner());
+        if cache.len() >= EMBEDDING_CACHE_SIZE {
+            cache.clear();
+        }
+        cache.insert(prompt.to_string(), enc.clone());
+        Ok(enc)
+    }
+
     /// Encodes one prompt: (context `[1, 77, D]`, pooled `[1, P]` for SDXL, truncated?).
-    fn encode(&self, prompt: &str) -> Result<(Tensor, Option<Tensor>, bool)> {
+    fn encode_uncached(&self, prompt: &str) -> Result<Encoded> {
         let run = |stack: &TextStack| -> Result<(crate::models::clip::ClipOutput, bool)> {
             let tokens = stack.tokenizer.encode(prompt)?;
             let ids = Tensor::new(tokens.ids.as_slice(), &self.device)?.unsqueeze(0)?;
@@ -304,7 +346,7 @@ impl StableDiffusionPipeline {
     }
 
     /// Encodes an absent negative prompt as SDXL does: zeros when `force_zeros_for_empty_prompt`.
-    fn encode_negative(&self, negative: Option<&str>, like: &(Tensor, Option<Tensor>, bool)) -> Result<(Tensor, Option<Tensor>, bool)> {
+    fn encode_negative(&self, negative: Option<&str>, like: &Encoded) -> Result<Encoded> {
         if negative.is_none() && self.family == Family::StableDiffusionXl && self.force_zeros_for_empty_prompt {
             let pooled = like.1.as_ref().map(Tensor::zeros_like).transpose()?;
             return Ok((like.0.zeros_like()?, pooled, false));
@@ -319,44 +361,74 @@ impl StableDiffusionPipeline {
 
     /// Generates images; `noise` feeds the ancestral schedulers (defaults to the seed's stream).
     pub fn generate(&self, p: &GenerateParams, noise: Option<&mut dyn NoiseSource>, on_step: StepCallback) -> Result<Generated> {
-        self.validate(p)?;
-        let mut seeded = SeededNoise::new(p.seed);
-        let latents = match &p.init_latents {
-            Some(l) => l.to_device(&self.device)?.to_dtype(self.dtype)?,
-            None => self.random_latents(p, &mut seeded)?,
-        };
-        let noise: &mut dyn NoiseSource = match noise {
-            Some(n) => n,
-            None => &mut seeded,
-        };
-        let kind = p.scheduler.unwrap_or_else(|| self.default_scheduler());
-        let mut scheduler = kind.build(&self.scheduler_config, p.steps)?;
-        let guided = p.guidance > 1.0;
+        let mut out = self.generate_batch(std::slice::from_ref(p), noise, on_step)?;
+        out.pop().ok_or_else(|| EngineError::Unsupported("empty batch".into()))
+    }
+
+    /// Runs several requests as one batch through the UNet. They must share size, steps,
+    /// scheduler and guidance; each keeps its own prompt, seed and image count, and gets
+    /// exactly the images it would get alone.
+    pub fn generate_batch(&self, items: &[GenerateParams], noise: Option<&mut dyn NoiseSource>, on_step: StepCallback) -> Result<Vec<Generated>> {
+        let first = items.first().ok_or_else(|| EngineError::param("batch", "no requests"))?;
+        for p in items {
+            self.validate(p)?;
+            if (p.width, p.height, p.steps, p.scheduler) != (first.width, first.height, first.steps, first.scheduler) || p.guidance != first.guidance {
+                return Err(EngineError::param("batch", "batched requests must share size, steps, scheduler and guidance"));
+            }
+        }
+        let kind = first.scheduler.unwrap_or_else(|| self.default_scheduler());
+        let mut scheduler = kind.build(&self.scheduler_config, first.steps)?;
+        let guided = first.guidance > 1.0;
         let mut timings = Timings::default();
 
-        let t0 = Instant::now();
-        let positive = self.encode(&p.prompt)?;
-        let mut truncated = positive.2;
-        let repeat = |t: &Tensor| -> Result<Tensor> { Ok(t.repeat(&[p.batch, 1, 1][..t.rank()])?) };
-        let (mut context, mut pooled) = (repeat(&positive.0)?, positive.1.as_ref().map(repeat).transpose()?);
-        if guided {
-            let negative = self.encode_negative(p.negative_prompt.as_deref(), &positive)?;
-            truncated |= negative.2;
-            context = Tensor::cat(&[repeat(&negative.0)?, context], 0)?;
-            pooled = match (negative.1.as_ref().map(repeat).transpose()?, pooled) {
-                (Some(n), Some(c)) => Some(Tensor::cat(&[n, c], 0)?),
-                _ => None,
-            };
+        // Per-request latents from each request's own seed stream (or its init latents).
+        let mut seeded: Vec<SeededNoise> = items.iter().map(|p| SeededNoise::new(p.seed)).collect();
+        let mut latents = vec![];
+        for (p, rng) in items.iter().zip(seeded.iter_mut()) {
+            latents.push(match &p.init_latents {
+                Some(l) => l.to_device(&self.device)?.to_dtype(self.dtype)?,
+                None => self.random_latents(p, rng)?,
+            });
         }
-        let context = context.to_dtype(self.dtype)?;
-        let added = match pooled {
-            Some(text_embeds) => {
-                let (h, w) = (p.height as f32, p.width as f32);
-                let rows = context.dim(0)?;
-                let ids: Vec<f32> = (0..rows).flat_map(|_| [h, w, 0.0, 0.0, h, w]).collect();
-                Some(AddedCond { text_embeds: text_embeds.to_dtype(self.dtype)?, time_ids: Tensor::from_vec(ids, (rows, 6), &self.device)? })
+        let latents = Tensor::cat(&latents, 0)?;
+        let mut batch_noise = BatchNoise { sources: seeded, counts: items.iter().map(|p| p.batch).collect() };
+        let noise: &mut dyn NoiseSource = match noise {
+            Some(n) => n,
+            None => &mut batch_noise,
+        };
+
+        let t0 = Instant::now();
+        let (mut negs, mut poss, mut neg_pooled, mut pos_pooled) = (vec![], vec![], vec![], vec![]);
+        let mut truncated = vec![];
+        for p in items {
+            let positive = self.encode(&p.prompt)?;
+            let repeat = |t: &Tensor| -> Result<Tensor> { Ok(t.repeat(&[p.batch, 1, 1][..t.rank()])?) };
+            let mut cut = positive.2;
+            poss.push(repeat(&positive.0)?);
+            if let Some(pp) = &positive.1 {
+                pos_pooled.push(repeat(pp)?);
             }
-            None => None,
+            if guided {
+                let negative = self.encode_negative(p.negative_prompt.as_deref(), &positive)?;
+                cut |= negative.2;
+                negs.push(repeat(&negative.0)?);
+                if let Some(np) = &negative.1 {
+                    neg_pooled.push(repeat(np)?);
+                }
+            }
+            truncated.push(cut);
+        }
+        // Classifier-free guidance layout, as diffusers: all negatives first, then all positives.
+        let context = Tensor::cat(&[negs, poss].concat(), 0)?.to_dtype(self.dtype)?;
+        let pooled = [neg_pooled, pos_pooled].concat();
+        let added = if pooled.is_empty() {
+            None
+        } else {
+            let text_embeds = Tensor::cat(&pooled, 0)?.to_dtype(self.dtype)?;
+            let (h, w) = (first.height as f32, first.width as f32);
+            let rows = context.dim(0)?;
+            let ids: Vec<f32> = (0..rows).flat_map(|_| [h, w, 0.0, 0.0, h, w]).collect();
+            Some(AddedCond { text_embeds, time_ids: Tensor::from_vec(ids, (rows, 6), &self.device)? })
         };
         timings.text_encode = t0.elapsed();
 
@@ -370,7 +442,7 @@ impl StableDiffusionPipeline {
             let pred = if guided {
                 let chunks = pred.chunk(2, 0)?;
                 let (uncond, text) = (&chunks[0], &chunks[1]);
-                (uncond + ((text - uncond)? * p.guidance)?)?
+                (uncond + ((text - uncond)? * first.guidance)?)?
             } else {
                 pred
             };
@@ -384,8 +456,22 @@ impl StableDiffusionPipeline {
         let t2 = Instant::now();
         let decoded = self.decode(&latents)?;
         timings.decode = t2.elapsed();
-        let images = to_images(&decoded)?;
-        Ok(Generated { images, latents: latents.to_device(&Device::Cpu)?.to_dtype(DType::F32)?, decoded, scheduler: kind, timings, truncated })
+        let latents = latents.to_device(&Device::Cpu)?.to_dtype(DType::F32)?;
+        let mut out = vec![];
+        let mut offset = 0;
+        for (p, cut) in items.iter().zip(truncated) {
+            let decoded_i = decoded.narrow(0, offset, p.batch)?;
+            out.push(Generated {
+                images: to_images(&decoded_i)?,
+                latents: latents.narrow(0, offset, p.batch)?,
+                decoded: decoded_i,
+                scheduler: kind,
+                timings: timings.clone(),
+                truncated: cut,
+            });
+            offset += p.batch;
+        }
+        Ok(out)
     }
 
     /// Decodes final latents to images in `[0, 1]` (f32, CPU), as the diffusers pipelines do.

@@ -1,0 +1,175 @@
+//! Jobs: what was asked (`JobSpec`), where it stands (`JobStatus`), what came out (`JobResult`).
+
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use crate::request::OutputFormat;
+
+/// A validated generation request, as stored in the queue.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct JobSpec {
+    pub model: String,
+    pub prompt: String,
+    pub negative_prompt: Option<String>,
+    pub width: usize,
+    pub height: usize,
+    pub n: usize,
+    pub steps: usize,
+    pub guidance: f64,
+    /// Seed of the first image; `None` until the server picks one.
+    pub seed: u64,
+    /// Whether the client chose the seed (only then is the result cacheable).
+    pub seed_explicit: bool,
+    pub scheduler: Option<String>,
+    pub output_format: OutputFormat,
+    pub output_compression: Option<u8>,
+    pub priority: i32,
+    pub user: Option<String>,
+}
+
+impl JobSpec {
+    /// Jobs that may run together as one batch share these.
+    pub fn batch_key(&self) -> String {
+        format!("{}|{}x{}|{}|{:?}|{}", self.model, self.width, self.height, self.steps, self.scheduler, self.guidance)
+    }
+
+    /// A canonical hash of everything that determines the pixels; `None` without an explicit seed.
+    pub fn cache_key(&self, model_identity: &str) -> Option<String> {
+        if !self.seed_explicit {
+            return None;
+        }
+        let canonical = serde_json::json!({
+            "model": model_identity, "prompt": self.prompt, "negative_prompt": self.negative_prompt,
+            "width": self.width, "height": self.height, "n": self.n, "steps": self.steps,
+            "guidance": self.guidance, "seed": self.seed, "scheduler": self.scheduler,
+            "output_format": self.output_format, "output_compression": self.output_compression,
+        });
+        Some(hex::encode(Sha256::digest(canonical.to_string().as_bytes())))
+    }
+}
+
+/// Where a job stands.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum JobStatus {
+    Queued,
+    Running,
+    Succeeded,
+    Failed,
+    Canceled,
+}
+
+impl JobStatus {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Queued => "queued",
+            Self::Running => "running",
+            Self::Succeeded => "succeeded",
+            Self::Failed => "failed",
+            Self::Canceled => "canceled",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        Some(match s {
+            "queued" => Self::Queued,
+            "running" => Self::Running,
+            "succeeded" => Self::Succeeded,
+            "failed" => Self::Failed,
+            "canceled" => Self::Canceled,
+            _ => return None,
+        })
+    }
+
+    /// Whether the job will change no more.
+    pub fn is_final(self) -> bool {
+        matches!(self, Self::Succeeded | Self::Failed | Self::Canceled)
+    }
+}
+
+/// One stored output image.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct StoredImage {
+    /// Key in the output store, e.g. `<job>/0.png`.
+    pub key: String,
+    pub seed: u64,
+}
+
+/// Stage timings in seconds.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct Timings {
+    pub queued_s: f64,
+    pub load_s: f64,
+    pub text_encode_s: f64,
+    pub denoise_s: f64,
+    pub decode_s: f64,
+    pub total_s: f64,
+}
+
+/// What a finished job produced.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct JobResult {
+    pub images: Vec<StoredImage>,
+    pub timings: Timings,
+    /// Jobs run together in this job's batch (1 = alone).
+    pub batch_size: usize,
+}
+
+/// A job record.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Job {
+    pub id: String,
+    pub status: JobStatus,
+    pub spec: JobSpec,
+    pub result: Option<JobResult>,
+    pub error: Option<String>,
+    pub attempts: u32,
+    pub created_at: f64,
+    pub started_at: Option<f64>,
+    pub finished_at: Option<f64>,
+    pub cache_key: Option<String>,
+    /// Served from the result cache without recomputing.
+    pub cache_hit: bool,
+}
+
+/// Progress events streamed over SSE.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(tag = "type", rename_all = "lowercase")]
+pub enum Event {
+    Queued { job_id: String, position: usize },
+    Started { job_id: String },
+    Progress { job_id: String, step: usize, total: usize },
+    Completed { job_id: String, urls: Vec<String> },
+    Failed { job_id: String, reason: String },
+    Canceled { job_id: String },
+}
+
+impl Event {
+    pub fn job_id(&self) -> &str {
+        match self {
+            Event::Queued { job_id, .. }
+            | Event::Started { job_id }
+            | Event::Progress { job_id, .. }
+            | Event::Completed { job_id, .. }
+            | Event::Failed { job_id, .. }
+            | Event::Canceled { job_id } => job_id,
+        }
+    }
+
+    /// The SSE event name.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Event::Queued { .. } => "queued",
+            Event::Started { .. } => "started",
+            Event::Progress { .. } => "progress",
+            Event::Completed { .. } => "completed",
+            Event::Failed { .. } => "failed",
+            Event::Canceled { .. } => "canceled",
+        }
+    }
+
+    /// Whether no event follows this one.
+    pub fn is_final(&self) -> bool {
+        matches!(self, Event::Completed { .. } | Event::Failed { .. } | Event::Canceled { .. })
+    }
+}

@@ -1,0 +1,13 @@
+//! easel-api: the wire types every layer shares, with no dependency on the engine.
+//!
+//! OpenAI-compatible image requests and responses (plus easel's own fields), job records and
+//! their states, progress events, and errors in OpenAI's `{"error": {...}}` shape. Validation
+//! turns a request into a [`JobSpec`] or an [`ApiError`] that names the bad parameter.
+
+mod error;
+mod job;
+mod request;
+
+pub use error::{ApiError, ErrorBody};
+pub use job::{Event, Job, JobResult, JobSpec, JobStatus, StoredImage, Timings};
+pub use request::{ImageRequest, ModelInfo, OutputFormat, ResponseFormat};

@@ -1,0 +1,241 @@
+//! `POST /v1/images/generations`: OpenAI's request shape plus easel's own fields.
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::ApiError;
+use crate::job::JobSpec;
+
+/// How images come back.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum ResponseFormat {
+    #[default]
+    B64Json,
+    Url,
+}
+
+/// Image container format.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum OutputFormat {
+    #[default]
+    Png,
+    Jpeg,
+    Webp,
+}
+
+impl OutputFormat {
+    pub fn extension(self) -> &'static str {
+        match self {
+            Self::Png => "png",
+            Self::Jpeg => "jpeg",
+            Self::Webp => "webp",
+        }
+    }
+
+    pub fn mime(self) -> &'static str {
+        match self {
+            Self::Png => "image/png",
+            Self::Jpeg => "image/jpeg",
+            Self::Webp => "image/webp",
+        }
+    }
+}
+
+/// The request body. Unknown fields are rejected so that typos do not pass silently.
+#[derive(Debug, Clone, Deserialize, Serialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct ImageRequest {
+    pub prompt: String,
+    #[serde(default)]
+    pub model: Option<String>,
+    #[serde(default)]
+    pub n: Option<i64>,
+    #[serde(default)]
+    pub size: Option<String>,
+    #[serde(default)]
+    pub response_format: Option<ResponseFormat>,
+    #[serde(default)]
+    pub output_format: Option<OutputFormat>,
+    #[serde(default)]
+    pub output_compression: Option<i64>,
+    #[serde(default)]
+    pub quality: Option<String>,
+    #[serde(default)]
+    pub user: Option<String>,
+    /// Accepted for OpenAI compatibility; easel has no moderation, style or background options.
+    #[serde(default)]
+    pub style: Option<String>,
+    #[serde(default)]
+    pub moderation: Option<String>,
+    #[serde(default)]
+    pub background: Option<String>,
+    // easel's own fields
+    #[serde(default)]
+    pub negative_prompt: Option<String>,
+    #[serde(default)]
+    pub seed: Option<u64>,
+    #[serde(default)]
+    pub steps: Option<i64>,
+    #[serde(default)]
+    pub guidance_scale: Option<f64>,
+    #[serde(default)]
+    pub scheduler: Option<String>,
+    #[serde(default)]
+    pub priority: Option<i32>,
+}
+
+/// What the server knows about a servable model, for validation and `/v1/models`.
+#[derive(Debug, Clone, Serialize)]
+pub struct ModelInfo {
+    pub id: String,
+    pub default_steps: usize,
+    pub default_guidance: f64,
+    pub default_size: usize,
+    pub max_side: usize,
+    pub schedulers: Vec<String>,
+}
+
+const MAX_PROMPT_CHARS: usize = 32_000;
+
+impl ImageRequest {
+    /// Checks every field and resolves defaults; `pick_seed` supplies a seed when none is given.
+    pub fn validate(&self, model: &ModelInfo, pick_seed: impl FnOnce() -> u64) -> Result<(JobSpec, ResponseFormat), ApiError> {
+        if self.prompt.trim().is_empty() {
+            return Err(ApiError::invalid("prompt", "prompt must not be empty"));
+        }
+        if self.prompt.len() > MAX_PROMPT_CHARS {
+            return Err(ApiError::invalid("prompt", format!("prompt is longer than {MAX_PROMPT_CHARS} characters")));
+        }
+        let n = self.n.unwrap_or(1);
+        if !(1..=10).contains(&n) {
+            return Err(ApiError::invalid("n", format!("n must be between 1 and 10, got {n}")));
+        }
+        let (width, height) = match self.size.as_deref() {
+            None | Some("auto") => (model.default_size, model.default_size),
+            Some(s) => parse_size(s, model.max_side)?,
+        };
+        let quality_steps = match self.quality.as_deref() {
+            None | Some("auto") | Some("standard") | Some("medium") => model.default_steps,
+            Some("low") => model.default_steps.div_ceil(2),
+            Some("high") | Some("hd") => (model.default_steps * 3).div_ceil(2),
+            Some(q) => return Err(ApiError::invalid("quality", format!("quality must be low, medium, high or auto, got `{q}`"))),
+        };
+        let steps = match self.steps {
+            None => quality_steps,
+            Some(s) if (1..=1000).contains(&s) => s as usize,
+            Some(s) => return Err(ApiError::invalid("steps", format!("steps must be between 1 and 1000, got {s}"))),
+        };
+        let guidance = self.guidance_scale.unwrap_or(model.default_guidance);
+        if !guidance.is_finite() || !(0.0..=100.0).contains(&guidance) {
+            return Err(ApiError::invalid("guidance_scale", "guidance_scale must be a number between 0 and 100"));
+        }
+        if let Some(s) = &self.scheduler {
+            if !model.schedulers.iter().any(|k| k == s) {
+                return Err(ApiError::invalid("scheduler", format!("unknown scheduler `{s}`; expected one of {}", model.schedulers.join(", "))));
+            }
+        }
+        let output_compression = match self.output_compression {
+            None => None,
+            Some(c) if (0..=100).contains(&c) => Some(c as u8),
+            Some(c) => return Err(ApiError::invalid("output_compression", format!("output_compression must be between 0 and 100, got {c}"))),
+        };
+        let priority = self.priority.unwrap_or(0);
+        if !(-100..=100).contains(&priority) {
+            return Err(ApiError::invalid("priority", "priority must be between -100 and 100"));
+        }
+        if let Some(seed) = self.seed {
+            if seed >= 1 << 53 {
+                return Err(ApiError::invalid("seed", "seed must be below 2^53"));
+            }
+        }
+        let spec = JobSpec {
+            model: model.id.clone(),
+            prompt: self.prompt.clone(),
+            negative_prompt: self.negative_prompt.clone(),
+            width,
+            height,
+            n: n as usize,
+            steps,
+            guidance,
+            seed: self.seed.unwrap_or_else(pick_seed),
+            seed_explicit: self.seed.is_some(),
+            scheduler: self.scheduler.clone(),
+            output_format: self.output_format.unwrap_or_default(),
+            output_compression,
+            priority,
+            user: self.user.clone(),
+        };
+        Ok((spec, self.response_format.unwrap_or_default()))
+    }
+}
+
+fn parse_size(s: &str, max_side: usize) -> Result<(usize, usize), ApiError> {
+    let bad = || ApiError::invalid("size", format!("size must be WIDTHxHEIGHT with multiples of 8 up to {max_side}, got `{s}`"));
+    let (w, h) = s.split_once('x').ok_or_else(bad)?;
+    let (w, h): (usize, usize) = (w.parse().map_err(|_| bad())?, h.parse().map_err(|_| bad())?);
+    if w == 0 || h == 0 || w % 8 != 0 || h % 8 != 0 || w > max_side || h > max_side {
+        return Err(bad());
+    }
+    Ok((w, h))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn model() -> ModelInfo {
+        ModelInfo { id: "m".into(), default_steps: 20, default_guidance: 4.0, default_size: 64, max_side: 1024, schedulers: vec!["euler".into()] }
+    }
+
+    fn req(v: serde_json::Value) -> Result<ImageRequest, serde_json::Error> {
+        serde_json::from_value(v)
+    }
+
+    #[test]
+    fn defaults_and_quality_presets() {
+        let (s, f) = req(serde_json::json!({"prompt": "x"})).unwrap().validate(&model(), || 7).unwrap();
+        assert_eq!((s.width, s.height, s.steps, s.n, s.seed, s.seed_explicit), (64, 64, 20, 1, 7, false));
+        assert_eq!(f, ResponseFormat::B64Json);
+        let (s, _) = req(serde_json::json!({"prompt": "x", "quality": "low"})).unwrap().validate(&model(), || 7).unwrap();
+        assert_eq!(s.steps, 10);
+        let (s, _) = req(serde_json::json!({"prompt": "x", "quality": "high", "seed": 3})).unwrap().validate(&model(), || 7).unwrap();
+        assert_eq!((s.steps, s.seed, s.seed_explicit), (30, 3, true));
+    }
+
+    #[test]
+    fn every_bad_parameter_is_named() {
+        let cases = [
+            (serde_json::json!({"prompt": ""}), "prompt"),
+            (serde_json::json!({"prompt": "x", "n": 0}), "n"),
+            (serde_json::json!({"prompt": "x", "n": 11}), "n"),
+            (serde_json::json!({"prompt": "x", "size": "100x100"}), "size"),
+            (serde_json::json!({"prompt": "x", "size": "big"}), "size"),
+            (serde_json::json!({"prompt": "x", "size": "4096x4096"}), "size"),
+            (serde_json::json!({"prompt": "x", "steps": 0}), "steps"),
+            (serde_json::json!({"prompt": "x", "steps": 1001}), "steps"),
+            (serde_json::json!({"prompt": "x", "quality": "ultra"}), "quality"),
+            (serde_json::json!({"prompt": "x", "guidance_scale": -1.0}), "guidance_scale"),
+            (serde_json::json!({"prompt": "x", "scheduler": "plms"}), "scheduler"),
+            (serde_json::json!({"prompt": "x", "output_compression": 101}), "output_compression"),
+            (serde_json::json!({"prompt": "x", "priority": 1000}), "priority"),
+        ];
+        for (body, param) in cases {
+            let e = req(body.clone()).unwrap().validate(&model(), || 1).unwrap_err();
+            assert_eq!((e.status, e.body.param.as_deref()), (400, Some(param)), "{body}");
+        }
+        assert!(req(serde_json::json!({"prompt": "x", "bogus": 1})).is_err());
+        assert!(req(serde_json::json!({"prompt": 5})).is_err());
+    }
+
+    #[test]
+    fn cache_key_needs_an_explicit_seed_and_covers_every_parameter() {
+        let (a, _) = req(serde_json::json!({"prompt": "x", "seed": 1})).unwrap().validate(&model(), || 1).unwrap();
+        let (b, _) = req(serde_json::json!({"prompt": "x", "seed": 1, "steps": 21})).unwrap().validate(&model(), || 1).unwrap();
+        let (c, _) = req(serde_json::json!({"prompt": "x"})).unwrap().validate(&model(), || 1).unwrap();
+        assert!(a.cache_key("m@1").is_some());
+        assert_ne!(a.cache_key("m@1"), b.cache_key("m@1"));
+        assert_ne!(a.cache_key("m@1"), a.cache_key("m@2"));
+        assert_eq!(c.cache_key("m@1"), None);
+    }
+}

@@ -1,0 +1,73 @@
+//! easel-queue: the durable job queue behind the API.
+//!
+//! [`JobQueue`] is the seam: the API layer only talks to the trait, so a Redis Streams
+//! implementation can sit beside the embedded SQLite one without touching the server.
+//! Guarantees: an accepted job is never lost. A job whose worker dies keeps its lease until
+//! it expires, then returns to the queue; after `max_attempts` it fails with its last reason.
+
+mod sqlite;
+
+use std::time::Duration;
+
+use easel_api::{Job, JobResult, JobSpec, JobStatus};
+
+pub use sqlite::SqliteQueue;
+
+/// Queue failures.
+#[derive(Debug, thiserror::Error)]
+pub enum QueueError {
+    /// The queue holds its maximum number of waiting jobs.
+    #[error("the queue is full ({0} jobs waiting)")]
+    Full(usize),
+    /// The backing store failed.
+    #[error("queue storage: {0}")]
+    Storage(String),
+}
+
+impl From<rusqlite::Error> for QueueError {
+    fn from(e: rusqlite::Error) -> Self {
+        Self::Storage(e.to_string())
+    }
+}
+
+pub type Result<T> = std::result::Result<T, QueueError>;
+
+/// The outcome of an enqueue.
+#[derive(Debug, Clone)]
+pub struct Enqueued {
+    pub job: Job,
+    /// The Idempotency-Key matched an earlier job, which is returned instead.
+    pub existing: bool,
+}
+
+/// A durable priority queue of generation jobs.
+pub trait JobQueue: Send + Sync {
+    /// Adds a job (or returns the one with the same idempotency key).
+    fn enqueue(&self, spec: &JobSpec, cache_key: Option<&str>, idempotency_key: Option<&str>) -> Result<Enqueued>;
+    /// Records a job that was answered from the result cache, already succeeded.
+    fn insert_cached(&self, spec: &JobSpec, cache_key: &str, result: &JobResult) -> Result<Job>;
+    /// A job by id.
+    fn get(&self, id: &str) -> Result<Option<Job>>;
+    /// 0-based position among queued jobs (None unless queued).
+    fn position(&self, id: &str) -> Result<Option<usize>>;
+    /// Claims the next job and up to `max_batch - 1` compatible ones for `worker`, leased for `lease`.
+    fn claim(&self, worker: &str, models: &[String], max_batch: usize, lease: Duration) -> Result<Vec<Job>>;
+    /// Extends the lease of running jobs.
+    fn heartbeat(&self, ids: &[String], lease: Duration) -> Result<()>;
+    /// Marks a running job succeeded; false if it was no longer running (canceled, reclaimed).
+    fn complete(&self, id: &str, result: &JobResult) -> Result<bool>;
+    /// Records a failure: the job goes back to the queue, or fails for good after max attempts.
+    fn fail(&self, id: &str, reason: &str, retryable: bool) -> Result<JobStatus>;
+    /// Cancels a queued job at once, or asks a running one to stop; returns the new status.
+    fn cancel(&self, id: &str) -> Result<Option<JobStatus>>;
+    /// Whether cancellation was requested for a running job.
+    fn cancel_requested(&self, id: &str) -> Result<bool>;
+    /// Marks a running job canceled (the worker stopped it).
+    fn mark_canceled(&self, id: &str) -> Result<()>;
+    /// A succeeded job with this cache key.
+    fn cached(&self, cache_key: &str) -> Result<Option<Job>>;
+    /// Number of queued jobs.
+    fn depth(&self) -> Result<usize>;
+    /// Returns running jobs whose lease expired to the queue; the number returned.
+    fn recover_expired(&self) -> Result<usize>;
+}

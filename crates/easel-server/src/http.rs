@@ -1,0 +1,444 @@
+//! Routes: OpenAI-compatible images, async jobs with SSE, models, images, health, metrics.
+
+use std::collections::HashMap;
+use std::convert::Infallible;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use axum::body::Bytes;
+use axum::extract::{DefaultBodyLimit, Path, State};
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use base64::Engine as _;
+use easel_api::{ApiError, Event, ImageRequest, Job, JobStatus, ModelInfo, ResponseFormat};
+use easel_queue::{JobQueue, QueueError};
+use futures::stream::{self, Stream, StreamExt};
+use sha2::{Digest, Sha256};
+
+use crate::events::EventBus;
+use crate::metrics::Metrics;
+use crate::store::LocalStore;
+use crate::worker::{image_path, Executor};
+
+/// An API key, stored as its SHA-256.
+#[derive(Debug, Clone)]
+pub struct ApiKey {
+    pub name: String,
+    pub sha256: String,
+    /// Requests per minute.
+    pub rate_per_minute: u32,
+}
+
+impl ApiKey {
+    /// A key from its secret (hashed at once; the secret is not kept).
+    pub fn from_secret(name: &str, secret: &str, rate_per_minute: u32) -> Self {
+        Self { name: name.into(), sha256: hex::encode(Sha256::digest(secret.as_bytes())), rate_per_minute }
+    }
+}
+
+/// Server knobs.
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    pub max_body_bytes: usize,
+    /// How long a synchronous request waits for its job.
+    pub sync_timeout: Duration,
+    /// None: no authentication (loopback only unless the operator allows otherwise).
+    pub api_keys: Option<Vec<ApiKey>>,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        Self { max_body_bytes: 1 << 20, sync_timeout: Duration::from_secs(600), api_keys: None }
+    }
+}
+
+/// Shared state of the HTTP layer.
+#[derive(Clone)]
+pub struct AppState {
+    pub queue: Arc<dyn JobQueue>,
+    pub executor: Arc<dyn Executor>,
+    pub store: LocalStore,
+    pub bus: EventBus,
+    pub metrics: Arc<Metrics>,
+    pub config: ServerConfig,
+    rate: Arc<Mutex<HashMap<String, (Instant, f64)>>>,
+}
+
+impl AppState {
+    pub fn new(queue: Arc<dyn JobQueue>, executor: Arc<dyn Executor>, store: LocalStore, bus: EventBus, metrics: Arc<Metrics>, config: ServerConfig) -> Self {
+        Self { queue, executor, store, bus, metrics, config, rate: Default::default() }
+    }
+
+    fn model(&self, id: Option<&str>) -> Result<ModelInfo, ApiError> {
+        let models = self.executor.models();
+        match id {
+            None => models.into_iter().next().ok_or_else(|| ApiError::unavailable("no model is being served")),
+            Some(id) => models.into_iter().find(|m| m.id == id).ok_or_else(|| ApiError::unknown_model(id)),
+        }
+    }
+
+    /// Checks the Bearer token and the key's rate; returns the key's name.
+    fn authorize(&self, headers: &HeaderMap) -> Result<Option<String>, ApiError> {
+        let Some(keys) = &self.config.api_keys else { return Ok(None) };
+        let token = headers
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .ok_or_else(|| ApiError::unauthorized("missing API key: send Authorization: Bearer <key>"))?;
+        let digest = hex::encode(Sha256::digest(token.trim().as_bytes()));
+        let key = keys.iter().find(|k| k.sha256 == digest).ok_or_else(|| ApiError::unauthorized("invalid API key"))?;
+        // Token bucket: rate_per_minute tokens, refilled continuously.
+        let mut rate = self.rate.lock().unwrap_or_else(|p| p.into_inner());
+        let cap = key.rate_per_minute.max(1) as f64;
+        let (last, tokens) = rate.entry(key.name.clone()).or_insert((Instant::now(), cap));
+        let refill = last.elapsed().as_secs_f64() * cap / 60.0;
+        *tokens = (*tokens + refill).min(cap);
+        *last = Instant::now();
+        if *tokens < 1.0 {
+            let wait = ((1.0 - *tokens) * 60.0 / cap).ceil() as u64;
+            return Err(ApiError::overloaded(format!("API key `{}` is over its rate of {} requests per minute", key.name, key.rate_per_minute), wait.max(1)));
+        }
+        *tokens -= 1.0;
+        Ok(Some(key.name.clone()))
+    }
+}
+
+/// An error response in OpenAI's shape.
+pub struct ApiResponseError(pub ApiError);
+
+impl From<ApiError> for ApiResponseError {
+    fn from(e: ApiError) -> Self {
+        Self(e)
+    }
+}
+
+impl IntoResponse for ApiResponseError {
+    fn into_response(self) -> Response {
+        let e = self.0;
+        let status = StatusCode::from_u16(e.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+        let mut resp = (status, Json(e.to_json())).into_response();
+        if let Some(s) = e.retry_after {
+            if let Ok(v) = HeaderValue::from_str(&s.to_string()) {
+                resp.headers_mut().insert(header::RETRY_AFTER, v);
+            }
+        }
+        resp
+    }
+}
+
+type ApiResult<T> = Result<T, ApiResponseError>;
+
+fn queue_error(e: QueueError) -> ApiError {
+    match e {
+        QueueError::Full(n) => ApiError::overloaded(format!("the queue is full ({n} jobs waiting); retry later"), 2),
+        QueueError::Storage(m) => ApiError::unavailable(format!("the job queue is unavailable: {m}")),
+    }
+}
+
+/// Parses a JSON body into `T`, naming the offending field.
+fn parse_body<T: serde::de::DeserializeOwned>(body: &Bytes) -> Result<T, ApiError> {
+    let de = &mut serde_json::Deserializer::from_slice(body);
+    serde_path_to_error::deserialize(de).map_err(|e| {
+        let path = e.path().to_string();
+        let inner = e.into_inner();
+        if inner.is_syntax() || inner.is_eof() || path == "." {
+            ApiError::bad_body(format!("malformed request body: {inner}"))
+        } else {
+            ApiError::invalid(&path, format!("{path}: {inner}"))
+        }
+    })
+}
+
+/// Builds the router with all routes.
+pub fn router(state: AppState) -> Router {
+    let limit = state.config.max_body_bytes;
+    Router::new()
+        .route("/v1/images/generations", post(generations))
+        .route("/v1/jobs", post(create_job))
+        .route("/v1/jobs/{id}", get(get_job))
+        .route("/v1/jobs/{id}/events", get(job_events))
+        .route("/v1/jobs/{id}/cancel", post(cancel_job))
+        .route("/v1/models", get(list_models))
+        .route("/v1/images/{job}/{file}", get(get_image))
+        .route("/healthz", get(|| async { "ok" }))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
+        .route("/openapi.json", get(|| async { ([(header::CONTENT_TYPE, "application/json")], crate::http::OPENAPI) }))
+        .fallback(|| async { ApiResponseError(ApiError::not_found("no such route")) })
+        .layer(DefaultBodyLimit::max(limit))
+        .with_state(state)
+}
+
+/// The OpenAPI description of this API.
+pub const OPENAPI: &str = include_str!("openapi.json");
+
+/// Reads the body, answering 413 in the API's shape when it is over the limit.
+async fn read_body(body: Result<Bytes, axum::extract::rejection::BytesRejection>, limit: usize) -> Result<Bytes, ApiError> {
+    body.map_err(|r| if r.status() == StatusCode::PAYLOAD_TOO_LARGE { ApiError::too_large(limit) } else { ApiError::bad_body(r.body_text()) })
+}
+
+fn random_seed() -> u64 {
+    let u = uuid::Uuid::new_v4();
+    u64::from_le_bytes(u.as_bytes()[..8].try_into().unwrap_or([0; 8])) % (1 << 53)
+}
+
+/// Validates, consults the cache, enqueues. Returns the job and whether it was a cache hit.
+fn submit(state: &AppState, headers: &HeaderMap, body: &Bytes) -> Result<(Job, ResponseFormat, bool), ApiError> {
+    let key_name = state.authorize(headers)?;
+    let req: ImageRequest = parse_body(body)?;
+    let model = state.model(req.model.as_deref())?;
+    let (mut spec, format) = req.validate(&model, random_seed)?;
+    if spec.user.is_none() {
+        spec.user = key_name;
+    }
+    let cache_key = spec.cache_key(&state.executor.model_identity(&spec.model));
+    if let Some(ck) = &cache_key {
+        if let Some(hit) = state.queue.cached(ck).map_err(queue_error)? {
+            if let Some(result) = &hit.result {
+                state.metrics.cache_hit();
+                let job = state.queue.insert_cached(&spec, ck, result).map_err(queue_error)?;
+                return Ok((job, format, true));
+            }
+        }
+    }
+    let idem = headers.get("idempotency-key").and_then(|v| v.to_str().ok()).map(str::to_owned);
+    let enq = state.queue.enqueue(&spec, cache_key.as_deref(), idem.as_deref()).map_err(queue_error)?;
+    if !enq.existing {
+        let position = state.queue.position(&enq.job.id).ok().flatten().unwrap_or(0);
+        state.bus.publish(Event::Queued { job_id: enq.job.id.clone(), position });
+    }
+    Ok((enq.job, format, false))
+}
+
+fn easel_object(job: &Job, cache_hit: bool) -> serde_json::Value {
+    let seeds: Vec<u64> = match &job.result {
+        Some(r) => r.images.iter().map(|i| i.seed).collect(),
+        None => (0..job.spec.n as u64).map(|i| job.spec.seed + i).collect(),
+    };
+    serde_json::json!({
+        "job_id": job.id,
+        "status": job.status,
+        "seeds": seeds,
+        "timings": job.result.as_ref().map(|r| &r.timings),
+        "batch_size": job.result.as_ref().map(|r| r.batch_size),
+        "cache_hit": cache_hit,
+        "model": job.spec.model,
+        "steps": job.spec.steps,
+        "provider": "local",
+    })
+}
+
+async fn wait_final(state: &AppState, id: &str) -> Result<Job, ApiError> {
+    let mut rx = state.bus.subscribe();
+    let deadline = tokio::time::Instant::now() + state.config.sync_timeout;
+    loop {
+        let job = state.queue.get(id).map_err(queue_error)?.ok_or_else(|| ApiError::internal("accepted job vanished"))?;
+        if job.status.is_final() {
+            return Ok(job);
+        }
+        // Wake on this job's events, or poll at least every 250 ms (events are a hint, the queue is truth).
+        let wait = tokio::time::timeout(Duration::from_millis(250), async {
+            loop {
+                match rx.recv().await {
+                    Ok(e) if e.job_id() == id && e.is_final() => break,
+                    Ok(_) => continue,
+                    Err(_) => break,
+                }
+            }
+        });
+        let _ = wait.await;
+        if tokio::time::Instant::now() > deadline {
+            return Err(ApiError::unavailable(format!("job {id} did not finish within {:?}; follow it at /v1/jobs/{id}", state.config.sync_timeout)));
+        }
+    }
+}
+
+async fn generations(State(state): State<AppState>, headers: HeaderMap, body: Result<Bytes, axum::extract::rejection::BytesRejection>) -> ApiResult<Response> {
+    let body = read_body(body, state.config.max_body_bytes).await?;
+    let (job, format, hit) = submit(&state, &headers, &body).inspect_err(|e| state.metrics.error(&format!("http_{}", e.status)))?;
+    let job = if hit { job } else { wait_final(&state, &job.id).await? };
+    match job.status {
+        JobStatus::Succeeded => {}
+        JobStatus::Canceled => return Err(ApiError::internal(format!("job {} was canceled", job.id)).into()),
+        _ => {
+            let reason = job.error.clone().unwrap_or_else(|| "generation failed".into());
+            return Err(ApiError::internal(format!("job {} failed: {reason}", job.id)).into());
+        }
+    }
+    let result = job.result.as_ref().ok_or_else(|| ApiError::internal("succeeded job without result"))?;
+    let mut data = vec![];
+    for img in &result.images {
+        data.push(match format {
+            ResponseFormat::Url => serde_json::json!({ "url": absolute_url(&headers, &image_path(&img.key)), "revised_prompt": null }),
+            ResponseFormat::B64Json => {
+                let bytes = state.store.get(&img.key).map_err(|e| ApiError::unavailable(format!("reading the stored image: {e}")))?;
+                serde_json::json!({ "b64_json": base64::engine::general_purpose::STANDARD.encode(bytes), "revised_prompt": null })
+            }
+        });
+    }
+    let created = job.finished_at.unwrap_or(job.created_at) as i64;
+    let size = format!("{}x{}", job.spec.width, job.spec.height);
+    Ok(Json(serde_json::json!({
+        "created": created,
+        "data": data,
+        "output_format": job.spec.output_format,
+        "size": size,
+        "easel": easel_object(&job, hit),
+    }))
+    .into_response())
+}
+
+fn absolute_url(headers: &HeaderMap, path: &str) -> String {
+    match headers.get(header::HOST).and_then(|h| h.to_str().ok()) {
+        Some(host) => format!("http://{host}{path}"),
+        None => path.to_string(),
+    }
+}
+
+fn job_json(state: &AppState, job: &Job) -> serde_json::Value {
+    let position = if job.status == JobStatus::Queued { state.queue.position(&job.id).ok().flatten() } else { None };
+    serde_json::json!({
+        "id": job.id,
+        "object": "easel.job",
+        "status": job.status,
+        "queue_position": position,
+        "error": job.error.as_ref().filter(|_| job.status == JobStatus::Failed).map(|e| serde_json::json!({"message": e})),
+        "attempts": job.attempts,
+        "created_at": job.created_at,
+        "started_at": job.started_at,
+        "finished_at": job.finished_at,
+        "request": &job.spec,
+        "images": job.result.as_ref().map(|r| r.images.iter().map(|i| serde_json::json!({"url": image_path(&i.key), "seed": i.seed})).collect::<Vec<_>>()),
+        "urls": {
+            "self": format!("/v1/jobs/{}", job.id),
+            "events": format!("/v1/jobs/{}/events", job.id),
+            "cancel": format!("/v1/jobs/{}/cancel", job.id),
+        },
+        "easel": easel_object(job, job.cache_hit),
+    })
+}
+
+async fn create_job(State(state): State<AppState>, headers: HeaderMap, body: Result<Bytes, axum::extract::rejection::BytesRejection>) -> ApiResult<Response> {
+    let body = read_body(body, state.config.max_body_bytes).await?;
+    let (job, _, _) = submit(&state, &headers, &body).inspect_err(|e| state.metrics.error(&format!("http_{}", e.status)))?;
+    Ok((StatusCode::ACCEPTED, Json(job_json(&state, &job))).into_response())
+}
+
+fn find_job(state: &AppState, id: &str) -> Result<Job, ApiError> {
+    state.queue.get(id).map_err(queue_error)?.ok_or_else(|| ApiError::not_found(format!("no job `{id}`")))
+}
+
+async fn get_job(State(state): State<AppState>, headers: HeaderMap, Path(id): Path<String>) -> ApiResult<Json<serde_json::Value>> {
+    state.authorize(&headers)?;
+    let job = find_job(&state, &id)?;
+    Ok(Json(job_json(&state, &job)))
+}
+
+async fn cancel_job(State(state): State<AppState>, headers: HeaderMap, Path(id): Path<String>) -> ApiResult<Json<serde_json::Value>> {
+    state.authorize(&headers)?;
+    let status = state.queue.cancel(&id).map_err(queue_error)?.ok_or_else(|| ApiError::not_found(format!("no job `{id}`")))?;
+    if status == JobStatus::Canceled {
+        state.bus.publish(Event::Canceled { job_id: id.clone() });
+    }
+    let job = find_job(&state, &id)?;
+    Ok(Json(job_json(&state, &job)))
+}
+
+fn sse(e: &Event) -> SseEvent {
+    SseEvent::default().event(e.name()).data(serde_json::to_string(e).unwrap_or_default())
+}
+
+fn final_event(job: &Job) -> Option<Event> {
+    let id = job.id.clone();
+    match job.status {
+        JobStatus::Succeeded => Some(Event::Completed {
+            job_id: id,
+            urls: job.result.as_ref().map(|r| r.images.iter().map(|i| image_path(&i.key)).collect()).unwrap_or_default(),
+        }),
+        JobStatus::Failed => Some(Event::Failed { job_id: id, reason: job.error.clone().unwrap_or_default() }),
+        JobStatus::Canceled => Some(Event::Canceled { job_id: id }),
+        _ => None,
+    }
+}
+
+async fn job_events(State(state): State<AppState>, headers: HeaderMap, Path(id): Path<String>) -> ApiResult<Sse<impl Stream<Item = Result<SseEvent, Infallible>>>> {
+    state.authorize(&headers)?;
+    let rx = state.bus.subscribe();
+    let job = find_job(&state, &id)?;
+    let first = match (final_event(&job), job.status) {
+        (Some(e), _) => e,
+        (None, JobStatus::Queued) => Event::Queued { job_id: id.clone(), position: state.queue.position(&id).ok().flatten().unwrap_or(0) },
+        (None, _) => Event::Started { job_id: id.clone() },
+    };
+    let done = first.is_final();
+    let head = stream::iter(vec![Ok(sse(&first))]);
+    let queue = state.queue.clone();
+    let tail = stream::unfold((rx, done, id), move |(mut rx, done, id)| {
+        let queue = queue.clone();
+        async move {
+            if done {
+                return None;
+            }
+            loop {
+                match tokio::time::timeout(Duration::from_secs(1), rx.recv()).await {
+                    Ok(Ok(e)) if e.job_id() == id => {
+                        let fin = e.is_final();
+                        return Some((Ok(sse(&e)), (rx, fin, id)));
+                    }
+                    Ok(Ok(_)) => continue,
+                    // Lagged, closed or quiet: consult the queue, which is the record.
+                    _ => {
+                        if let Ok(Some(job)) = queue.get(&id) {
+                            if let Some(e) = final_event(&job) {
+                                return Some((Ok(sse(&e)), (rx, true, id)));
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    });
+    Ok(Sse::new(head.chain(tail)).keep_alive(KeepAlive::default()))
+}
+
+async fn list_models(State(state): State<AppState>, headers: HeaderMap) -> ApiResult<Json<serde_json::Value>> {
+    state.authorize(&headers)?;
+    let data: Vec<_> = state
+        .executor
+        .models()
+        .into_iter()
+        .map(|m| serde_json::json!({"id": m.id, "object": "model", "created": 0, "owned_by": "easel", "easel": m}))
+        .collect();
+    Ok(Json(serde_json::json!({"object": "list", "data": data})))
+}
+
+async fn get_image(State(state): State<AppState>, Path((job, file)): Path<(String, String)>) -> ApiResult<Response> {
+    let key = format!("{job}/{file}");
+    if !crate::store::valid_key(&key) {
+        return Err(ApiError::not_found("no such image").into());
+    }
+    let bytes = state.store.get(&key).map_err(|_| ApiError::not_found("no such image"))?;
+    let mime = match file.rsplit('.').next() {
+        Some("png") => "image/png",
+        Some("jpeg") | Some("jpg") => "image/jpeg",
+        Some("webp") => "image/webp",
+        _ => "application/octet-stream",
+    };
+    Ok(([(header::CONTENT_TYPE, mime)], bytes).into_response())
+}
+
+async fn readyz(State(state): State<AppState>) -> ApiResult<&'static str> {
+    state.queue.depth().map_err(queue_error)?;
+    if state.executor.models().is_empty() {
+        return Err(ApiError::unavailable("no model is being served").into());
+    }
+    Ok("ready")
+}
+
+async fn metrics(State(state): State<AppState>) -> Response {
+    let depth = state.queue.depth().unwrap_or(0);
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], state.metrics.render(depth)).into_response()
+}

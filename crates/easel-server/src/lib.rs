@@ -1,0 +1,15 @@
+//! easel-server: the HTTP face of easel, and the worker loop that feeds it.
+//!
+//! Request path: HTTP (axum) -> validate ([`easel_api`]) -> result cache -> queue
+//! ([`easel_queue::JobQueue`]) -> worker ([`worker`]) -> [`Executor`] (the engine, provided by
+//! the binary) -> output store -> events (SSE) and responses. This crate never depends on
+//! candle: a gateway-only build links no tensor code.
+
+pub mod events;
+pub mod http;
+pub mod metrics;
+pub mod store;
+pub mod worker;
+
+pub use http::{router, AppState, ServerConfig};
+pub use worker::{EncodedImage, ExecError, Executor, WorkerConfig};
