@@ -1,0 +1,262 @@
+//! Drives `easel serve` over real HTTP: the OpenAI-compatible endpoint, async jobs with SSE,
+//! cancel, idempotency, the result cache, auth, overload, every kind of bad input, and
+//! durability across kill -9.
+
+use std::io::{BufRead, BufReader, Read};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+
+fn fixture(name: &str) -> String {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../fixtures/pipelines").join(name).display().to_string()
+}
+
+struct Server {
+    child: Child,
+    base: String,
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn serve(data: &Path, extra: &[&str]) -> Server {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_easel"))
+        .args(["serve", "--listen", "127.0.0.1:0", "--data-dir", data.to_str().unwrap(), "--model", &format!("tiny={}", fixture("sd15-tiny"))])
+        .args(extra)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start easel serve");
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
+    let base = line.trim().strip_prefix("easel listening on ").unwrap_or_else(|| panic!("unexpected banner: {line}")).to_string();
+    Server { child, base }
+}
+
+fn client() -> reqwest::blocking::Client {
+    reqwest::blocking::Client::builder().timeout(Duration::from_secs(120)).build().unwrap()
+}
+
+fn post(s: &Server, path: &str, body: Value) -> (u16, Value) {
+    let r = client().post(format!("{}{path}", s.base)).json(&body).send().unwrap();
+    let status = r.status().as_u16();
+    (status, r.json().unwrap_or(Value::Null))
+}
+
+fn get(s: &Server, path: &str) -> (u16, Value) {
+    let r = client().get(format!("{}{path}", s.base)).send().unwrap();
+    let status = r.status().as_u16();
+    (status, r.json().unwrap_or(Value::Null))
+}
+
+fn wait_done(s: &Server, id: &str) -> Value {
+    let deadline = Instant::now() + Duration::from_secs(600);
+    loop {
+        let (_, j) = get(s, &format!("/v1/jobs/{id}"));
+        if ["succeeded", "failed", "canceled"].contains(&j["status"].as_str().unwrap_or("")) {
+            return j;
+        }
+        assert!(Instant::now() < deadline, "job {id} did not finish: {j}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+const SMALL: fn() -> Value = || json!({"prompt": "a red circle", "size": "64x64", "steps": 2});
+
+#[test]
+fn openai_shape_cache_and_images() {
+    let tmp = tempfile::tempdir().unwrap();
+    let s = serve(tmp.path(), &[]);
+    let mut body = SMALL();
+    body["seed"] = json!(11);
+    let (st, r) = post(&s, "/v1/images/generations", body.clone());
+    assert_eq!(st, 200, "{r}");
+    let b64 = r["data"][0]["b64_json"].as_str().unwrap();
+    assert!(b64.len() > 100);
+    assert_eq!(r["easel"]["cache_hit"], false);
+    assert_eq!(r["easel"]["seeds"], json!([11]));
+
+    // The same deterministic request is a cache hit with the same bytes.
+    let (st, again) = post(&s, "/v1/images/generations", body.clone());
+    assert_eq!(st, 200);
+    assert_eq!(again["easel"]["cache_hit"], true);
+    assert_eq!(again["data"][0]["b64_json"], r["data"][0]["b64_json"]);
+
+    // url mode serves the image from the store.
+    body["response_format"] = json!("url");
+    body["output_format"] = json!("jpeg");
+    let (st, u) = post(&s, "/v1/images/generations", body);
+    assert_eq!(st, 200);
+    let url = u["data"][0]["url"].as_str().unwrap();
+    let img = client().get(url).send().unwrap();
+    assert_eq!(img.headers()["content-type"], "image/jpeg");
+    assert_eq!(&img.bytes().unwrap()[..2], &[0xFF, 0xD8]);
+
+    let (st, models) = get(&s, "/v1/models");
+    assert_eq!((st, models["object"].as_str(), models["data"][0]["id"].as_str()), (200, Some("list"), Some("tiny")));
+    let (st, spec) = get(&s, "/openapi.json");
+    assert_eq!(st, 200);
+    assert!(spec["paths"]["/v1/images/generations"].is_object());
+    let metrics = client().get(format!("{}/metrics", s.base)).send().unwrap().text().unwrap();
+    for m in ["easel_queue_depth", "easel_job_latency_seconds_bucket", "easel_images_total{model=\"tiny\"}", "easel_cache_hits_total 1", "easel_denoise_steps_per_second"] {
+        assert!(metrics.contains(m), "metrics lack {m}");
+    }
+    assert_eq!(get(&s, "/readyz").0, 200);
+}
+
+#[test]
+fn async_jobs_events_cancel_and_idempotency() {
+    let tmp = tempfile::tempdir().unwrap();
+    let s = serve(tmp.path(), &["--max-batch", "1"]);
+    let (st, job) = post(&s, "/v1/jobs", SMALL());
+    assert_eq!(st, 202, "{job}");
+    let id = job["id"].as_str().unwrap().to_string();
+    assert!(job["urls"]["events"].as_str().unwrap().ends_with("/events"));
+
+    // SSE: the stream ends with `completed`, after progress events.
+    let mut resp = client().get(format!("{}/v1/jobs/{id}/events", s.base)).send().unwrap();
+    let mut text = String::new();
+    resp.read_to_string(&mut text).unwrap();
+    let events: Vec<&str> = text.lines().filter_map(|l| l.strip_prefix("event: ")).collect();
+    assert_eq!(events.last(), Some(&"completed"), "{text}");
+    assert_eq!(wait_done(&s, &id)["status"], "succeeded");
+
+    // Idempotency-Key returns the same job.
+    let c = client();
+    let a: Value = c.post(format!("{}/v1/jobs", s.base)).header("Idempotency-Key", "k1").json(&SMALL()).send().unwrap().json().unwrap();
+    let b: Value = c.post(format!("{}/v1/jobs", s.base)).header("Idempotency-Key", "k1").json(&SMALL()).send().unwrap().json().unwrap();
+    assert_eq!(a["id"], b["id"]);
+
+    // A long job canceled while running stops between steps.
+    let mut long = SMALL();
+    long["steps"] = json!(400);
+    let (_, lj) = post(&s, "/v1/jobs", long);
+    let lid = lj["id"].as_str().unwrap().to_string();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while get(&s, &format!("/v1/jobs/{lid}")).1["status"] != "running" {
+        assert!(Instant::now() < deadline);
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let (st, _) = post(&s, &format!("/v1/jobs/{lid}/cancel"), json!({}));
+    assert_eq!(st, 200);
+    assert_eq!(wait_done(&s, &lid)["status"], "canceled");
+    assert_eq!(get(&s, "/v1/jobs/job_nope").0, 404);
+}
+
+#[test]
+fn bad_input_gets_4xx_in_openai_shape() {
+    let tmp = tempfile::tempdir().unwrap();
+    let s = serve(tmp.path(), &["--max-body-bytes", "4096"]);
+    let cases = [
+        (json!({"prompt": ""}), 400, Some("prompt")),
+        (json!({"prompt": "x", "n": 0}), 400, Some("n")),
+        (json!({"prompt": "x", "n": "two"}), 400, Some("n")),
+        (json!({"prompt": "x", "size": "65x64"}), 400, Some("size")),
+        (json!({"prompt": "x", "steps": 5000}), 400, Some("steps")),
+        (json!({"prompt": "x", "quality": "max"}), 400, Some("quality")),
+        (json!({"prompt": "x", "response_format": "gif"}), 400, Some("response_format")),
+        (json!({"prompt": "x", "output_format": "bmp"}), 400, Some("output_format")),
+        (json!({"prompt": "x", "output_compression": -1}), 400, Some("output_compression")),
+        (json!({"prompt": "x", "guidance_scale": "high"}), 400, Some("guidance_scale")),
+        (json!({"prompt": "x", "scheduler": "plms"}), 400, Some("scheduler")),
+        (json!({"prompt": "x", "seed": -5}), 400, Some("seed")),
+        (json!({"prompt": "x", "model": "dall-e-9"}), 404, Some("model")),
+        (json!({"prompt": 3}), 400, Some("prompt")),
+        (json!({"prompt": "x", "unknown_field": 1}), 400, None),
+        (json!([1, 2]), 400, None),
+        (json!({"prompt": "x".repeat(5000)}), 413, None),
+    ];
+    for (body, status, param) in cases {
+        let (st, r) = post(&s, "/v1/images/generations", body.clone());
+        assert_eq!(st, status, "{body} -> {r}");
+        assert!(r["error"]["message"].is_string() && r["error"]["type"].is_string(), "{r}");
+        if let Some(p) = param {
+            assert_eq!(r["error"]["param"], p, "{body} -> {r}");
+        }
+    }
+    let raw = client().post(format!("{}/v1/images/generations", s.base)).header("content-type", "application/json").body("{not json").send().unwrap();
+    assert_eq!(raw.status().as_u16(), 400);
+    let r: Value = raw.json().unwrap();
+    assert_eq!(r["error"]["code"], "invalid_json");
+}
+
+#[test]
+fn api_keys_and_overload() {
+    let tmp = tempfile::tempdir().unwrap();
+    let s = serve(tmp.path(), &["--api-key", "team:sekrit:1000", "--queue-cap", "2", "--max-batch", "1"]);
+    let (st, r) = post(&s, "/v1/images/generations", SMALL());
+    assert_eq!((st, r["error"]["code"].as_str()), (401, Some("invalid_api_key")));
+    let c = client();
+    let auth = |rb: reqwest::blocking::RequestBuilder| rb.header("Authorization", "Bearer sekrit");
+    let bad = c.get(format!("{}/v1/models", s.base)).header("Authorization", "Bearer wrong").send().unwrap();
+    assert_eq!(bad.status().as_u16(), 401);
+
+    // Far more concurrent submissions than the queue holds: each is 202 or 429, none lost.
+    let mut long = SMALL();
+    long["steps"] = json!(30);
+    let handles: Vec<_> = (0..24)
+        .map(|_| {
+            let (url, body) = (format!("{}/v1/jobs", s.base), long.clone());
+            std::thread::spawn(move || {
+                let r = client().post(url).header("Authorization", "Bearer sekrit").json(&body).send().unwrap();
+                let status = r.status().as_u16();
+                let retry = r.headers().get("retry-after").is_some();
+                (status, retry, r.json::<Value>().unwrap())
+            })
+        })
+        .collect();
+    let mut accepted = vec![];
+    for h in handles {
+        let (status, retry, body) = h.join().unwrap();
+        match status {
+            202 => accepted.push(body["id"].as_str().unwrap().to_string()),
+            429 => assert!(retry, "429 without Retry-After"),
+            other => panic!("unexpected {other}: {body}"),
+        }
+    }
+    assert!(!accepted.is_empty() && accepted.len() < 24, "accepted {}", accepted.len());
+    for id in &accepted {
+        let j: Value = auth(c.get(format!("{}/v1/jobs/{id}", s.base))).send().unwrap().json().unwrap();
+        let deadline = Instant::now() + Duration::from_secs(120);
+        let mut j = j;
+        while j["status"] != "succeeded" {
+            assert!(Instant::now() < deadline && j["status"] != "failed", "{j}");
+            std::thread::sleep(Duration::from_millis(50));
+            j = auth(c.get(format!("{}/v1/jobs/{id}", s.base))).send().unwrap().json().unwrap();
+        }
+    }
+}
+
+#[test]
+fn accepted_jobs_survive_kill_9() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut ids = vec![];
+    {
+        let s = serve(tmp.path(), &["--max-batch", "1", "--lease", "2"]);
+        let mut body = SMALL();
+        body["steps"] = json!(12);
+        for _ in 0..4 {
+            let (st, j) = post(&s, "/v1/jobs", body.clone());
+            assert_eq!(st, 202);
+            ids.push(j["id"].as_str().unwrap().to_string());
+        }
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while get(&s, &format!("/v1/jobs/{}", ids[0])).1["status"] != "running" {
+            assert!(Instant::now() < deadline);
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        // Drop sends SIGKILL: no shutdown handler runs.
+    }
+    let s = serve(tmp.path(), &["--max-batch", "1", "--lease", "2"]);
+    for id in &ids {
+        let j = wait_done(&s, id);
+        assert_eq!(j["status"], "succeeded", "{j}");
+        assert_eq!(j["images"].as_array().unwrap().len(), 1, "completed exactly once: {j}");
+    }
+}
