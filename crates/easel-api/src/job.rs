@@ -25,6 +25,8 @@ pub struct JobSpec {
     pub output_compression: Option<u8>,
     pub priority: i32,
     pub user: Option<String>,
+    #[serde(default)]
+    pub webhook_url: Option<String>,
 }
 
 impl JobSpec {

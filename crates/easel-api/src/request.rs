@@ -83,6 +83,9 @@ pub struct ImageRequest {
     pub scheduler: Option<String>,
     #[serde(default)]
     pub priority: Option<i32>,
+    /// Where to POST the job's final state (signed with HMAC-SHA256).
+    #[serde(default)]
+    pub webhook_url: Option<String>,
 }
 
 /// What the server knows about a servable model, for validation and `/v1/models`.
@@ -165,6 +168,7 @@ impl ImageRequest {
             output_compression,
             priority,
             user: self.user.clone(),
+            webhook_url: self.webhook_url.clone(),
         };
         Ok((spec, self.response_format.unwrap_or_default()))
     }

@@ -58,6 +58,15 @@ pub struct ServeArgs {
     dtype: String,
     #[arg(long, default_value = "cpu")]
     device: String,
+    /// HMAC-SHA256 key for webhook signatures (default: EASEL_WEBHOOK_SECRET, else random per run).
+    #[arg(long)]
+    webhook_secret: Option<String>,
+    /// Allow webhooks to loopback and private-network addresses.
+    #[arg(long)]
+    allow_private_webhooks: bool,
+    /// Queued plus running jobs one API key may have at once.
+    #[arg(long, default_value_t = 100)]
+    max_jobs_per_key: usize,
     /// Seconds a worker holds a job before another may take it over.
     #[arg(long, default_value_t = 30)]
     lease: u64,
@@ -111,7 +120,23 @@ pub fn run(args: ServeArgs) -> Result<()> {
     let store = LocalStore::new(&data_dir.join("images"))?;
     let bus = EventBus::default();
     let metrics = Arc::new(Metrics::default());
-    let config = ServerConfig { max_body_bytes: args.max_body_bytes, api_keys: (!keys.is_empty()).then_some(keys), ..Default::default() };
+    let config = ServerConfig {
+        max_body_bytes: args.max_body_bytes,
+        api_keys: (!keys.is_empty()).then_some(keys),
+        allow_private_webhooks: args.allow_private_webhooks,
+        max_jobs_per_key: args.max_jobs_per_key.max(1),
+        ..Default::default()
+    };
+    let webhook_secret = args.webhook_secret.clone().or_else(|| std::env::var("EASEL_WEBHOOK_SECRET").ok()).unwrap_or_else(|| {
+        eprintln!("warning: no --webhook-secret or EASEL_WEBHOOK_SECRET; webhooks are signed with a random per-run key");
+        uuid_like()
+    });
+    let webhooks = easel_server::webhooks::WebhookConfig {
+        secret: webhook_secret,
+        allow_private: args.allow_private_webhooks,
+        max_attempts: 5,
+        first_backoff: Duration::from_millis(500),
+    };
 
     let stop = Arc::new(AtomicBool::new(false));
     let worker = Worker {
@@ -125,10 +150,12 @@ pub fn run(args: ServeArgs) -> Result<()> {
     let worker_stop = stop.clone();
     let worker_thread = std::thread::Builder::new().name("easel-worker".into()).spawn(move || worker.run(&worker_stop))?;
 
+    let webhook_task = (bus.clone(), queue.clone());
     let state = AppState::new(queue, executor, store, bus, metrics, config);
     let app = easel_server::router(state);
     let rt = tokio::runtime::Runtime::new()?;
     rt.block_on(async move {
+        tokio::spawn(easel_server::webhooks::deliver(webhook_task.0, webhook_task.1, webhooks));
         let listener = tokio::net::TcpListener::bind(args.listen).await.with_context(|| format!("listening on {}", args.listen))?;
         let addr = listener.local_addr()?;
         println!("easel listening on http://{addr}");
@@ -142,4 +169,11 @@ pub fn run(args: ServeArgs) -> Result<()> {
     stop.store(true, Ordering::Relaxed);
     let _ = worker_thread.join();
     Ok(())
+}
+
+fn uuid_like() -> String {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u128(std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0));
+    format!("{:016x}{:08x}", h.finish(), std::process::id())
 }

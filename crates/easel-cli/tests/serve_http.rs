@@ -260,3 +260,53 @@ fn accepted_jobs_survive_kill_9() {
         assert_eq!(j["images"].as_array().unwrap().len(), 1, "completed exactly once: {j}");
     }
 }
+
+#[test]
+fn webhooks_are_signed_and_private_targets_refused() {
+    use std::io::Write;
+    let tmp = tempfile::tempdir().unwrap();
+    // Without permission, a loopback webhook is refused at submission.
+    {
+        let s = serve(tmp.path(), &[]);
+        let mut body = SMALL();
+        body["webhook_url"] = json!("http://127.0.0.1:9/hook");
+        let (st, r) = post(&s, "/v1/jobs", body);
+        assert_eq!((st, r["error"]["param"].as_str()), (400, Some("webhook_url")), "{r}");
+    }
+    let receiver = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = receiver.local_addr().unwrap();
+    let got = std::thread::spawn(move || {
+        let (mut sock, _) = receiver.accept().unwrap();
+        sock.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let mut buf = vec![0u8; 65536];
+        let mut req = Vec::new();
+        loop {
+            let n = sock.read(&mut buf).unwrap_or(0);
+            req.extend_from_slice(&buf[..n]);
+            let text = String::from_utf8_lossy(&req).to_string();
+            if let Some(i) = text.find("\r\n\r\n") {
+                let len: usize = text.lines().find_map(|l| l.to_ascii_lowercase().strip_prefix("content-length: ").map(|v| v.trim().parse().unwrap())).unwrap_or(0);
+                if req.len() >= i + 4 + len || n == 0 {
+                    break;
+                }
+            }
+            if n == 0 {
+                break;
+            }
+        }
+        let _ = sock.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n");
+        String::from_utf8_lossy(&req).to_string()
+    });
+    let s = serve(tmp.path(), &["--allow-private-webhooks", "--webhook-secret", "whsec"]);
+    let mut body = SMALL();
+    body["webhook_url"] = json!(format!("http://{addr}/hook"));
+    let (st, job) = post(&s, "/v1/jobs", body);
+    assert_eq!(st, 202, "{job}");
+    let req = got.join().unwrap();
+    let (head, payload) = req.split_once("\r\n\r\n").unwrap();
+    let header = |name: &str| head.lines().find_map(|l| l.to_ascii_lowercase().starts_with(name).then(|| l.split_once(": ").unwrap().1.trim().to_string())).unwrap();
+    let ts: u64 = header("x-easel-timestamp").parse().unwrap();
+    assert_eq!(header("x-easel-signature"), easel_server::webhooks::signature("whsec", ts, payload.as_bytes()));
+    let event: Value = serde_json::from_str(payload).unwrap();
+    assert_eq!((event["type"].as_str(), event["job_id"].as_str()), (Some("completed"), job["id"].as_str()));
+}

@@ -68,6 +68,8 @@ pub trait JobQueue: Send + Sync {
     fn cached(&self, cache_key: &str) -> Result<Option<Job>>;
     /// Number of queued jobs.
     fn depth(&self) -> Result<usize>;
+    /// Queued plus running jobs submitted under this API key.
+    fn active_for(&self, key: &str) -> Result<usize>;
     /// Returns running jobs whose lease expired to the queue; the number returned.
     fn recover_expired(&self) -> Result<usize>;
 }

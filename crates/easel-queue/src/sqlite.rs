@@ -69,7 +69,8 @@ impl SqliteQueue {
                 cancel_requested INTEGER NOT NULL DEFAULT 0,
                 idempotency_key TEXT UNIQUE,
                 cache_key TEXT,
-                cache_hit INTEGER NOT NULL DEFAULT 0
+                cache_hit INTEGER NOT NULL DEFAULT 0,
+                api_key TEXT
             );
             CREATE INDEX IF NOT EXISTS jobs_queued ON jobs(status, priority DESC, seq);
             CREATE INDEX IF NOT EXISTS jobs_cache ON jobs(cache_key, status);",
@@ -108,9 +109,9 @@ impl JobQueue for SqliteQueue {
         }
         let id = format!("job_{}", uuid::Uuid::new_v4().simple());
         tx.execute(
-            "INSERT INTO jobs (id, status, priority, model, batch_key, spec, created_at, idempotency_key, cache_key)
-             VALUES (?1, 'queued', ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
-            params![id, spec.priority, spec.model, spec.batch_key(), json(spec)?, now(), idempotency_key, cache_key],
+            "INSERT INTO jobs (id, status, priority, model, batch_key, spec, created_at, idempotency_key, cache_key, api_key)
+             VALUES (?1, 'queued', ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
+            params![id, spec.priority, spec.model, spec.batch_key(), json(spec)?, now(), idempotency_key, cache_key, spec.user],
         )?;
         let job = Self::get_with(&tx, &id)?.ok_or_else(|| QueueError::Storage("inserted job vanished".into()))?;
         tx.commit()?;
@@ -274,6 +275,14 @@ impl JobQueue for SqliteQueue {
         Ok(self.conn().query_row("SELECT COUNT(*) FROM jobs WHERE status = 'queued'", [], |r| r.get(0))?)
     }
 
+    fn active_for(&self, key: &str) -> Result<usize> {
+        Ok(self.conn().query_row(
+            "SELECT COUNT(*) FROM jobs WHERE status IN ('queued', 'running') AND api_key = ?1",
+            [key],
+            |r| r.get(0),
+        )?)
+    }
+
     fn recover_expired(&self) -> Result<usize> {
         let conn = self.conn();
         let t = now();
@@ -316,6 +325,7 @@ mod tests {
             output_compression: None,
             priority,
             user: None,
+            webhook_url: None,
         }
     }
 

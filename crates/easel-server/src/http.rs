@@ -47,11 +47,15 @@ pub struct ServerConfig {
     pub sync_timeout: Duration,
     /// None: no authentication (loopback only unless the operator allows otherwise).
     pub api_keys: Option<Vec<ApiKey>>,
+    /// Permit webhooks to loopback and private addresses.
+    pub allow_private_webhooks: bool,
+    /// Queued plus running jobs one API key may have at once.
+    pub max_jobs_per_key: usize,
 }
 
 impl Default for ServerConfig {
     fn default() -> Self {
-        Self { max_body_bytes: 1 << 20, sync_timeout: Duration::from_secs(600), api_keys: None }
+        Self { max_body_bytes: 1 << 20, sync_timeout: Duration::from_secs(600), api_keys: None, allow_private_webhooks: false, max_jobs_per_key: 100 }
     }
 }
 
@@ -191,8 +195,15 @@ fn submit(state: &AppState, headers: &HeaderMap, body: &Bytes) -> Result<(Job, R
     let req: ImageRequest = parse_body(body)?;
     let model = state.model(req.model.as_deref())?;
     let (mut spec, format) = req.validate(&model, random_seed)?;
-    if spec.user.is_none() {
-        spec.user = key_name;
+    if let Some(url) = &spec.webhook_url {
+        crate::webhooks::validate_url(url, state.config.allow_private_webhooks)?;
+    }
+    if let Some(name) = &key_name {
+        let active = state.queue.active_for(name).map_err(queue_error)?;
+        if active >= state.config.max_jobs_per_key {
+            return Err(ApiError::overloaded(format!("API key `{name}` has {active} jobs queued or running (limit {})", state.config.max_jobs_per_key), 2));
+        }
+        spec.user = Some(name.clone());
     }
     let cache_key = spec.cache_key(&state.executor.model_identity(&spec.model));
     if let Some(ck) = &cache_key {

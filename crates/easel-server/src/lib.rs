@@ -9,6 +9,7 @@ pub mod events;
 pub mod http;
 pub mod metrics;
 pub mod store;
+pub mod webhooks;
 pub mod worker;
 
 pub use http::{router, AppState, ServerConfig};
