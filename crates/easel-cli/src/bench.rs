@@ -19,6 +19,23 @@ pub struct BenchArgs {
 
 #[derive(Subcommand, Debug)]
 enum BenchWhat {
+    /// Load a running `easel serve` over HTTP and report latency percentiles and throughput.
+    Http {
+        /// Base URL of the server, e.g. http://127.0.0.1:8000
+        #[arg(long)]
+        url: String,
+        /// `cache`: the same seeded request (cache hits after the first);
+        /// `unique`: a new seed per request (real generations).
+        #[arg(long, default_value = "cache")]
+        mode: String,
+        #[arg(long, default_value_t = 100)]
+        concurrency: usize,
+        #[arg(long, default_value_t = 2000)]
+        requests: usize,
+        /// Extra JSON merged into each request body.
+        #[arg(long, default_value = "{}")]
+        body: String,
+    },
     /// Grade the bundled easel-shapes model: colour and shape accuracy over random seeds,
     /// on training combinations and on held-out ones, and the time per image.
     Shapes {
@@ -67,6 +84,7 @@ enum BenchWhat {
 
 pub fn run(args: BenchArgs) -> Result<()> {
     match args.what {
+        BenchWhat::Http { url, mode, concurrency, requests, body } => http_load(&url, &mode, concurrency, requests, &body)?,
         BenchWhat::Shapes { n, held_out, steps, guidance, scheduler, seed, save_dir } => {
             shapes_quality(n, held_out, steps, guidance, scheduler, seed, save_dir)?;
         }
@@ -206,4 +224,79 @@ fn shapes_quality(
     });
     println!("{}", serde_json::to_string_pretty(&report)?);
     Ok(())
+}
+
+fn http_load(url: &str, mode: &str, concurrency: usize, requests: usize, extra: &str) -> Result<()> {
+    let extra: serde_json::Value = serde_json::from_str(extra).context("--body is not JSON")?;
+    let unique = match mode {
+        "cache" => false,
+        "unique" => true,
+        other => anyhow::bail!("unknown --mode {other}; expected cache or unique"),
+    };
+    let rt = tokio::runtime::Runtime::new()?;
+    rt.block_on(async move {
+        let client = reqwest::Client::builder().pool_max_idle_per_host(concurrency).timeout(std::time::Duration::from_secs(600)).build()?;
+        let endpoint = format!("{}/v1/images/generations", url.trim_end_matches('/'));
+        let body_for = |i: usize| {
+            let mut b = serde_json::json!({"prompt": "a red circle on a blue background", "seed": if unique { 10_000 + i as u64 } else { 1 }});
+            if let (Some(b), Some(e)) = (b.as_object_mut(), extra.as_object()) {
+                for (k, v) in e {
+                    b.insert(k.clone(), v.clone());
+                }
+            }
+            b
+        };
+        // Prime the cache (and the model) once.
+        client.post(&endpoint).json(&body_for(usize::MAX / 2)).send().await?.error_for_status()?;
+        if !unique {
+            client.post(&endpoint).json(&body_for(0)).send().await?.error_for_status()?;
+        }
+        let next = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let start = Instant::now();
+        let mut tasks = vec![];
+        for _ in 0..concurrency {
+            let (client, endpoint, next) = (client.clone(), endpoint.clone(), next.clone());
+            let bodies: Vec<serde_json::Value> = (0..requests).map(body_for).collect();
+            tasks.push(tokio::spawn(async move {
+                let mut lat = vec![];
+                let mut engine = vec![];
+                loop {
+                    let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    if i >= bodies.len() {
+                        break;
+                    }
+                    let t = Instant::now();
+                    let r = client.post(&endpoint).json(&bodies[i]).send().await?.error_for_status()?;
+                    let v: serde_json::Value = r.json().await?;
+                    lat.push(t.elapsed().as_secs_f64());
+                    let tm = &v["easel"]["timings"];
+                    let e = ["text_encode_s", "denoise_s", "decode_s"].iter().map(|k| tm[k].as_f64().unwrap_or(0.0)).sum::<f64>();
+                    engine.push((e, tm["batch_size"].as_f64().unwrap_or(1.0), v["easel"]["batch_size"].as_f64().unwrap_or(1.0)));
+                }
+                anyhow::Ok((lat, engine))
+            }));
+        }
+        let mut lat = vec![];
+        let mut engine = vec![];
+        for t in tasks {
+            let (l, e) = t.await??;
+            lat.extend(l);
+            engine.extend(e);
+        }
+        let wall = start.elapsed().as_secs_f64();
+        lat.sort_by(f64::total_cmp);
+        let pct = |q: f64| lat[((lat.len() - 1) as f64 * q).round() as usize];
+        let mean_engine = engine.iter().map(|e| e.0).sum::<f64>() / engine.len().max(1) as f64;
+        let mean_batch = engine.iter().map(|e| e.2).sum::<f64>() / engine.len().max(1) as f64;
+        println!(
+            "{}",
+            serde_json::json!({
+                "mode": mode, "concurrency": concurrency, "requests": lat.len(), "wall_s": wall,
+                "requests_per_s": lat.len() as f64 / wall,
+                "latency_p50_ms": pct(0.5) * 1e3, "latency_p99_ms": pct(0.99) * 1e3, "latency_mean_ms": lat.iter().sum::<f64>() / lat.len() as f64 * 1e3,
+                "engine_mean_ms": mean_engine * 1e3, "mean_batch_size": mean_batch,
+            })
+        );
+        anyhow::Ok(())
+    })
 }

@@ -139,19 +139,16 @@ pub fn run(args: ServeArgs) -> Result<()> {
     };
 
     let stop = Arc::new(AtomicBool::new(false));
+    let services = easel_server::Services { queue: queue.clone(), executor, store, bus: bus.clone(), metrics };
     let worker = Worker {
-        queue: queue.clone(),
-        executor: executor.clone(),
-        store: store.clone(),
-        bus: bus.clone(),
-        metrics: metrics.clone(),
+        services: services.clone(),
         config: WorkerConfig { max_batch: args.max_batch.max(1), lease: Duration::from_secs(args.lease.max(1)), ..Default::default() },
     };
     let worker_stop = stop.clone();
     let worker_thread = std::thread::Builder::new().name("easel-worker".into()).spawn(move || worker.run(&worker_stop))?;
 
     let webhook_task = (bus.clone(), queue.clone());
-    let state = AppState::new(queue, executor, store, bus, metrics, config);
+    let state = AppState::new(services, config);
     let app = easel_server::router(state);
     let rt = tokio::runtime::Runtime::new()?;
     rt.block_on(async move {

@@ -55,3 +55,32 @@ fn sd21_v_prediction_matches_diffusers_for_every_scheduler() {
 fn sdxl_matches_diffusers_for_every_scheduler() {
     check_pipeline("sdxl-tiny");
 }
+
+/// The bundled, trained model: diffusers (StableDiffusionPipeline.from_pretrained) and easel
+/// produce the same images from the same init latents.
+#[test]
+fn bundled_model_matches_diffusers() {
+    let dir = fixtures().join("../models/easel-shapes");
+    let pipe = StableDiffusionPipeline::load(&dir, &LoadOptions::default()).expect("load bundled model");
+    let (t, meta) = reference("easel-shapes.safetensors");
+    let prompts: Vec<String> = serde_json::from_str(&meta["prompts"]).unwrap();
+    for (i, prompt) in prompts.iter().enumerate() {
+        let params = GenerateParams {
+            prompt: prompt.clone(),
+            negative_prompt: None,
+            width: 64,
+            height: 64,
+            steps: meta["steps"].parse().unwrap(),
+            guidance: meta["guidance"].parse().unwrap(),
+            seed: 0,
+            batch: 1,
+            scheduler: Some(SchedulerKind::Euler),
+            init_latents: Some(t["init_latents"].narrow(0, i, 1).unwrap()),
+        };
+        let out = pipe.generate(&params, None, &mut |_, _| true).unwrap();
+        let err = rel_l2(&out.latents, &t["latents"].narrow(0, i, 1).unwrap());
+        let db = psnr(&out.decoded, &t["image"].narrow(0, i, 1).unwrap());
+        println!("easel-shapes `{prompt}`: latents rel L2 {err:.2e}, image PSNR {db:.1} dB");
+        assert!(err < 1e-3 && db >= 40.0, "`{prompt}`: rel L2 {err:.2e}, PSNR {db:.1}");
+    }
+}

@@ -14,14 +14,12 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use base64::Engine as _;
 use easel_api::{ApiError, Event, ImageRequest, Job, JobStatus, ModelInfo, ResponseFormat};
-use easel_queue::{JobQueue, QueueError};
+use easel_queue::QueueError;
 use futures::stream::{self, Stream, StreamExt};
 use sha2::{Digest, Sha256};
 
-use crate::events::EventBus;
-use crate::metrics::Metrics;
-use crate::store::LocalStore;
-use crate::worker::{image_path, Executor};
+use crate::worker::image_path;
+use crate::Services;
 
 /// An API key, stored as its SHA-256.
 #[derive(Debug, Clone)]
@@ -62,18 +60,21 @@ impl Default for ServerConfig {
 /// Shared state of the HTTP layer.
 #[derive(Clone)]
 pub struct AppState {
-    pub queue: Arc<dyn JobQueue>,
-    pub executor: Arc<dyn Executor>,
-    pub store: LocalStore,
-    pub bus: EventBus,
-    pub metrics: Arc<Metrics>,
+    pub services: Services,
     pub config: ServerConfig,
     rate: Arc<Mutex<HashMap<String, (Instant, f64)>>>,
 }
 
+impl std::ops::Deref for AppState {
+    type Target = Services;
+    fn deref(&self) -> &Services {
+        &self.services
+    }
+}
+
 impl AppState {
-    pub fn new(queue: Arc<dyn JobQueue>, executor: Arc<dyn Executor>, store: LocalStore, bus: EventBus, metrics: Arc<Metrics>, config: ServerConfig) -> Self {
-        Self { queue, executor, store, bus, metrics, config, rate: Default::default() }
+    pub fn new(services: Services, config: ServerConfig) -> Self {
+        Self { services, config, rate: Default::default() }
     }
 
     fn model(&self, id: Option<&str>) -> Result<ModelInfo, ApiError> {

@@ -13,4 +13,16 @@ pub mod webhooks;
 pub mod worker;
 
 pub use http::{router, AppState, ServerConfig};
+
+use std::sync::Arc;
+
+/// The handles every stage shares: queue, engine, output store, event bus, metrics.
+#[derive(Clone)]
+pub struct Services {
+    pub queue: Arc<dyn easel_queue::JobQueue>,
+    pub executor: Arc<dyn Executor>,
+    pub store: store::LocalStore,
+    pub bus: events::EventBus,
+    pub metrics: Arc<metrics::Metrics>,
+}
 pub use worker::{EncodedImage, ExecError, Executor, WorkerConfig};

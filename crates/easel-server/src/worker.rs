@@ -3,15 +3,9 @@
 //! worker that dies (even by kill -9) lets its jobs run again elsewhere.
 
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use easel_api::{Event, Job, JobResult, JobStatus, ModelInfo, StoredImage, Timings};
-use easel_queue::JobQueue;
-
-use crate::events::EventBus;
-use crate::metrics::Metrics;
-use crate::store::LocalStore;
 
 /// One encoded output image.
 #[derive(Debug, Clone)]
@@ -69,14 +63,17 @@ impl Default for WorkerConfig {
     }
 }
 
-/// Everything a worker touches.
+/// A worker: the shared services and its own knobs.
 pub struct Worker {
-    pub queue: Arc<dyn JobQueue>,
-    pub executor: Arc<dyn Executor>,
-    pub store: LocalStore,
-    pub bus: EventBus,
-    pub metrics: Arc<Metrics>,
+    pub services: crate::Services,
     pub config: WorkerConfig,
+}
+
+impl std::ops::Deref for Worker {
+    type Target = crate::Services;
+    fn deref(&self) -> &crate::Services {
+        &self.services
+    }
 }
 
 /// The URL path under which a stored image is served.
