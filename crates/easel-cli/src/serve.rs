@@ -139,7 +139,7 @@ pub fn run(args: ServeArgs) -> Result<()> {
     };
 
     let stop = Arc::new(AtomicBool::new(false));
-    let services = easel_server::Services { queue: queue.clone(), executor, store, bus: bus.clone(), metrics };
+    let services = easel_server::Services { queue: queue.clone(), executor, store, bus: bus.clone(), metrics, doorbell: Default::default() };
     let worker = Worker {
         services: services.clone(),
         config: WorkerConfig { max_batch: args.max_batch.max(1), lease: Duration::from_secs(args.lease.max(1)), ..Default::default() },

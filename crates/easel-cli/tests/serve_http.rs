@@ -39,6 +39,12 @@ fn serve(data: &Path, extra: &[&str]) -> Server {
     Server { child, base }
 }
 
+/// Resident memory of a process, in kB.
+fn rss_kb(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    status.lines().find_map(|l| l.strip_prefix("VmRSS:")).and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok()).unwrap_or(0)
+}
+
 fn client() -> reqwest::blocking::Client {
     reqwest::blocking::Client::builder().timeout(Duration::from_secs(120)).build().unwrap()
 }
@@ -197,7 +203,9 @@ fn api_keys_and_overload() {
     let bad = c.get(format!("{}/v1/models", s.base)).header("Authorization", "Bearer wrong").send().unwrap();
     assert_eq!(bad.status().as_u16(), 401);
 
-    // Far more concurrent submissions than the queue holds: each is 202 or 429, none lost.
+    // Far more concurrent submissions than the queue holds: each is 202 or 429, none lost,
+    // and the server's memory stays bounded.
+    let rss_before = rss_kb(s.child.id());
     let mut long = SMALL();
     long["steps"] = json!(30);
     let handles: Vec<_> = (0..24)
@@ -221,6 +229,8 @@ fn api_keys_and_overload() {
         }
     }
     assert!(!accepted.is_empty() && accepted.len() < 24, "accepted {}", accepted.len());
+    let rss_after = rss_kb(s.child.id());
+    assert!(rss_after < rss_before + 300_000, "RSS grew from {rss_before} kB to {rss_after} kB");
     for id in &accepted {
         let j: Value = auth(c.get(format!("{}/v1/jobs/{id}", s.base))).send().unwrap().json().unwrap();
         let deadline = Instant::now() + Duration::from_secs(120);

@@ -219,6 +219,7 @@ fn submit(state: &AppState, headers: &HeaderMap, body: &Bytes) -> Result<(Job, R
     let idem = headers.get("idempotency-key").and_then(|v| v.to_str().ok()).map(str::to_owned);
     let enq = state.queue.enqueue(&spec, cache_key.as_deref(), idem.as_deref()).map_err(queue_error)?;
     if !enq.existing {
+        state.doorbell.ring();
         let position = state.queue.position(&enq.job.id).ok().flatten().unwrap_or(0);
         state.bus.publish(Event::Queued { job_id: enq.job.id.clone(), position });
     }

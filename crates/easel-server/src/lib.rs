@@ -24,5 +24,7 @@ pub struct Services {
     pub store: store::LocalStore,
     pub bus: events::EventBus,
     pub metrics: Arc<metrics::Metrics>,
+    /// Rung on every enqueue so an idle in-process worker starts at once.
+    pub doorbell: Arc<worker::Doorbell>,
 }
 pub use worker::{EncodedImage, ExecError, Executor, WorkerConfig};

@@ -59,7 +59,28 @@ pub struct WorkerConfig {
 
 impl Default for WorkerConfig {
     fn default() -> Self {
-        Self { name: format!("worker-{}", std::process::id()), max_batch: 4, lease: Duration::from_secs(30), poll: Duration::from_millis(20) }
+        Self { name: format!("worker-{}", std::process::id()), max_batch: 4, lease: Duration::from_secs(30), poll: Duration::from_millis(250) }
+    }
+}
+
+/// Wakes idle workers in this process as soon as a job is queued (no polling delay).
+#[derive(Default)]
+pub struct Doorbell {
+    rung: std::sync::Mutex<bool>,
+    cv: std::sync::Condvar,
+}
+
+impl Doorbell {
+    pub fn ring(&self) {
+        *self.rung.lock().unwrap_or_else(|p| p.into_inner()) = true;
+        self.cv.notify_all();
+    }
+
+    /// Waits for a ring or `timeout`, whichever comes first.
+    pub fn wait(&self, timeout: Duration) {
+        let guard = self.rung.lock().unwrap_or_else(|p| p.into_inner());
+        let (mut guard, _) = self.cv.wait_timeout_while(guard, timeout, |rung| !*rung).unwrap_or_else(|p| p.into_inner());
+        *guard = false;
     }
 }
 
@@ -103,7 +124,7 @@ impl Worker {
             };
             if jobs.is_empty() {
                 self.executor.maintain();
-                std::thread::sleep(self.config.poll);
+                self.doorbell.wait(self.config.poll);
                 continue;
             }
             self.run_jobs(jobs);
