@@ -135,6 +135,10 @@ impl Executor for EngineExecutor {
             EngineError::Tensor(t) => ExecError::Transient(t.to_string()),
             other => ExecError::Permanent(other.to_string()),
         })?;
+        // Idle time counts from the end of the last job, not its start.
+        if let Some(w) = self.pool.lock().unwrap_or_else(|p| p.into_inner()).get_mut(model) {
+            w.last_used = Instant::now();
+        }
         let timings = outs
             .first()
             .map(|o| BatchTimings {
@@ -168,6 +172,10 @@ impl Executor for EngineExecutor {
             all.push(images);
         }
         Ok((all, timings))
+    }
+
+    fn warm_models(&self) -> Vec<String> {
+        self.pool.lock().unwrap_or_else(|p| p.into_inner()).keys().cloned().collect()
     }
 
     fn maintain(&self) {

@@ -320,3 +320,26 @@ fn webhooks_are_signed_and_private_targets_refused() {
     let event: Value = serde_json::from_str(payload).unwrap();
     assert_eq!((event["type"].as_str(), event["job_id"].as_str()), (Some("completed"), job["id"].as_str()));
 }
+
+#[test]
+fn rate_limits_and_idle_eviction() {
+    let tmp = tempfile::tempdir().unwrap();
+    let s = serve(tmp.path(), &["--api-key", "slow:pw:2", "--idle-timeout", "1"]);
+    let c = client();
+    let send = || c.post(format!("{}/v1/images/generations", s.base)).header("Authorization", "Bearer pw").json(&SMALL()).send().unwrap();
+    assert_eq!(send().status().as_u16(), 200);
+    let metrics = || c.get(format!("{}/metrics", s.base)).send().unwrap().text().unwrap();
+    assert!(metrics().contains("easel_model_warm{model=\"tiny\"} 1"), "the model stays warm after a job");
+    assert_eq!(send().status().as_u16(), 200);
+    let third = send();
+    assert_eq!(third.status().as_u16(), 429);
+    assert!(third.headers().get("retry-after").is_some());
+    let body: Value = third.json().unwrap();
+    assert_eq!(body["error"]["code"], "rate_limit_exceeded");
+    // Idle longer than --idle-timeout: the model is evicted.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while metrics().contains("easel_model_warm{model=\"tiny\"}") {
+        assert!(Instant::now() < deadline, "model was not evicted after its idle timeout");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}

@@ -453,5 +453,5 @@ async fn readyz(State(state): State<AppState>) -> ApiResult<&'static str> {
 
 async fn metrics(State(state): State<AppState>) -> Response {
     let depth = state.queue.depth().unwrap_or(0);
-    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], state.metrics.render(depth)).into_response()
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], state.metrics.render(depth, &state.executor.warm_models())).into_response()
 }

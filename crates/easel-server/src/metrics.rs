@@ -55,9 +55,13 @@ impl Metrics {
         });
     }
 
-    pub fn render(&self, queue_depth: usize) -> String {
+    pub fn render(&self, queue_depth: usize, warm_models: &[String]) -> String {
         let m = self.inner.lock().unwrap_or_else(|p| p.into_inner());
         let mut s = String::new();
+        s += "# HELP easel_model_warm Models loaded in the warm pool.\n# TYPE easel_model_warm gauge\n";
+        for w in warm_models {
+            s += &format!("easel_model_warm{{model=\"{w}\"}} 1\n");
+        }
         s += "# HELP easel_queue_depth Jobs waiting in the queue.\n# TYPE easel_queue_depth gauge\n";
         s += &format!("easel_queue_depth {queue_depth}\n");
         s += "# HELP easel_images_total Images generated, by model.\n# TYPE easel_images_total counter\n";

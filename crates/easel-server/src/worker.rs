@@ -46,6 +46,10 @@ pub trait Executor: Send + Sync {
     fn run_batch(&self, jobs: &[Job], on_step: &mut dyn FnMut(usize, usize) -> bool) -> Result<(Vec<Vec<EncodedImage>>, BatchTimings), ExecError>;
     /// Evicts idle models; called between jobs.
     fn maintain(&self) {}
+    /// Models loaded and warm right now.
+    fn warm_models(&self) -> Vec<String> {
+        vec![]
+    }
 }
 
 /// Worker knobs.
