@@ -118,8 +118,11 @@ def main():
     ap.add_argument("--unet-steps", type=int, default=3000)
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--samples", type=int, default=30000)
+    ap.add_argument("--resume", default=None, help="continue training the UNet and text encoder of this pipeline (its VAE is kept)")
+    ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
-    torch.manual_seed(0)
+    torch.manual_seed(args.seed)
     torch.set_num_threads(2)
     torch.use_deterministic_algorithms(True)
     t0 = time.time()
@@ -131,13 +134,16 @@ def main():
         logf.write(line + "\n")
         logf.flush()
 
-    vae = make_vae()
-    train_vae(vae, args.vae_steps, log)
+    if args.resume:
+        vae = AutoencoderKL.from_pretrained(os.path.join(args.resume, "vae"))
+    else:
+        vae = make_vae()
+        train_vae(vae, args.vae_steps, log)
     vae.eval().requires_grad_(False)
 
-    imgs, captions, _ = shapes.dataset(3, args.samples)
+    imgs, captions, _ = shapes.dataset(3 + args.seed, args.samples)
     latents = encode_all(vae, to_tensor(imgs))
-    scaling = float(1.0 / latents.std())
+    scaling = vae.config.scaling_factor if args.resume else float(1.0 / latents.std())
     vae.register_to_config(scaling_factor=scaling)
     latents = latents * scaling
     log(f"latents {tuple(latents.shape)} scaling_factor {scaling:.4f}")
@@ -147,17 +153,21 @@ def main():
     ids_all = tokenizer(captions, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
     empty_ids = tokenizer([""], padding="max_length", max_length=77, return_tensors="pt").input_ids
 
-    text_encoder = make_text_encoder()
-    unet = make_unet(text_encoder.config.hidden_size)
+    if args.resume:
+        text_encoder = CLIPTextModel.from_pretrained(os.path.join(args.resume, "text_encoder"))
+        unet = UNet2DConditionModel.from_pretrained(os.path.join(args.resume, "unet"))
+    else:
+        text_encoder = make_text_encoder()
+        unet = make_unet(text_encoder.config.hidden_size)
     log(f"unet params {sum(p.numel() for p in unet.parameters())/1e6:.2f}M, text params {sum(p.numel() for p in text_encoder.parameters())/1e6:.2f}M")
     noise_sched = DDPMScheduler(**SCHEDULE)
     params = list(unet.parameters()) + list(text_encoder.parameters())
-    opt = torch.optim.AdamW(params, lr=1e-3, weight_decay=1e-2)
+    opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=1e-2)
     warm = 200
     lr_sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: min(1.0, (s + 1) / warm) * 0.5 * (1 + np.cos(np.pi * min(s, args.unet_steps) / args.unet_steps))
     )
-    g = torch.Generator().manual_seed(4)
+    g = torch.Generator().manual_seed(4 + args.seed)
     ema = [p.detach().clone() for p in params]
     for step in range(args.unet_steps):
         idx = torch.randint(0, len(latents), (args.batch,), generator=g)

@@ -247,7 +247,7 @@ fn http_load(url: &str, mode: &str, concurrency: usize, requests: usize, extra: 
             b
         };
         // Prime the cache (and the model) once.
-        client.post(&endpoint).json(&body_for(usize::MAX / 2)).send().await?.error_for_status()?;
+        client.post(&endpoint).json(&body_for(1 << 30)).send().await?.error_for_status()?;
         if !unique {
             client.post(&endpoint).json(&body_for(0)).send().await?.error_for_status()?;
         }

@@ -44,8 +44,6 @@ pub struct Enqueued {
 pub trait JobQueue: Send + Sync {
     /// Adds a job (or returns the one with the same idempotency key).
     fn enqueue(&self, spec: &JobSpec, cache_key: Option<&str>, idempotency_key: Option<&str>) -> Result<Enqueued>;
-    /// Records a job that was answered from the result cache, already succeeded.
-    fn insert_cached(&self, spec: &JobSpec, cache_key: &str, result: &JobResult) -> Result<Job>;
     /// A job by id.
     fn get(&self, id: &str) -> Result<Option<Job>>;
     /// 0-based position among queued jobs (None unless queued).

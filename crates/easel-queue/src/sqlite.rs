@@ -118,18 +118,6 @@ impl JobQueue for SqliteQueue {
         Ok(Enqueued { job, existing: false })
     }
 
-    fn insert_cached(&self, spec: &JobSpec, cache_key: &str, result: &JobResult) -> Result<Job> {
-        let conn = self.conn();
-        let id = format!("job_{}", uuid::Uuid::new_v4().simple());
-        let t = now();
-        conn.execute(
-            "INSERT INTO jobs (id, status, priority, model, batch_key, spec, result, created_at, started_at, finished_at, cache_key, cache_hit)
-             VALUES (?1, 'succeeded', ?2, ?3, ?4, ?5, ?6, ?7, ?7, ?7, ?8, 1)",
-            params![id, spec.priority, spec.model, spec.batch_key(), json(spec)?, json(result)?, t, cache_key],
-        )?;
-        Self::get_with(&conn, &id)?.ok_or_else(|| QueueError::Storage("inserted job vanished".into()))
-    }
-
     fn get(&self, id: &str) -> Result<Option<Job>> {
         Self::get_with(&self.conn(), id)
     }

@@ -63,6 +63,29 @@ pub struct AppState {
     pub services: Services,
     pub config: ServerConfig,
     rate: Arc<Mutex<HashMap<String, (Instant, f64)>>>,
+    /// Hot cache hits in memory: cache key to the finished job, and b64 of stored images.
+    hot: Arc<Mutex<HotCache>>,
+}
+
+/// Recently served cache hits, so a repeated request touches neither SQLite nor the disk.
+#[derive(Default)]
+struct HotCache {
+    jobs: HashMap<String, Job>,
+    images: HashMap<String, Arc<String>>,
+}
+
+const HOT_CACHE_ENTRIES: usize = 4096;
+
+impl HotCache {
+    fn bound(&mut self) {
+        // Crude but bounded: start over when full (a miss only costs a SQLite lookup).
+        if self.jobs.len() > HOT_CACHE_ENTRIES {
+            self.jobs.clear();
+        }
+        if self.images.len() > HOT_CACHE_ENTRIES {
+            self.images.clear();
+        }
+    }
 }
 
 impl std::ops::Deref for AppState {
@@ -74,7 +97,7 @@ impl std::ops::Deref for AppState {
 
 impl AppState {
     pub fn new(services: Services, config: ServerConfig) -> Self {
-        Self { services, config, rate: Default::default() }
+        Self { services, config, rate: Default::default(), hot: Default::default() }
     }
 
     fn model(&self, id: Option<&str>) -> Result<ModelInfo, ApiError> {
@@ -208,12 +231,17 @@ fn submit(state: &AppState, headers: &HeaderMap, body: &Bytes) -> Result<(Job, R
     }
     let cache_key = spec.cache_key(&state.executor.model_identity(&spec.model));
     if let Some(ck) = &cache_key {
-        if let Some(hit) = state.queue.cached(ck).map_err(queue_error)? {
-            if let Some(result) = &hit.result {
-                state.metrics.cache_hit();
-                let job = state.queue.insert_cached(&spec, ck, result).map_err(queue_error)?;
-                return Ok((job, format, true));
-            }
+        let hot = state.hot.lock().unwrap_or_else(|p| p.into_inner()).jobs.get(ck).cloned();
+        let hit = match hot {
+            Some(j) => Some(j),
+            None => state.queue.cached(ck).map_err(queue_error)?,
+        };
+        if let Some(job) = hit.filter(|j| j.result.is_some()) {
+            state.metrics.cache_hit();
+            let mut hot = state.hot.lock().unwrap_or_else(|p| p.into_inner());
+            hot.bound();
+            hot.jobs.insert(ck.clone(), job.clone());
+            return Ok((job, format, true));
         }
     }
     let idem = headers.get("idempotency-key").and_then(|v| v.to_str().ok()).map(str::to_owned);
@@ -286,10 +314,7 @@ async fn generations(State(state): State<AppState>, headers: HeaderMap, body: Re
     for img in &result.images {
         data.push(match format {
             ResponseFormat::Url => serde_json::json!({ "url": absolute_url(&headers, &image_path(&img.key)), "revised_prompt": null }),
-            ResponseFormat::B64Json => {
-                let bytes = state.store.get(&img.key).map_err(|e| ApiError::unavailable(format!("reading the stored image: {e}")))?;
-                serde_json::json!({ "b64_json": base64::engine::general_purpose::STANDARD.encode(bytes), "revised_prompt": null })
-            }
+            ResponseFormat::B64Json => serde_json::json!({ "b64_json": &*b64_image(&state, &img.key)?, "revised_prompt": null }),
         });
     }
     let created = job.finished_at.unwrap_or(job.created_at) as i64;
@@ -302,6 +327,19 @@ async fn generations(State(state): State<AppState>, headers: HeaderMap, body: Re
         "easel": easel_object(&job, hit),
     }))
     .into_response())
+}
+
+/// A stored image as base64, from memory when it was served recently.
+fn b64_image(state: &AppState, key: &str) -> Result<Arc<String>, ApiError> {
+    if let Some(b) = state.hot.lock().unwrap_or_else(|p| p.into_inner()).images.get(key) {
+        return Ok(b.clone());
+    }
+    let bytes = state.store.get(key).map_err(|e| ApiError::unavailable(format!("reading the stored image: {e}")))?;
+    let b64 = Arc::new(base64::engine::general_purpose::STANDARD.encode(bytes));
+    let mut hot = state.hot.lock().unwrap_or_else(|p| p.into_inner());
+    hot.bound();
+    hot.images.insert(key.to_string(), b64.clone());
+    Ok(b64)
 }
 
 fn absolute_url(headers: &HeaderMap, path: &str) -> String {
