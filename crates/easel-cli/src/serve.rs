@@ -48,6 +48,9 @@ pub struct ServeArgs {
     /// Largest request body, in bytes.
     #[arg(long, default_value_t = 1 << 20)]
     max_body_bytes: usize,
+    /// A JSON config file: {"api_keys": [{"name", "sha256" (hex of the secret) or "secret", "rate_per_minute"}]}.
+    #[arg(long)]
+    config: Option<PathBuf>,
     /// API key as NAME:SECRET[:REQUESTS_PER_MINUTE]; repeatable. Also EASEL_API_KEYS (comma-separated).
     #[arg(long = "api-key")]
     api_keys: Vec<String>,
@@ -83,8 +86,51 @@ fn parse_key(spec: &str) -> Result<ApiKey> {
     }
 }
 
+/// `--config` file contents.
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ConfigFile {
+    #[serde(default)]
+    api_keys: Vec<KeyEntry>,
+}
+
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct KeyEntry {
+    name: String,
+    /// Hex SHA-256 of the secret, so the file need not hold the secret itself.
+    #[serde(default)]
+    sha256: Option<String>,
+    #[serde(default)]
+    secret: Option<String>,
+    #[serde(default = "default_rate")]
+    rate_per_minute: u32,
+}
+
+fn default_rate() -> u32 {
+    600
+}
+
+fn keys_from_file(path: &std::path::Path) -> Result<Vec<ApiKey>> {
+    let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    let cfg: ConfigFile = serde_json::from_str(&text).with_context(|| format!("{}", path.display()))?;
+    cfg.api_keys
+        .into_iter()
+        .map(|k| match (k.sha256, k.secret) {
+            (Some(h), None) if h.len() == 64 && h.chars().all(|c| c.is_ascii_hexdigit()) => {
+                Ok(ApiKey { name: k.name, sha256: h.to_ascii_lowercase(), rate_per_minute: k.rate_per_minute })
+            }
+            (None, Some(secret)) if !secret.is_empty() => Ok(ApiKey::from_secret(&k.name, &secret, k.rate_per_minute)),
+            _ => bail!("{}: API key `{}` needs exactly one of `sha256` (64 hex digits) or `secret`", path.display(), k.name),
+        })
+        .collect()
+}
+
 pub fn run(args: ServeArgs) -> Result<()> {
     let mut keys: Vec<ApiKey> = args.api_keys.iter().map(|k| parse_key(k)).collect::<Result<_>>()?;
+    if let Some(path) = &args.config {
+        keys.extend(keys_from_file(path)?);
+    }
     if let Ok(env) = std::env::var("EASEL_API_KEYS") {
         for k in env.split(',').filter(|s| !s.trim().is_empty()) {
             keys.push(parse_key(k.trim())?);

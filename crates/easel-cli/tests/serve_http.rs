@@ -343,3 +343,23 @@ fn rate_limits_and_idle_eviction() {
         std::thread::sleep(Duration::from_millis(200));
     }
 }
+
+#[test]
+fn api_keys_from_a_config_file_and_the_loopback_rule() {
+    let tmp = tempfile::tempdir().unwrap();
+    // sha256("pw2"), so the file does not hold the secret.
+    let cfg = tmp.path().join("easel.json");
+    std::fs::write(&cfg, r#"{"api_keys": [{"name": "ops", "sha256": "93915a0a4bf8f634cb1856494dd4304472ad46b9827f541f76b6761c49cc55b0", "rate_per_minute": 60}]}"#).unwrap();
+    let s = serve(tmp.path(), &["--config", cfg.to_str().unwrap()]);
+    let c = client();
+    assert_eq!(c.get(format!("{}/v1/models", s.base)).send().unwrap().status().as_u16(), 401);
+    assert_eq!(c.get(format!("{}/v1/models", s.base)).header("Authorization", "Bearer pw2").send().unwrap().status().as_u16(), 200);
+
+    // Without keys, a non-loopback address is refused unless explicitly allowed.
+    let out = Command::new(env!("CARGO_BIN_EXE_easel"))
+        .args(["serve", "--listen", "0.0.0.0:0", "--data-dir", tmp.path().to_str().unwrap(), "--model", &fixture("sd15-tiny")])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--allow-unauthenticated"));
+}
