@@ -45,8 +45,9 @@ impl EngineExecutor {
     /// Describes each model directory (loading none of them yet).
     pub fn new(models: Vec<(String, PathBuf)>, load: LoadOptions, idle_timeout: Duration, memory_budget: u64) -> anyhow::Result<Self> {
         let mut served = vec![];
+        let mut pool = HashMap::new();
         for (id, dir) in models {
-            // Load once to validate the model and learn its defaults, then let the pool own it.
+            // Load once to validate the model and learn its defaults; the pool keeps it warm.
             let pipe = StableDiffusionPipeline::load(&dir, &load)?;
             let d = ModelDefaults::load(&dir, pipe.family())?;
             let info = ModelInfo {
@@ -57,9 +58,14 @@ impl EngineExecutor {
                 max_side: 2048,
                 schedulers: SchedulerKind::ALL.iter().map(|(n, _)| n.to_string()).collect(),
             };
-            served.push(ServedModel { weight_bytes: dir_bytes(&dir), info, dir });
+            let weight_bytes = dir_bytes(&dir);
+            let in_pool: u64 = pool.keys().filter_map(|k: &String| served.iter().find(|m: &&ServedModel| &m.info.id == k)).map(|m| m.weight_bytes).sum();
+            if in_pool + weight_bytes <= memory_budget {
+                pool.insert(info.id.clone(), Warm { pipe: Arc::new(pipe), last_used: Instant::now() });
+            }
+            served.push(ServedModel { weight_bytes, info, dir });
         }
-        Ok(Self { models: served, pool: Mutex::new(HashMap::new()), load, idle_timeout, memory_budget })
+        Ok(Self { models: served, pool: Mutex::new(pool), load, idle_timeout, memory_budget })
     }
 
     fn served(&self, id: &str) -> Option<&ServedModel> {
