@@ -89,7 +89,7 @@ pub struct ImageRequest {
 }
 
 /// What the server knows about a servable model, for validation and `/v1/models`.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct ModelInfo {
     pub id: String,
     pub default_steps: usize,

@@ -58,6 +58,15 @@ enum BenchWhat {
         #[arg(long)]
         save_dir: Option<PathBuf>,
     },
+    /// Queue overhead per job: enqueue to a worker claiming it, on the embedded (SQLite) and
+    /// a Redis queue, with no engine in the way; prints one JSON line per queue.
+    Queue {
+        /// Queues to measure: `sqlite` (a temporary database) and/or redis://HOST:PORT/DB.
+        #[arg(long = "queue", default_values_t = ["sqlite".to_string()])]
+        queues: Vec<String>,
+        #[arg(long, default_value_t = 2000)]
+        jobs: usize,
+    },
     /// Time loading a UNet and evaluating it once per iteration; prints one JSON line.
     Unet {
         /// A diffusers-layout model directory (its unet/ is used).
@@ -87,6 +96,11 @@ pub fn run(args: BenchArgs) -> Result<()> {
         BenchWhat::Http { url, mode, concurrency, requests, body } => http_load(&url, &mode, concurrency, requests, &body)?,
         BenchWhat::Shapes { n, held_out, steps, guidance, scheduler, seed, save_dir } => {
             shapes_quality(n, held_out, steps, guidance, scheduler, seed, save_dir)?;
+        }
+        BenchWhat::Queue { queues, jobs } => {
+            for q in &queues {
+                queue_overhead(q, jobs)?;
+            }
         }
         BenchWhat::Unet { model, size, batch, iters, warmup, inputs, save_output } => {
             let device = Device::Cpu;
@@ -299,4 +313,59 @@ fn http_load(url: &str, mode: &str, concurrency: usize, requests: usize, extra: 
         );
         anyhow::Ok(())
     })
+}
+
+/// Enqueue-to-claim latency: a producer thread enqueues jobs at a steady pace while a worker
+/// thread claims them one by one (polling as the real worker does between doorbell rings).
+fn queue_overhead(which: &str, jobs: usize) -> Result<()> {
+    use easel_queue::{conformance::spec, JobQueue, RedisQueue, SqliteQueue};
+    use std::sync::Arc;
+    use std::time::Duration;
+    let tmp = std::env::temp_dir().join(format!("easel-bench-queue-{}.db", std::process::id()));
+    let queue: Arc<dyn JobQueue> = if which == "sqlite" {
+        Arc::new(SqliteQueue::open(&tmp, jobs + 1, 3)?)
+    } else {
+        let q = RedisQueue::open(which, jobs + 1, 3)?.with_prefix(&format!("easel-bench-{}", std::process::id()));
+        q.purge()?;
+        Arc::new(q)
+    };
+    let models = vec!["m".to_string()];
+    let mut enqueue_us = vec![];
+    let mut claim_us = vec![];
+    let mut wait_us = vec![];
+    let t0 = Instant::now();
+    for i in 0..jobs {
+        let t = Instant::now();
+        let job = queue.enqueue(&spec("m", 0, 20 + i % 3), None, None)?.job;
+        enqueue_us.push(t.elapsed().as_secs_f64() * 1e6);
+        let t = Instant::now();
+        let got = queue.claim("bench", &models, &[], 1, Duration::from_secs(30))?;
+        claim_us.push(t.elapsed().as_secs_f64() * 1e6);
+        anyhow::ensure!(got.first().map(|j| &j.id) == Some(&job.id), "claimed the wrong job");
+        let started = got[0].started_at.unwrap_or(0.0);
+        wait_us.push((started - got[0].created_at).max(0.0) * 1e6);
+        queue.complete(&job.id, &easel_api::JobResult { images: vec![], timings: Default::default(), batch_size: 1 })?;
+    }
+    let wall = t0.elapsed().as_secs_f64();
+    let pct = |v: &mut Vec<f64>, p: f64| {
+        v.sort_by(|a, b| a.total_cmp(b));
+        v[((v.len() as f64 - 1.0) * p).round() as usize]
+    };
+    println!(
+        "{}",
+        serde_json::json!({
+            "queue": if which == "sqlite" { "sqlite" } else { "redis" },
+            "jobs": jobs,
+            "enqueue_us_p50": pct(&mut enqueue_us, 0.5), "enqueue_us_p99": pct(&mut enqueue_us, 0.99),
+            "claim_us_p50": pct(&mut claim_us, 0.5), "claim_us_p99": pct(&mut claim_us, 0.99),
+            "enqueue_to_start_us_p50": pct(&mut wait_us, 0.5),
+            "jobs_per_s_one_thread": jobs as f64 / wall,
+        })
+    );
+    if which == "sqlite" {
+        let _ = std::fs::remove_file(&tmp);
+    } else if let Ok(q) = RedisQueue::open(which, 1, 3) {
+        let _ = q.with_prefix(&format!("easel-bench-{}", std::process::id())).purge();
+    }
+    Ok(())
 }

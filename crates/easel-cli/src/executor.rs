@@ -195,3 +195,38 @@ impl Executor for EngineExecutor {
         });
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn fixture(name: &str) -> PathBuf {
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../fixtures/pipelines").join(name)
+    }
+
+    #[test]
+    fn memory_budget_evicts_least_recently_used_first() {
+        let dirs = ["sd15-tiny", "sd21v-tiny", "sdxl-tiny"].map(fixture);
+        let [a, b, c] = dirs.clone().map(|d| dir_bytes(&d));
+        // Room for `a` beside either of the others, never for all three.
+        let budget = (a + b).max(a + c);
+        let models = vec![("a".to_string(), dirs[0].clone()), ("b".to_string(), dirs[1].clone()), ("c".to_string(), dirs[2].clone())];
+        let exec = EngineExecutor::new(models, LoadOptions::default(), Duration::from_secs(600), budget).expect("fixtures load");
+        let warm = |e: &EngineExecutor| {
+            let mut w = e.warm_models();
+            w.sort();
+            w
+        };
+        // Start-up keeps what fits, in order.
+        assert_eq!(warm(&exec), ["a", "b"]);
+        // Touch `a`, so `b` is the least recently used: loading `c` must evict `b`, not `a`.
+        assert_eq!(exec.pipeline("a").expect("warm").1, 0.0, "a warm model is not reloaded");
+        let (_, load_s) = exec.pipeline("c").expect("loads");
+        assert!(load_s > 0.0);
+        assert_eq!(warm(&exec), ["a", "c"]);
+        // And back: `b` evicts the now least recently used `a` first.
+        exec.pipeline("b").expect("loads");
+        let w = warm(&exec);
+        assert!(w.contains(&"b".to_string()) && !w.contains(&"a".to_string()), "{w:?}");
+    }
+}

@@ -22,6 +22,8 @@ enum Command {
     Generate(generate::GenerateArgs),
     /// Serve the OpenAI-compatible images API and async jobs, with an in-process worker.
     Serve(serve::ServeArgs),
+    /// Run jobs from the shared queue (beside an `easel serve --workers 0` API node).
+    Worker(serve::WorkerArgs),
     /// Benchmarks (compared with PyTorch by the harnesses in tools/bench).
     Bench(bench::BenchArgs),
 }
@@ -36,6 +38,7 @@ fn main() {
         Command::Generate(args) => generate::run(args),
         Command::Bench(args) => bench::run(args),
         Command::Serve(args) => serve::run(args),
+        Command::Worker(args) => serve::run_worker(args),
     };
     if let Err(e) = result {
         // One line: the error and its causes, never a panic or a backtrace.

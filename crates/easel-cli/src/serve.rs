@@ -1,4 +1,5 @@
-//! `easel serve`: the API server with an in-process worker over the embedded queue.
+//! `easel serve` (the API with in-process workers) and `easel worker` (workers only), over a
+//! shared queue and output store.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -9,21 +10,20 @@ use std::time::Duration;
 use anyhow::{bail, Context, Result};
 use clap::Args;
 use easel_engine::LoadOptions;
-use easel_queue::SqliteQueue;
+use easel_queue::{JobQueue, RedisQueue, SqliteQueue};
 use easel_server::events::EventBus;
 use easel_server::http::ApiKey;
 use easel_server::metrics::Metrics;
-use easel_server::store::LocalStore;
+use easel_server::store::{BucketStore, LocalStore, OutputStore};
 use easel_server::worker::Worker;
 use easel_server::{AppState, ServerConfig, WorkerConfig};
 
 use crate::executor::EngineExecutor;
 
+/// What a process that runs jobs needs: models, queue, store, engine knobs. Shared by
+/// `easel serve` (API plus in-process workers) and `easel worker` (workers only).
 #[derive(Args, Debug)]
-pub struct ServeArgs {
-    /// Address to listen on.
-    #[arg(long, default_value = "127.0.0.1:8000")]
-    listen: SocketAddr,
+pub struct BackendArgs {
     /// Where the queue database and images live (default: easel's data dir).
     #[arg(long)]
     data_dir: Option<PathBuf>,
@@ -45,6 +45,35 @@ pub struct ServeArgs {
     /// Memory for loaded model weights, in MB; least recently used models are evicted first.
     #[arg(long, default_value_t = 16384)]
     memory_budget_mb: u64,
+    #[arg(long, default_value = "f32")]
+    dtype: String,
+    #[arg(long, default_value = "cpu")]
+    device: String,
+    /// Seconds a worker holds a job before another may take it over.
+    #[arg(long, default_value_t = 30)]
+    lease: u64,
+    /// The job queue: `sqlite://PATH` (default: queue.db in the data dir) or `redis://HOST:PORT/DB`.
+    #[arg(long)]
+    queue: Option<String>,
+    /// Where images go: a folder (default: images/ in the data dir) or `s3://BUCKET/PREFIX`,
+    /// `gs://…`, `az://…` (credentials and endpoint from the usual AWS_*/GOOGLE_*/AZURE_* variables).
+    #[arg(long)]
+    store: Option<String>,
+    /// Lifetime of presigned image URLs in seconds (0: serve images through the API instead).
+    #[arg(long, default_value_t = 3600)]
+    url_lifetime: u64,
+}
+
+#[derive(Args, Debug)]
+pub struct ServeArgs {
+    /// Address to listen on.
+    #[arg(long, default_value = "127.0.0.1:8000")]
+    listen: SocketAddr,
+    #[command(flatten)]
+    backend: BackendArgs,
+    /// In-process workers; 0 makes this an API node that leaves jobs to `easel worker` processes.
+    #[arg(long, default_value_t = 1)]
+    workers: usize,
     /// Largest request body, in bytes.
     #[arg(long, default_value_t = 1 << 20)]
     max_body_bytes: usize,
@@ -57,10 +86,6 @@ pub struct ServeArgs {
     /// Listen on a non-loopback address without API keys.
     #[arg(long)]
     allow_unauthenticated: bool,
-    #[arg(long, default_value = "f32")]
-    dtype: String,
-    #[arg(long, default_value = "cpu")]
-    device: String,
     /// HMAC-SHA256 key for webhook signatures (default: EASEL_WEBHOOK_SECRET, else random per run).
     #[arg(long)]
     webhook_secret: Option<String>,
@@ -70,9 +95,15 @@ pub struct ServeArgs {
     /// Queued plus running jobs one API key may have at once.
     #[arg(long, default_value_t = 100)]
     max_jobs_per_key: usize,
-    /// Seconds a worker holds a job before another may take it over.
-    #[arg(long, default_value_t = 30)]
-    lease: u64,
+}
+
+#[derive(Args, Debug)]
+pub struct WorkerArgs {
+    #[command(flatten)]
+    backend: BackendArgs,
+    /// Worker threads in this process (each runs one batch at a time).
+    #[arg(long, default_value_t = 1)]
+    workers: usize,
 }
 
 fn parse_key(spec: &str) -> Result<ApiKey> {
@@ -126,22 +157,10 @@ fn keys_from_file(path: &std::path::Path) -> Result<Vec<ApiKey>> {
         .collect()
 }
 
-pub fn run(args: ServeArgs) -> Result<()> {
-    let mut keys: Vec<ApiKey> = args.api_keys.iter().map(|k| parse_key(k)).collect::<Result<_>>()?;
-    if let Some(path) = &args.config {
-        keys.extend(keys_from_file(path)?);
-    }
-    if let Ok(env) = std::env::var("EASEL_API_KEYS") {
-        for k in env.split(',').filter(|s| !s.trim().is_empty()) {
-            keys.push(parse_key(k.trim())?);
-        }
-    }
-    if keys.is_empty() && !args.listen.ip().is_loopback() && !args.allow_unauthenticated {
-        bail!("refusing to listen on {} without API keys; add --api-key NAME:SECRET or --allow-unauthenticated", args.listen);
-    }
+/// The services a job-running process builds from its [`BackendArgs`].
+fn services(args: &BackendArgs) -> Result<easel_server::Services> {
     let data_dir = args.data_dir.clone().unwrap_or_else(crate::bundled::data_dir);
     std::fs::create_dir_all(&data_dir).with_context(|| format!("creating {}", data_dir.display()))?;
-
     let dtype = easel_engine::parse_dtype(&args.dtype)?;
     let device = easel_engine::parse_device(&args.device)?;
     let mut models = vec![];
@@ -162,10 +181,88 @@ pub fn run(args: ServeArgs) -> Result<()> {
         Duration::from_secs(args.idle_timeout),
         args.memory_budget_mb.saturating_mul(1 << 20),
     )?);
-    let queue = Arc::new(SqliteQueue::open(&data_dir.join("queue.db"), args.queue_cap, args.max_attempts)?);
-    let store = LocalStore::new(&data_dir.join("images"))?;
-    let bus = EventBus::default();
-    let metrics = Arc::new(Metrics::default());
+    let (queue, bus): (Arc<dyn JobQueue>, EventBus) = match args.queue.as_deref() {
+        Some(url) if url.starts_with("redis://") || url.starts_with("rediss://") => {
+            let redis = Arc::new(RedisQueue::open(url, args.queue_cap, args.max_attempts)?);
+            (redis.clone(), EventBus::relayed(redis))
+        }
+        Some(url) => {
+            let path = url.strip_prefix("sqlite://").with_context(|| format!("--queue `{url}`: use sqlite://PATH or redis://HOST:PORT/DB"))?;
+            (Arc::new(SqliteQueue::open(std::path::Path::new(path), args.queue_cap, args.max_attempts)?), EventBus::default())
+        }
+        None => (Arc::new(SqliteQueue::open(&data_dir.join("queue.db"), args.queue_cap, args.max_attempts)?), EventBus::default()),
+    };
+    let store: Arc<dyn OutputStore> = match args.store.as_deref() {
+        Some(url) if url.contains("://") => Arc::new(BucketStore::open(url, Duration::from_secs(args.url_lifetime))?),
+        Some(dir) => Arc::new(LocalStore::new(std::path::Path::new(dir)).with_context(|| format!("creating {dir}"))?),
+        None => Arc::new(LocalStore::new(&data_dir.join("images")).with_context(|| format!("creating {}", data_dir.join("images").display()))?),
+    };
+    Ok(easel_server::Services {
+        queue,
+        executor,
+        store,
+        bus,
+        metrics: Arc::new(Metrics::default()),
+        doorbell: Default::default(),
+    })
+}
+
+/// Starts `n` worker threads; each has advertised its models before this returns.
+fn start_workers(services: &easel_server::Services, args: &BackendArgs, n: usize, stop: &Arc<AtomicBool>) -> Result<Vec<std::thread::JoinHandle<()>>> {
+    let mut threads = vec![];
+    for i in 0..n {
+        let worker = Worker {
+            services: services.clone(),
+            config: WorkerConfig {
+                name: format!("{}-{}-{i}", hostname(), std::process::id()),
+                max_batch: args.max_batch.max(1),
+                lease: Duration::from_secs(args.lease.max(1)),
+                ..Default::default()
+            },
+        };
+        // Advertise before accepting requests, so the first request finds its model served.
+        worker.advertise(&services.executor.models(), Duration::from_secs(10));
+        let stop = stop.clone();
+        threads.push(std::thread::Builder::new().name(format!("easel-worker-{i}")).spawn(move || worker.run(&stop))?);
+    }
+    Ok(threads)
+}
+
+fn hostname() -> String {
+    std::env::var("HOSTNAME").ok().filter(|h| !h.is_empty()).unwrap_or_else(|| "easel".into())
+}
+
+/// `easel worker`: runs jobs from the shared queue until interrupted.
+pub fn run_worker(args: WorkerArgs) -> Result<()> {
+    let services = services(&args.backend)?;
+    let stop = Arc::new(AtomicBool::new(false));
+    let threads = start_workers(&services, &args.backend, args.workers.max(1), &stop)?;
+    println!("easel worker running {} worker(s) for {}", threads.len(), services.executor.models().iter().map(|m| m.id.as_str()).collect::<Vec<_>>().join(", "));
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    rt.block_on(async {
+        let _ = tokio::signal::ctrl_c().await;
+    });
+    stop.store(true, Ordering::Relaxed);
+    for t in threads {
+        let _ = t.join();
+    }
+    Ok(())
+}
+
+pub fn run(args: ServeArgs) -> Result<()> {
+    let mut keys: Vec<ApiKey> = args.api_keys.iter().map(|k| parse_key(k)).collect::<Result<_>>()?;
+    if let Some(path) = &args.config {
+        keys.extend(keys_from_file(path)?);
+    }
+    if let Ok(env) = std::env::var("EASEL_API_KEYS") {
+        for k in env.split(',').filter(|s| !s.trim().is_empty()) {
+            keys.push(parse_key(k.trim())?);
+        }
+    }
+    if keys.is_empty() && !args.listen.ip().is_loopback() && !args.allow_unauthenticated {
+        bail!("refusing to listen on {} without API keys; add --api-key NAME:SECRET or --allow-unauthenticated", args.listen);
+    }
+    let services = services(&args.backend)?;
     let config = ServerConfig {
         max_body_bytes: args.max_body_bytes,
         api_keys: (!keys.is_empty()).then_some(keys),
@@ -185,15 +282,8 @@ pub fn run(args: ServeArgs) -> Result<()> {
     };
 
     let stop = Arc::new(AtomicBool::new(false));
-    let services = easel_server::Services { queue: queue.clone(), executor, store, bus: bus.clone(), metrics, doorbell: Default::default() };
-    let worker = Worker {
-        services: services.clone(),
-        config: WorkerConfig { max_batch: args.max_batch.max(1), lease: Duration::from_secs(args.lease.max(1)), ..Default::default() },
-    };
-    let worker_stop = stop.clone();
-    let worker_thread = std::thread::Builder::new().name("easel-worker".into()).spawn(move || worker.run(&worker_stop))?;
-
-    let webhook_task = (bus.clone(), queue.clone());
+    let worker_threads = start_workers(&services, &args.backend, args.workers, &stop)?;
+    let webhook_task = (services.bus.clone(), services.queue.clone());
     let state = AppState::new(services, config);
     let app = easel_server::router(state);
     let rt = tokio::runtime::Runtime::new()?;
@@ -210,7 +300,9 @@ pub fn run(args: ServeArgs) -> Result<()> {
         anyhow::Ok(())
     })?;
     stop.store(true, Ordering::Relaxed);
-    let _ = worker_thread.join();
+    for t in worker_threads {
+        let _ = t.join();
+    }
     Ok(())
 }
 

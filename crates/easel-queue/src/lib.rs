@@ -1,17 +1,25 @@
 //! easel-queue: the durable job queue behind the API.
 //!
-//! [`JobQueue`] is the seam: the API layer only talks to the trait, so a Redis Streams
-//! implementation can sit beside the embedded SQLite one without touching the server.
+//! [`JobQueue`] is the seam: the API layer only talks to the trait. [`SqliteQueue`] is the
+//! embedded default (one machine, several processes); [`RedisQueue`] is shared by API nodes
+//! and workers on many machines. Both pass the same [`conformance`] checks.
 //! Guarantees: an accepted job is never lost. A job whose worker dies keeps its lease until
 //! it expires, then returns to the queue; after `max_attempts` it fails with its last reason.
 
+#[doc(hidden)]
+pub mod conformance;
+mod redis_queue;
 mod sqlite;
 
 use std::time::Duration;
 
-use easel_api::{Job, JobResult, JobSpec, JobStatus};
+use easel_api::{Job, JobResult, JobSpec, JobStatus, ModelInfo};
 
+pub use redis_queue::RedisQueue;
 pub use sqlite::SqliteQueue;
+
+/// How long a job for a cold model may be passed over for jobs of warm models.
+pub const PREFERENCE_WINDOW: Duration = Duration::from_secs(10);
 
 /// Queue failures.
 #[derive(Debug, thiserror::Error)]
@@ -48,8 +56,10 @@ pub trait JobQueue: Send + Sync {
     fn get(&self, id: &str) -> Result<Option<Job>>;
     /// 0-based position among queued jobs (None unless queued).
     fn position(&self, id: &str) -> Result<Option<usize>>;
-    /// Claims the next job and up to `max_batch - 1` compatible ones for `worker`, leased for `lease`.
-    fn claim(&self, worker: &str, models: &[String], max_batch: usize, lease: Duration) -> Result<Vec<Job>>;
+    /// Claims the next job and up to `max_batch - 1` compatible ones for `worker`, leased for
+    /// `lease`. Higher priority first; within a priority, jobs for the `prefer`red (warm)
+    /// models first unless an older job has waited [`PREFERENCE_WINDOW`]; then FIFO.
+    fn claim(&self, worker: &str, models: &[String], prefer: &[String], max_batch: usize, lease: Duration) -> Result<Vec<Job>>;
     /// Extends the lease of running jobs.
     fn heartbeat(&self, ids: &[String], lease: Duration) -> Result<()>;
     /// Marks a running job succeeded; false if it was no longer running (canceled, reclaimed).
@@ -70,4 +80,23 @@ pub trait JobQueue: Send + Sync {
     fn active_for(&self, key: &str) -> Result<usize>;
     /// Returns running jobs whose lease expired to the queue; the number returned.
     fn recover_expired(&self) -> Result<usize>;
+    /// Records that `worker` serves `models` (those in `warm` are loaded), valid for `ttl`;
+    /// workers repeat it while they live, so API nodes know which models can run now.
+    fn advertise(&self, worker: &str, models: &[ModelInfo], warm: &[String], ttl: Duration) -> Result<()>;
+    /// The models that some live worker serves.
+    fn live_models(&self) -> Result<Vec<ModelInfo>>;
+}
+
+/// The union (first advertisement of each id wins) of workers' advertised model lists (JSON).
+fn merge_advertised(lists: Vec<String>) -> Result<Vec<ModelInfo>> {
+    let mut out: Vec<ModelInfo> = vec![];
+    for list in lists {
+        let models: Vec<ModelInfo> = serde_json::from_str(&list).map_err(|e| QueueError::Storage(format!("bad worker advertisement: {e}")))?;
+        for m in models {
+            if !out.iter().any(|o| o.id == m.id) {
+                out.push(m);
+            }
+        }
+    }
+    Ok(out)
 }

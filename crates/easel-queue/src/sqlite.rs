@@ -4,7 +4,7 @@ use std::path::Path;
 use std::sync::Mutex;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use easel_api::{Job, JobResult, JobSpec, JobStatus};
+use easel_api::{Job, JobResult, JobSpec, JobStatus, ModelInfo};
 use rusqlite::{params, Connection, OptionalExtension};
 
 use crate::{Enqueued, JobQueue, QueueError, Result};
@@ -73,7 +73,13 @@ impl SqliteQueue {
                 api_key TEXT
             );
             CREATE INDEX IF NOT EXISTS jobs_queued ON jobs(status, priority DESC, seq);
-            CREATE INDEX IF NOT EXISTS jobs_cache ON jobs(cache_key, status);",
+            CREATE INDEX IF NOT EXISTS jobs_cache ON jobs(cache_key, status);
+            CREATE TABLE IF NOT EXISTS workers (
+                name TEXT PRIMARY KEY,
+                models TEXT NOT NULL,
+                warm TEXT NOT NULL,
+                expires_at REAL NOT NULL
+            );",
         )?;
         Ok(Self { conn: Mutex::new(conn), max_queued, max_attempts })
     }
@@ -139,19 +145,20 @@ impl JobQueue for SqliteQueue {
         }
     }
 
-    fn claim(&self, worker: &str, models: &[String], max_batch: usize, lease: Duration) -> Result<Vec<Job>> {
+    fn claim(&self, worker: &str, models: &[String], prefer: &[String], max_batch: usize, lease: Duration) -> Result<Vec<Job>> {
         let mut conn = self.conn();
         let tx = conn.transaction()?;
-        let placeholders = vec!["?"; models.len().max(1)].join(",");
-        let model_params: Vec<&dyn rusqlite::ToSql> = if models.is_empty() {
-            vec![&"" as &dyn rusqlite::ToSql]
-        } else {
-            models.iter().map(|m| m as &dyn rusqlite::ToSql).collect()
-        };
+        let list = |names: &[String]| json(&names);
+        // json_each keeps the statement fixed whatever the number of models.
         let head: Option<(String, String)> = tx
             .query_row(
-                &format!("SELECT id, batch_key FROM jobs WHERE status = 'queued' AND model IN ({placeholders}) ORDER BY priority DESC, seq LIMIT 1"),
-                model_params.as_slice(),
+                "SELECT id, batch_key FROM jobs
+                 WHERE status = 'queued' AND model IN (SELECT value FROM json_each(?1))
+                 ORDER BY priority DESC,
+                          (model IN (SELECT value FROM json_each(?2)) OR created_at < ?3) DESC,
+                          seq
+                 LIMIT 1",
+                params![list(models)?, list(prefer)?, now() - crate::PREFERENCE_WINDOW.as_secs_f64()],
                 |r| Ok((r.get(0)?, r.get(1)?)),
             )
             .optional()?;
@@ -289,108 +296,50 @@ impl JobQueue for SqliteQueue {
         }
         Ok(requeued)
     }
+
+    fn advertise(&self, worker: &str, models: &[ModelInfo], warm: &[String], ttl: Duration) -> Result<()> {
+        let t = now();
+        let conn = self.conn();
+        conn.execute(
+            "INSERT INTO workers (name, models, warm, expires_at) VALUES (?1, ?2, ?3, ?4)
+             ON CONFLICT(name) DO UPDATE SET models = ?2, warm = ?3, expires_at = ?4",
+            params![worker, json(&models)?, json(&warm)?, t + ttl.as_secs_f64()],
+        )?;
+        conn.execute("DELETE FROM workers WHERE expires_at < ?1", params![t])?;
+        Ok(())
+    }
+
+    fn live_models(&self) -> Result<Vec<ModelInfo>> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare("SELECT models FROM workers WHERE expires_at >= ?1 ORDER BY name")?;
+        let rows = stmt.query_map(params![now()], |r| r.get::<_, String>(0))?;
+        crate::merge_advertised(rows.collect::<rusqlite::Result<Vec<String>>>()?)
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use easel_api::{OutputFormat, StoredImage, Timings};
 
-    fn spec(model: &str, priority: i32, steps: usize) -> JobSpec {
-        JobSpec {
-            model: model.into(),
-            prompt: "p".into(),
-            negative_prompt: None,
-            width: 64,
-            height: 64,
-            n: 1,
-            steps,
-            guidance: 4.0,
-            seed: 1,
-            seed_explicit: true,
-            scheduler: None,
-            output_format: OutputFormat::Png,
-            output_compression: None,
-            priority,
-            user: None,
-            webhook_url: None,
-        }
-    }
-
-    fn result() -> JobResult {
-        JobResult { images: vec![StoredImage { key: "k".into(), seed: 1 }], timings: Timings::default(), batch_size: 1 }
-    }
-
-    fn queue(max: usize) -> (tempfile::TempDir, SqliteQueue) {
-        let d = tempfile::tempdir().unwrap();
-        let q = SqliteQueue::open(&d.path().join("q.db"), max, 3).unwrap();
-        (d, q)
+    fn open(path: &Path, max: usize) -> Box<dyn JobQueue> {
+        Box::new(SqliteQueue::open(path, max, 3).expect("opens"))
     }
 
     #[test]
-    fn priority_then_fifo_and_positions() {
-        let (_d, q) = queue(10);
-        let a = q.enqueue(&spec("m", 0, 20), None, None).unwrap().job;
-        let b = q.enqueue(&spec("m", 5, 21), None, None).unwrap().job;
-        let c = q.enqueue(&spec("m", 0, 22), None, None).unwrap().job;
-        assert_eq!(q.position(&b.id).unwrap(), Some(0));
-        assert_eq!(q.position(&a.id).unwrap(), Some(1));
-        assert_eq!(q.position(&c.id).unwrap(), Some(2));
-        let order: Vec<String> = (0..3).map(|_| q.claim("w", &["m".into()], 1, Duration::from_secs(60)).unwrap()[0].id.clone()).collect();
-        assert_eq!(order, vec![b.id, a.id, c.id]);
+    fn passes_the_queue_conformance_suite() {
+        let d = tempfile::tempdir().expect("tempdir");
+        let mut n = 0;
+        crate::conformance::run_all(&mut |max| {
+            n += 1;
+            open(&d.path().join(format!("q{n}.db")), max)
+        });
     }
 
     #[test]
-    fn cap_idempotency_and_batches() {
-        let (_d, q) = queue(2);
-        let a = q.enqueue(&spec("m", 0, 20), None, Some("key")).unwrap();
-        let again = q.enqueue(&spec("m", 0, 20), None, Some("key")).unwrap();
-        assert!(again.existing && again.job.id == a.job.id);
-        q.enqueue(&spec("m", 0, 20), None, None).unwrap();
-        assert!(matches!(q.enqueue(&spec("m", 0, 20), None, None), Err(QueueError::Full(2))));
-        let batch = q.claim("w", &["m".into()], 4, Duration::from_secs(60)).unwrap();
-        assert_eq!(batch.len(), 2, "compatible jobs run together");
-        assert!(q.claim("w", &["other".into()], 4, Duration::from_secs(60)).unwrap().is_empty());
-    }
-
-    #[test]
-    fn expired_leases_requeue_then_fail_after_max_attempts() {
-        let (_d, q) = queue(10);
-        let j = q.enqueue(&spec("m", 0, 20), None, None).unwrap().job;
-        for attempt in 1..=3 {
-            let got = q.claim("w", &["m".into()], 1, Duration::from_millis(0)).unwrap();
-            assert_eq!(got[0].attempts, attempt);
-            std::thread::sleep(Duration::from_millis(5));
-            q.recover_expired().unwrap();
-        }
-        let j = q.get(&j.id).unwrap().unwrap();
-        assert_eq!(j.status, JobStatus::Failed);
-        assert!(j.error.unwrap().contains("lease expired"));
-    }
-
-    #[test]
-    fn complete_cancel_cache_and_persistence() {
-        let d = tempfile::tempdir().unwrap();
+    fn survives_reopening() {
+        let d = tempfile::tempdir().expect("tempdir");
         let path = d.path().join("q.db");
-        let (done, canceled, running) = {
-            let q = SqliteQueue::open(&path, 10, 3).unwrap();
-            let s = spec("m", 0, 20);
-            let j = q.enqueue(&s, Some("ck"), None).unwrap().job;
-            q.claim("w", &["m".into()], 1, Duration::from_secs(60)).unwrap();
-            assert!(q.complete(&j.id, &result()).unwrap());
-            assert!(!q.complete(&j.id, &result()).unwrap(), "completes once");
-            let c = q.enqueue(&s, None, None).unwrap().job;
-            assert_eq!(q.cancel(&c.id).unwrap(), Some(JobStatus::Canceled));
-            let r = q.enqueue(&s, None, None).unwrap().job;
-            q.claim("w", &["m".into()], 1, Duration::from_secs(60)).unwrap();
-            assert_eq!(q.cancel(&r.id).unwrap(), Some(JobStatus::Running));
-            assert!(q.cancel_requested(&r.id).unwrap());
-            (j.id, c.id, r.id)
-        };
-        let q = SqliteQueue::open(&path, 10, 3).unwrap();
-        assert_eq!(q.get(&done).unwrap().unwrap().status, JobStatus::Succeeded);
-        assert_eq!(q.cached("ck").unwrap().unwrap().id, done);
-        assert_eq!(q.get(&canceled).unwrap().unwrap().status, JobStatus::Canceled);
-        assert_eq!(q.get(&running).unwrap().unwrap().status, JobStatus::Running);
+        let ids = crate::conformance::persistence_before(&*open(&path, 10));
+        crate::conformance::persistence_after(&*open(&path, 10), &ids);
     }
 }

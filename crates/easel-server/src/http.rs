@@ -65,6 +65,8 @@ pub struct AppState {
     rate: Arc<Mutex<HashMap<String, (Instant, f64)>>>,
     /// Hot cache hits in memory: cache key to the finished job, and b64 of stored images.
     hot: Arc<Mutex<HotCache>>,
+    /// Models that live workers advertise, re-read from the queue at most once a second.
+    live: Arc<Mutex<Option<(Instant, Vec<ModelInfo>)>>>,
 }
 
 /// Recently served cache hits, so a repeated request touches neither SQLite nor the disk.
@@ -97,14 +99,44 @@ impl std::ops::Deref for AppState {
 
 impl AppState {
     pub fn new(services: Services, config: ServerConfig) -> Self {
-        Self { services, config, rate: Default::default(), hot: Default::default() }
+        Self { services, config, rate: Default::default(), hot: Default::default(), live: Default::default() }
     }
 
-    fn model(&self, id: Option<&str>) -> Result<ModelInfo, ApiError> {
-        let models = self.executor.models();
+    /// Models some live worker serves (from the queue's advertisements, cached for a second).
+    fn live_models(&self) -> Result<Vec<ModelInfo>, ApiError> {
+        let mut live = self.live.lock().unwrap_or_else(|p| p.into_inner());
+        match &*live {
+            Some((at, models)) if at.elapsed() < Duration::from_secs(1) => Ok(models.clone()),
+            _ => {
+                let models = self.queue.live_models().map_err(queue_error)?;
+                *live = Some((Instant::now(), models.clone()));
+                Ok(models)
+            }
+        }
+    }
+
+    /// Every model this node knows: the ones it was configured with, and any a live worker
+    /// advertises. Each with whether a live worker serves it now.
+    fn catalogue(&self) -> Result<Vec<(ModelInfo, bool)>, ApiError> {
+        let live = self.live_models()?;
+        let mut all: Vec<(ModelInfo, bool)> = self.executor.models().into_iter().map(|m| {
+            let up = live.iter().any(|l| l.id == m.id);
+            (m, up)
+        }).collect();
+        for m in live {
+            if !all.iter().any(|(a, _)| a.id == m.id) {
+                all.push((m, true));
+            }
+        }
+        Ok(all)
+    }
+
+    /// The requested model (or the default one), and whether a live worker serves it.
+    fn model(&self, id: Option<&str>) -> Result<(ModelInfo, bool), ApiError> {
+        let models = self.catalogue()?;
         match id {
             None => models.into_iter().next().ok_or_else(|| ApiError::unavailable("no model is being served")),
-            Some(id) => models.into_iter().find(|m| m.id == id).ok_or_else(|| ApiError::unknown_model(id)),
+            Some(id) => models.into_iter().find(|(m, _)| m.id == id).ok_or_else(|| ApiError::unknown_model(id)),
         }
     }
 
@@ -217,7 +249,7 @@ fn random_seed() -> u64 {
 fn submit(state: &AppState, headers: &HeaderMap, body: &Bytes) -> Result<(Job, ResponseFormat, bool), ApiError> {
     let key_name = state.authorize(headers)?;
     let req: ImageRequest = parse_body(body)?;
-    let model = state.model(req.model.as_deref())?;
+    let (model, served) = state.model(req.model.as_deref())?;
     let (mut spec, format) = req.validate(&model, random_seed)?;
     if let Some(url) = &spec.webhook_url {
         crate::webhooks::validate_url(url, state.config.allow_private_webhooks)?;
@@ -243,6 +275,9 @@ fn submit(state: &AppState, headers: &HeaderMap, body: &Bytes) -> Result<(Job, R
             hot.jobs.insert(ck.clone(), job.clone());
             return Ok((job, format, true));
         }
+    }
+    if !served {
+        return Err(ApiError::unavailable(format!("no worker is serving model `{}` right now; retry later", model.id)));
     }
     let idem = headers.get("idempotency-key").and_then(|v| v.to_str().ok()).map(str::to_owned);
     let enq = state.queue.enqueue(&spec, cache_key.as_deref(), idem.as_deref()).map_err(queue_error)?;
@@ -313,7 +348,10 @@ async fn generations(State(state): State<AppState>, headers: HeaderMap, body: Re
     let mut data = vec![];
     for img in &result.images {
         data.push(match format {
-            ResponseFormat::Url => serde_json::json!({ "url": absolute_url(&headers, &image_path(&img.key)), "revised_prompt": null }),
+            ResponseFormat::Url => {
+                let url = state.store.signed_url(&img.key).unwrap_or_else(|| absolute_url(&headers, &image_path(&img.key)));
+                serde_json::json!({ "url": url, "revised_prompt": null })
+            }
             ResponseFormat::B64Json => serde_json::json!({ "b64_json": &*b64_image(&state, &img.key)?, "revised_prompt": null }),
         });
     }
@@ -458,10 +496,9 @@ async fn job_events(State(state): State<AppState>, headers: HeaderMap, Path(id):
 async fn list_models(State(state): State<AppState>, headers: HeaderMap) -> ApiResult<Json<serde_json::Value>> {
     state.authorize(&headers)?;
     let data: Vec<_> = state
-        .executor
-        .models()
+        .catalogue()?
         .into_iter()
-        .map(|m| serde_json::json!({"id": m.id, "object": "model", "created": 0, "owned_by": "easel", "easel": m}))
+        .map(|(m, live)| serde_json::json!({"id": m.id, "object": "model", "created": 0, "owned_by": "easel", "easel": m, "ready": live}))
         .collect();
     Ok(Json(serde_json::json!({"object": "list", "data": data})))
 }
@@ -471,7 +508,10 @@ async fn get_image(State(state): State<AppState>, Path((job, file)): Path<(Strin
     if !crate::store::valid_key(&key) {
         return Err(ApiError::not_found("no such image").into());
     }
-    let bytes = state.store.get(&key).map_err(|_| ApiError::not_found("no such image"))?;
+    let bytes = state.store.get(&key).map_err(|e| match e {
+        crate::store::StoreError::NotFound => ApiError::not_found("no such image"),
+        other => ApiError::unavailable(format!("the image store is unavailable: {other}")),
+    })?;
     let mime = match file.rsplit('.').next() {
         Some("png") => "image/png",
         Some("jpeg") | Some("jpg") => "image/jpeg",
@@ -483,8 +523,8 @@ async fn get_image(State(state): State<AppState>, Path((job, file)): Path<(Strin
 
 async fn readyz(State(state): State<AppState>) -> ApiResult<&'static str> {
     state.queue.depth().map_err(queue_error)?;
-    if state.executor.models().is_empty() {
-        return Err(ApiError::unavailable("no model is being served").into());
+    if !state.catalogue()?.iter().any(|(_, live)| *live) {
+        return Err(ApiError::unavailable("no worker is serving any model").into());
     }
     Ok("ready")
 }

@@ -21,7 +21,7 @@ use std::sync::Arc;
 pub struct Services {
     pub queue: Arc<dyn easel_queue::JobQueue>,
     pub executor: Arc<dyn Executor>,
-    pub store: store::LocalStore,
+    pub store: Arc<dyn store::OutputStore>,
     pub bus: events::EventBus,
     pub metrics: Arc<metrics::Metrics>,
     /// Rung on every enqueue so an idle in-process worker starts at once.

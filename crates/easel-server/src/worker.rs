@@ -52,6 +52,13 @@ pub trait Executor: Send + Sync {
     }
 }
 
+/// How often a worker renews its advertisement, and how long one stays valid.
+const ADVERTISE_EVERY: Duration = Duration::from_secs(2);
+const ADVERTISE_TTL: Duration = Duration::from_secs(10);
+
+/// How long a worker keeps retrying a failing store write before failing the attempt.
+const STORE_PATIENCE: Duration = Duration::from_secs(15);
+
 /// Worker knobs.
 #[derive(Debug, Clone)]
 pub struct WorkerConfig {
@@ -109,16 +116,23 @@ pub fn image_path(key: &str) -> String {
 impl Worker {
     /// Runs until `stop` is set. Blocking: call from a dedicated thread.
     pub fn run(&self, stop: &AtomicBool) {
-        let models: Vec<String> = self.executor.models().into_iter().map(|m| m.id).collect();
+        let infos = self.executor.models();
+        let models: Vec<String> = infos.iter().map(|m| m.id.clone()).collect();
         let mut last_recover = Instant::now() - Duration::from_secs(3600);
+        let mut last_advert = last_recover;
         while !stop.load(Ordering::Relaxed) {
+            if last_advert.elapsed() >= ADVERTISE_EVERY {
+                self.advertise(&infos, ADVERTISE_TTL);
+                last_advert = Instant::now();
+            }
             if last_recover.elapsed() > Duration::from_secs(1) {
                 if let Err(e) = self.queue.recover_expired() {
                     tracing::error!("recovering expired jobs: {e}");
                 }
                 last_recover = Instant::now();
             }
-            let jobs = match self.queue.claim(&self.config.name, &models, self.config.max_batch, self.config.lease) {
+            let warm = self.executor.warm_models();
+            let jobs = match self.queue.claim(&self.config.name, &models, &warm, self.config.max_batch, self.config.lease) {
                 Ok(j) => j,
                 Err(e) => {
                     tracing::error!("claiming jobs: {e}");
@@ -132,6 +146,15 @@ impl Worker {
                 continue;
             }
             self.run_jobs(jobs);
+        }
+        // Stop counting as a server of these models at once.
+        self.advertise(&infos, Duration::ZERO);
+    }
+
+    /// Tells API nodes (through the queue) which models this worker serves, for `ttl`.
+    pub fn advertise(&self, infos: &[ModelInfo], ttl: Duration) {
+        if let Err(e) = self.queue.advertise(&self.config.name, infos, &self.executor.warm_models(), ttl) {
+            tracing::error!("advertising models: {e}");
         }
     }
 
@@ -149,8 +172,9 @@ impl Worker {
             for id in &ids {
                 self.bus.publish(Event::Progress { job_id: id.clone(), step: done, total });
             }
-            if last_beat.elapsed() > self.config.lease / 3 {
+            if last_beat.elapsed() > (self.config.lease / 3).min(ADVERTISE_EVERY) {
                 let _ = self.queue.heartbeat(&ids, self.config.lease);
+                self.advertise(&self.executor.models(), ADVERTISE_TTL);
                 last_beat = Instant::now();
             }
             // A canceled job stops the batch between steps; its batch-mates run again.
@@ -193,12 +217,32 @@ impl Worker {
         }
     }
 
+    /// Writes an image, riding out a short store outage (with the job's lease renewed) before
+    /// giving the attempt up.
+    fn put_with_retries(&self, job_id: &str, key: &str, bytes: &[u8]) -> Result<(), crate::store::StoreError> {
+        let mut wait = Duration::from_millis(250);
+        let deadline = Instant::now() + STORE_PATIENCE;
+        loop {
+            match self.store.put(key, bytes) {
+                Ok(()) => return Ok(()),
+                Err(e) if Instant::now() + wait > deadline => return Err(e),
+                Err(e) => {
+                    tracing::warn!("storing {key}: {e}; retrying in {wait:?}");
+                    self.metrics.error("store");
+                    std::thread::sleep(wait);
+                    let _ = self.queue.heartbeat(&[job_id.to_string()], self.config.lease);
+                    wait = (wait * 2).min(Duration::from_secs(4));
+                }
+            }
+        }
+    }
+
     fn finish(&self, job: &Job, images: Vec<EncodedImage>, t: &BatchTimings, run_s: f64, batch: usize) {
         let ext = job.spec.output_format.extension();
         let mut stored = vec![];
         for (i, img) in images.iter().enumerate() {
             let key = format!("{}/{i}.{ext}", job.id);
-            if let Err(e) = self.store.put(&key, &img.bytes) {
+            if let Err(e) = self.put_with_retries(&job.id, &key, &img.bytes) {
                 let reason = format!("storing output: {e}");
                 self.metrics.error("store");
                 if let Ok(JobStatus::Failed) = self.queue.fail(&job.id, &reason, true) {

@@ -1,0 +1,545 @@
+//! The scale-out queue: Redis, shared by API nodes and workers on many machines.
+//!
+//! Every state change is one Lua script, so it is atomic across all clients. Layout under a
+//! key prefix (default `easel`):
+//! - `job:{id}`: a hash of the job's fields (spec and result as opaque JSON strings);
+//! - `queued`: a sorted set of waiting job ids, scored by (-priority, arrival sequence), so
+//!   priorities, FIFO, positions (ZRANK) and the cap (ZCARD) are exact;
+//! - `running`: a sorted set of claimed job ids scored by lease expiry; expired ones are
+//!   reclaimed by any worker (at-least-once), and `complete` records a result only while the
+//!   job is still running under a lease (exactly once);
+//! - `idem:{key}`, `cache:{key}`, `active:{api key}`: idempotency, result cache, per-key jobs;
+//! - `workers` / `workers:expiry`: which models live workers advertise;
+//! - the `events` stream: job events from every node (XADD, capped), read by every API node.
+//!
+//! Times come from the Redis server's clock (TIME), so leases hold across machines whose
+//! clocks disagree.
+
+use std::sync::Mutex;
+use std::time::Duration;
+
+use easel_api::{Event, Job, JobResult, JobSpec, JobStatus, ModelInfo};
+use redis::{Commands, Script};
+
+use crate::{Enqueued, JobQueue, QueueError, Result};
+
+impl From<redis::RedisError> for QueueError {
+    fn from(e: redis::RedisError) -> Self {
+        Self::Storage(format!("redis: {e}"))
+    }
+}
+
+/// Redis-backed [`JobQueue`].
+pub struct RedisQueue {
+    client: redis::Client,
+    conn: Mutex<Option<redis::Connection>>,
+    prefix: String,
+    max_queued: usize,
+    max_attempts: u32,
+}
+
+/// Score of a queued job: higher priority first, then arrival order.
+const SCORE: &str = "local function score(priority, seq) return -tonumber(priority) * 1e12 + tonumber(seq) end
+local function now() local t = redis.call('TIME') return tonumber(t[1]) + tonumber(t[2]) / 1e6 end
+local P = ARGV[1]
+";
+
+const ENQUEUE: &str = "
+local id, spec, priority, model, batch_key, cache_key, idem, api_key, max = ARGV[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6], ARGV[7], ARGV[8], ARGV[9], tonumber(ARGV[10])
+if idem ~= '' then
+  local existing = redis.call('GET', P .. 'idem:' .. idem)
+  if existing then return {existing, 1} end
+end
+local queued = redis.call('ZCARD', P .. 'queued')
+if queued >= max then return {'', 2, queued} end
+local seq = redis.call('INCR', P .. 'seq')
+redis.call('HSET', P .. 'job:' .. id, 'id', id, 'status', 'queued', 'priority', priority, 'model', model, 'batch_key', batch_key,
+  'spec', spec, 'attempts', 0, 'created_at', tostring(now()), 'seq', seq, 'cancel', 0, 'cache_key', cache_key, 'api_key', api_key)
+redis.call('ZADD', P .. 'queued', score(priority, seq), id)
+if api_key ~= '' then redis.call('SADD', P .. 'active:' .. api_key, id) end
+if idem ~= '' then redis.call('SET', P .. 'idem:' .. idem, id) end
+return {id, 0}
+";
+
+const CLAIM: &str = "
+local worker, models, prefer, max_batch, lease, window = ARGV[2], cjson.decode(ARGV[3]), cjson.decode(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[6]), tonumber(ARGV[7])
+local serves, warm = {}, {}
+for _, m in ipairs(models) do serves[m] = true end
+for _, m in ipairs(prefer) do warm[m] = true end
+local t = now()
+local ids = redis.call('ZRANGE', P .. 'queued', 0, 999)
+local head, head_priority, chosen = nil, nil, nil
+for _, id in ipairs(ids) do
+  local f = redis.call('HMGET', P .. 'job:' .. id, 'model', 'priority', 'created_at')
+  if serves[f[1]] then
+    if head == nil then head, head_priority = id, f[2] end
+    if f[2] ~= head_priority then break end
+    if warm[f[1]] or tonumber(f[3]) < t - window then chosen = id break end
+  end
+end
+chosen = chosen or head
+if chosen == nil then return {} end
+local batch_key = redis.call('HGET', P .. 'job:' .. chosen, 'batch_key')
+local out = {chosen}
+if max_batch > 1 then
+  for _, id in ipairs(ids) do
+    if #out >= max_batch then break end
+    if id ~= chosen and redis.call('HGET', P .. 'job:' .. id, 'batch_key') == batch_key then table.insert(out, id) end
+  end
+end
+for _, id in ipairs(out) do
+  redis.call('ZREM', P .. 'queued', id)
+  redis.call('ZADD', P .. 'running', t + lease, id)
+  redis.call('HINCRBY', P .. 'job:' .. id, 'attempts', 1)
+  redis.call('HSET', P .. 'job:' .. id, 'status', 'running', 'worker', worker, 'started_at', tostring(t), 'lease_until', tostring(t + lease))
+end
+return out
+";
+
+const HEARTBEAT: &str = "
+local lease = tonumber(ARGV[2])
+local t = now()
+for i = 3, #ARGV do
+  local id = ARGV[i]
+  if redis.call('HGET', P .. 'job:' .. id, 'status') == 'running' then
+    redis.call('HSET', P .. 'job:' .. id, 'lease_until', tostring(t + lease))
+    redis.call('ZADD', P .. 'running', t + lease, id)
+  end
+end
+return 1
+";
+
+/// Ends a job: final status, bookkeeping. Shared by the scripts that finish jobs.
+const FINISH: &str = "
+local function finish(id, status, field, value)
+  local key = P .. 'job:' .. id
+  redis.call('HSET', key, 'status', status, 'finished_at', tostring(now()))
+  if field then redis.call('HSET', key, field, value) end
+  redis.call('ZREM', P .. 'running', id)
+  redis.call('ZREM', P .. 'queued', id)
+  local api_key = redis.call('HGET', key, 'api_key')
+  if api_key and api_key ~= '' then redis.call('SREM', P .. 'active:' .. api_key, id) end
+end
+local function requeue(id, field, value)
+  local key = P .. 'job:' .. id
+  local f = redis.call('HMGET', key, 'priority', 'seq')
+  redis.call('HSET', key, 'status', 'queued', 'worker', '', 'lease_until', '')
+  if field then redis.call('HSET', key, field, value) end
+  redis.call('ZREM', P .. 'running', id)
+  redis.call('ZADD', P .. 'queued', score(f[1], f[2]), id)
+end
+";
+
+const COMPLETE: &str = "
+local id, result = ARGV[2], ARGV[3]
+local key = P .. 'job:' .. id
+if redis.call('HGET', key, 'status') ~= 'running' then return 0 end
+finish(id, 'succeeded', 'result', result)
+local ck = redis.call('HGET', key, 'cache_key')
+if ck and ck ~= '' then redis.call('SETNX', P .. 'cache:' .. ck, id) end
+return 1
+";
+
+const FAIL: &str = "
+local id, reason, retryable, max_attempts = ARGV[2], ARGV[3], ARGV[4] == '1', tonumber(ARGV[5])
+local key = P .. 'job:' .. id
+local status = redis.call('HGET', key, 'status')
+if status ~= 'running' then return status or 'failed' end
+if retryable and tonumber(redis.call('HGET', key, 'attempts')) < max_attempts then
+  requeue(id, 'error', reason)
+  return 'queued'
+end
+finish(id, 'failed', 'error', reason)
+return 'failed'
+";
+
+const CANCEL: &str = "
+local id = ARGV[2]
+local key = P .. 'job:' .. id
+local status = redis.call('HGET', key, 'status')
+if not status then return false end
+if status == 'queued' then finish(id, 'canceled') return 'canceled' end
+if status == 'running' then redis.call('HSET', key, 'cancel', 1) end
+return status
+";
+
+const MARK_CANCELED: &str = "
+local id = ARGV[2]
+if redis.call('HGET', P .. 'job:' .. id, 'status') == 'running' then finish(id, 'canceled') end
+return 1
+";
+
+const RECOVER: &str = "
+local max_attempts = tonumber(ARGV[2])
+local expired = redis.call('ZRANGEBYSCORE', P .. 'running', '-inf', now())
+local requeued = 0
+for _, id in ipairs(expired) do
+  local key = P .. 'job:' .. id
+  if tonumber(redis.call('HGET', key, 'attempts') or '0') >= max_attempts then
+    local err = redis.call('HGET', key, 'error')
+    if not err or err == '' then err = 'worker died' end
+    finish(id, 'failed', 'error', err .. ' (lease expired after the last attempt)')
+  else
+    requeue(id)
+    requeued = requeued + 1
+  end
+end
+return requeued
+";
+
+const ADVERTISE: &str = "
+local worker, models, warm, ttl = ARGV[2], ARGV[3], ARGV[4], tonumber(ARGV[5])
+local t = now()
+redis.call('HSET', P .. 'workers', worker, models)
+redis.call('HSET', P .. 'workers:warm', worker, warm)
+redis.call('ZADD', P .. 'workers:expiry', t + ttl, worker)
+local gone = redis.call('ZRANGEBYSCORE', P .. 'workers:expiry', '-inf', '(' .. t)
+for _, w in ipairs(gone) do
+  redis.call('HDEL', P .. 'workers', w)
+  redis.call('HDEL', P .. 'workers:warm', w)
+  redis.call('ZREM', P .. 'workers:expiry', w)
+end
+return 1
+";
+
+const LIVE: &str = "
+local live = redis.call('ZRANGEBYSCORE', P .. 'workers:expiry', now(), '+inf')
+local out = {}
+for _, w in ipairs(live) do
+  local m = redis.call('HGET', P .. 'workers', w)
+  if m then table.insert(out, m) end
+end
+return out
+";
+
+/// Events kept in the shared stream for late readers.
+const EVENTS_KEPT: usize = 10_000;
+
+fn script(body: &str) -> Script {
+    Script::new(&format!("{SCORE}{FINISH}{body}"))
+}
+
+fn opt(s: Option<String>) -> Option<String> {
+    s.filter(|v| !v.is_empty())
+}
+
+fn num(s: Option<String>) -> Option<f64> {
+    opt(s).and_then(|v| v.parse().ok())
+}
+
+impl RedisQueue {
+    /// Connects to `url` (`redis://HOST:PORT/DB`), checking the server answers.
+    pub fn open(url: &str, max_queued: usize, max_attempts: u32) -> Result<Self> {
+        let client = redis::Client::open(url).map_err(|e| QueueError::Storage(format!("redis URL `{url}`: {e}")))?;
+        let q = Self { client, conn: Mutex::new(None), prefix: "easel:".into(), max_queued, max_attempts };
+        q.with(|c| redis::cmd("PING").query::<String>(c)).map_err(|e| QueueError::Storage(format!("cannot reach Redis at {url}: {e}")))?;
+        Ok(q)
+    }
+
+    /// Uses `prefix` (plus ':') for every key, so several deployments can share a database.
+    pub fn with_prefix(mut self, prefix: &str) -> Self {
+        self.prefix = format!("{prefix}:");
+        self
+    }
+
+    /// Runs `f` on the connection, reconnecting first if the last call failed, so the queue
+    /// recovers by itself when Redis comes back.
+    fn with<T>(&self, f: impl FnOnce(&mut redis::Connection) -> redis::RedisResult<T>) -> Result<T> {
+        let mut guard = self.conn.lock().unwrap_or_else(|p| p.into_inner());
+        if guard.is_none() {
+            let c = self.client.get_connection_with_timeout(Duration::from_secs(2))?;
+            c.set_read_timeout(Some(Duration::from_secs(10)))?;
+            c.set_write_timeout(Some(Duration::from_secs(10)))?;
+            *guard = Some(c);
+        }
+        let conn = guard.as_mut().ok_or_else(|| QueueError::Storage("redis: no connection".into()))?;
+        match f(conn) {
+            Ok(v) => Ok(v),
+            Err(e) => {
+                if e.is_connection_dropped() || e.is_io_error() || e.is_timeout() || e.is_connection_refusal() {
+                    *guard = None;
+                }
+                Err(e.into())
+            }
+        }
+    }
+
+    fn run<T: redis::FromRedisValue>(&self, body: &str, args: &[String]) -> Result<T> {
+        let script = script(body);
+        self.with(|c| {
+            let mut inv = script.prepare_invoke();
+            inv.arg(&self.prefix);
+            for a in args {
+                inv.arg(a);
+            }
+            inv.invoke(c)
+        })
+    }
+
+    fn job_key(&self, id: &str) -> String {
+        format!("{}job:{id}", self.prefix)
+    }
+
+    fn parse_job(&self, fields: std::collections::HashMap<String, String>) -> Result<Option<Job>> {
+        let mut f = fields;
+        let Some(id) = f.remove("id") else { return Ok(None) };
+        let bad = |what: &str, e: serde_json::Error| QueueError::Storage(format!("job {id}: bad {what}: {e}"));
+        let spec: JobSpec = serde_json::from_str(f.get("spec").map(String::as_str).unwrap_or("")).map_err(|e| bad("spec", e))?;
+        let result: Option<JobResult> = opt(f.remove("result")).map(|r| serde_json::from_str(&r)).transpose().map_err(|e| bad("result", e))?;
+        Ok(Some(Job {
+            status: f.get("status").and_then(|s| JobStatus::parse(s)).unwrap_or(JobStatus::Failed),
+            spec,
+            result,
+            error: opt(f.remove("error")),
+            attempts: f.get("attempts").and_then(|a| a.parse().ok()).unwrap_or(0),
+            created_at: num(f.remove("created_at")).unwrap_or(0.0),
+            started_at: num(f.remove("started_at")),
+            finished_at: num(f.remove("finished_at")),
+            cache_key: opt(f.remove("cache_key")),
+            cache_hit: false,
+            id,
+        }))
+    }
+
+    /// Appends an event to the shared stream every API node reads.
+    pub fn publish_event(&self, origin: &str, event: &Event) -> Result<()> {
+        let body = serde_json::to_string(event).map_err(|e| QueueError::Storage(e.to_string()))?;
+        let key = format!("{}events", self.prefix);
+        self.with(|c| {
+            redis::cmd("XADD").arg(&key).arg("MAXLEN").arg("~").arg(EVENTS_KEPT).arg("*").arg("origin").arg(origin).arg("event").arg(&body).query::<String>(c)
+        })?;
+        Ok(())
+    }
+
+    /// Blocks reading the events published after this call, handing each to `sink` with its
+    /// origin, and `None` about once a second while quiet, until `sink` returns false.
+    /// Reconnects by itself after errors.
+    pub fn follow_events(&self, sink: &mut dyn FnMut(Option<(&str, Event)>) -> bool) {
+        let key = format!("{}events", self.prefix);
+        let mut last = "$".to_string();
+        let mut conn: Option<redis::Connection> = None;
+        loop {
+            if conn.is_none() {
+                match self.client.get_connection_with_timeout(Duration::from_secs(2)) {
+                    Ok(c) => conn = Some(c),
+                    Err(_) => {
+                        if !sink(None) {
+                            return;
+                        }
+                        std::thread::sleep(Duration::from_millis(500));
+                        continue;
+                    }
+                }
+            }
+            let Some(c) = conn.as_mut() else { continue };
+            let reply: redis::RedisResult<Option<redis::streams::StreamReadReply>> =
+                redis::cmd("XREAD").arg("BLOCK").arg(1000).arg("COUNT").arg(256).arg("STREAMS").arg(&key).arg(&last).query(c);
+            match reply {
+                Ok(r) => {
+                    for stream in r.map(|r| r.keys).unwrap_or_default() {
+                        for entry in stream.ids {
+                            last = entry.id.clone();
+                            let origin: String = entry.get("origin").unwrap_or_default();
+                            let body: String = entry.get("event").unwrap_or_default();
+                            if let Ok(e) = serde_json::from_str::<Event>(&body) {
+                                if !sink(Some((&origin, e))) {
+                                    return;
+                                }
+                            }
+                        }
+                    }
+                }
+                Err(_) => {
+                    conn = None;
+                    std::thread::sleep(Duration::from_millis(500));
+                }
+            }
+            if !sink(None) {
+                return;
+            }
+        }
+    }
+
+    /// Deletes every key under this queue's prefix (for tests).
+    pub fn purge(&self) -> Result<()> {
+        let pattern = format!("{}*", self.prefix);
+        let keys: Vec<String> = self.with(|c| c.keys(&pattern))?;
+        if !keys.is_empty() {
+            self.with(|c| c.del::<_, ()>(&keys))?;
+        }
+        Ok(())
+    }
+}
+
+impl JobQueue for RedisQueue {
+    fn enqueue(&self, spec: &JobSpec, cache_key: Option<&str>, idempotency_key: Option<&str>) -> Result<Enqueued> {
+        let id = format!("job_{}", uuid::Uuid::new_v4().simple());
+        let spec_json = serde_json::to_string(spec).map_err(|e| QueueError::Storage(e.to_string()))?;
+        let reply: Vec<redis::Value> = self.run(
+            ENQUEUE,
+            &[
+                id.clone(),
+                spec_json,
+                spec.priority.to_string(),
+                spec.model.clone(),
+                spec.batch_key(),
+                cache_key.unwrap_or("").to_string(),
+                idempotency_key.unwrap_or("").to_string(),
+                spec.user.clone().unwrap_or_default(),
+                self.max_queued.to_string(),
+            ],
+        )?;
+        let field = |i: usize| reply.get(i).and_then(|v| redis::from_redis_value::<String>(v).ok()).unwrap_or_default();
+        match field(1).as_str() {
+            "2" => Err(QueueError::Full(field(2).parse().unwrap_or(self.max_queued))),
+            flag => {
+                let job = self.get(&field(0))?.ok_or_else(|| QueueError::Storage("enqueued job vanished".into()))?;
+                Ok(Enqueued { job, existing: flag == "1" })
+            }
+        }
+    }
+
+    fn get(&self, id: &str) -> Result<Option<Job>> {
+        let key = self.job_key(id);
+        let fields: std::collections::HashMap<String, String> = self.with(|c| c.hgetall(&key))?;
+        self.parse_job(fields)
+    }
+
+    fn position(&self, id: &str) -> Result<Option<usize>> {
+        let key = format!("{}queued", self.prefix);
+        Ok(self.with(|c| c.zrank(&key, id))?)
+    }
+
+    fn claim(&self, worker: &str, models: &[String], prefer: &[String], max_batch: usize, lease: Duration) -> Result<Vec<Job>> {
+        let list = |v: &[String]| if v.is_empty() { "[]".to_string() } else { serde_json::to_string(v).unwrap_or_else(|_| "[]".into()) };
+        let ids: Vec<String> = self.run(
+            CLAIM,
+            &[worker.to_string(), list(models).to_string(), list(prefer).to_string(), max_batch.max(1).to_string(), lease.as_secs_f64().to_string(), crate::PREFERENCE_WINDOW.as_secs_f64().to_string()],
+        )?;
+        let mut jobs = vec![];
+        for id in ids {
+            if let Some(j) = self.get(&id)? {
+                jobs.push(j);
+            }
+        }
+        Ok(jobs)
+    }
+
+    fn heartbeat(&self, ids: &[String], lease: Duration) -> Result<()> {
+        let mut args = vec![lease.as_secs_f64().to_string()];
+        args.extend(ids.iter().cloned());
+        self.run::<i64>(HEARTBEAT, &args)?;
+        Ok(())
+    }
+
+    fn complete(&self, id: &str, result: &JobResult) -> Result<bool> {
+        let body = serde_json::to_string(result).map_err(|e| QueueError::Storage(e.to_string()))?;
+        Ok(self.run::<i64>(COMPLETE, &[id.to_string(), body.to_string()])? == 1)
+    }
+
+    fn fail(&self, id: &str, reason: &str, retryable: bool) -> Result<JobStatus> {
+        let status: String = self.run(FAIL, &[id.to_string(), reason.to_string(), (retryable as i32).to_string(), self.max_attempts.to_string()])?;
+        Ok(JobStatus::parse(&status).unwrap_or(JobStatus::Failed))
+    }
+
+    fn cancel(&self, id: &str) -> Result<Option<JobStatus>> {
+        let status: Option<String> = self.run(CANCEL, &[id.to_string()])?;
+        Ok(status.and_then(|s| JobStatus::parse(&s)))
+    }
+
+    fn cancel_requested(&self, id: &str) -> Result<bool> {
+        let key = self.job_key(id);
+        let v: Option<String> = self.with(|c| c.hget(&key, "cancel"))?;
+        Ok(v.as_deref() == Some("1"))
+    }
+
+    fn mark_canceled(&self, id: &str) -> Result<()> {
+        self.run::<i64>(MARK_CANCELED, &[id.to_string()])?;
+        Ok(())
+    }
+
+    fn cached(&self, cache_key: &str) -> Result<Option<Job>> {
+        let key = format!("{}cache:{cache_key}", self.prefix);
+        let id: Option<String> = self.with(|c| c.get(&key))?;
+        match id {
+            Some(id) => Ok(self.get(&id)?.filter(|j| j.status == JobStatus::Succeeded)),
+            None => Ok(None),
+        }
+    }
+
+    fn depth(&self) -> Result<usize> {
+        let key = format!("{}queued", self.prefix);
+        Ok(self.with(|c| c.zcard(&key))?)
+    }
+
+    fn active_for(&self, key: &str) -> Result<usize> {
+        let k = format!("{}active:{key}", self.prefix);
+        Ok(self.with(|c| c.scard(&k))?)
+    }
+
+    fn recover_expired(&self) -> Result<usize> {
+        let n: i64 = self.run(RECOVER, &[self.max_attempts.to_string()])?;
+        if n > 0 {
+            tracing::warn!(requeued = n, "recovered jobs whose worker stopped");
+        }
+        Ok(n as usize)
+    }
+
+    fn advertise(&self, worker: &str, models: &[ModelInfo], warm: &[String], ttl: Duration) -> Result<()> {
+        let m = serde_json::to_string(models).map_err(|e| QueueError::Storage(e.to_string()))?;
+        let w = serde_json::to_string(warm).map_err(|e| QueueError::Storage(e.to_string()))?;
+        self.run::<i64>(ADVERTISE, &[worker.to_string(), m.to_string(), w.to_string(), ttl.as_secs_f64().to_string()])?;
+        Ok(())
+    }
+
+    fn live_models(&self) -> Result<Vec<ModelInfo>> {
+        let lists: Vec<String> = self.run(LIVE, &[])?;
+        crate::merge_advertised(lists)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The Redis that .ci/run makes sure is running; database 13 is this suite's own.
+    fn url() -> String {
+        std::env::var("EASEL_TEST_REDIS").unwrap_or_else(|_| "redis://127.0.0.1:6379/13".into())
+    }
+
+    fn open(prefix: &str, max: usize) -> RedisQueue {
+        let q = RedisQueue::open(&url(), max, 3).expect("Redis on 127.0.0.1:6379 (started by .ci/run)").with_prefix(prefix);
+        q.purge().expect("purge");
+        q
+    }
+
+    #[test]
+    fn passes_the_queue_conformance_suite() {
+        let mut n = 0;
+        let mut made = vec![];
+        crate::conformance::run_all(&mut |max| {
+            n += 1;
+            let prefix = format!("easel-test-{}-{n}", std::process::id());
+            made.push(prefix.clone());
+            Box::new(open(&prefix, max))
+        });
+        for p in made {
+            open(&p, 1).purge().expect("cleanup");
+        }
+    }
+
+    #[test]
+    fn survives_reconnecting() {
+        let prefix = format!("easel-test-{}-persist", std::process::id());
+        let ids = crate::conformance::persistence_before(&open(&prefix, 10));
+        let again = RedisQueue::open(&url(), 10, 3).expect("reconnects").with_prefix(&prefix);
+        crate::conformance::persistence_after(&again, &ids);
+        again.purge().expect("cleanup");
+    }
+
+    #[test]
+    fn unreachable_redis_is_one_clear_error() {
+        let err = RedisQueue::open("redis://127.0.0.1:1/0", 10, 3).err().expect("nothing listens on port 1");
+        assert!(err.to_string().contains("cannot reach Redis at redis://127.0.0.1:1/0"), "{err}");
+    }
+}
