@@ -156,9 +156,36 @@ fn a_redis_restart_loses_no_accepted_job() {
     }
 }
 
-/// The S3-compatible server .ci/run starts (moto in server mode).
+/// An S3-compatible server: EASEL_TEST_S3, else moto's server on 127.0.0.1:5055, which
+/// .ci/run starts; started here (and installed from PyPI if missing) when nothing listens.
 fn s3_endpoint() -> String {
-    std::env::var("EASEL_TEST_S3").unwrap_or_else(|_| "http://127.0.0.1:5055".into())
+    if let Ok(url) = std::env::var("EASEL_TEST_S3") {
+        return url;
+    }
+    static STARTED: std::sync::Once = std::sync::Once::new();
+    STARTED.call_once(|| {
+        if TcpStream::connect("127.0.0.1:5055").is_ok() {
+            return;
+        }
+        let have_moto = Command::new("python3").args(["-c", "import moto.server"]).status().map(|s| s.success()).unwrap_or(false);
+        if !have_moto {
+            let ok = Command::new("python3").args(["-m", "pip", "install", "-q", "moto[server]>=5"]).status().map(|s| s.success()).unwrap_or(false);
+            assert!(ok, "the S3 tests need moto's server: pip install 'moto[server]' (or run .ci/run)");
+        }
+        // Detached on purpose: it outlives this test binary, like the service .ci/run starts.
+        Command::new("python3")
+            .args(["-m", "moto.server", "-H", "127.0.0.1", "-p", "5055"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start moto's S3 server");
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while TcpStream::connect("127.0.0.1:5055").is_err() {
+            assert!(Instant::now() < deadline, "moto's S3 server did not start on 127.0.0.1:5055");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    });
+    "http://127.0.0.1:5055".into()
 }
 
 /// A TCP proxy in front of the S3 server that can be told to refuse writes (503 SlowDown to

@@ -74,6 +74,9 @@ pub struct AppState {
 struct HotCache {
     jobs: HashMap<String, Job>,
     images: HashMap<String, Arc<String>>,
+    /// Whole b64_json response bodies of cache hits, by job id: the same hit always answers
+    /// with the same bytes, so they are rendered once.
+    responses: HashMap<String, Bytes>,
 }
 
 const HOT_CACHE_ENTRIES: usize = 4096;
@@ -86,6 +89,9 @@ impl HotCache {
         }
         if self.images.len() > HOT_CACHE_ENTRIES {
             self.images.clear();
+        }
+        if self.responses.len() > HOT_CACHE_ENTRIES {
+            self.responses.clear();
         }
     }
 }
@@ -335,6 +341,11 @@ async fn wait_final(state: &AppState, id: &str) -> Result<Job, ApiError> {
 async fn generations(State(state): State<AppState>, headers: HeaderMap, body: Result<Bytes, axum::extract::rejection::BytesRejection>) -> ApiResult<Response> {
     let body = read_body(body, state.config.max_body_bytes).await?;
     let (job, format, hit) = submit(&state, &headers, &body).inspect_err(|e| state.metrics.error(&format!("http_{}", e.status)))?;
+    if hit && format == ResponseFormat::B64Json {
+        if let Some(bytes) = state.hot.lock().unwrap_or_else(|p| p.into_inner()).responses.get(&job.id) {
+            return Ok(json_bytes(bytes.clone()));
+        }
+    }
     let job = if hit { job } else { wait_final(&state, &job.id).await? };
     match job.status {
         JobStatus::Succeeded => {}
@@ -357,14 +368,24 @@ async fn generations(State(state): State<AppState>, headers: HeaderMap, body: Re
     }
     let created = job.finished_at.unwrap_or(job.created_at) as i64;
     let size = format!("{}x{}", job.spec.width, job.spec.height);
-    Ok(Json(serde_json::json!({
+    let body = serde_json::json!({
         "created": created,
         "data": data,
         "output_format": job.spec.output_format,
         "size": size,
         "easel": easel_object(&job, hit),
-    }))
-    .into_response())
+    });
+    let bytes = Bytes::from(serde_json::to_vec(&body).map_err(|e| ApiError::internal(e.to_string()))?);
+    if hit && format == ResponseFormat::B64Json {
+        let mut hot = state.hot.lock().unwrap_or_else(|p| p.into_inner());
+        hot.bound();
+        hot.responses.insert(job.id.clone(), bytes.clone());
+    }
+    Ok(json_bytes(bytes))
+}
+
+fn json_bytes(bytes: Bytes) -> Response {
+    ([(header::CONTENT_TYPE, HeaderValue::from_static("application/json"))], bytes).into_response()
 }
 
 /// A stored image as base64, from memory when it was served recently.
