@@ -85,6 +85,11 @@ pub trait JobQueue: Send + Sync {
     fn advertise(&self, worker: &str, models: &[ModelInfo], warm: &[String], ttl: Duration) -> Result<()>;
     /// The models that some live worker serves.
     fn live_models(&self) -> Result<Vec<ModelInfo>>;
+    /// Blocks up to `timeout` for a sign that new work arrived from another process; false
+    /// (at once) when this queue has no such signal and the caller should poll.
+    fn wait_for_work(&self, _worker: &str, _timeout: Duration) -> bool {
+        false
+    }
 }
 
 /// The union (first advertisement of each id wins) of workers' advertised model lists (JSON).

@@ -10,6 +10,11 @@
 //!   job is still running under a lease (exactly once);
 //! - `idem:{key}`, `cache:{key}`, `active:{api key}`: idempotency, result cache, per-key jobs;
 //! - `workers` / `workers:expiry`: which models live workers advertise;
+//! - the `wake` stream with the consumer group `workers`: every enqueue appends the job id,
+//!   and each entry is delivered to one idle worker (XREADGROUP), which wakes at once and
+//!   claims from `queued`. The group hands out work signals; the sorted set decides what runs,
+//!   because a consumer group delivers in arrival order and cannot skip to a higher priority,
+//!   a compatible batch or a warm model's job;
 //! - the `events` stream: job events from every node (XADD, capped), read by every API node.
 //!
 //! Times come from the Redis server's clock (TIME), so leases hold across machines whose
@@ -33,6 +38,8 @@ impl From<redis::RedisError> for QueueError {
 pub struct RedisQueue {
     client: redis::Client,
     conn: Mutex<Option<redis::Connection>>,
+    /// One blocking connection per waiting worker (XREADGROUP BLOCK must not hold `conn`).
+    waiters: Mutex<std::collections::HashMap<String, redis::Connection>>,
     prefix: String,
     max_queued: usize,
     max_attempts: u32,
@@ -58,6 +65,7 @@ redis.call('HSET', P .. 'job:' .. id, 'id', id, 'status', 'queued', 'priority', 
 redis.call('ZADD', P .. 'queued', score(priority, seq), id)
 if api_key ~= '' then redis.call('SADD', P .. 'active:' .. api_key, id) end
 if idem ~= '' then redis.call('SET', P .. 'idem:' .. idem, id) end
+redis.call('XADD', P .. 'wake', 'MAXLEN', '~', 1000, '*', 'job', id)
 return {id, 0}
 ";
 
@@ -231,7 +239,7 @@ impl RedisQueue {
     /// Connects to `url` (`redis://HOST:PORT/DB`), checking the server answers.
     pub fn open(url: &str, max_queued: usize, max_attempts: u32) -> Result<Self> {
         let client = redis::Client::open(url).map_err(|e| QueueError::Storage(format!("redis URL `{url}`: {e}")))?;
-        let q = Self { client, conn: Mutex::new(None), prefix: "easel:".into(), max_queued, max_attempts };
+        let q = Self { client, conn: Mutex::new(None), waiters: Default::default(), prefix: "easel:".into(), max_queued, max_attempts };
         q.with(|c| redis::cmd("PING").query::<String>(c)).map_err(|e| QueueError::Storage(format!("cannot reach Redis at {url}: {e}")))?;
         Ok(q)
     }
@@ -492,6 +500,51 @@ impl JobQueue for RedisQueue {
         Ok(())
     }
 
+    fn wait_for_work(&self, worker: &str, timeout: Duration) -> bool {
+        let key = format!("{}wake", self.prefix);
+        let taken = self.waiters.lock().unwrap_or_else(|p| p.into_inner()).remove(worker);
+        let mut conn = match taken {
+            Some(c) => c,
+            None => match self.client.get_connection_with_timeout(Duration::from_secs(2)) {
+                Ok(mut c) => {
+                    // The group exists once; creating it again is a harmless BUSYGROUP error.
+                    let _: redis::RedisResult<()> = redis::cmd("XGROUP").arg("CREATE").arg(&key).arg("workers").arg("$").arg("MKSTREAM").query(&mut c);
+                    c
+                }
+                Err(_) => {
+                    std::thread::sleep(timeout);
+                    return true;
+                }
+            },
+        };
+        let reply: redis::RedisResult<Option<redis::streams::StreamReadReply>> = redis::cmd("XREADGROUP")
+            .arg("GROUP")
+            .arg("workers")
+            .arg(worker)
+            .arg("COUNT")
+            .arg(1)
+            .arg("BLOCK")
+            .arg(timeout.as_millis().max(1) as u64)
+            .arg("STREAMS")
+            .arg(&key)
+            .arg(">")
+            .query(&mut conn);
+        match reply {
+            Ok(r) => {
+                // A wake-up is only a hint (the job itself is in `queued`): acknowledge at once.
+                for entry in r.into_iter().flat_map(|r| r.keys).flat_map(|k| k.ids) {
+                    let _: redis::RedisResult<i64> = redis::cmd("XACK").arg(&key).arg("workers").arg(&entry.id).query(&mut conn);
+                }
+                self.waiters.lock().unwrap_or_else(|p| p.into_inner()).insert(worker.to_string(), conn);
+            }
+            Err(e) => {
+                tracing::debug!("waiting for work: {e}");
+                std::thread::sleep(timeout.min(Duration::from_millis(500)));
+            }
+        }
+        true
+    }
+
     fn live_models(&self) -> Result<Vec<ModelInfo>> {
         let lists: Vec<String> = self.run(LIVE, &[])?;
         crate::merge_advertised(lists)
@@ -535,6 +588,24 @@ mod tests {
         let again = RedisQueue::open(&url(), 10, 3).expect("reconnects").with_prefix(&prefix);
         crate::conformance::persistence_after(&again, &ids);
         again.purge().expect("cleanup");
+    }
+
+    #[test]
+    fn an_enqueue_wakes_a_waiting_worker_at_once() {
+        let prefix = format!("easel-test-{}-wake", std::process::id());
+        let q = std::sync::Arc::new(open(&prefix, 10));
+        q.wait_for_work("w", Duration::from_millis(10)); // joins the consumer group
+        let producer = q.clone();
+        let t = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(300));
+            producer.enqueue(&crate::conformance::spec("m", 0, 20), None, None).expect("enqueue");
+        });
+        let started = std::time::Instant::now();
+        assert!(q.wait_for_work("w", Duration::from_secs(10)));
+        let waited = started.elapsed();
+        assert!(waited >= Duration::from_millis(250) && waited < Duration::from_secs(3), "woke after {waited:?}");
+        t.join().expect("producer");
+        q.purge().expect("cleanup");
     }
 
     #[test]

@@ -142,7 +142,10 @@ impl Worker {
             };
             if jobs.is_empty() {
                 self.executor.maintain();
-                self.doorbell.wait(self.config.poll);
+                // In-process enqueues ring the doorbell; a shared queue may signal the rest.
+                if !self.queue.wait_for_work(&self.config.name, self.config.poll) {
+                    self.doorbell.wait(self.config.poll);
+                }
                 continue;
             }
             self.run_jobs(jobs);
