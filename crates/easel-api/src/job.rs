@@ -115,6 +115,10 @@ pub struct JobResult {
     pub timings: Timings,
     /// Jobs run together in this job's batch (1 = alone).
     pub batch_size: usize,
+    /// Amortised cost in USD (this job's share of the batch's engine time at the configured
+    /// machine price), as recorded in the ledger.
+    #[serde(default)]
+    pub cost_usd: f64,
 }
 
 /// A job record.

@@ -2,6 +2,7 @@
 
 mod bench;
 mod bundled;
+mod cost;
 mod executor;
 mod generate;
 mod serve;
@@ -24,6 +25,8 @@ enum Command {
     Serve(serve::ServeArgs),
     /// Run jobs from the shared queue (beside an `easel serve --workers 0` API node).
     Worker(serve::WorkerArgs),
+    /// Break-even calculator: self-hosting against a closed API, per month and per image.
+    Cost(cost::CostArgs),
     /// Benchmarks (compared with PyTorch by the harnesses in tools/bench).
     Bench(bench::BenchArgs),
 }
@@ -39,6 +42,7 @@ fn main() {
         Command::Bench(args) => bench::run(args),
         Command::Serve(args) => serve::run(args),
         Command::Worker(args) => serve::run_worker(args),
+        Command::Cost(args) => cost::run(args),
     };
     if let Err(e) = result {
         // One line: the error and its causes, never a panic or a backtrace.

@@ -62,6 +62,15 @@ pub struct BackendArgs {
     /// Lifetime of presigned image URLs in seconds (0: serve images through the API instead).
     #[arg(long, default_value_t = 3600)]
     url_lifetime: u64,
+    /// What this machine costs per hour (USD), busy or idle, for each image's amortised cost.
+    #[arg(long, default_value_t = 0.0)]
+    gpu_hourly_usd: f64,
+    /// Share of paid hours doing useful work (0-1]; the per-image cost is divided by it.
+    #[arg(long, default_value_t = 0.5)]
+    utilisation: f64,
+    /// Fixed cost added to every local image (storage, egress), USD.
+    #[arg(long, default_value_t = 0.0)]
+    per_image_overhead_usd: f64,
 }
 
 #[derive(Args, Debug)]
@@ -204,6 +213,20 @@ fn services(args: &BackendArgs) -> Result<easel_server::Services> {
         bus,
         metrics: Arc::new(Metrics::default()),
         doorbell: Default::default(),
+        ledger: Some(Arc::new(easel_router::Ledger::open(&data_dir.join("ledger.db")).context("opening the cost ledger")?)),
+        local_cost: local_cost(args)?,
+    })
+}
+
+fn local_cost(args: &BackendArgs) -> Result<easel_router::LocalCost> {
+    let finite = |name: &str, v: f64| if v.is_finite() && v >= 0.0 { Ok(v) } else { bail!("--{name} must be a finite number >= 0, got {v}") };
+    if !(args.utilisation > 0.0 && args.utilisation <= 1.0) {
+        bail!("--utilisation must be in (0, 1], got {}", args.utilisation);
+    }
+    Ok(easel_router::LocalCost {
+        hourly_usd: finite("gpu-hourly-usd", args.gpu_hourly_usd)?,
+        utilisation: args.utilisation,
+        per_image_overhead_usd: finite("per-image-overhead-usd", args.per_image_overhead_usd)?,
     })
 }
 

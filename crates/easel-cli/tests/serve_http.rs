@@ -301,3 +301,25 @@ fn api_keys_from_a_config_file_and_the_loopback_rule() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("--allow-unauthenticated"));
 }
+
+#[test]
+fn every_job_has_its_cost_on_the_record() {
+    let tmp = tempfile::tempdir().unwrap();
+    // $3.60/h at 50% utilisation: $0.002 per engine second.
+    let s = serve(tmp.path(), &["--gpu-hourly-usd", "3.6", "--utilisation", "0.5", "--api-key", "alice:pw"]);
+    let c = client();
+    let r: Value = c.post(format!("{}/v1/images/generations", s.base)).header("Authorization", "Bearer pw").json(&SMALL()).send().unwrap().json().unwrap();
+    let cost = r["easel"]["cost_usd"].as_f64().expect("cost in the easel object");
+    let t = &r["easel"]["timings"];
+    let engine_s = t["text_encode_s"].as_f64().unwrap() + t["denoise_s"].as_f64().unwrap() + t["decode_s"].as_f64().unwrap();
+    assert!((cost - engine_s * 0.002).abs() < 1e-9, "{cost} for {engine_s} s");
+    assert_eq!(r["easel"]["provider"], "local");
+    let usage: Value = c.get(format!("{}/v1/usage", s.base)).header("Authorization", "Bearer pw").send().unwrap().json().unwrap();
+    let row = &usage["data"][0];
+    assert_eq!((row["provider"].as_str(), row["model"].as_str(), row["api_key"].as_str(), row["images"].as_u64()), (Some("local"), Some("tiny"), Some("alice"), Some(1)), "{usage}");
+    assert!((row["cost_usd"].as_f64().unwrap() - cost).abs() < 1e-12);
+    let bad = c.get(format!("{}/v1/usage?since=yesterday", s.base)).header("Authorization", "Bearer pw").send().unwrap();
+    assert_eq!(bad.status().as_u16(), 400);
+    let metrics = c.get(format!("{}/metrics", s.base)).send().unwrap().text().unwrap();
+    assert!(metrics.contains("easel_cost_usd_total{provider=\"local\",model=\"tiny\"}"), "{metrics}");
+}

@@ -30,7 +30,7 @@ pub fn spec(model: &str, priority: i32, steps: usize) -> JobSpec {
 }
 
 fn result() -> JobResult {
-    JobResult { images: vec![StoredImage { key: "k".into(), seed: 1 }], timings: Timings::default(), batch_size: 1 }
+    JobResult { images: vec![StoredImage { key: "k".into(), seed: 1 }], timings: Timings::default(), batch_size: 1, cost_usd: 0.0 }
 }
 
 const MINUTE: Duration = Duration::from_secs(60);

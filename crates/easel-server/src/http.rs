@@ -228,6 +228,7 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/jobs/{id}/events", get(job_events))
         .route("/v1/jobs/{id}/cancel", post(cancel_job))
         .route("/v1/models", get(list_models))
+        .route("/v1/usage", get(usage))
         .route("/v1/images/{job}/{file}", get(get_image))
         .route("/healthz", get(|| async { "ok" }))
         .route("/readyz", get(readyz))
@@ -310,6 +311,8 @@ fn easel_object(job: &Job, cache_hit: bool) -> serde_json::Value {
         "model": job.spec.model,
         "steps": job.spec.steps,
         "provider": "local",
+        "route_reason": "local engine (the only provider configured)",
+        "cost_usd": job.result.as_ref().map(|r| r.cost_usd),
     })
 }
 
@@ -522,6 +525,27 @@ async fn list_models(State(state): State<AppState>, headers: HeaderMap) -> ApiRe
         .map(|(m, live)| serde_json::json!({"id": m.id, "object": "model", "created": 0, "owned_by": "easel", "easel": m, "ready": live}))
         .collect();
     Ok(Json(serde_json::json!({"object": "list", "data": data})))
+}
+
+#[derive(serde::Deserialize)]
+struct UsageQuery {
+    /// First UTC day (YYYY-MM-DD) to include.
+    since: Option<String>,
+}
+
+/// Cost and volume per day, API key, provider and model. A key sees only its own rows.
+async fn usage(State(state): State<AppState>, headers: HeaderMap, axum::extract::Query(q): axum::extract::Query<UsageQuery>) -> ApiResult<Json<serde_json::Value>> {
+    let key = state.authorize(&headers)?;
+    if let Some(since) = &q.since {
+        let ok = since.len() == 10 && since.chars().enumerate().all(|(i, c)| if i == 4 || i == 7 { c == '-' } else { c.is_ascii_digit() });
+        if !ok {
+            return Err(ApiError::invalid("since", "since must be a UTC day, YYYY-MM-DD").into());
+        }
+    }
+    let Some(ledger) = &state.ledger else { return Ok(Json(serde_json::json!({"object": "list", "data": []}))) };
+    let rows = ledger.usage(q.since.as_deref(), key.as_deref()).map_err(|e| ApiError::unavailable(format!("the ledger is unavailable: {e}")))?;
+    let total: f64 = rows.iter().map(|r| r.cost_usd).sum();
+    Ok(Json(serde_json::json!({"object": "list", "data": rows, "total_cost_usd": total})))
 }
 
 async fn get_image(State(state): State<AppState>, Path((job, file)): Path<(String, String)>) -> ApiResult<Response> {

@@ -26,5 +26,9 @@ pub struct Services {
     pub metrics: Arc<metrics::Metrics>,
     /// Rung on every enqueue so an idle in-process worker starts at once.
     pub doorbell: Arc<worker::Doorbell>,
+    /// Where each finished job's cost is recorded (None: not kept).
+    pub ledger: Option<Arc<easel_router::Ledger>>,
+    /// What this node's machine costs, for the amortised cost of a local image.
+    pub local_cost: easel_router::LocalCost,
 }
 pub use worker::{EncodedImage, ExecError, Executor, WorkerConfig};

@@ -15,6 +15,7 @@ struct Inner {
     latency_count: u64,
     steps_per_second: f64,
     cache_hits: u64,
+    cost_by_provider_model: BTreeMap<(String, String), f64>,
 }
 
 /// Counters and histograms for `/metrics`.
@@ -31,6 +32,11 @@ impl Metrics {
 
     pub fn error(&self, kind: &str) {
         self.with(|m| *m.errors_by_kind.entry(kind.to_string()).or_default() += 1);
+    }
+
+    /// Money spent on a job, by provider and model.
+    pub fn cost(&self, provider: &str, model: &str, usd: f64) {
+        self.with(|m| *m.cost_by_provider_model.entry((provider.to_string(), model.to_string())).or_default() += usd);
     }
 
     pub fn cache_hit(&self) {
@@ -75,6 +81,10 @@ impl Metrics {
         s += "# HELP easel_errors_total Errors, by kind.\n# TYPE easel_errors_total counter\n";
         for (k, v) in &m.errors_by_kind {
             s += &format!("easel_errors_total{{kind=\"{k}\"}} {v}\n");
+        }
+        s += "# HELP easel_cost_usd_total Amortised or billed cost of finished jobs, by provider and model.\n# TYPE easel_cost_usd_total counter\n";
+        for ((p, k), v) in &m.cost_by_provider_model {
+            s += &format!("easel_cost_usd_total{{provider=\"{p}\",model=\"{k}\"}} {v}\n");
         }
         s += "# HELP easel_cache_hits_total Requests answered from the result cache.\n# TYPE easel_cache_hits_total counter\n";
         s += &format!("easel_cache_hits_total {}\n", m.cache_hits);

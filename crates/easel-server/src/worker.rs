@@ -256,6 +256,9 @@ impl Worker {
             stored.push(StoredImage { key, seed: img.seed });
         }
         let queued_s = job.started_at.map(|s| s - job.created_at).unwrap_or(0.0);
+        // This job's share of the batch's engine time, priced at the machine's amortised rate.
+        let engine_s = (t.text_encode_s + t.denoise_s + t.decode_s) / batch.max(1) as f64;
+        let cost_usd = self.local_cost.image_usd(engine_s / stored.len().max(1) as f64) * stored.len() as f64;
         let result = JobResult {
             images: stored.clone(),
             timings: Timings {
@@ -267,11 +270,28 @@ impl Worker {
                 total_s: run_s,
             },
             batch_size: batch,
+            cost_usd,
         };
         match self.queue.complete(&job.id, &result) {
             Ok(true) => {
                 let steps_per_s = (t.denoise_s > 0.0).then(|| job.spec.steps as f64 / t.denoise_s);
                 self.metrics.job_done("succeeded", &job.spec.model, stored.len(), now() - job.created_at, steps_per_s);
+                self.metrics.cost("local", &job.spec.model, cost_usd);
+                if let Some(ledger) = &self.ledger {
+                    let entry = easel_router::LedgerEntry {
+                        job_id: job.id.clone(),
+                        at: now(),
+                        api_key: job.spec.user.clone(),
+                        provider: "local".into(),
+                        model: job.spec.model.clone(),
+                        images: stored.len() as u32,
+                        cost_usd,
+                        seconds: engine_s,
+                    };
+                    if let Err(e) = ledger.record(&entry) {
+                        tracing::error!("recording the cost of {}: {e}", job.id);
+                    }
+                }
                 let urls = stored.iter().map(|s| image_path(&s.key)).collect();
                 self.bus.publish(Event::Completed { job_id: job.id.clone(), urls });
             }

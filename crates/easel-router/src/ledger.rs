@@ -1,0 +1,147 @@
+//! The cost ledger: one row per finished job (provider, model, images, cost, time), kept in
+//! SQLite beside the embedded queue, with the aggregates `GET /v1/usage` serves.
+
+use std::path::Path;
+use std::sync::Mutex;
+
+use rusqlite::{params, Connection};
+use serde::Serialize;
+
+use crate::RouterError;
+
+/// One finished job's cost.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct LedgerEntry {
+    pub job_id: String,
+    /// Unix seconds.
+    pub at: f64,
+    pub api_key: Option<String>,
+    pub provider: String,
+    pub model: String,
+    pub images: u32,
+    pub cost_usd: f64,
+    /// Engine (or vendor) seconds spent.
+    pub seconds: f64,
+}
+
+/// One aggregate row.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct UsageRow {
+    /// UTC day, YYYY-MM-DD.
+    pub day: String,
+    pub api_key: Option<String>,
+    pub provider: String,
+    pub model: String,
+    pub jobs: u64,
+    pub images: u64,
+    pub cost_usd: f64,
+    pub seconds: f64,
+}
+
+/// The persistent ledger.
+pub struct Ledger {
+    conn: Mutex<Connection>,
+}
+
+impl Ledger {
+    pub fn open(path: &Path) -> Result<Self, RouterError> {
+        let conn = Connection::open(path)?;
+        conn.pragma_update(None, "journal_mode", "WAL")?;
+        conn.busy_timeout(std::time::Duration::from_secs(5))?;
+        conn.execute_batch(
+            "CREATE TABLE IF NOT EXISTS ledger (
+                job_id TEXT PRIMARY KEY,
+                at REAL NOT NULL,
+                day TEXT NOT NULL,
+                api_key TEXT,
+                provider TEXT NOT NULL,
+                model TEXT NOT NULL,
+                images INTEGER NOT NULL,
+                cost_usd REAL NOT NULL,
+                seconds REAL NOT NULL
+            );
+            CREATE INDEX IF NOT EXISTS ledger_day ON ledger(day);",
+        )?;
+        Ok(Self { conn: Mutex::new(conn) })
+    }
+
+    /// Records a job's cost once (a job recorded again, e.g. after a retry, is ignored).
+    pub fn record(&self, e: &LedgerEntry) -> Result<(), RouterError> {
+        let conn = self.conn.lock().unwrap_or_else(|p| p.into_inner());
+        conn.execute(
+            "INSERT OR IGNORE INTO ledger (job_id, at, day, api_key, provider, model, images, cost_usd, seconds)
+             VALUES (?1, ?2, date(?2, 'unixepoch'), ?3, ?4, ?5, ?6, ?7, ?8)",
+            params![e.job_id, e.at, e.api_key, e.provider, e.model, e.images, e.cost_usd, e.seconds],
+        )?;
+        Ok(())
+    }
+
+    /// Totals per day, key, provider and model, newest day first; optionally only `since`
+    /// (a YYYY-MM-DD day) onwards and only one API key.
+    pub fn usage(&self, since: Option<&str>, api_key: Option<&str>) -> Result<Vec<UsageRow>, RouterError> {
+        let conn = self.conn.lock().unwrap_or_else(|p| p.into_inner());
+        let mut stmt = conn.prepare(
+            "SELECT day, api_key, provider, model, COUNT(*), SUM(images), SUM(cost_usd), SUM(seconds) FROM ledger
+             WHERE day >= COALESCE(?1, '') AND (?2 IS NULL OR api_key = ?2)
+             GROUP BY day, api_key, provider, model ORDER BY day DESC, provider, model, api_key",
+        )?;
+        let rows = stmt.query_map(params![since, api_key], |r| {
+            Ok(UsageRow {
+                day: r.get(0)?,
+                api_key: r.get(1)?,
+                provider: r.get(2)?,
+                model: r.get(3)?,
+                jobs: r.get(4)?,
+                images: r.get(5)?,
+                cost_usd: r.get(6)?,
+                seconds: r.get(7)?,
+            })
+        })?;
+        Ok(rows.collect::<rusqlite::Result<Vec<_>>>()?)
+    }
+
+    /// Spend so far on UTC day `day` (YYYY-MM-DD), for one key or all, for budget caps.
+    pub fn spent_on(&self, day: &str, api_key: Option<&str>) -> Result<f64, RouterError> {
+        let conn = self.conn.lock().unwrap_or_else(|p| p.into_inner());
+        Ok(conn.query_row(
+            "SELECT COALESCE(SUM(cost_usd), 0) FROM ledger WHERE day = ?1 AND (?2 IS NULL OR api_key = ?2)",
+            params![day, api_key],
+            |r| r.get(0),
+        )?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entry(id: &str, at: f64, key: Option<&str>, provider: &str, cost: f64) -> LedgerEntry {
+        LedgerEntry { job_id: id.into(), at, api_key: key.map(Into::into), provider: provider.into(), model: "m".into(), images: 2, cost_usd: cost, seconds: 1.5 }
+    }
+
+    #[test]
+    fn records_once_and_aggregates_by_day_key_and_provider() {
+        let d = tempfile::tempdir().expect("tempdir");
+        let path = d.path().join("ledger.db");
+        {
+            let l = Ledger::open(&path).expect("open");
+            let day1 = 1_764_115_200.0; // 2025-11-26 00:00 UTC
+            l.record(&entry("a", day1 + 10.0, Some("alice"), "local", 0.001)).unwrap();
+            l.record(&entry("a", day1 + 10.0, Some("alice"), "local", 0.001)).unwrap();
+            l.record(&entry("b", day1 + 20.0, Some("alice"), "local", 0.002)).unwrap();
+            l.record(&entry("c", day1 + 30.0, None, "bfl", 0.04)).unwrap();
+            l.record(&entry("d", day1 + 86_400.0, Some("alice"), "local", 0.003)).unwrap();
+        }
+        let l = Ledger::open(&path).expect("reopens");
+        let rows = l.usage(None, None).unwrap();
+        assert_eq!(rows.len(), 3);
+        assert_eq!((rows[0].day.as_str(), rows[0].jobs), ("2025-11-27", 1));
+        let local = rows.iter().find(|r| r.day == "2025-11-26" && r.provider == "local").unwrap();
+        assert_eq!((local.jobs, local.images), (2, 4), "a job recorded twice counts once");
+        assert!((local.cost_usd - 0.003).abs() < 1e-12);
+        assert_eq!(l.usage(Some("2025-11-27"), None).unwrap().len(), 1);
+        assert_eq!(l.usage(None, Some("alice")).unwrap().len(), 2);
+        assert!((l.spent_on("2025-11-26", None).unwrap() - 0.043).abs() < 1e-12);
+        assert!((l.spent_on("2025-11-26", Some("alice")).unwrap() - 0.003).abs() < 1e-12);
+    }
+}
