@@ -57,6 +57,9 @@ enum BenchWhat {
         /// Write every graded image here.
         #[arg(long)]
         save_dir: Option<PathBuf>,
+        /// Grade this pipeline directory instead of the bundled model (e.g. a training checkpoint).
+        #[arg(long)]
+        model: Option<PathBuf>,
     },
     /// Queue overhead per job: enqueue to a worker claiming it, on the embedded (SQLite) and
     /// a Redis queue, with no engine in the way; prints one JSON line per queue.
@@ -94,8 +97,12 @@ enum BenchWhat {
 pub fn run(args: BenchArgs) -> Result<()> {
     match args.what {
         BenchWhat::Http { url, mode, concurrency, requests, body } => http_load(&url, &mode, concurrency, requests, &body)?,
-        BenchWhat::Shapes { n, held_out, steps, guidance, scheduler, seed, save_dir } => {
-            shapes_quality(n, held_out, steps, guidance, scheduler, seed, save_dir)?;
+        BenchWhat::Shapes { n, held_out, steps, guidance, scheduler, seed, save_dir, model } => {
+            let dir = match model {
+                Some(d) => d,
+                None => crate::bundled::model_dir()?,
+            };
+            shapes_quality(&dir, n, held_out, steps, guidance, scheduler, seed, save_dir)?;
         }
         BenchWhat::Queue { queues, jobs } => {
             for q in &queues {
@@ -174,7 +181,9 @@ impl Tally {
     }
 }
 
+#[allow(clippy::too_many_arguments)]
 fn shapes_quality(
+    dir: &std::path::Path,
     n: usize,
     held_out: usize,
     steps: usize,
@@ -188,9 +197,8 @@ fn shapes_quality(
     use rand::{Rng, SeedableRng};
 
     let spec = easel_shapes::Spec::bundled();
-    let dir = crate::bundled::model_dir()?;
-    let pipe = StableDiffusionPipeline::load(&dir, &LoadOptions::default())?;
-    let defaults = ModelDefaults::load(&dir, pipe.family())?;
+    let pipe = StableDiffusionPipeline::load(dir, &LoadOptions::default())?;
+    let defaults = ModelDefaults::load(dir, pipe.family())?;
     let scheduler = scheduler.or(defaults.scheduler.clone()).as_deref().map(SchedulerKind::parse).transpose()?;
     let guidance = guidance.or(defaults.guidance).unwrap_or(7.5);
     let (train, held): (Vec<_>, Vec<_>) = spec.combos().into_iter().partition(|c| !spec.is_held_out(c));

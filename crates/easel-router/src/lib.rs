@@ -5,6 +5,9 @@
 //! - [`cost`]: the amortised cost of a locally generated image (GPU-seconds times the
 //!   machine's hourly price over its utilisation, plus overhead) and the break-even
 //!   calculator behind `easel cost`;
+//! - [`providers`]: clients for closed image APIs (OpenAI and any OpenAI-compatible server,
+//!   Black Forest Labs), each speaking the vendor's documented protocol, with errors sorted
+//!   into what a router should do next (try elsewhere, wait, give up);
 //! - [`ledger`]: the persistent record of every image's provider, model and cost, with the
 //!   aggregates `GET /v1/usage` serves.
 //!
@@ -13,6 +16,7 @@
 pub mod cost;
 pub mod ledger;
 pub mod price;
+pub mod providers;
 
 pub use cost::{BreakEven, LocalCost};
 pub use ledger::{Ledger, LedgerEntry, UsageRow};

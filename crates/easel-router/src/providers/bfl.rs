@@ -1,0 +1,197 @@
+//! Black Forest Labs' API: `POST {base}/v1/{model}` with the `x-key` header answers an id and
+//! a `polling_url`; polling it reports Pending until Ready (with `result.sample`, a signed URL
+//! that expires within minutes, downloaded at once), or Error/Failed, "Request Moderated",
+//! "Content Moderated", "Task not found".
+
+use std::time::{Duration, Instant};
+
+use super::{retry_after, Http, ImageJob, ProviderError, ProviderOutput};
+
+/// A client for BFL's API (or a regional endpoint of it).
+#[derive(Debug, Clone)]
+pub struct BflClient {
+    pub name: String,
+    /// e.g. https://api.bfl.ai
+    pub base_url: String,
+    key: String,
+    http: Http,
+    poll_every: Duration,
+}
+
+impl BflClient {
+    pub fn new(name: &str, base_url: &str, key: String, timeout: Duration) -> Self {
+        Self { name: name.into(), base_url: base_url.trim_end_matches('/').into(), key, http: Http::new(name, timeout), poll_every: Duration::from_millis(500) }
+    }
+
+    /// Polls this often (the vendor suggests about twice a second).
+    pub fn with_poll_interval(mut self, every: Duration) -> Self {
+        self.poll_every = every;
+        self
+    }
+
+    async fn get_json(&self, url: &str) -> Result<serde_json::Value, ProviderError> {
+        let r = self.http.client.get(url).header("x-key", &self.key).send().await.map_err(|e| self.http.transport(e))?;
+        let status = r.status();
+        let ra = retry_after(r.headers());
+        let text = r.text().await.map_err(|e| self.http.transport(e))?;
+        if !status.is_success() {
+            return Err(self.http.status_error(status, ra, &text));
+        }
+        serde_json::from_str(&text).map_err(|e| self.http.malformed(format!("not JSON: {e}")))
+    }
+
+    pub async fn generate(&self, job: &ImageJob) -> Result<ProviderOutput, ProviderError> {
+        let t = Instant::now();
+        let deadline = self.http.deadline();
+        let mut images = vec![];
+        let mut vendor_id = None;
+        // BFL makes one image per request.
+        for i in 0..job.n.max(1) {
+            let mut body = serde_json::json!({
+                "prompt": job.prompt,
+                "width": job.width,
+                "height": job.height,
+                "output_format": if job.output_format == "png" { "png" } else { "jpeg" },
+            });
+            if let Some(seed) = job.seed {
+                body["seed"] = (seed + i as u64).into();
+            }
+            let r = self
+                .http
+                .client
+                .post(format!("{}/v1/{}", self.base_url, job.model))
+                .header("x-key", &self.key)
+                .json(&body)
+                .send()
+                .await
+                .map_err(|e| self.http.transport(e))?;
+            let status = r.status();
+            let ra = retry_after(r.headers());
+            let text = r.text().await.map_err(|e| self.http.transport(e))?;
+            if !status.is_success() {
+                return Err(self.http.status_error(status, ra, &text));
+            }
+            let v: serde_json::Value = serde_json::from_str(&text).map_err(|e| self.http.malformed(format!("not JSON: {e}")))?;
+            let id = v["id"].as_str().ok_or_else(|| self.http.malformed("no `id` in the submission answer"))?.to_string();
+            let polling_url = v["polling_url"].as_str().map(str::to_string).unwrap_or_else(|| format!("{}/v1/get_result?id={id}", self.base_url));
+            vendor_id = Some(id);
+            loop {
+                if Instant::now() > deadline {
+                    return Err(self.http.unavailable(format!("timed out after {:?} waiting for the result", self.http.timeout)));
+                }
+                let p = self.get_json(&polling_url).await?;
+                match p["status"].as_str().unwrap_or_default() {
+                    "Ready" => {
+                        let url = p["result"]["sample"].as_str().ok_or_else(|| self.http.malformed("Ready without result.sample"))?;
+                        images.push(self.http.download(url).await?);
+                        break;
+                    }
+                    "Pending" | "Queued" | "Processing" => tokio::time::sleep(self.poll_every).await,
+                    s @ ("Request Moderated" | "Content Moderated") => {
+                        return Err(ProviderError::Moderated { provider: self.name.clone(), message: s.to_string() });
+                    }
+                    s @ ("Error" | "Failed" | "Task not found") => {
+                        let detail = p["details"].to_string();
+                        return Err(self.http.unavailable(format!("{s}: {detail}")));
+                    }
+                    other => return Err(self.http.malformed(format!("unknown status `{other}`"))),
+                }
+            }
+        }
+        Ok(ProviderOutput { images, seconds: t.elapsed().as_secs_f64(), vendor_id })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::fake;
+    use super::*;
+    use axum::extract::{Query, State};
+    use axum::http::{HeaderMap, StatusCode};
+    use axum::routing::{get, post};
+    use axum::{Json, Router};
+    use std::collections::HashMap;
+    use std::sync::{Arc, Mutex};
+
+    #[derive(Clone, Default)]
+    struct Fake {
+        base: Arc<Mutex<String>>,
+        polls: Arc<Mutex<HashMap<String, u32>>>,
+    }
+
+    /// BFL's documented flow: submit, then Pending a couple of times, then the outcome the
+    /// prompt asks for.
+    async fn fake_bfl() -> String {
+        let state = Fake::default();
+        let app = Router::new()
+            .route(
+                "/v1/{model}",
+                post(|State(s): State<Fake>, headers: HeaderMap, Json(body): Json<serde_json::Value>| async move {
+                    if headers.get("x-key").and_then(|v| v.to_str().ok()) != Some("bfl-key") {
+                        return (StatusCode::FORBIDDEN, r#"{"detail":"Not authenticated - Invalid Authentication"}"#.to_string());
+                    }
+                    let prompt = body["prompt"].as_str().unwrap_or_default().to_string();
+                    if prompt == "busy" {
+                        return (StatusCode::TOO_MANY_REQUESTS, r#"{"detail":"You have exceeded the number of active tasks"}"#.into());
+                    }
+                    let base = s.base.lock().unwrap().clone();
+                    (StatusCode::OK, serde_json::json!({"id": prompt, "polling_url": format!("{base}/v1/get_result?id={prompt}")}).to_string())
+                }),
+            )
+            .route(
+                "/v1/get_result",
+                get(|State(s): State<Fake>, Query(q): Query<HashMap<String, String>>| async move {
+                    let id = q.get("id").cloned().unwrap_or_default();
+                    let n = {
+                        let mut polls = s.polls.lock().unwrap();
+                        let n = polls.entry(id.clone()).or_default();
+                        *n += 1;
+                        *n
+                    };
+                    let base = s.base.lock().unwrap().clone();
+                    let body = if n < 3 {
+                        serde_json::json!({"id": id, "status": "Pending", "result": null})
+                    } else {
+                        match id.as_str() {
+                            "naughty" => serde_json::json!({"id": id, "status": "Content Moderated", "result": null}),
+                            "broken" => serde_json::json!({"id": id, "status": "Error", "details": {"error": "GPU fell over"}}),
+                            "late" => serde_json::json!({"id": id, "status": "Ready", "result": {"sample": format!("{base}/expired.png")}}),
+                            _ => serde_json::json!({"id": id, "status": "Ready", "result": {"sample": format!("{base}/sample.png")}}),
+                        }
+                    };
+                    Json(body)
+                }),
+            )
+            .route("/sample.png", get(|| async { fake::PNG.to_vec() }))
+            .route("/expired.png", get(|| async { (StatusCode::FORBIDDEN, "<Error><Code>AccessDenied</Code><Message>Request has expired</Message></Error>") }))
+            .with_state(state.clone());
+        let base = fake::serve(app).await;
+        *state.base.lock().unwrap() = base.clone();
+        base
+    }
+
+    fn job(prompt: &str) -> ImageJob {
+        ImageJob { model: "flux-pro-1.1".into(), prompt: prompt.into(), width: 1024, height: 768, n: 1, seed: Some(3), quality: None, output_format: "png".into() }
+    }
+
+    #[tokio::test]
+    async fn submits_polls_downloads_and_sorts_outcomes() {
+        let base = fake_bfl().await;
+        let c = BflClient::new("bfl", &base, "bfl-key".into(), Duration::from_secs(10)).with_poll_interval(Duration::from_millis(10));
+        let out = c.generate(&job("a cat")).await.expect("generates");
+        assert_eq!(out.images, vec![fake::PNG.to_vec()]);
+        assert_eq!(out.vendor_id.as_deref(), Some("a cat"));
+        assert!(matches!(c.generate(&job("naughty")).await, Err(ProviderError::Moderated { .. })));
+        let e = c.generate(&job("broken")).await.unwrap_err();
+        assert!(matches!(e, ProviderError::Unavailable { .. }) && e.to_string().contains("GPU fell over"), "{e}");
+        assert!(matches!(c.generate(&job("late")).await, Err(ProviderError::Expired { .. })));
+        assert!(matches!(c.generate(&job("busy")).await, Err(ProviderError::RateLimited { .. })));
+        let wrong = BflClient::new("bfl", &base, "stolen".into(), Duration::from_secs(10));
+        let e = wrong.generate(&job("a cat")).await.unwrap_err();
+        assert!(matches!(e, ProviderError::Rejected { .. }) && !e.to_string().contains("stolen"), "{e}");
+        // A deadline shorter than the polling takes is a clear timeout, not a hang.
+        let hurried = BflClient::new("bfl", &base, "bfl-key".into(), Duration::from_millis(100)).with_poll_interval(Duration::from_millis(80));
+        let e = hurried.generate(&job("slowpoke")).await.unwrap_err();
+        assert!(e.to_string().contains("timed out"), "{e}");
+    }
+}

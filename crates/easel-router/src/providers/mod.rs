@@ -1,0 +1,205 @@
+//! Closed image APIs behind one enum, each client following its vendor's documented protocol.
+//!
+//! A client takes an [`ImageJob`] and returns the images' bytes, downloaded at once (vendors'
+//! result URLs expire within minutes; easel keeps its own copy). Failures are sorted by what a
+//! router should do next: [`ProviderError::falls_through`] says whether another candidate may
+//! serve the request. API keys are read from the environment by name and never appear in
+//! errors or logs.
+
+mod bfl;
+mod openai;
+
+use std::time::{Duration, Instant};
+
+pub use bfl::BflClient;
+pub use openai::OpenAiClient;
+
+/// What to generate, in provider-neutral terms.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ImageJob {
+    /// The vendor's model name (e.g. `gpt-image-1`, `flux-pro-1.1`).
+    pub model: String,
+    pub prompt: String,
+    pub width: u32,
+    pub height: u32,
+    pub n: u32,
+    pub seed: Option<u64>,
+    /// Vendor quality level where it has one (OpenAI: low/medium/high, standard/hd).
+    pub quality: Option<String>,
+    /// png, jpeg or webp.
+    pub output_format: String,
+}
+
+/// What a provider returned.
+#[derive(Debug, Clone)]
+pub struct ProviderOutput {
+    /// Encoded images, already downloaded.
+    pub images: Vec<Vec<u8>>,
+    /// Wall time from submission to the last byte.
+    pub seconds: f64,
+    /// The vendor's id for the request, for support tickets.
+    pub vendor_id: Option<String>,
+}
+
+/// Why a provider did not deliver.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum ProviderError {
+    /// 429: over the vendor's rate; `retry_after` from its Retry-After header.
+    #[error("{provider}: rate limited{}", .retry_after.map(|d| format!(" (retry after {}s)", d.as_secs())).unwrap_or_default())]
+    RateLimited { provider: String, retry_after: Option<Duration> },
+    /// 5xx, connection failures, timeouts, vendor-side task errors.
+    #[error("{provider}: unavailable: {message}")]
+    Unavailable { provider: String, message: String },
+    /// The vendor's moderation refused the prompt or the result.
+    #[error("{provider}: moderated: {message}")]
+    Moderated { provider: String, message: String },
+    /// The vendor refused the request itself (4xx other than 429): bad parameters, bad key.
+    #[error("{provider}: rejected: {message}")]
+    Rejected { provider: String, message: String },
+    /// The vendor answered with something its protocol does not allow.
+    #[error("{provider}: malformed response: {message}")]
+    Malformed { provider: String, message: String },
+    /// The result URL had expired (or vanished) before it could be downloaded.
+    #[error("{provider}: result expired before download: {message}")]
+    Expired { provider: String, message: String },
+}
+
+impl ProviderError {
+    /// Whether another candidate may be tried: everything but moderation (a prompt one
+    /// vendor's policy refused is not quietly resent to another).
+    pub fn falls_through(&self) -> bool {
+        !matches!(self, ProviderError::Moderated { .. })
+    }
+}
+
+/// One configured closed provider.
+#[derive(Debug, Clone)]
+pub enum Provider {
+    /// OpenAI's images API, or any OpenAI-compatible server (another easel, LocalAI,
+    /// stable-diffusion.cpp's server).
+    OpenAi(OpenAiClient),
+    /// Black Forest Labs' API: submit, poll, download.
+    Bfl(BflClient),
+}
+
+impl Provider {
+    pub fn name(&self) -> &str {
+        match self {
+            Provider::OpenAi(c) => &c.name,
+            Provider::Bfl(c) => &c.name,
+        }
+    }
+
+    pub async fn generate(&self, job: &ImageJob) -> Result<ProviderOutput, ProviderError> {
+        match self {
+            Provider::OpenAi(c) => c.generate(job).await,
+            Provider::Bfl(c) => c.generate(job).await,
+        }
+    }
+}
+
+/// Shared HTTP plumbing: the client, the provider's name for errors, and the deadline.
+#[derive(Debug, Clone)]
+pub(crate) struct Http {
+    pub name: String,
+    pub client: reqwest::Client,
+    pub timeout: Duration,
+}
+
+impl Http {
+    pub fn new(name: &str, timeout: Duration) -> Self {
+        let client = reqwest::Client::builder()
+            .timeout(timeout)
+            .connect_timeout(Duration::from_secs(10).min(timeout))
+            .build()
+            .unwrap_or_else(|_| reqwest::Client::new());
+        Self { name: name.to_string(), client, timeout }
+    }
+
+    pub fn unavailable(&self, message: impl std::fmt::Display) -> ProviderError {
+        ProviderError::Unavailable { provider: self.name.clone(), message: message.to_string() }
+    }
+
+    pub fn malformed(&self, message: impl std::fmt::Display) -> ProviderError {
+        ProviderError::Malformed { provider: self.name.clone(), message: message.to_string() }
+    }
+
+    /// A transport error, without the request (which may carry a key) in the message.
+    pub fn transport(&self, e: reqwest::Error) -> ProviderError {
+        let what = if e.is_timeout() {
+            "timed out".to_string()
+        } else if e.is_connect() {
+            "connection failed".to_string()
+        } else {
+            e.without_url().to_string()
+        };
+        self.unavailable(what)
+    }
+
+    /// Sorts a non-success response by status; `body` is the vendor's error text.
+    pub fn status_error(&self, status: reqwest::StatusCode, retry_after: Option<Duration>, body: &str) -> ProviderError {
+        let message = vendor_message(body);
+        let provider = self.name.clone();
+        match status.as_u16() {
+            429 => ProviderError::RateLimited { provider, retry_after },
+            s if s >= 500 => ProviderError::Unavailable { provider, message: format!("HTTP {s}: {message}") },
+            s => ProviderError::Rejected { provider, message: format!("HTTP {s}: {message}") },
+        }
+    }
+
+    /// Downloads a result URL at once; 403/404/410 mean it expired.
+    pub async fn download(&self, url: &str) -> Result<Vec<u8>, ProviderError> {
+        let r = self.client.get(url).send().await.map_err(|e| self.transport(e))?;
+        let status = r.status();
+        if matches!(status.as_u16(), 403 | 404 | 410) {
+            return Err(ProviderError::Expired { provider: self.name.clone(), message: format!("HTTP {status} from the result URL") });
+        }
+        if !status.is_success() {
+            let ra = retry_after(r.headers());
+            let body = r.text().await.unwrap_or_default();
+            return Err(self.status_error(status, ra, &body));
+        }
+        Ok(r.bytes().await.map_err(|e| self.transport(e))?.to_vec())
+    }
+
+    pub fn deadline(&self) -> Instant {
+        Instant::now() + self.timeout
+    }
+}
+
+/// The Retry-After header in seconds, if any.
+pub(crate) fn retry_after(h: &reqwest::header::HeaderMap) -> Option<Duration> {
+    h.get(reqwest::header::RETRY_AFTER)?.to_str().ok()?.trim().parse::<u64>().ok().map(Duration::from_secs)
+}
+
+/// The human part of a vendor's error body (OpenAI's error.message, BFL's detail), trimmed.
+pub(crate) fn vendor_message(body: &str) -> String {
+    let v: serde_json::Value = serde_json::from_str(body).unwrap_or(serde_json::Value::Null);
+    let msg = v["error"]["message"].as_str().or_else(|| v["detail"].as_str()).or_else(|| v["message"].as_str()).map(str::to_string);
+    let mut m = msg.unwrap_or_else(|| body.trim().to_string());
+    if m.len() > 300 {
+        m.truncate(300);
+    }
+    m
+}
+
+/// Reads a provider's key from the named environment variable.
+pub fn key_from_env(var: &str) -> Option<String> {
+    std::env::var(var).ok().map(|k| k.trim().to_string()).filter(|k| !k.is_empty())
+}
+
+#[cfg(test)]
+pub(crate) mod fake {
+    //! A tiny PNG and a way to run a fake vendor server on a free port.
+
+    pub const PNG: &[u8] = &[0x89, b'P', b'N', b'G', 0x0d, 0x0a, 0x1a, 0x0a, 0, 0, 0, 0];
+
+    pub async fn serve(app: axum::Router) -> String {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        tokio::spawn(async move {
+            let _ = axum::serve(listener, app).await;
+        });
+        format!("http://{addr}")
+    }
+}
