@@ -5,7 +5,7 @@
 
 use std::time::{Duration, Instant};
 
-use super::{retry_after, Http, ImageJob, ProviderError, ProviderOutput};
+use super::{Http, ImageJob, ProviderError, ProviderOutput};
 
 /// A client for BFL's API (or a regional endpoint of it).
 #[derive(Debug, Clone)]
@@ -29,16 +29,6 @@ impl BflClient {
         self
     }
 
-    async fn get_json(&self, url: &str) -> Result<serde_json::Value, ProviderError> {
-        let r = self.http.client.get(url).header("x-key", &self.key).send().await.map_err(|e| self.http.transport(e))?;
-        let status = r.status();
-        let ra = retry_after(r.headers());
-        let text = r.text().await.map_err(|e| self.http.transport(e))?;
-        if !status.is_success() {
-            return Err(self.http.status_error(status, ra, &text));
-        }
-        serde_json::from_str(&text).map_err(|e| self.http.malformed(format!("not JSON: {e}")))
-    }
 
     pub async fn generate(&self, job: &ImageJob) -> Result<ProviderOutput, ProviderError> {
         let t = Instant::now();
@@ -56,22 +46,7 @@ impl BflClient {
             if let Some(seed) = job.seed {
                 body["seed"] = (seed + i as u64).into();
             }
-            let r = self
-                .http
-                .client
-                .post(format!("{}/v1/{}", self.base_url, job.model))
-                .header("x-key", &self.key)
-                .json(&body)
-                .send()
-                .await
-                .map_err(|e| self.http.transport(e))?;
-            let status = r.status();
-            let ra = retry_after(r.headers());
-            let text = r.text().await.map_err(|e| self.http.transport(e))?;
-            if !status.is_success() {
-                return Err(self.http.status_error(status, ra, &text));
-            }
-            let v: serde_json::Value = serde_json::from_str(&text).map_err(|e| self.http.malformed(format!("not JSON: {e}")))?;
+            let v = self.http.json(self.http.client.post(format!("{}/v1/{}", self.base_url, job.model)).header("x-key", &self.key).json(&body)).await?;
             let id = v["id"].as_str().ok_or_else(|| self.http.malformed("no `id` in the submission answer"))?.to_string();
             let polling_url = v["polling_url"].as_str().map(str::to_string).unwrap_or_else(|| format!("{}/v1/get_result?id={id}", self.base_url));
             vendor_id = Some(id);
@@ -79,7 +54,7 @@ impl BflClient {
                 if Instant::now() > deadline {
                     return Err(self.http.unavailable(format!("timed out after {:?} waiting for the result", self.http.timeout)));
                 }
-                let p = self.get_json(&polling_url).await?;
+                let p = self.http.json(self.http.client.get(&polling_url).header("x-key", &self.key)).await?;
                 match p["status"].as_str().unwrap_or_default() {
                     "Ready" => {
                         let url = p["result"]["sample"].as_str().ok_or_else(|| self.http.malformed("Ready without result.sample"))?;

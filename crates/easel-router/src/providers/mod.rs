@@ -7,12 +7,18 @@
 //! errors or logs.
 
 mod bfl;
+mod fal;
 mod openai;
+mod replicate;
+mod stability;
 
 use std::time::{Duration, Instant};
 
 pub use bfl::BflClient;
+pub use fal::FalClient;
 pub use openai::OpenAiClient;
+pub use replicate::ReplicateClient;
+pub use stability::StabilityClient;
 
 /// What to generate, in provider-neutral terms.
 #[derive(Debug, Clone, PartialEq)]
@@ -80,6 +86,12 @@ pub enum Provider {
     OpenAi(OpenAiClient),
     /// Black Forest Labs' API: submit, poll, download.
     Bfl(BflClient),
+    /// fal's queue API.
+    Fal(FalClient),
+    /// Replicate's predictions.
+    Replicate(ReplicateClient),
+    /// Stability's v2beta stable-image.
+    Stability(StabilityClient),
 }
 
 impl Provider {
@@ -87,6 +99,9 @@ impl Provider {
         match self {
             Provider::OpenAi(c) => &c.name,
             Provider::Bfl(c) => &c.name,
+            Provider::Fal(c) => &c.name,
+            Provider::Replicate(c) => &c.name,
+            Provider::Stability(c) => &c.name,
         }
     }
 
@@ -94,6 +109,9 @@ impl Provider {
         match self {
             Provider::OpenAi(c) => c.generate(job).await,
             Provider::Bfl(c) => c.generate(job).await,
+            Provider::Fal(c) => c.generate(job).await,
+            Provider::Replicate(c) => c.generate(job).await,
+            Provider::Stability(c) => c.generate(job).await,
         }
     }
 }
@@ -145,6 +163,18 @@ impl Http {
             s if s >= 500 => ProviderError::Unavailable { provider, message: format!("HTTP {s}: {message}") },
             s => ProviderError::Rejected { provider, message: format!("HTTP {s}: {message}") },
         }
+    }
+
+    /// Sends `req`, sorting a non-success status into a [`ProviderError`], and parses the JSON.
+    pub async fn json(&self, req: reqwest::RequestBuilder) -> Result<serde_json::Value, ProviderError> {
+        let r = req.send().await.map_err(|e| self.transport(e))?;
+        let status = r.status();
+        let ra = retry_after(r.headers());
+        let text = r.text().await.map_err(|e| self.transport(e))?;
+        if !status.is_success() {
+            return Err(self.status_error(status, ra, &text));
+        }
+        serde_json::from_str(&text).map_err(|e| self.malformed(format!("not JSON: {e}")))
     }
 
     /// Downloads a result URL at once; 403/404/410 mean it expired.
