@@ -8,6 +8,8 @@
 //! - [`providers`]: clients for closed image APIs (OpenAI and any OpenAI-compatible server,
 //!   Black Forest Labs), each speaking the vendor's documented protocol, with errors sorted
 //!   into what a router should do next (try elsewhere, wait, give up);
+//! - [`routing`]: aliases, tiers, per-request hints (route, privacy, tier), strategies
+//!   (local-first with overflow, cheapest, fastest, ordered), circuit breakers and budgets;
 //! - [`ledger`]: the persistent record of every image's provider, model and cost, with the
 //!   aggregates `GET /v1/usage` serves.
 //!
@@ -17,6 +19,7 @@ pub mod cost;
 pub mod ledger;
 pub mod price;
 pub mod providers;
+pub mod routing;
 
 pub use cost::{BreakEven, LocalCost};
 pub use ledger::{Ledger, LedgerEntry, UsageRow};
