@@ -36,6 +36,11 @@ impl ApiError {
         Self::new(400, "invalid_request_error", message, Some(param), Some("invalid_value"))
     }
 
+    /// 400 when a provider's moderation refused the prompt or its result.
+    pub fn content_policy(message: impl Into<String>) -> Self {
+        Self::new(400, "invalid_request_error", message, Some("prompt"), Some("content_policy_violation"))
+    }
+
     /// 400 for a body that is not the JSON we expect.
     pub fn bad_body(message: impl Into<String>) -> Self {
         Self::new(400, "invalid_request_error", message, None, Some("invalid_json"))

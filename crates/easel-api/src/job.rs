@@ -119,6 +119,19 @@ pub struct JobResult {
     /// machine price), as recorded in the ledger.
     #[serde(default)]
     pub cost_usd: f64,
+    /// Who made the images: `local` or a closed provider's configured name.
+    #[serde(default = "local_provider")]
+    pub provider: String,
+    /// Why the router chose that provider.
+    #[serde(default)]
+    pub route_reason: Option<String>,
+    /// The provider's own id for the request.
+    #[serde(default)]
+    pub vendor_id: Option<String>,
+}
+
+fn local_provider() -> String {
+    "local".into()
 }
 
 /// A job record.

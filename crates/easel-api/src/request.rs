@@ -86,6 +86,27 @@ pub struct ImageRequest {
     /// Where to POST the job's final state (signed with HMAC-SHA256).
     #[serde(default)]
     pub webhook_url: Option<String>,
+    /// Routing hint: `auto` (default), `local`, or a configured provider's name.
+    #[serde(default)]
+    pub route: Option<String>,
+    /// `private`: the request never leaves the local engines (a hard guarantee); `standard`.
+    #[serde(default)]
+    pub privacy: Option<String>,
+    /// A routing tier from the config (e.g. hero, standard, draft).
+    #[serde(default)]
+    pub tier: Option<String>,
+}
+
+impl ImageRequest {
+    /// Whether the request asked for `privacy: "private"`; other values than private and
+    /// standard are refused.
+    pub fn is_private(&self) -> Result<bool, ApiError> {
+        match self.privacy.as_deref() {
+            None | Some("standard") => Ok(false),
+            Some("private") => Ok(true),
+            Some(p) => Err(ApiError::invalid("privacy", format!("privacy must be private or standard, got `{p}`"))),
+        }
+    }
 }
 
 /// What the server knows about a servable model, for validation and `/v1/models`.

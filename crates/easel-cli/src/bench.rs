@@ -352,7 +352,7 @@ fn queue_overhead(which: &str, jobs: usize) -> Result<()> {
         anyhow::ensure!(got.first().map(|j| &j.id) == Some(&job.id), "claimed the wrong job");
         let started = got[0].started_at.unwrap_or(0.0);
         wait_us.push((started - got[0].created_at).max(0.0) * 1e6);
-        queue.complete(&job.id, &easel_api::JobResult { images: vec![], timings: Default::default(), batch_size: 1, cost_usd: 0.0 })?;
+        queue.complete(&job.id, &easel_api::JobResult { images: vec![], timings: Default::default(), batch_size: 1, cost_usd: 0.0, provider: "local".into(), route_reason: None, vendor_id: None })?;
     }
     let wall = t0.elapsed().as_secs_f64();
     let pct = |v: &mut Vec<f64>, p: f64| {

@@ -132,6 +132,16 @@ fn parse_key(spec: &str) -> Result<ApiKey> {
 struct ConfigFile {
     #[serde(default)]
     api_keys: Vec<KeyEntry>,
+    /// Closed providers: [{"name", "kind" (openai, openai-compatible, bfl, fal, replicate,
+    /// stability), "base_url"?, "api_key_env"?, "timeout_s"?}]. Keys come from the environment.
+    #[serde(default)]
+    providers: Vec<easel_server::gateway::ProviderEntry>,
+    /// Aliases, tiers, strategy, latency budget, circuit breaker, daily budgets.
+    #[serde(default)]
+    routing: Option<easel_router::routing::RoutingConfig>,
+    /// Price overrides: [{"provider", "model", "unit" (image, megapixel), "usd", "quality"?}].
+    #[serde(default)]
+    prices: Vec<easel_router::Price>,
 }
 
 #[derive(serde::Deserialize)]
@@ -151,9 +161,29 @@ fn default_rate() -> u32 {
     600
 }
 
-fn keys_from_file(path: &std::path::Path) -> Result<Vec<ApiKey>> {
+fn read_config(path: &std::path::Path) -> Result<ConfigFile> {
     let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
-    let cfg: ConfigFile = serde_json::from_str(&text).with_context(|| format!("{}", path.display()))?;
+    let de = &mut serde_json::Deserializer::from_str(&text);
+    serde_path_to_error::deserialize(de).map_err(|e| anyhow::anyhow!("{}: {}: {}", path.display(), e.path(), e.inner()))
+}
+
+/// The gateway from the config file, if it configures providers or routing.
+fn gateway_from(cfg: &ConfigFile) -> Result<Option<easel_server::gateway::Gateway>> {
+    if cfg.providers.is_empty() && cfg.routing.is_none() {
+        return Ok(None);
+    }
+    let g = easel_server::gateway::Gateway::new(easel_server::gateway::GatewayConfig {
+        providers: cfg.providers.clone(),
+        routing: cfg.routing.clone().unwrap_or_default(),
+        prices: cfg.prices.clone(),
+    })?;
+    for w in &g.warnings {
+        eprintln!("warning: {w}");
+    }
+    Ok(Some(g))
+}
+
+fn keys_from_file(path: &std::path::Path, cfg: ConfigFile) -> Result<Vec<ApiKey>> {
     cfg.api_keys
         .into_iter()
         .map(|k| match (k.sha256, k.secret) {
@@ -275,8 +305,12 @@ pub fn run_worker(args: WorkerArgs) -> Result<()> {
 pub fn run(args: ServeArgs) -> Result<()> {
     let mut keys: Vec<ApiKey> = args.api_keys.iter().map(|k| parse_key(k)).collect::<Result<_>>()?;
     if let Some(path) = &args.config {
-        keys.extend(keys_from_file(path)?);
+        keys.extend(keys_from_file(path, read_config(path)?)?);
     }
+    let gateway = match &args.config {
+        Some(path) => gateway_from(&read_config(path)?)?,
+        None => None,
+    };
     if let Ok(env) = std::env::var("EASEL_API_KEYS") {
         for k in env.split(',').filter(|s| !s.trim().is_empty()) {
             keys.push(parse_key(k.trim())?);
@@ -307,7 +341,10 @@ pub fn run(args: ServeArgs) -> Result<()> {
     let stop = Arc::new(AtomicBool::new(false));
     let worker_threads = start_workers(&services, &args.backend, args.workers, &stop)?;
     let webhook_task = (services.bus.clone(), services.queue.clone());
-    let state = AppState::new(services, config);
+    let mut state = AppState::new(services, config);
+    if let Some(g) = gateway {
+        state = state.with_gateway(g);
+    }
     let app = easel_server::router(state);
     let rt = tokio::runtime::Runtime::new()?;
     rt.block_on(async move {

@@ -30,7 +30,7 @@ pub fn spec(model: &str, priority: i32, steps: usize) -> JobSpec {
 }
 
 fn result() -> JobResult {
-    JobResult { images: vec![StoredImage { key: "k".into(), seed: 1 }], timings: Timings::default(), batch_size: 1, cost_usd: 0.0 }
+    JobResult { images: vec![StoredImage { key: "k".into(), seed: 1 }], timings: Timings::default(), batch_size: 1, cost_usd: 0.0, provider: "local".into(), route_reason: None, vendor_id: None }
 }
 
 const MINUTE: Duration = Duration::from_secs(60);
@@ -45,6 +45,19 @@ pub fn run_all(make: &mut dyn FnMut(usize) -> Box<dyn JobQueue>) {
     warm_models_first_within_a_priority(&*make(10));
     advertised_models_expire(&*make(10));
     per_key_accounting(&*make(10));
+    externally_finished_jobs_have_records(&*make(10));
+}
+
+pub fn externally_finished_jobs_have_records(q: &dyn JobQueue) {
+    let mut r = result();
+    r.provider = "bfl".into();
+    r.cost_usd = 0.04;
+    let j = q.insert_finished(&spec("bfl:flux-pro-1.1", 0, 1), &r).unwrap();
+    let got = q.get(&j.id).unwrap().unwrap();
+    assert_eq!(got.status, JobStatus::Succeeded);
+    assert_eq!(got.result.unwrap().provider, "bfl");
+    assert_eq!(q.depth().unwrap(), 0, "never queued");
+    assert!(q.claim("w", &["bfl:flux-pro-1.1".into()], &[], 1, MINUTE).unwrap().is_empty());
 }
 
 pub fn priority_then_fifo_and_positions(q: &dyn JobQueue) {

@@ -80,6 +80,9 @@ pub trait JobQueue: Send + Sync {
     fn active_for(&self, key: &str) -> Result<usize>;
     /// Returns running jobs whose lease expired to the queue; the number returned.
     fn recover_expired(&self) -> Result<usize>;
+    /// Records a job that ran outside the queue (a closed provider served it) as succeeded,
+    /// so it has a job record like every other.
+    fn insert_finished(&self, spec: &JobSpec, result: &JobResult) -> Result<Job>;
     /// Records that `worker` serves `models` (those in `warm` are loaded), valid for `ttl`;
     /// workers repeat it while they live, so API nodes know which models can run now.
     fn advertise(&self, worker: &str, models: &[ModelInfo], warm: &[String], ttl: Duration) -> Result<()>;

@@ -195,6 +195,15 @@ end
 return requeued
 ";
 
+const INSERT_FINISHED: &str = "
+local id, spec, priority, model, batch_key, result, api_key = ARGV[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6], ARGV[7], ARGV[8]
+local t = tostring(now())
+redis.call('HSET', P .. 'job:' .. id, 'id', id, 'status', 'succeeded', 'priority', priority, 'model', model, 'batch_key', batch_key,
+  'spec', spec, 'result', result, 'attempts', 1, 'created_at', t, 'started_at', t, 'finished_at', t, 'seq', redis.call('INCR', P .. 'seq'),
+  'cancel', 0, 'cache_key', '', 'api_key', api_key)
+return 1
+";
+
 const ADVERTISE: &str = "
 local worker, models, warm, ttl = ARGV[2], ARGV[3], ARGV[4], tonumber(ARGV[5])
 local t = now()
@@ -491,6 +500,17 @@ impl JobQueue for RedisQueue {
             tracing::warn!(requeued = n, "recovered jobs whose worker stopped");
         }
         Ok(n as usize)
+    }
+
+    fn insert_finished(&self, spec: &JobSpec, result: &JobResult) -> Result<Job> {
+        let id = format!("job_{}", uuid::Uuid::new_v4().simple());
+        let spec_json = serde_json::to_string(spec).map_err(|e| QueueError::Storage(e.to_string()))?;
+        let result_json = serde_json::to_string(result).map_err(|e| QueueError::Storage(e.to_string()))?;
+        self.run::<i64>(
+            INSERT_FINISHED,
+            &[id.clone(), spec_json, spec.priority.to_string(), spec.model.clone(), spec.batch_key(), result_json, spec.user.clone().unwrap_or_default()],
+        )?;
+        self.get(&id)?.ok_or_else(|| QueueError::Storage("inserted job vanished".into()))
     }
 
     fn advertise(&self, worker: &str, models: &[ModelInfo], warm: &[String], ttl: Duration) -> Result<()> {

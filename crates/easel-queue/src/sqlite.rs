@@ -297,6 +297,18 @@ impl JobQueue for SqliteQueue {
         Ok(requeued)
     }
 
+    fn insert_finished(&self, spec: &JobSpec, result: &JobResult) -> Result<Job> {
+        let conn = self.conn();
+        let id = format!("job_{}", uuid::Uuid::new_v4().simple());
+        let t = now();
+        conn.execute(
+            "INSERT INTO jobs (id, status, priority, model, batch_key, spec, result, attempts, created_at, started_at, finished_at, api_key)
+             VALUES (?1, 'succeeded', ?2, ?3, ?4, ?5, ?6, 1, ?7, ?7, ?7, ?8)",
+            params![id, spec.priority, spec.model, spec.batch_key(), json(spec)?, json(result)?, t, spec.user],
+        )?;
+        Self::get_with(&conn, &id)?.ok_or_else(|| QueueError::Storage("inserted job vanished".into()))
+    }
+
     fn advertise(&self, worker: &str, models: &[ModelInfo], warm: &[String], ttl: Duration) -> Result<()> {
         let t = now();
         let conn = self.conn();

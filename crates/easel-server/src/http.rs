@@ -13,7 +13,8 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use base64::Engine as _;
-use easel_api::{ApiError, Event, ImageRequest, Job, JobStatus, ModelInfo, ResponseFormat};
+use easel_api::{ApiError, Event, ImageRequest, Job, JobSpec, JobStatus, ModelInfo, ResponseFormat, StoredImage};
+use easel_router::routing::{Candidate, Hints, Situation, LOCAL};
 use easel_queue::QueueError;
 use futures::stream::{self, Stream, StreamExt};
 use sha2::{Digest, Sha256};
@@ -67,6 +68,8 @@ pub struct AppState {
     hot: Arc<Mutex<HotCache>>,
     /// Models that live workers advertise, re-read from the queue at most once a second.
     live: Arc<Mutex<Option<(Instant, Vec<ModelInfo>)>>>,
+    /// Closed providers and the routing policy (None: local engines only).
+    pub gateway: Option<Arc<crate::gateway::Gateway>>,
 }
 
 /// Recently served cache hits, so a repeated request touches neither SQLite nor the disk.
@@ -105,7 +108,13 @@ impl std::ops::Deref for AppState {
 
 impl AppState {
     pub fn new(services: Services, config: ServerConfig) -> Self {
-        Self { services, config, rate: Default::default(), hot: Default::default(), live: Default::default() }
+        Self { services, config, rate: Default::default(), hot: Default::default(), live: Default::default(), gateway: None }
+    }
+
+    /// Puts closed providers and a routing policy in front of the local engines.
+    pub fn with_gateway(mut self, gateway: crate::gateway::Gateway) -> Self {
+        self.gateway = Some(Arc::new(gateway));
+        self
     }
 
     /// Models some live worker serves (from the queue's advertisements, cached for a second).
@@ -252,11 +261,68 @@ fn random_seed() -> u64 {
     u64::from_le_bytes(u.as_bytes()[..8].try_into().unwrap_or([0; 8])) % (1 << 53)
 }
 
-/// Validates, consults the cache, enqueues. Returns the job and whether it was a cache hit.
-fn submit(state: &AppState, headers: &HeaderMap, body: &Bytes) -> Result<(Job, ResponseFormat, bool), ApiError> {
+/// Where a validated request goes.
+enum Submitted {
+    /// To the local queue (or answered from the cache): the job, its response format, whether
+    /// it was a cache hit, and the closed providers to try if it fails.
+    Local { job: Job, format: ResponseFormat, hit: bool, fallback: Vec<Candidate> },
+    /// To closed providers, in this order.
+    Remote { plan: Vec<Candidate>, spec: JobSpec, format: ResponseFormat, quality: Option<String> },
+}
+
+/// What the router needs to know about this node right now.
+fn situation_parts(state: &AppState, api_key: Option<&str>) -> Result<(Vec<String>, f64, Vec<String>, f64, f64), ApiError> {
+    let local: Vec<String> = state.catalogue()?.into_iter().filter(|(_, live)| *live).map(|(m, _)| m.id).collect();
+    let depth = state.queue.depth().map_err(queue_error)? as f64;
+    let wait = depth * state.metrics.mean_job_seconds().unwrap_or(1.0);
+    let enabled = state.gateway.as_ref().map(|g| g.providers.keys().cloned().collect()).unwrap_or_default();
+    let today = crate::worker::utc_day(crate::worker::now());
+    let (all, mine) = match &state.ledger {
+        Some(l) => (l.spent_on(&today, None).unwrap_or(0.0), api_key.map(|k| l.spent_on(&today, Some(k)).unwrap_or(0.0)).unwrap_or(0.0)),
+        None => (0.0, 0.0),
+    };
+    Ok((local, wait, enabled, all, mine))
+}
+
+/// Validates, routes, consults the cache, enqueues. `allow_remote`: whether closed providers
+/// may serve it here (the synchronous endpoint), or only local engines (async jobs).
+fn submit(state: &AppState, headers: &HeaderMap, body: &Bytes, allow_remote: bool) -> Result<Submitted, ApiError> {
     let key_name = state.authorize(headers)?;
     let req: ImageRequest = parse_body(body)?;
-    let (model, served) = state.model(req.model.as_deref())?;
+    let hints = Hints { route: req.route.clone(), private: req.is_private()?, tier: req.tier.clone(), api_key: key_name.clone() };
+    let mut local_model = req.model.clone();
+    let mut fallback = vec![];
+    match &state.gateway {
+        Some(gw) if gw.routes(req.model.as_deref().unwrap_or(""), &hints) => {
+            let (local, wait, enabled, all, mine) = situation_parts(state, key_name.as_deref())?;
+            let local_cost = state.local_cost;
+            let price = |p: &str, m: &str| -> Option<f64> {
+                if p == LOCAL {
+                    Some(local_cost.image_usd(state.metrics.mean_job_seconds().unwrap_or(1.0)))
+                } else {
+                    gw.prices.image_usd(p, m, req.quality.as_deref(), 1024, 1024)
+                }
+            };
+            let situation = Situation { local_models: &local, local_wait_s: wait, enabled: &enabled, price: &price, spent_today_usd: all, spent_today_by_key_usd: mine };
+            let plan = gw.plan(req.model.as_deref().unwrap_or(""), &hints, &situation)?;
+            if plan[0].is_local() {
+                local_model = Some(plan[0].model.clone());
+                fallback = plan[1..].iter().filter(|c| !c.is_local()).cloned().collect();
+            } else {
+                if !allow_remote {
+                    return Err(ApiError::invalid("model", "closed providers answer on /v1/images/generations; async jobs run on local engines (use route: local)"));
+                }
+                let (mut spec, format) = req.validate(&crate::gateway::remote_model_info(&plan[0]), random_seed)?;
+                spec.user = key_name;
+                return Ok(Submitted::Remote { plan, spec, format, quality: req.quality.clone() });
+            }
+        }
+        None if hints.tier.is_some() || hints.route.as_deref().is_some_and(|r| r != "auto" && r != LOCAL) => {
+            return Err(ApiError::invalid(if hints.tier.is_some() { "tier" } else { "route" }, "no closed providers or tiers are configured on this server"));
+        }
+        _ => {}
+    }
+    let (model, served) = state.model(local_model.as_deref())?;
     let (mut spec, format) = req.validate(&model, random_seed)?;
     if let Some(url) = &spec.webhook_url {
         crate::webhooks::validate_url(url, state.config.allow_private_webhooks)?;
@@ -280,7 +346,7 @@ fn submit(state: &AppState, headers: &HeaderMap, body: &Bytes) -> Result<(Job, R
             let mut hot = state.hot.lock().unwrap_or_else(|p| p.into_inner());
             hot.bound();
             hot.jobs.insert(ck.clone(), job.clone());
-            return Ok((job, format, true));
+            return Ok(Submitted::Local { job, format, hit: true, fallback });
         }
     }
     if !served {
@@ -293,7 +359,69 @@ fn submit(state: &AppState, headers: &HeaderMap, body: &Bytes) -> Result<(Job, R
         let position = state.queue.position(&enq.job.id).ok().flatten().unwrap_or(0);
         state.bus.publish(Event::Queued { job_id: enq.job.id.clone(), position });
     }
-    Ok((enq.job, format, false))
+    Ok(Submitted::Local { job: enq.job, format, hit: false, fallback })
+}
+
+/// Tries closed providers in plan order; the first success is stored, recorded (job record,
+/// ledger, metrics) and returned. Moderation ends the attempt; other failures fall through.
+async fn run_remote(state: &AppState, plan: &[Candidate], spec: &JobSpec, quality: Option<&str>) -> Result<Job, ApiError> {
+    let gw = state.gateway.clone().ok_or_else(|| ApiError::internal("no gateway"))?;
+    let mut failures = vec![];
+    let mut last: Option<ApiError> = None;
+    for c in plan.iter().filter(|c| !c.is_local()) {
+        let Some(provider) = gw.providers.get(&c.provider) else { continue };
+        let job = crate::gateway::image_job(c, spec, quality);
+        match provider.generate(&job).await {
+            Ok(out) => {
+                gw.router.succeeded(&c.provider, out.seconds);
+                let id = format!("ext_{}", uuid::Uuid::new_v4().simple());
+                let ext = spec.output_format.extension();
+                let mut stored = vec![];
+                for (i, bytes) in out.images.iter().enumerate() {
+                    let key = format!("{id}/{i}.{ext}");
+                    state.store.put(&key, bytes).map_err(|e| ApiError::unavailable(format!("storing {}'s image: {e}", c.provider)))?;
+                    stored.push(StoredImage { key, seed: spec.seed + i as u64 });
+                }
+                let unit = gw.remote_price(c, quality, spec.width, spec.height).unwrap_or(0.0);
+                let cost = unit * stored.len() as f64;
+                let mut spec = spec.clone();
+                spec.model = format!("{}:{}", c.provider, c.model);
+                let result = crate::gateway::remote_result(c, stored, out.seconds, cost, out.vendor_id);
+                let job = state.queue.insert_finished(&spec, &result).map_err(queue_error)?;
+                state.metrics.cost(&c.provider, &c.model, cost);
+                state.metrics.job_done("succeeded", &spec.model, result.images.len(), out.seconds, None);
+                if let Some(ledger) = &state.ledger {
+                    let entry = easel_router::LedgerEntry {
+                        job_id: job.id.clone(),
+                        at: crate::worker::now(),
+                        api_key: spec.user.clone(),
+                        provider: c.provider.clone(),
+                        model: c.model.clone(),
+                        images: result.images.len() as u32,
+                        cost_usd: cost,
+                        seconds: out.seconds,
+                    };
+                    if let Err(e) = ledger.record(&entry) {
+                        tracing::error!("recording the cost of {}: {e}", job.id);
+                    }
+                }
+                return Ok(job);
+            }
+            Err(e) if e.falls_through() => {
+                gw.router.failed(&c.provider);
+                state.metrics.error(&format!("provider_{}", c.provider));
+                tracing::warn!("{e}; trying the next candidate");
+                failures.push(e.to_string());
+                last = Some(crate::gateway::provider_error(&e));
+            }
+            Err(e) => return Err(crate::gateway::provider_error(&e)),
+        }
+    }
+    match (failures.len(), last) {
+        (1, Some(e)) => Err(e),
+        (0, _) => Err(ApiError::unavailable("no closed provider could take the request")),
+        (_, _) => Err(ApiError::unavailable(format!("every candidate failed: {}", failures.join("; ")))),
+    }
 }
 
 fn easel_object(job: &Job, cache_hit: bool) -> serde_json::Value {
@@ -310,8 +438,9 @@ fn easel_object(job: &Job, cache_hit: bool) -> serde_json::Value {
         "cache_hit": cache_hit,
         "model": job.spec.model,
         "steps": job.spec.steps,
-        "provider": "local",
-        "route_reason": "local engine (the only provider configured)",
+        "provider": job.result.as_ref().map(|r| r.provider.as_str()).unwrap_or("local"),
+        "route_reason": job.result.as_ref().and_then(|r| r.route_reason.as_deref()).unwrap_or("the local engine"),
+        "vendor_id": job.result.as_ref().and_then(|r| r.vendor_id.as_deref()),
         "cost_usd": job.result.as_ref().map(|r| r.cost_usd),
     })
 }
@@ -343,21 +472,31 @@ async fn wait_final(state: &AppState, id: &str) -> Result<Job, ApiError> {
 
 async fn generations(State(state): State<AppState>, headers: HeaderMap, body: Result<Bytes, axum::extract::rejection::BytesRejection>) -> ApiResult<Response> {
     let body = read_body(body, state.config.max_body_bytes).await?;
-    let (job, format, hit) = submit(&state, &headers, &body).inspect_err(|e| state.metrics.error(&format!("http_{}", e.status)))?;
-    if hit && format == ResponseFormat::B64Json {
-        if let Some(bytes) = state.hot.lock().unwrap_or_else(|p| p.into_inner()).responses.get(&job.id) {
-            return Ok(json_bytes(bytes.clone()));
+    let submitted = submit(&state, &headers, &body, true).inspect_err(|e| state.metrics.error(&format!("http_{}", e.status)))?;
+    let (job, format, hit) = match submitted {
+        Submitted::Remote { plan, spec, format, quality } => (run_remote(&state, &plan, &spec, quality.as_deref()).await?, format, false),
+        Submitted::Local { job, format, hit, fallback } => {
+            if hit && format == ResponseFormat::B64Json {
+                if let Some(bytes) = state.hot.lock().unwrap_or_else(|p| p.into_inner()).responses.get(&job.id) {
+                    return Ok(json_bytes(bytes.clone()));
+                }
+            }
+            let job = if hit { job } else { wait_final(&state, &job.id).await? };
+            match job.status {
+                JobStatus::Succeeded => (job, format, hit),
+                JobStatus::Failed if !fallback.is_empty() => {
+                    // Ordered fallback: the local engine failed; the plan's closed providers follow.
+                    tracing::warn!("local job {} failed ({}); falling back", job.id, job.error.as_deref().unwrap_or("no reason"));
+                    (run_remote(&state, &fallback, &job.spec, None).await?, format, false)
+                }
+                JobStatus::Canceled => return Err(ApiError::internal(format!("job {} was canceled", job.id)).into()),
+                _ => {
+                    let reason = job.error.clone().unwrap_or_else(|| "generation failed".into());
+                    return Err(ApiError::internal(format!("job {} failed: {reason}", job.id)).into());
+                }
+            }
         }
-    }
-    let job = if hit { job } else { wait_final(&state, &job.id).await? };
-    match job.status {
-        JobStatus::Succeeded => {}
-        JobStatus::Canceled => return Err(ApiError::internal(format!("job {} was canceled", job.id)).into()),
-        _ => {
-            let reason = job.error.clone().unwrap_or_else(|| "generation failed".into());
-            return Err(ApiError::internal(format!("job {} failed: {reason}", job.id)).into());
-        }
-    }
+    };
     let result = job.result.as_ref().ok_or_else(|| ApiError::internal("succeeded job without result"))?;
     let mut data = vec![];
     for img in &result.images {
@@ -436,7 +575,10 @@ fn job_json(state: &AppState, job: &Job) -> serde_json::Value {
 
 async fn create_job(State(state): State<AppState>, headers: HeaderMap, body: Result<Bytes, axum::extract::rejection::BytesRejection>) -> ApiResult<Response> {
     let body = read_body(body, state.config.max_body_bytes).await?;
-    let (job, _, _) = submit(&state, &headers, &body).inspect_err(|e| state.metrics.error(&format!("http_{}", e.status)))?;
+    let job = match submit(&state, &headers, &body, false).inspect_err(|e| state.metrics.error(&format!("http_{}", e.status)))? {
+        Submitted::Local { job, .. } => job,
+        Submitted::Remote { .. } => return Err(ApiError::internal("async jobs are local only").into()),
+    };
     Ok((StatusCode::ACCEPTED, Json(job_json(&state, &job))).into_response())
 }
 

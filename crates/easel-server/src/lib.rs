@@ -6,6 +6,7 @@
 //! candle: a gateway-only build links no tensor code.
 
 pub mod events;
+pub mod gateway;
 pub mod http;
 pub mod metrics;
 pub mod store;

@@ -34,6 +34,12 @@ impl Metrics {
         self.with(|m| *m.errors_by_kind.entry(kind.to_string()).or_default() += 1);
     }
 
+    /// Mean time from acceptance to completion of finished jobs, if any finished.
+    pub fn mean_job_seconds(&self) -> Option<f64> {
+        let m = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        (m.latency_count > 0).then(|| m.latency_sum / m.latency_count as f64)
+    }
+
     /// Money spent on a job, by provider and model.
     pub fn cost(&self, provider: &str, model: &str, usd: f64) {
         self.with(|m| *m.cost_by_provider_model.entry((provider.to_string(), model.to_string())).or_default() += usd);

@@ -271,6 +271,9 @@ impl Worker {
             },
             batch_size: batch,
             cost_usd,
+            provider: "local".into(),
+            route_reason: None,
+            vendor_id: None,
         };
         match self.queue.complete(&job.id, &result) {
             Ok(true) => {
@@ -301,6 +304,31 @@ impl Worker {
     }
 }
 
+/// The UTC day (YYYY-MM-DD) of a Unix time, as the ledger keys spend.
+pub(crate) fn utc_day(t: f64) -> String {
+    // Civil-from-days (Howard Hinnant's algorithm).
+    let z = (t / 86_400.0).floor() as i64 + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!("{y:04}-{m:02}-{d:02}")
+}
+
 pub(crate) fn now() -> f64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs_f64()).unwrap_or(0.0)
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn utc_days_match_the_calendar() {
+        assert_eq!(super::utc_day(0.0), "1970-01-01");
+        assert_eq!(super::utc_day(1_764_115_200.0), "2025-11-26");
+        assert_eq!(super::utc_day(951_782_400.0), "2000-02-29");
+    }
 }
