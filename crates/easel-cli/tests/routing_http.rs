@@ -192,3 +192,27 @@ fn provider_config_errors_and_missing_keys() {
     std::io::Read::read_to_string(&mut pipe, &mut stderr).unwrap();
     assert_eq!(stderr.matches("provider `stability` is disabled: EASEL_TEST_SURELY_UNSET is not set").count(), 1, "{stderr}");
 }
+
+#[test]
+fn a_spent_daily_budget_stops_paid_providers_but_not_local_engines() {
+    let hits = Arc::new(AtomicUsize::new(0));
+    let bfl = fake_bfl(hits.clone());
+    let tmp = tempfile::tempdir().unwrap();
+    let config = json!({
+        "providers": [{"name": "bfl", "kind": "bfl", "base_url": bfl, "api_key_env": "EASEL_TEST_BFL_KEY"}],
+        "routing": {"tiers": {"hero": ["bfl:flux-pro-1.1"]}, "aliases": {"shapes": ["bfl:flux-pro-1.1", "local:tiny"]}, "daily_budget_usd": 0.05}
+    });
+    let s = serve_with_config(tmp.path(), &config, &[]).expect("starts");
+    let hero = |seed: u64| json!({"prompt": "a red circle", "tier": "hero", "seed": seed});
+    assert_eq!(post(&s, "/v1/images/generations", hero(1)).0, 200);
+    assert_eq!(post(&s, "/v1/images/generations", hero(2)).0, 200);
+    // $0.08 spent against a $0.05 cap: BFL is no longer a candidate.
+    let before = hits.load(Ordering::SeqCst);
+    let (st, r) = post(&s, "/v1/images/generations", hero(3));
+    assert_eq!(st, 503, "{r}");
+    assert!(r["error"]["message"].as_str().unwrap().contains("daily budget"), "{r}");
+    assert_eq!(hits.load(Ordering::SeqCst), before, "no request after the cap");
+    // The alias still has its local candidate.
+    let (st, r) = post(&s, "/v1/images/generations", json!({"prompt": "a red circle", "model": "shapes", "size": "64x64", "steps": 2, "seed": 4}));
+    assert_eq!((st, r["easel"]["provider"].as_str()), (200, Some("local")), "{r}");
+}

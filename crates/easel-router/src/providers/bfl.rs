@@ -106,8 +106,11 @@ mod tests {
                         return (StatusCode::FORBIDDEN, r#"{"detail":"Not authenticated - Invalid Authentication"}"#.to_string());
                     }
                     let prompt = body["prompt"].as_str().unwrap_or_default().to_string();
-                    if prompt == "busy" {
-                        return (StatusCode::TOO_MANY_REQUESTS, r#"{"detail":"You have exceeded the number of active tasks"}"#.into());
+                    match prompt.as_str() {
+                        "busy" => return (StatusCode::TOO_MANY_REQUESTS, r#"{"detail":"You have exceeded the number of active tasks"}"#.into()),
+                        "garbage" => return (StatusCode::OK, "not json".into()),
+                        "down" => return (StatusCode::INTERNAL_SERVER_ERROR, r#"{"detail":"Internal Server Error"}"#.into()),
+                        _ => {}
                     }
                     let base = s.base.lock().unwrap().clone();
                     (StatusCode::OK, serde_json::json!({"id": prompt, "polling_url": format!("{base}/v1/get_result?id={prompt}")}).to_string())
@@ -161,6 +164,8 @@ mod tests {
         assert!(matches!(e, ProviderError::Unavailable { .. }) && e.to_string().contains("GPU fell over"), "{e}");
         assert!(matches!(c.generate(&job("late")).await, Err(ProviderError::Expired { .. })));
         assert!(matches!(c.generate(&job("busy")).await, Err(ProviderError::RateLimited { .. })));
+        assert!(matches!(c.generate(&job("garbage")).await, Err(ProviderError::Malformed { .. })));
+        assert!(matches!(c.generate(&job("down")).await, Err(ProviderError::Unavailable { .. })));
         let wrong = BflClient::new("bfl", &base, "stolen".into(), Duration::from_secs(10));
         let e = wrong.generate(&job("a cat")).await.unwrap_err();
         assert!(matches!(e, ProviderError::Rejected { .. }) && !e.to_string().contains("stolen"), "{e}");

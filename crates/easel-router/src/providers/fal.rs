@@ -107,8 +107,11 @@ mod tests {
                     }
                     assert_eq!(input["image_size"]["width"], 512);
                     let id = input["prompt"].as_str().unwrap_or_default().replace(' ', "-");
-                    if id == "busy" {
-                        return (StatusCode::TOO_MANY_REQUESTS, r#"{"detail":"Too many requests"}"#.into());
+                    match id.as_str() {
+                        "busy" => return (StatusCode::TOO_MANY_REQUESTS, r#"{"detail":"Too many requests"}"#.into()),
+                        "down" => return (StatusCode::BAD_GATEWAY, "upstream error".into()),
+                        "garbage" => return (StatusCode::OK, "<html>maintenance</html>".into()),
+                        _ => {}
                     }
                     let base = s.base.lock().unwrap().clone();
                     let r = format!("{base}/fal-ai/flux/requests/{id}");
@@ -137,7 +140,8 @@ mod tests {
                 get(|State(s): State<Fake>, Path(id): Path<String>| async move {
                     let base = s.base.lock().unwrap().clone();
                     let nsfw = id == "naughty";
-                    Json(serde_json::json!({"images": [{"url": format!("{base}/img.png"), "width": 512, "height": 512, "content_type": "image/png"}], "seed": 1, "has_nsfw_concepts": [nsfw]}))
+                    let file = if id == "late" { "gone.png" } else { "img.png" };
+                    Json(serde_json::json!({"images": [{"url": format!("{base}/{file}"), "width": 512, "height": 512, "content_type": "image/png"}], "seed": 1, "has_nsfw_concepts": [nsfw]}))
                 }),
             )
             .route(
@@ -148,6 +152,7 @@ mod tests {
                 }),
             )
             .route("/img.png", get(|| async { fake::PNG.to_vec() }))
+            .route("/gone.png", get(|| async { (StatusCode::NOT_FOUND, "expired") }))
             .with_state(st.clone());
         let base = fake::serve(app).await;
         *st.base.lock().unwrap() = base.clone();
@@ -166,6 +171,9 @@ mod tests {
         assert_eq!((out.images, out.vendor_id.as_deref()), (vec![fake::PNG.to_vec()], Some("a-cat")));
         assert!(matches!(c.generate(&job("naughty")).await, Err(ProviderError::Moderated { .. })));
         assert!(matches!(c.generate(&job("busy")).await, Err(ProviderError::RateLimited { .. })));
+        assert!(matches!(c.generate(&job("down")).await, Err(ProviderError::Unavailable { .. })));
+        assert!(matches!(c.generate(&job("garbage")).await, Err(ProviderError::Malformed { .. })));
+        assert!(matches!(c.generate(&job("late")).await, Err(ProviderError::Expired { .. })));
         let short = FalClient::new("fal", &base, "fal-key".into(), Duration::from_millis(200)).with_poll_interval(Duration::from_millis(20));
         let e = short.generate(&job("forever")).await.unwrap_err();
         assert!(e.to_string().contains("timed out"), "{e}");

@@ -86,7 +86,7 @@ mod tests {
 
     /// Follows OpenAI's documented behaviour, keyed by the prompt.
     async fn fake_openai() -> String {
-        let app = Router::new().route(
+        let app = Router::new().route("/gone.png", axum::routing::get(|| async { (StatusCode::FORBIDDEN, "Request has expired") })).route(
             "/v1/images/generations",
             post(|headers: HeaderMap, Json(body): Json<serde_json::Value>| async move {
                 let b64 = base64::engine::general_purpose::STANDARD.encode(fake::PNG);
@@ -101,6 +101,8 @@ mod tests {
                     }
                     "down" => (StatusCode::INTERNAL_SERVER_ERROR, h, r#"{"error":{"message":"The server had an error","type":"server_error"}}"#.into()),
                     "garbage" => (StatusCode::OK, h, "<html>oops</html>".into()),
+                    // A server that answers with a URL that has already expired.
+                    "expired" => (StatusCode::OK, h, serde_json::json!({"created": 1, "data": [{"url": format!("http://{}/gone.png", headers.get("host").and_then(|v| v.to_str().ok()).unwrap_or_default())}]}).to_string()),
                     "naughty" => (StatusCode::BAD_REQUEST, h, r#"{"error":{"message":"Your request was rejected by the safety system.","type":"image_generation_user_error","code":"moderation_blocked"}}"#.into()),
                     "slow" => {
                         tokio::time::sleep(Duration::from_secs(5)).await;
@@ -130,6 +132,7 @@ mod tests {
         assert_eq!(e, ProviderError::RateLimited { provider: "openai".into(), retry_after: Some(Duration::from_secs(7)) });
         assert!(matches!(c.generate(&job("gpt-image-1", "down")).await, Err(ProviderError::Unavailable { .. })));
         assert!(matches!(c.generate(&job("gpt-image-1", "garbage")).await, Err(ProviderError::Malformed { .. })));
+        assert!(matches!(c.generate(&job("dall-e-3", "expired")).await, Err(ProviderError::Expired { .. })));
         let m = c.generate(&job("gpt-image-1", "naughty")).await.unwrap_err();
         assert!(matches!(m, ProviderError::Moderated { .. }) && !m.falls_through());
         let t = c.generate(&job("gpt-image-1", "slow")).await.unwrap_err();

@@ -128,6 +128,9 @@ mod tests {
                 "slow" | "forever" => prediction(&base, prompt, "processing", serde_json::Value::Null, None),
                 "naughty" => prediction(&base, "n", "failed", serde_json::Value::Null, Some("NSFW content detected. Try running it again, or try a different prompt.")),
                 "busy" => return (StatusCode::TOO_MANY_REQUESTS, Json(serde_json::json!({"detail": "Request was throttled."}))),
+                "down" => return (StatusCode::SERVICE_UNAVAILABLE, Json(serde_json::json!({"detail": "Service Unavailable"}))),
+                "garbage" => prediction(&base, "g", "weird-status", serde_json::Value::Null, None),
+                "late" => prediction(&base, "l", "succeeded", serde_json::json!([format!("{base}/gone.png")]), None),
                 _ => prediction(&base, "p1", "succeeded", serde_json::json!([format!("{base}/out.png")]), None),
             };
             (StatusCode::CREATED, Json(p))
@@ -151,6 +154,7 @@ mod tests {
                 }),
             )
             .route("/out.png", get(|| async { fake::PNG.to_vec() }))
+            .route("/gone.png", get(|| async { (StatusCode::GONE, "expired") }))
             .with_state(st.clone());
         let base = fake::serve(app).await;
         *st.base.lock().unwrap() = base.clone();
@@ -171,6 +175,9 @@ mod tests {
         assert_eq!(c.generate(&job(official, "slow")).await.expect("polled to success").images.len(), 1);
         assert!(matches!(c.generate(&job(official, "naughty")).await, Err(ProviderError::Moderated { .. })));
         assert!(matches!(c.generate(&job(official, "busy")).await, Err(ProviderError::RateLimited { .. })));
+        assert!(matches!(c.generate(&job(official, "down")).await, Err(ProviderError::Unavailable { .. })));
+        assert!(matches!(c.generate(&job(official, "garbage")).await, Err(ProviderError::Malformed { .. })));
+        assert!(matches!(c.generate(&job(official, "late")).await, Err(ProviderError::Expired { .. })));
         let short = ReplicateClient::new("replicate", &base, "r8-key".into(), Duration::from_millis(150)).with_poll_interval(Duration::from_millis(20));
         let e = short.generate(&job(official, "forever")).await.unwrap_err();
         assert!(e.to_string().contains("timed out"), "{e}");

@@ -111,6 +111,12 @@ mod tests {
                     "filtered" => (StatusCode::OK, serde_json::json!({"image": b64, "finish_reason": "CONTENT_FILTERED", "seed": 1}).to_string()),
                     "bad" => (StatusCode::BAD_REQUEST, r#"{"name":"bad_request","errors":["prompt: cannot be empty"]}"#.into()),
                     "down" => (StatusCode::SERVICE_UNAVAILABLE, "upstream connect error".into()),
+                    "busy" => (StatusCode::TOO_MANY_REQUESTS, r#"{"name":"rate_limit_exceeded","errors":["You have exceeded the rate limit"]}"#.into()),
+                    "garbage" => (StatusCode::OK, "<html>oops</html>".into()),
+                    "slow" => {
+                        tokio::time::sleep(std::time::Duration::from_secs(3)).await;
+                        (StatusCode::OK, "{}".into())
+                    }
                     _ => (StatusCode::OK, serde_json::json!({"image": b64, "finish_reason": "SUCCESS", "seed": 1}).to_string()),
                 }
             }),
@@ -133,6 +139,11 @@ mod tests {
         let e = c.generate(&job("core", "bad")).await.unwrap_err();
         assert!(matches!(e, ProviderError::Rejected { .. }) && e.to_string().contains("prompt: cannot be empty"), "{e}");
         assert!(matches!(c.generate(&job("core", "down")).await, Err(ProviderError::Unavailable { .. })));
+        assert!(matches!(c.generate(&job("core", "busy")).await, Err(ProviderError::RateLimited { .. })));
+        assert!(matches!(c.generate(&job("core", "garbage")).await, Err(ProviderError::Malformed { .. })));
+        let hurried = StabilityClient::new("stability", &base, "sk-stab".into(), Duration::from_millis(500));
+        let e = hurried.generate(&job("core", "slow")).await.unwrap_err();
+        assert!(e.to_string().contains("timed out"), "{e}");
     }
 
     #[test]
