@@ -198,6 +198,8 @@ fn keys_from_file(path: &std::path::Path, cfg: ConfigFile) -> Result<Vec<ApiKey>
 
 /// The services a job-running process builds from its [`BackendArgs`].
 fn services(args: &BackendArgs) -> Result<easel_server::Services> {
+    // Flags first: a typo must not wait for the models to load.
+    let local_cost = local_cost(args)?;
     let data_dir = args.data_dir.clone().unwrap_or_else(crate::bundled::data_dir);
     std::fs::create_dir_all(&data_dir).with_context(|| format!("creating {}", data_dir.display()))?;
     let dtype = easel_engine::parse_dtype(&args.dtype)?;
@@ -244,7 +246,7 @@ fn services(args: &BackendArgs) -> Result<easel_server::Services> {
         metrics: Arc::new(Metrics::default()),
         doorbell: Default::default(),
         ledger: Some(Arc::new(easel_router::Ledger::open(&data_dir.join("ledger.db")).context("opening the cost ledger")?)),
-        local_cost: local_cost(args)?,
+        local_cost,
     })
 }
 
@@ -274,7 +276,7 @@ fn start_workers(services: &easel_server::Services, args: &BackendArgs, n: usize
             },
         };
         // Advertise before accepting requests, so the first request finds its model served.
-        worker.advertise(&services.executor.models(), Duration::from_secs(10));
+        worker.advertise(&services.executor.models(), easel_server::worker::ADVERTISE_TTL);
         let stop = stop.clone();
         threads.push(std::thread::Builder::new().name(format!("easel-worker-{i}")).spawn(move || worker.run(&stop))?);
     }
@@ -304,13 +306,12 @@ pub fn run_worker(args: WorkerArgs) -> Result<()> {
 
 pub fn run(args: ServeArgs) -> Result<()> {
     let mut keys: Vec<ApiKey> = args.api_keys.iter().map(|k| parse_key(k)).collect::<Result<_>>()?;
+    let mut gateway = None;
     if let Some(path) = &args.config {
-        keys.extend(keys_from_file(path, read_config(path)?)?);
+        let cfg = read_config(path)?;
+        gateway = gateway_from(&cfg)?;
+        keys.extend(keys_from_file(path, cfg)?);
     }
-    let gateway = match &args.config {
-        Some(path) => gateway_from(&read_config(path)?)?,
-        None => None,
-    };
     if let Ok(env) = std::env::var("EASEL_API_KEYS") {
         for k in env.split(',').filter(|s| !s.trim().is_empty()) {
             keys.push(parse_key(k.trim())?);

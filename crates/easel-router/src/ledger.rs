@@ -100,11 +100,11 @@ impl Ledger {
         Ok(rows.collect::<rusqlite::Result<Vec<_>>>()?)
     }
 
-    /// Spend so far on UTC day `day` (YYYY-MM-DD), for one key or all, for budget caps.
-    pub fn spent_on(&self, day: &str, api_key: Option<&str>) -> Result<f64, RouterError> {
+    /// Spend on UTC day `day` (YYYY-MM-DD; None: today), for one key or all, for budget caps.
+    pub fn spent_on(&self, day: Option<&str>, api_key: Option<&str>) -> Result<f64, RouterError> {
         let conn = self.conn.lock().unwrap_or_else(|p| p.into_inner());
         Ok(conn.query_row(
-            "SELECT COALESCE(SUM(cost_usd), 0) FROM ledger WHERE day = ?1 AND (?2 IS NULL OR api_key = ?2)",
+            "SELECT COALESCE(SUM(cost_usd), 0) FROM ledger WHERE day = COALESCE(?1, date('now')) AND (?2 IS NULL OR api_key = ?2)",
             params![day, api_key],
             |r| r.get(0),
         )?)
@@ -141,7 +141,10 @@ mod tests {
         assert!((local.cost_usd - 0.003).abs() < 1e-12);
         assert_eq!(l.usage(Some("2025-11-27"), None).unwrap().len(), 1);
         assert_eq!(l.usage(None, Some("alice")).unwrap().len(), 2);
-        assert!((l.spent_on("2025-11-26", None).unwrap() - 0.043).abs() < 1e-12);
-        assert!((l.spent_on("2025-11-26", Some("alice")).unwrap() - 0.003).abs() < 1e-12);
+        assert!((l.spent_on(Some("2025-11-26"), None).unwrap() - 0.043).abs() < 1e-12);
+        assert!((l.spent_on(Some("2025-11-26"), Some("alice")).unwrap() - 0.003).abs() < 1e-12);
+        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs_f64();
+        l.record(&entry("e", now, Some("bob"), "bfl", 0.04)).unwrap();
+        assert!((l.spent_on(None, Some("bob")).unwrap() - 0.04).abs() < 1e-12, "today's spend");
     }
 }

@@ -276,9 +276,8 @@ fn situation_parts(state: &AppState, api_key: Option<&str>) -> Result<(Vec<Strin
     let depth = state.queue.depth().map_err(queue_error)? as f64;
     let wait = depth * state.metrics.mean_job_seconds().unwrap_or(1.0);
     let enabled = state.gateway.as_ref().map(|g| g.providers.keys().cloned().collect()).unwrap_or_default();
-    let today = crate::worker::utc_day(crate::worker::now());
     let (all, mine) = match &state.ledger {
-        Some(l) => (l.spent_on(&today, None).unwrap_or(0.0), api_key.map(|k| l.spent_on(&today, Some(k)).unwrap_or(0.0)).unwrap_or(0.0)),
+        Some(l) => (l.spent_on(None, None).unwrap_or(0.0), api_key.map(|k| l.spent_on(None, Some(k)).unwrap_or(0.0)).unwrap_or(0.0)),
         None => (0.0, 0.0),
     };
     Ok((local, wait, enabled, all, mine))
@@ -388,23 +387,17 @@ async fn run_remote(state: &AppState, plan: &[Candidate], spec: &JobSpec, qualit
                 spec.model = format!("{}:{}", c.provider, c.model);
                 let result = crate::gateway::remote_result(c, stored, out.seconds, cost, out.vendor_id);
                 let job = state.queue.insert_finished(&spec, &result).map_err(queue_error)?;
-                state.metrics.cost(&c.provider, &c.model, cost);
                 state.metrics.job_done("succeeded", &spec.model, result.images.len(), out.seconds, None);
-                if let Some(ledger) = &state.ledger {
-                    let entry = easel_router::LedgerEntry {
-                        job_id: job.id.clone(),
-                        at: crate::worker::now(),
-                        api_key: spec.user.clone(),
-                        provider: c.provider.clone(),
-                        model: c.model.clone(),
-                        images: result.images.len() as u32,
-                        cost_usd: cost,
-                        seconds: out.seconds,
-                    };
-                    if let Err(e) = ledger.record(&entry) {
-                        tracing::error!("recording the cost of {}: {e}", job.id);
-                    }
-                }
+                state.record_cost(&easel_router::LedgerEntry {
+                    job_id: job.id.clone(),
+                    at: crate::worker::now(),
+                    api_key: spec.user.clone(),
+                    provider: c.provider.clone(),
+                    model: c.model.clone(),
+                    images: result.images.len() as u32,
+                    cost_usd: cost,
+                    seconds: out.seconds,
+                });
                 return Ok(job);
             }
             Err(e) if e.falls_through() => {

@@ -32,4 +32,17 @@ pub struct Services {
     /// What this node's machine costs, for the amortised cost of a local image.
     pub local_cost: easel_router::LocalCost,
 }
+
+impl Services {
+    /// Puts a finished job's cost on the record: the cost counter in /metrics and the ledger.
+    pub fn record_cost(&self, entry: &easel_router::LedgerEntry) {
+        self.metrics.cost(&entry.provider, &entry.model, entry.cost_usd);
+        if let Some(ledger) = &self.ledger {
+            if let Err(e) = ledger.record(entry) {
+                tracing::error!("recording the cost of {}: {e}", entry.job_id);
+            }
+        }
+    }
+}
+
 pub use worker::{EncodedImage, ExecError, Executor, WorkerConfig};

@@ -53,8 +53,8 @@ pub trait Executor: Send + Sync {
 }
 
 /// How often a worker renews its advertisement, and how long one stays valid.
-const ADVERTISE_EVERY: Duration = Duration::from_secs(2);
-const ADVERTISE_TTL: Duration = Duration::from_secs(10);
+pub const ADVERTISE_EVERY: Duration = Duration::from_secs(2);
+pub const ADVERTISE_TTL: Duration = Duration::from_secs(10);
 
 /// How long a worker keeps retrying a failing store write before failing the attempt.
 const STORE_PATIENCE: Duration = Duration::from_secs(15);
@@ -279,22 +279,16 @@ impl Worker {
             Ok(true) => {
                 let steps_per_s = (t.denoise_s > 0.0).then(|| job.spec.steps as f64 / t.denoise_s);
                 self.metrics.job_done("succeeded", &job.spec.model, stored.len(), now() - job.created_at, steps_per_s);
-                self.metrics.cost("local", &job.spec.model, cost_usd);
-                if let Some(ledger) = &self.ledger {
-                    let entry = easel_router::LedgerEntry {
-                        job_id: job.id.clone(),
-                        at: now(),
-                        api_key: job.spec.user.clone(),
-                        provider: "local".into(),
-                        model: job.spec.model.clone(),
-                        images: stored.len() as u32,
-                        cost_usd,
-                        seconds: engine_s,
-                    };
-                    if let Err(e) = ledger.record(&entry) {
-                        tracing::error!("recording the cost of {}: {e}", job.id);
-                    }
-                }
+                self.record_cost(&easel_router::LedgerEntry {
+                    job_id: job.id.clone(),
+                    at: now(),
+                    api_key: job.spec.user.clone(),
+                    provider: "local".into(),
+                    model: job.spec.model.clone(),
+                    images: stored.len() as u32,
+                    cost_usd,
+                    seconds: engine_s,
+                });
                 let urls = stored.iter().map(|s| image_path(&s.key)).collect();
                 self.bus.publish(Event::Completed { job_id: job.id.clone(), urls });
             }
@@ -304,31 +298,6 @@ impl Worker {
     }
 }
 
-/// The UTC day (YYYY-MM-DD) of a Unix time, as the ledger keys spend.
-pub(crate) fn utc_day(t: f64) -> String {
-    // Civil-from-days (Howard Hinnant's algorithm).
-    let z = (t / 86_400.0).floor() as i64 + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = doy - (153 * mp + 2) / 5 + 1;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 };
-    let y = yoe + era * 400 + i64::from(m <= 2);
-    format!("{y:04}-{m:02}-{d:02}")
-}
-
 pub(crate) fn now() -> f64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs_f64()).unwrap_or(0.0)
-}
-
-#[cfg(test)]
-mod tests {
-    #[test]
-    fn utc_days_match_the_calendar() {
-        assert_eq!(super::utc_day(0.0), "1970-01-01");
-        assert_eq!(super::utc_day(1_764_115_200.0), "2025-11-26");
-        assert_eq!(super::utc_day(951_782_400.0), "2000-02-29");
-    }
 }
