@@ -27,12 +27,17 @@ pub struct JobSpec {
     pub user: Option<String>,
     #[serde(default)]
     pub webhook_url: Option<String>,
+    /// The LoRA stack (registry names and scales), applied in order.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub loras: Vec<crate::LoraRef>,
 }
 
 impl JobSpec {
     /// Jobs that may run together as one batch share these.
     pub fn batch_key(&self) -> String {
-        format!("{}|{}x{}|{}|{:?}|{}", self.model, self.width, self.height, self.steps, self.scheduler, self.guidance)
+        // Only jobs with the same LoRA stack share a batch: the stack changes the weights.
+        let stack: Vec<String> = self.loras.iter().map(|l| format!("{}:{}", l.name, l.scale)).collect();
+        format!("{}|{}x{}|{}|{:?}|{}|{}", self.model, self.width, self.height, self.steps, self.scheduler, self.guidance, stack.join(","))
     }
 
     /// A canonical hash of everything that determines the pixels; `None` without an explicit seed.
@@ -45,6 +50,7 @@ impl JobSpec {
             "width": self.width, "height": self.height, "n": self.n, "steps": self.steps,
             "guidance": self.guidance, "seed": self.seed, "scheduler": self.scheduler,
             "output_format": self.output_format, "output_compression": self.output_compression,
+            "loras": self.loras,
         });
         Some(hex::encode(Sha256::digest(canonical.to_string().as_bytes())))
     }

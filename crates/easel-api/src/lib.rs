@@ -6,8 +6,10 @@
 
 mod error;
 mod job;
+mod lora;
 mod request;
 
 pub use error::{ApiError, ErrorBody};
 pub use job::{Event, Job, JobResult, JobSpec, JobStatus, StoredImage, Timings};
+pub use lora::{check_name as check_lora_name, validate_loras, LoraRef, LoraRegistry, LoraSource, MAX_LORAS};
 pub use request::{ImageRequest, ModelInfo, OutputFormat, ResponseFormat};

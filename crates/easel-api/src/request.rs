@@ -95,6 +95,9 @@ pub struct ImageRequest {
     /// A routing tier from the config (e.g. hero, standard, draft).
     #[serde(default)]
     pub tier: Option<String>,
+    /// A LoRA stack: `[{"name": REGISTRY_NAME, "scale": 0.8}, ...]`, applied in order.
+    #[serde(default)]
+    pub loras: Option<Vec<crate::LoraRef>>,
 }
 
 impl ImageRequest {
@@ -117,7 +120,14 @@ pub struct ModelInfo {
     pub default_guidance: f64,
     pub default_size: usize,
     pub max_side: usize,
+    /// Width and height must be multiples of this (8 for SD, 16 for FLUX).
+    #[serde(default = "default_size_multiple")]
+    pub size_multiple: usize,
     pub schedulers: Vec<String>,
+}
+
+fn default_size_multiple() -> usize {
+    8
 }
 
 const MAX_PROMPT_CHARS: usize = 32_000;
@@ -137,7 +147,7 @@ impl ImageRequest {
         }
         let (width, height) = match self.size.as_deref() {
             None | Some("auto") => (model.default_size, model.default_size),
-            Some(s) => parse_size(s, model.max_side)?,
+            Some(s) => parse_size(s, model.max_side, model.size_multiple.max(1))?,
         };
         let quality_steps = match self.quality.as_deref() {
             None | Some("auto") | Some("standard") | Some("medium") => model.default_steps,
@@ -173,6 +183,8 @@ impl ImageRequest {
                 return Err(ApiError::invalid("seed", "seed must be below 2^53"));
             }
         }
+        let loras = self.loras.clone().unwrap_or_default();
+        crate::validate_loras(&loras)?;
         let spec = JobSpec {
             model: model.id.clone(),
             prompt: self.prompt.clone(),
@@ -190,16 +202,17 @@ impl ImageRequest {
             priority,
             user: self.user.clone(),
             webhook_url: self.webhook_url.clone(),
+            loras,
         };
         Ok((spec, self.response_format.unwrap_or_default()))
     }
 }
 
-fn parse_size(s: &str, max_side: usize) -> Result<(usize, usize), ApiError> {
-    let bad = || ApiError::invalid("size", format!("size must be WIDTHxHEIGHT with multiples of 8 up to {max_side}, got `{s}`"));
+fn parse_size(s: &str, max_side: usize, multiple: usize) -> Result<(usize, usize), ApiError> {
+    let bad = || ApiError::invalid("size", format!("size must be WIDTHxHEIGHT with multiples of {multiple} up to {max_side} for this model, got `{s}`"));
     let (w, h) = s.split_once('x').ok_or_else(bad)?;
     let (w, h): (usize, usize) = (w.parse().map_err(|_| bad())?, h.parse().map_err(|_| bad())?);
-    if w == 0 || h == 0 || w % 8 != 0 || h % 8 != 0 || w > max_side || h > max_side {
+    if w == 0 || h == 0 || w % multiple != 0 || h % multiple != 0 || w > max_side || h > max_side {
         return Err(bad());
     }
     Ok((w, h))
@@ -210,7 +223,7 @@ mod tests {
     use super::*;
 
     fn model() -> ModelInfo {
-        ModelInfo { id: "m".into(), default_steps: 20, default_guidance: 4.0, default_size: 64, max_side: 1024, schedulers: vec!["euler".into()] }
+        ModelInfo { id: "m".into(), default_steps: 20, default_guidance: 4.0, default_size: 64, max_side: 1024, size_multiple: 8, schedulers: vec!["euler".into()] }
     }
 
     fn req(v: serde_json::Value) -> Result<ImageRequest, serde_json::Error> {

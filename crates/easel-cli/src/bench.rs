@@ -92,6 +92,41 @@ enum BenchWhat {
         #[arg(long)]
         save_output: Option<PathBuf>,
     },
+    /// Time one FLUX transformer evaluation (tools/bench/flux_vs_diffusers.py compares it with
+    /// diffusers on the same weights and inputs).
+    Flux {
+        /// A FLUX diffusers-layout directory (transformer/config.json, and its weights unless
+        /// --transformer is given).
+        #[arg(long)]
+        model: PathBuf,
+        /// Transformer weights to use instead (BFL .safetensors or .gguf).
+        #[arg(long)]
+        transformer: Option<PathBuf>,
+        /// Inputs: safetensors with `img`, `img_ids`, `txt`, `txt_ids`, `timesteps`, `pooled`
+        /// and, for guidance-distilled models, `guidance`.
+        #[arg(long)]
+        inputs: PathBuf,
+        #[arg(long, default_value_t = 3)]
+        iters: usize,
+        #[arg(long, default_value_t = 1)]
+        warmup: usize,
+        /// Where to write the output (safetensors `latents`).
+        #[arg(long)]
+        save_output: Option<PathBuf>,
+        /// A LoRA (kohya or diffusers format) to run with the transformer: merged into
+        /// full-precision weights, beside quantized ones.
+        #[arg(long)]
+        lora: Option<PathBuf>,
+    },
+    /// Time loading a model fresh against switching its LoRA stack (the base stays in memory).
+    Lora {
+        /// A diffusers-layout model directory.
+        #[arg(long)]
+        model: PathBuf,
+        /// Two LoRA files: the stacks measured are [A], [B], [A, B] and [] in turn.
+        #[arg(long = "lora", num_args = 2)]
+        loras: Vec<PathBuf>,
+    },
 }
 
 pub fn run(args: BenchArgs) -> Result<()> {
@@ -147,7 +182,75 @@ pub fn run(args: BenchArgs) -> Result<()> {
             let median = times[times.len() / 2];
             println!("{}", serde_json::json!({"load_s": load_s, "eval_s_median": median, "eval_s": times}));
         }
+        BenchWhat::Flux { model, transformer, inputs, iters, warmup, save_output, lora } => flux_eval(&model, transformer, &inputs, iters, warmup, save_output, lora)?,
+        BenchWhat::Lora { model, loras } => lora_switch(&model, &loras)?,
     }
+    Ok(())
+}
+
+fn lora_switch(model: &std::path::Path, loras: &[PathBuf]) -> Result<()> {
+    use easel_engine::lora::LoraSpec;
+    let t = Instant::now();
+    let pipe = easel_engine::Pipeline::load(model, &easel_engine::LoadOptions::default())?;
+    let load_s = t.elapsed().as_secs_f64();
+    let spec = |i: usize, scale: f64| LoraSpec { path: loras[i].clone(), scale };
+    let mut switches = serde_json::Map::new();
+    for (name, stack) in [("a", vec![spec(0, 0.8)]), ("b", vec![spec(1, 0.8)]), ("a+b", vec![spec(0, 0.7), spec(1, -0.5)]), ("none", vec![])] {
+        let t = Instant::now();
+        let switched = pipe.with_loras(&stack)?;
+        switches.insert(name.into(), serde_json::json!(t.elapsed().as_secs_f64()));
+        drop(switched);
+    }
+    println!("{}", serde_json::json!({"load_s": load_s, "switch_s": switches}));
+    Ok(())
+}
+
+fn flux_eval(model: &std::path::Path, transformer: Option<PathBuf>, inputs: &std::path::Path, iters: usize, warmup: usize, save_output: Option<PathBuf>, lora: Option<PathBuf>) -> Result<()> {
+    use easel_engine::config::FluxTransformerConfig;
+    use easel_engine::models::flux::{FluxInputs, FluxTransformer};
+    let device = Device::Cpu;
+    let t0 = Instant::now();
+    let config: FluxTransformerConfig = read_json(&model.join("transformer/config.json"))?;
+    let (mut weights, _) = easel_engine::flux_pipeline::read_transformer(model, transformer.as_deref(), DType::F32, &device)?;
+    weights.set_dtype(DType::F32);
+    if let Some(path) = lora {
+        use easel_engine::lora::{Component, LoraSpec, LoraTargets, TargetFamily};
+        let h = config.hidden_size();
+        let targets = LoraTargets { family: TargetFamily::Flux { hidden: h, mlp: 4 * h }, weights: [(Component::Transformer, weights.shapes())].into() };
+        let adapters = easel_engine::lora::load_adapters(&LoraSpec { path, scale: 1.0 }, &targets)?;
+        weights = weights.with_adapters(&adapters.iter().collect::<Vec<_>>())?;
+    }
+    let (bytes, types) = weights.memory();
+    let net = FluxTransformer::new(&weights, &config, DType::F32, &device)?;
+    drop(weights);
+    let load_s = t0.elapsed().as_secs_f64();
+    let t = easel_engine::read_tensors(inputs)?;
+    let get = |k: &str| t.get(k).with_context(|| format!("inputs lack `{k}`"));
+    let x = FluxInputs {
+        img: get("img")?,
+        img_ids: get("img_ids")?,
+        txt: get("txt")?,
+        txt_ids: get("txt_ids")?,
+        timesteps: get("timesteps")?,
+        pooled: get("pooled")?,
+        guidance: t.get("guidance"),
+    };
+    for _ in 0..warmup {
+        net.forward(&x)?;
+    }
+    let mut times = vec![];
+    let mut out = None;
+    for _ in 0..iters.max(1) {
+        let t = Instant::now();
+        out = Some(net.forward(&x)?);
+        times.push(t.elapsed().as_secs_f64());
+    }
+    if let (Some(path), Some(out)) = (save_output, out) {
+        easel_engine::write_latents(&path, &out)?;
+    }
+    times.sort_by(f64::total_cmp);
+    let median = times[times.len() / 2];
+    println!("{}", serde_json::json!({"load_s": load_s, "eval_s_median": median, "eval_s": times, "weights_bytes": bytes, "weights": types}));
     Ok(())
 }
 
@@ -193,11 +296,11 @@ fn shapes_quality(
     save_dir: Option<PathBuf>,
 ) -> Result<()> {
     use easel_engine::pipeline::ModelDefaults;
-    use easel_engine::{GenerateParams, LoadOptions, SchedulerKind, StableDiffusionPipeline};
+    use easel_engine::{GenerateParams, LoadOptions, Pipeline, SchedulerKind};
     use rand::{Rng, SeedableRng};
 
     let spec = easel_shapes::Spec::bundled();
-    let pipe = StableDiffusionPipeline::load(dir, &LoadOptions::default())?;
+    let pipe = Pipeline::load(dir, &LoadOptions::default())?;
     let defaults = ModelDefaults::load(dir, pipe.family())?;
     let scheduler = scheduler.or(defaults.scheduler.clone()).as_deref().map(SchedulerKind::parse).transpose()?;
     let guidance = guidance.or(defaults.guidance).unwrap_or(7.5);

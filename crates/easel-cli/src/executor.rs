@@ -8,7 +8,8 @@ use std::time::{Duration, Instant};
 use easel_api::{Job, ModelInfo, OutputFormat};
 use easel_engine::output::{encode_image, ImageFormat, ImageMetadata};
 use easel_engine::pipeline::ModelDefaults;
-use easel_engine::{EngineError, GenerateParams, LoadOptions, SchedulerKind, StableDiffusionPipeline};
+use easel_engine::lora::LoraSpec;
+use easel_engine::{EngineError, GenerateParams, LoadOptions, Pipeline, SchedulerKind};
 use easel_server::worker::BatchTimings;
 use easel_server::{EncodedImage, ExecError, Executor};
 
@@ -21,7 +22,7 @@ pub struct ServedModel {
 }
 
 struct Warm {
-    pipe: Arc<StableDiffusionPipeline>,
+    pipe: Arc<Pipeline>,
     last_used: Instant,
 }
 
@@ -29,10 +30,13 @@ struct Warm {
 /// room (least recently used first). A model is loaded once however many jobs ask for it.
 pub struct EngineExecutor {
     models: Vec<ServedModel>,
+    /// Keyed by model id, and `id|stack` for a model with a LoRA stack applied (those share
+    /// the base model's weights and go when it goes).
     pool: Mutex<HashMap<String, Warm>>,
     load: LoadOptions,
     idle_timeout: Duration,
     memory_budget: u64,
+    loras: easel_api::LoraRegistry,
 }
 
 fn dir_bytes(dir: &std::path::Path) -> u64 {
@@ -43,12 +47,12 @@ fn dir_bytes(dir: &std::path::Path) -> u64 {
 
 impl EngineExecutor {
     /// Describes each model directory (loading none of them yet).
-    pub fn new(models: Vec<(String, PathBuf)>, load: LoadOptions, idle_timeout: Duration, memory_budget: u64) -> anyhow::Result<Self> {
+    pub fn new(models: Vec<(String, PathBuf)>, load: LoadOptions, idle_timeout: Duration, memory_budget: u64, loras: easel_api::LoraRegistry) -> anyhow::Result<Self> {
         let mut served = vec![];
         let mut pool = HashMap::new();
         for (id, dir) in models {
             // Load once to validate the model and learn its defaults; the pool keeps it warm.
-            let pipe = StableDiffusionPipeline::load(&dir, &load)?;
+            let pipe = Pipeline::load(&dir, &load)?;
             let d = ModelDefaults::load(&dir, pipe.family())?;
             let info = ModelInfo {
                 id,
@@ -56,7 +60,8 @@ impl EngineExecutor {
                 default_guidance: d.guidance.unwrap_or(7.5),
                 default_size: pipe.default_size(),
                 max_side: 2048,
-                schedulers: SchedulerKind::ALL.iter().map(|(n, _)| n.to_string()).collect(),
+                size_multiple: pipe.size_multiple(),
+                schedulers: pipe.schedulers().iter().map(|k| k.name().to_string()).collect(),
             };
             let weight_bytes = dir_bytes(&dir);
             let in_pool: u64 = pool.keys().filter_map(|k: &String| served.iter().find(|m: &&ServedModel| &m.info.id == k)).map(|m| m.weight_bytes).sum();
@@ -65,15 +70,34 @@ impl EngineExecutor {
             }
             served.push(ServedModel { weight_bytes, info, dir });
         }
-        Ok(Self { models: served, pool: Mutex::new(pool), load, idle_timeout, memory_budget })
+        Ok(Self { models: served, pool: Mutex::new(pool), load, idle_timeout, memory_budget, loras })
     }
 
     fn served(&self, id: &str) -> Option<&ServedModel> {
         self.models.iter().find(|m| m.info.id == id)
     }
 
+    /// The warm pipeline for `id` with a LoRA `stack`: built from the warm base model (never
+    /// reloaded from disk for a new stack) and kept warm under `id|stack`.
+    fn pipeline_with(&self, id: &str, stack: &[LoraSpec]) -> Result<(Arc<Pipeline>, f64), ExecError> {
+        if stack.is_empty() {
+            return self.pipeline(id);
+        }
+        let key = format!("{id}|{}", easel_engine::lora::stack_key(stack));
+        if let Some(w) = self.pool.lock().unwrap_or_else(|p| p.into_inner()).get_mut(&key) {
+            w.last_used = Instant::now();
+            return Ok((w.pipe.clone(), 0.0));
+        }
+        let (base, load_s) = self.pipeline(id)?;
+        let t = Instant::now();
+        let pipe = Arc::new(base.with_loras(stack).map_err(|e| ExecError::Permanent(e.to_string()))?);
+        tracing::info!(model = %id, stack = %key, seconds = t.elapsed().as_secs_f64(), "LoRA stack applied");
+        self.pool.lock().unwrap_or_else(|p| p.into_inner()).insert(key, Warm { pipe: pipe.clone(), last_used: Instant::now() });
+        Ok((pipe, load_s + t.elapsed().as_secs_f64()))
+    }
+
     /// The warm pipeline for `id`, loading it (and evicting others) if needed.
-    fn pipeline(&self, id: &str) -> Result<(Arc<StableDiffusionPipeline>, f64), ExecError> {
+    fn pipeline(&self, id: &str) -> Result<(Arc<Pipeline>, f64), ExecError> {
         let served = self.served(id).ok_or_else(|| ExecError::Permanent(format!("model `{id}` is not served here")))?;
         // Holding the lock while loading makes concurrent requests for one model share one load.
         let mut pool = self.pool.lock().unwrap_or_else(|p| p.into_inner());
@@ -86,11 +110,12 @@ impl EngineExecutor {
             let lru = pool.iter().min_by_key(|(_, w)| w.last_used).map(|(k, _)| k.clone());
             if let Some(k) = lru {
                 tracing::info!(model = %k, "evicting to fit the memory budget");
-                pool.remove(&k);
+                let model = k.split('|').next().unwrap_or(&k).to_string();
+                pool.retain(|key, _| key != &model && !key.starts_with(&format!("{model}|")));
             }
         }
         let t = Instant::now();
-        let pipe = Arc::new(StableDiffusionPipeline::load(&served.dir, &self.load).map_err(|e| ExecError::Permanent(e.to_string()))?);
+        let pipe = Arc::new(Pipeline::load(&served.dir, &self.load).map_err(|e| ExecError::Permanent(e.to_string()))?);
         pool.insert(id.to_string(), Warm { pipe: pipe.clone(), last_used: Instant::now() });
         Ok((pipe, t.elapsed().as_secs_f64()))
     }
@@ -118,7 +143,16 @@ impl Executor for EngineExecutor {
 
     fn run_batch(&self, jobs: &[Job], on_step: &mut dyn FnMut(usize, usize) -> bool) -> Result<(Vec<Vec<EncodedImage>>, BatchTimings), ExecError> {
         let model = &jobs[0].spec.model;
-        let (pipe, load_s) = self.pipeline(model)?;
+        // Jobs in one batch share their LoRA stack (it is part of the batch key).
+        let mut stack = vec![];
+        for l in &jobs[0].spec.loras {
+            let path = match self.loras.source(&l.name).map_err(|e| ExecError::Permanent(e.body.message))? {
+                easel_api::LoraSource::File(path) => path,
+                easel_api::LoraSource::Hub(id) => easel_engine::source::resolve_hub_lora(&id).map_err(|e| ExecError::Permanent(e.to_string()))?,
+            };
+            stack.push(LoraSpec { path, scale: l.scale });
+        }
+        let (pipe, load_s) = self.pipeline_with(model, &stack)?;
         let mut params = vec![];
         for j in jobs {
             let s = &j.spec;
@@ -142,9 +176,13 @@ impl Executor for EngineExecutor {
             other => ExecError::Permanent(other.to_string()),
         })?;
         // Idle time counts from the end of the last job, not its start.
-        if let Some(w) = self.pool.lock().unwrap_or_else(|p| p.into_inner()).get_mut(model) {
-            w.last_used = Instant::now();
+        let mut pool = self.pool.lock().unwrap_or_else(|p| p.into_inner());
+        for (key, w) in pool.iter_mut() {
+            if key == model || key.starts_with(&format!("{model}|")) {
+                w.last_used = Instant::now();
+            }
         }
+        drop(pool);
         let timings = outs
             .first()
             .map(|o| BatchTimings {
@@ -181,7 +219,7 @@ impl Executor for EngineExecutor {
     }
 
     fn warm_models(&self) -> Vec<String> {
-        self.pool.lock().unwrap_or_else(|p| p.into_inner()).keys().cloned().collect()
+        self.pool.lock().unwrap_or_else(|p| p.into_inner()).keys().filter(|k| !k.contains('|')).cloned().collect()
     }
 
     fn maintain(&self) {
@@ -211,7 +249,7 @@ mod tests {
         // Room for `a` beside either of the others, never for all three.
         let budget = (a + b).max(a + c);
         let models = vec![("a".to_string(), dirs[0].clone()), ("b".to_string(), dirs[1].clone()), ("c".to_string(), dirs[2].clone())];
-        let exec = EngineExecutor::new(models, LoadOptions::default(), Duration::from_secs(600), budget).expect("fixtures load");
+        let exec = EngineExecutor::new(models, LoadOptions::default(), Duration::from_secs(600), budget, Default::default()).expect("fixtures load");
         let warm = |e: &EngineExecutor| {
             let mut w = e.warm_models();
             w.sort();
@@ -228,5 +266,41 @@ mod tests {
         exec.pipeline("b").expect("loads");
         let w = warm(&exec);
         assert!(w.contains(&"b".to_string()) && !w.contains(&"a".to_string()), "{w:?}");
+    }
+
+    /// A new LoRA stack is built from the warm base model: with the model's weight files gone
+    /// from disk, switching stacks still works, and the pool keys on model + stack.
+    #[test]
+    fn switching_stacks_never_reloads_the_base_model() {
+        let tmp = tempfile::tempdir().unwrap();
+        let model = tmp.path().join("m");
+        copy_dir(&fixture("sd15-tiny"), &model);
+        let loras = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../fixtures/loras");
+        let exec = EngineExecutor::new(vec![("m".into(), model.clone())], LoadOptions::default(), Duration::from_secs(600), u64::MAX, easel_api::LoraRegistry::new(Some(loras.clone()))).unwrap();
+        std::fs::remove_dir_all(model.join("unet")).unwrap();
+        std::fs::remove_dir_all(model.join("text_encoder")).unwrap();
+        let spec = |name: &str, scale: f64| LoraSpec { path: loras.join(format!("{name}.safetensors")), scale };
+        let (a, _) = exec.pipeline_with("m", &[spec("sd15-tiny-a", 0.8)]).expect("stack a from memory");
+        let (b, _) = exec.pipeline_with("m", &[spec("sd15-tiny-b", 0.5)]).expect("stack b from memory");
+        let (a_again, took) = exec.pipeline_with("m", &[spec("sd15-tiny-a", 0.8)]).expect("warm");
+        assert!(Arc::ptr_eq(&a, &a_again) && took == 0.0, "a warm stack is reused");
+        assert!(!Arc::ptr_eq(&a, &b));
+        let mut keys: Vec<String> = exec.pool.lock().unwrap().keys().cloned().collect();
+        keys.sort();
+        assert_eq!(keys.len(), 3, "{keys:?}");
+        assert_eq!(exec.warm_models(), ["m"]);
+    }
+
+    fn copy_dir(src: &std::path::Path, dst: &std::path::Path) {
+        std::fs::create_dir_all(dst).unwrap();
+        for e in std::fs::read_dir(src).unwrap() {
+            let e = e.unwrap();
+            let to = dst.join(e.file_name());
+            if e.path().is_dir() {
+                copy_dir(&e.path(), &to);
+            } else {
+                std::fs::copy(e.path(), to).unwrap();
+            }
+        }
     }
 }

@@ -7,7 +7,8 @@ use anyhow::{Context, Result};
 use clap::Args;
 use easel_engine::output::{save_image, ImageFormat, ImageMetadata};
 use easel_engine::pipeline::ModelDefaults;
-use easel_engine::{GenerateParams, LoadOptions, SchedulerKind, StableDiffusionPipeline};
+use easel_engine::lora::LoraSpec;
+use easel_engine::{GenerateParams, LoadOptions, Pipeline, SchedulerKind};
 use indicatif::{ProgressBar, ProgressStyle};
 
 #[derive(Args, Debug)]
@@ -30,7 +31,8 @@ pub struct GenerateArgs {
     /// Denoising steps (1-1000).
     #[arg(long)]
     steps: Option<usize>,
-    /// Classifier-free guidance scale; 1 or less runs one UNet pass per step.
+    /// Guidance scale: classifier-free guidance for SD (1 or less runs one UNet pass per step),
+    /// the distilled guidance embedding for FLUX.1-dev (default 3.5); FLUX.1-schnell ignores it.
     #[arg(long)]
     guidance: Option<f64>,
     /// Random seed; the same seed, device and parameters give the same image.
@@ -39,7 +41,7 @@ pub struct GenerateArgs {
     /// Images to generate.
     #[arg(short = 'n', long, default_value_t = 1)]
     batch: usize,
-    /// euler, euler-a, ddim, dpmpp-2m, dpmpp-2m-karras (default: the model's own).
+    /// euler, euler-a, ddim, dpmpp-2m, dpmpp-2m-karras; flow-match-euler for FLUX (default: the model's own).
     #[arg(long)]
     scheduler: Option<String>,
     /// f32, f16 or bf16.
@@ -51,7 +53,19 @@ pub struct GenerateArgs {
     /// Output file (.png, .jpg or .webp); batches get -1, -2, ... suffixes.
     #[arg(short, long)]
     output: Option<PathBuf>,
-    /// Start from these latents (safetensors, tensor `latents`, as diffusers' `latents` argument).
+    /// FLUX: transformer weights to use instead of the model's `transformer/` folder: Black Forest
+    /// Labs' single file (flux1-dev.safetensors) or a GGUF file (q8_0, q5_0/q5_1, q4_0, q4_K, ...).
+    #[arg(long)]
+    transformer: Option<PathBuf>,
+    /// A LoRA to apply, as PATH or registry NAME, with an optional :SCALE (default 1);
+    /// repeatable: the LoRAs stack in order.
+    #[arg(long = "lora", value_name = "PATH_OR_NAME[:SCALE]")]
+    loras: Vec<String>,
+    /// The LoRA registry for names (a folder of NAME.safetensors files).
+    #[arg(long)]
+    lora_dir: Option<PathBuf>,
+    /// Start from these latents (safetensors, tensor `latents`, as diffusers' `latents` argument;
+    /// packed `[batch, tokens, 64]` for FLUX, as FluxPipeline takes them).
     #[arg(long)]
     init_latents: Option<PathBuf>,
     /// Write the final latents (diffusers' output_type="latent") to this safetensors file.
@@ -109,9 +123,22 @@ pub fn run(args: GenerateArgs) -> Result<()> {
     };
     let started = Instant::now();
     let dir = easel_engine::source::resolve_model(&model_spec, dtype != easel_engine::DType::F32, DownloadBar(None))?;
-    let pipe = StableDiffusionPipeline::load(&dir, &LoadOptions { device, dtype })?;
+    let stack = args.loras.iter().map(|l| parse_lora(l, args.lora_dir.as_deref())).collect::<Result<Vec<_>>>()?;
+    let mut pipe = Pipeline::load(&dir, &LoadOptions { device, dtype, transformer: args.transformer.clone() })?;
+    if !stack.is_empty() {
+        pipe = pipe.with_loras(&stack)?;
+    }
     let defaults = ModelDefaults::load(&dir, pipe.family())?;
     let load_time = started.elapsed();
+    if let Some((bytes, types)) = pipe.weights_memory() {
+        eprintln!("transformer weights: {:.2} GiB in memory ({types})", bytes as f64 / (1u64 << 30) as f64);
+    }
+    if args.guidance.is_some() && !pipe.uses_guidance() {
+        eprintln!("warning: --guidance is ignored: this model (FLUX.1-schnell-like) has no guidance input");
+    }
+    if args.negative_prompt.is_some() && matches!(pipe, Pipeline::Flux(_)) {
+        eprintln!("warning: --negative-prompt is ignored: FLUX runs without classifier-free guidance, as diffusers' FluxPipeline");
+    }
 
     let scheduler = match (explicit_scheduler, defaults.scheduler.as_deref()) {
         (Some(k), _) => Some(k),
@@ -184,6 +211,28 @@ pub fn run(args: GenerateArgs) -> Result<()> {
         out.timings.decode.as_secs_f64()
     );
     Ok(())
+}
+
+/// `PATH_OR_NAME[:SCALE]`: a file, or a name in the registry folder.
+fn parse_lora(arg: &str, registry: Option<&Path>) -> Result<LoraSpec> {
+    let (name, scale) = match arg.rsplit_once(':') {
+        Some((n, s)) if !n.is_empty() && s.parse::<f64>().is_ok() => (n, s.parse::<f64>().unwrap_or(1.0)),
+        _ => (arg, 1.0),
+    };
+    if !scale.is_finite() {
+        anyhow::bail!("--lora {arg}: the scale must be a finite number");
+    }
+    let path = Path::new(name);
+    if path.is_file() {
+        return Ok(LoraSpec { path: path.to_path_buf(), scale });
+    }
+    let registry = easel_api::LoraRegistry::new(registry.map(Path::to_path_buf)).with_hub(true);
+    match registry.source(name) {
+        Ok(easel_api::LoraSource::File(path)) => Ok(LoraSpec { path, scale }),
+        Ok(easel_api::LoraSource::Hub(id)) => Ok(LoraSpec { path: easel_engine::source::resolve_hub_lora(&id)?, scale }),
+        Err(e) if registry.dir().is_none() => anyhow::bail!("--lora {arg}: no such file (names need --lora-dir: {})", e.body.message),
+        Err(e) => anyhow::bail!("--lora {arg}: no such file, and {}", e.body.message),
+    }
 }
 
 fn rand_seed() -> u64 {

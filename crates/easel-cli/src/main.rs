@@ -5,6 +5,7 @@ mod bundled;
 mod cost;
 mod executor;
 mod generate;
+mod models;
 mod serve;
 
 use clap::{Parser, Subcommand};
@@ -25,6 +26,8 @@ enum Command {
     Serve(serve::ServeArgs),
     /// Run jobs from the shared queue (beside an `easel serve --workers 0` API node).
     Worker(serve::WorkerArgs),
+    /// Model tools: weight memory per type, GGUF quantization of FLUX transformers.
+    Models(models::ModelsArgs),
     /// Break-even calculator: self-hosting against a closed API, per month and per image.
     Cost(cost::CostArgs),
     /// Benchmarks (compared with PyTorch by the harnesses in tools/bench).
@@ -43,6 +46,7 @@ fn main() {
         Command::Serve(args) => serve::run(args),
         Command::Worker(args) => serve::run_worker(args),
         Command::Cost(args) => cost::run(args),
+        Command::Models(args) => models::run(args),
     };
     if let Err(e) = result {
         // One line: the error and its causes, never a panic or a backtrace.

@@ -71,6 +71,12 @@ pub struct BackendArgs {
     /// Fixed cost added to every local image (storage, egress), USD.
     #[arg(long, default_value_t = 0.0)]
     per_image_overhead_usd: f64,
+    /// The LoRA registry: a folder of NAME.safetensors files that requests name in `loras`.
+    #[arg(long)]
+    lora_dir: Option<PathBuf>,
+    /// Also accept hub ids (owner/name) in `loras`, fetched into the hub cache when first used.
+    #[arg(long)]
+    lora_hub: bool,
 }
 
 #[derive(Args, Debug)]
@@ -216,11 +222,16 @@ fn services(args: &BackendArgs) -> Result<easel_server::Services> {
         let dir = easel_engine::source::resolve_model(&spec, dtype != easel_engine::DType::F32, ())?;
         models.push((name, dir));
     }
+    if let Some(dir) = args.lora_dir.as_ref().filter(|d| !d.is_dir()) {
+        bail!("--lora-dir {} is not a folder", dir.display());
+    }
+    let loras = easel_api::LoraRegistry::new(args.lora_dir.clone()).with_hub(args.lora_hub);
     let executor = Arc::new(EngineExecutor::new(
         models,
-        LoadOptions { device, dtype },
+        LoadOptions { device, dtype, transformer: None },
         Duration::from_secs(args.idle_timeout),
         args.memory_budget_mb.saturating_mul(1 << 20),
+        loras.clone(),
     )?);
     let (queue, bus): (Arc<dyn JobQueue>, EventBus) = match args.queue.as_deref() {
         Some(url) if url.starts_with("redis://") || url.starts_with("rediss://") => {
@@ -247,6 +258,7 @@ fn services(args: &BackendArgs) -> Result<easel_server::Services> {
         doorbell: Default::default(),
         ledger: Some(Arc::new(easel_router::Ledger::open(&data_dir.join("ledger.db")).context("opening the cost ledger")?)),
         local_cost,
+        loras,
     })
 }
 

@@ -208,3 +208,101 @@ fn hub_ids_offline_or_missing_say_what_to_do() {
         .unwrap();
     assert_fails_with(&out, &["nobody/no-such-model", "does not exist"]);
 }
+
+fn flux(name: &str) -> String {
+    fixtures().join(name).display().to_string()
+}
+
+/// `easel generate` on the tiny FLUX.1-dev-like pipeline from diffusers' packed init latents
+/// returns diffusers' packed final latents.
+#[test]
+fn flux_generate_takes_and_returns_packed_latents_like_diffusers() {
+    let refs = easel_engine::read_tensors(&fixtures().join("../reference/flux-dev-tiny.safetensors")).unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let init = tmp.path().join("init.safetensors");
+    easel_engine::write_latents(&init, &refs["init_latents"]).unwrap();
+    let (saved, png) = (tmp.path().join("out.safetensors"), tmp.path().join("out.png"));
+    let out = easel(&[
+        "generate", "a red circle on a blue background, high quality", "--model", &flux("flux-dev-tiny"), "--width", "80", "--height", "64",
+        "--steps", "5", "--init-latents", init.to_str().unwrap(), "--save-latents", saved.to_str().unwrap(), "-o", png.to_str().unwrap(),
+    ]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let got = easel_engine::read_latents(&saved).unwrap();
+    assert_eq!(got.dims(), &[1, 20, 64]);
+    let want = &refs["latents"];
+    let err = ((&got - want).unwrap().sqr().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap()
+        / want.sqr().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap())
+    .sqrt();
+    assert!(err < 1e-3, "rel L2 {err}");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("transformer weights:"));
+    assert_eq!(image::open(&png).unwrap().to_rgb8().dimensions(), (80, 64));
+}
+
+#[test]
+fn flux_models_quantize_then_generate_from_the_gguf() {
+    let tmp = tempfile::tempdir().unwrap();
+    let gguf = tmp.path().join("t.gguf");
+    let out = easel(&["models", "quantize", "--model", &flux("flux-dev-tiny"), "--type", "q8_0", "-o", gguf.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let png = tmp.path().join("q.png");
+    let out = easel(&["generate", "a red circle", "--model", &flux("flux-dev-tiny"), "--transformer", gguf.to_str().unwrap(), "--width", "64", "--height", "64", "--steps", "2", "-o", png.to_str().unwrap()]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(stderr.contains("transformer weights:") && stderr.contains("q8_0"), "{stderr}");
+
+    assert_fails_with(&easel(&["models", "quantize", "--model", &flux("flux-dev-tiny"), "--type", "q3_k", "-o", gguf.to_str().unwrap()]), &["q3_k", "q8_0", "q4_k"]);
+    let out = easel(&["models", "memory"]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success() && stdout.contains("11901408320 parameters") && stdout.contains("q4_k"), "{stdout}");
+}
+
+#[test]
+fn flux_bad_input_gets_one_line_errors_and_schnell_warns_about_guidance() {
+    let tmp = tempfile::tempdir().unwrap();
+    let png = tmp.path().join("s.png");
+    let out = easel(&["generate", "a red circle", "--model", &flux("flux-schnell-tiny"), "--guidance", "3.5", "--width", "64", "--height", "64", "-o", png.to_str().unwrap()]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(stderr.contains("warning: --guidance is ignored"), "{stderr}");
+    assert_fails_with(&easel(&["generate", "x", "--model", &flux("flux-schnell-tiny"), "--width", "72", "--height", "64", "-o", png.to_str().unwrap()]), &["width", "multiple of 16"]);
+    assert_fails_with(
+        &easel(&["generate", "x", "--model", &flux("flux-schnell-tiny"), "--transformer", &flux("flux-dev-tiny-q4_0.gguf"), "-o", png.to_str().unwrap()]),
+        &["guidance_in"],
+    );
+    assert_fails_with(&easel(&["generate", "x", "--model", &sd15(), "--transformer", &flux("flux-dev-tiny-q4_0.gguf"), "-o", png.to_str().unwrap()]), &["FLUX"]);
+}
+
+/// `easel generate --lora` (a path, or a registry name with --lora-dir; repeatable, with
+/// scales) gives diffusers' latents for the same stack.
+#[test]
+fn lora_stacks_on_the_cli_match_diffusers() {
+    let refs = easel_engine::read_tensors(&fixtures().join("../reference/sd15-tiny-lora-stack.safetensors")).unwrap();
+    let loras = fixtures().join("../loras");
+    let tmp = tempfile::tempdir().unwrap();
+    let init = tmp.path().join("init.safetensors");
+    easel_engine::write_latents(&init, &refs["init_latents"]).unwrap();
+    let saved = tmp.path().join("out.safetensors");
+    let a = loras.join("sd15-tiny-a.safetensors");
+    let out = easel(&[
+        "generate", "a red circle on a blue background, high quality", "--model", &sd15(), "--steps", "4", "--guidance", "7.5", "--scheduler", "euler",
+        "--width", "64", "--height", "64", "--lora", &format!("{}:0.7", a.display()), "--lora-dir", loras.to_str().unwrap(), "--lora", "sd15-tiny-b-kohya:-0.5",
+        "--init-latents", init.to_str().unwrap(), "--save-latents", saved.to_str().unwrap(), "-o", tmp.path().join("o.png").to_str().unwrap(),
+    ]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let got = easel_engine::read_latents(&saved).unwrap();
+    let want = &refs["latents"];
+    let err = ((&got - want).unwrap().sqr().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap()
+        / want.sqr().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap())
+    .sqrt();
+    assert!(err < 1e-3, "rel L2 {err}");
+
+    let png = tmp.path().join("x.png");
+    assert_fails_with(&easel(&["generate", "x", "--model", &sd15(), "--lora", "no-such-lora", "-o", png.to_str().unwrap()]), &["no-such-lora", "--lora-dir"]);
+    // A hub id is fetched into the hub cache; offline, a missing one says so.
+    assert_fails_with(&easel(&["generate", "x", "--model", &sd15(), "--lora", "someone/some-lora:0.5", "-o", png.to_str().unwrap()]), &["someone/some-lora", "hub cache"]);
+    assert_fails_with(
+        &easel(&["generate", "x", "--model", &sd15(), "--lora", loras.join("flux-dev-tiny-a-kohya.safetensors").to_str().unwrap(), "-o", png.to_str().unwrap()]),
+        &["matches no layer", "formats tried"],
+    );
+    assert_fails_with(&easel(&["generate", "x", "--model", &sd15(), "--lora", &format!("{}:inf", a.display()), "-o", png.to_str().unwrap()]), &["finite"]);
+}

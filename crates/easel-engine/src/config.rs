@@ -253,4 +253,94 @@ pub struct SchedulerConfig {
     pub lower_order_final: Option<bool>,
     #[serde(default)]
     pub euler_at_final: Option<bool>,
+    /// Flow matching (FLUX): the static sigma shift.
+    #[serde(default)]
+    pub shift: Option<f64>,
+    /// Flow matching: shift by image size (`mu` from the sequence length) instead.
+    #[serde(default)]
+    pub use_dynamic_shifting: Option<bool>,
+    #[serde(default)]
+    pub base_image_seq_len: Option<usize>,
+    #[serde(default)]
+    pub max_image_seq_len: Option<usize>,
+    #[serde(default)]
+    pub base_shift: Option<f64>,
+    #[serde(default)]
+    pub max_shift: Option<f64>,
+}
+
+/// `transformer/config.json` for diffusers' `FluxTransformer2DModel`.
+#[derive(Debug, Clone, Deserialize)]
+pub struct FluxTransformerConfig {
+    #[serde(default = "default_one")]
+    pub patch_size: usize,
+    #[serde(default = "default_flux_in")]
+    pub in_channels: usize,
+    #[serde(default)]
+    pub out_channels: Option<usize>,
+    #[serde(default = "default_flux_layers")]
+    pub num_layers: usize,
+    #[serde(default = "default_flux_single_layers")]
+    pub num_single_layers: usize,
+    #[serde(default = "default_flux_head_dim")]
+    pub attention_head_dim: usize,
+    #[serde(default = "default_flux_heads")]
+    pub num_attention_heads: usize,
+    #[serde(default = "default_flux_joint_dim")]
+    pub joint_attention_dim: usize,
+    #[serde(default = "default_flux_pooled_dim")]
+    pub pooled_projection_dim: usize,
+    #[serde(default)]
+    pub guidance_embeds: bool,
+    #[serde(default = "default_flux_axes")]
+    pub axes_dims_rope: Vec<usize>,
+}
+
+impl FluxTransformerConfig {
+    /// FLUX.1-dev as Black Forest Labs publishes it (12B parameters).
+    pub fn flux1_dev() -> Self {
+        Self {
+            patch_size: 1,
+            in_channels: 64,
+            out_channels: None,
+            num_layers: 19,
+            num_single_layers: 38,
+            attention_head_dim: 128,
+            num_attention_heads: 24,
+            joint_attention_dim: 4096,
+            pooled_projection_dim: 768,
+            guidance_embeds: true,
+            axes_dims_rope: vec![16, 56, 56],
+        }
+    }
+
+    /// The model width: heads times head size.
+    pub fn hidden_size(&self) -> usize {
+        self.num_attention_heads * self.attention_head_dim
+    }
+}
+
+fn default_flux_in() -> usize {
+    64
+}
+fn default_flux_layers() -> usize {
+    19
+}
+fn default_flux_single_layers() -> usize {
+    38
+}
+fn default_flux_head_dim() -> usize {
+    128
+}
+fn default_flux_heads() -> usize {
+    24
+}
+fn default_flux_joint_dim() -> usize {
+    4096
+}
+fn default_flux_pooled_dim() -> usize {
+    768
+}
+fn default_flux_axes() -> Vec<usize> {
+    vec![16, 56, 56]
 }

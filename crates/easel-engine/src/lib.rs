@@ -5,20 +5,32 @@
 //! diffusers step for step, so outputs match the reference implementation on the same weights
 //! and the same init latents. This crate is the only one in the workspace that depends on
 //! candle: a gateway-only build never compiles it.
+//!
+//! Families: Stable Diffusion 1.x/2.x/XL ([`StableDiffusionPipeline`]) and FLUX.1 dev/schnell
+//! ([`FluxPipeline`], with BFL single-file and GGUF-quantized transformers); [`Pipeline`]
+//! picks one from `model_index.json`.
 
 pub mod config;
 pub mod error;
+pub mod flux_keys;
+pub mod flux_pipeline;
+pub mod lora;
+pub mod model;
 pub mod models;
 pub mod output;
 pub mod pipeline;
+pub mod quant;
 pub mod scheduler;
 pub mod source;
 pub mod tokenizer;
+pub mod vae;
 pub mod weights;
 
 pub use candle_core::{DType, Device, Tensor};
 pub use error::{EngineError, Result};
-pub use pipeline::{GenerateParams, Generated, LoadOptions, StableDiffusionPipeline};
+pub use flux_pipeline::FluxPipeline;
+pub use model::Pipeline;
+pub use pipeline::{Family, GenerateParams, Generated, LoadOptions, StableDiffusionPipeline};
 pub use scheduler::SchedulerKind;
 
 /// Parses a `--device` value.

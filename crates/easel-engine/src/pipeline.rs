@@ -1,20 +1,24 @@
 //! Text-to-image pipelines of the Stable Diffusion family (SD 1.x, 2.x, SDXL, Turbo variants),
 //! assembled from a diffusers-layout directory and run as diffusers runs them.
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use candle_core::{DType, Device, Tensor, D};
-use candle_transformers::models::stable_diffusion::vae::{AutoEncoderKL, AutoEncoderKLConfig};
+use candle_nn::VarBuilder;
 
-use crate::config::{read_json, ClipTextConfig, ModelIndex, SchedulerConfig, UNetConfig, VaeConfig};
+use crate::config::{read_json, ClipTextConfig, ModelIndex, SchedulerConfig, UNetConfig};
 use crate::error::{EngineError, Result};
+use crate::lora::{self, Adapter, Component, LoraSpec, LoraTargets, TargetFamily};
 use crate::models::clip::ClipTextModel;
 use crate::models::unet::{AddedCond, UNet2DConditionModel};
 use crate::scheduler::{NoiseSource, SchedulerKind, SeededNoise};
 use crate::source::component_weights;
-use crate::tokenizer::ClipTokenizer;
-use crate::weights::{bad_weights, load_var_builder};
+use crate::tokenizer::PromptTokenizer;
+use crate::vae::{PromptCache, Vae};
+use crate::weights::bad_weights;
 
 /// Which conditioning scheme the pipeline uses.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -23,6 +27,10 @@ pub enum Family {
     StableDiffusion,
     /// SDXL: two CLIP encoders, penultimate states, pooled embeddings and size conditioning.
     StableDiffusionXl,
+    /// FLUX.1-dev-like: CLIP pooled + T5, guidance embedding.
+    FluxDev,
+    /// FLUX.1-schnell-like: CLIP pooled + T5, no guidance.
+    FluxSchnell,
 }
 
 /// Settings for loading a pipeline.
@@ -30,24 +38,57 @@ pub enum Family {
 pub struct LoadOptions {
     pub device: Device,
     pub dtype: DType,
+    /// FLUX: transformer weights to use instead of `transformer/` (a BFL-named `.safetensors`
+    /// file such as flux1-dev.safetensors, or a `.gguf`).
+    pub transformer: Option<PathBuf>,
 }
 
 impl Default for LoadOptions {
     fn default() -> Self {
-        Self { device: Device::Cpu, dtype: DType::F32 }
+        Self { device: Device::Cpu, dtype: DType::F32, transformer: None }
     }
 }
 
 /// Text conditioning of one prompt: (states, pooled states for SDXL, whether it was truncated).
 type Encoded = (Tensor, Option<Tensor>, bool);
 
-/// How many prompts' embeddings a pipeline remembers.
-const EMBEDDING_CACHE_SIZE: usize = 256;
+/// One CLIP text encoder with its tokenizer, and the encoder's weights before any LoRA.
+pub(crate) struct TextStack {
+    pub tokenizer: Arc<PromptTokenizer>,
+    pub encoder: ClipTextModel,
+    config: ClipTextConfig,
+    base: Arc<HashMap<String, Tensor>>,
+}
 
-/// One text encoder with its tokenizer.
-struct TextStack {
-    tokenizer: ClipTokenizer,
-    encoder: ClipTextModel,
+impl TextStack {
+    /// Loads the CLIP encoder `dir/te` and the tokenizer `dir/tok`.
+    pub fn load(dir: &Path, te: &str, tok: &str, half: bool, dtype: DType, device: &Device) -> Result<Self> {
+        let config: ClipTextConfig = component_config(dir, te, "config.json")?;
+        let tokenizer = Arc::new(PromptTokenizer::from_dir(&dir.join(tok), config.max_position_embeddings)?);
+        let base = Arc::new(load_tensors(&component_weights(dir, te, half)?, dtype, device)?);
+        let vb = VarBuilder::from_tensors((*base).clone(), dtype, device);
+        let encoder = build(dir, te, ClipTextModel::new(vb, &config))?;
+        Ok(Self { tokenizer, encoder, config, base })
+    }
+
+    /// The same encoder with `adapters` merged into a copy of the affected weights.
+    pub fn with_adapters(&self, adapters: &[&Adapter], dtype: DType, device: &Device) -> Result<Self> {
+        let vb = VarBuilder::from_tensors(lora::merge(&self.base, adapters)?, dtype, device);
+        let encoder = ClipTextModel::new(vb, &self.config)?;
+        Ok(Self { tokenizer: self.tokenizer.clone(), encoder, config: self.config.clone(), base: self.base.clone() })
+    }
+
+    /// Weight names and shapes, for mapping LoRAs.
+    pub fn shapes(&self) -> HashMap<String, Vec<usize>> {
+        shapes(&self.base)
+    }
+
+    /// Tokenizes and encodes one prompt: (encoder output, whether the prompt was cut).
+    pub fn run(&self, prompt: &str, device: &Device) -> Result<(crate::models::clip::ClipOutput, bool)> {
+        let tokens = self.tokenizer.encode(prompt)?;
+        let ids = Tensor::new(tokens.ids.as_slice(), device)?.unsqueeze(0)?;
+        Ok((self.encoder.forward(&ids)?, tokens.truncated))
+    }
 }
 
 /// A loaded, ready-to-run Stable Diffusion family pipeline.
@@ -56,15 +97,14 @@ pub struct StableDiffusionPipeline {
     text: Option<TextStack>,
     text_2: Option<TextStack>,
     unet: UNet2DConditionModel,
-    vae: AutoEncoderKL,
-    vae_config: VaeConfig,
+    unet_base: Arc<HashMap<String, Tensor>>,
+    vae: Arc<Vae>,
     scheduler_config: SchedulerConfig,
     force_zeros_for_empty_prompt: bool,
-    vae_scale_factor: usize,
     dtype: DType,
     device: Device,
     dir: PathBuf,
-    embeddings: std::sync::Mutex<std::collections::HashMap<String, Encoded>>,
+    embeddings: PromptCache<Encoded>,
 }
 
 /// What to generate.
@@ -84,6 +124,30 @@ pub struct GenerateParams {
     pub scheduler: Option<SchedulerKind>,
     /// Latents with the meaning of diffusers' `latents` argument: `[batch, C, H/f, W/f]`.
     pub init_latents: Option<Tensor>,
+}
+
+impl GenerateParams {
+    /// The checks every family shares: sizes (multiples of `multiple`), steps, guidance, batch.
+    pub(crate) fn check_ranges(&self, multiple: usize, family: &str) -> Result<()> {
+        for (name, v) in [("width", self.width), ("height", self.height)] {
+            if v == 0 || v % multiple != 0 {
+                return Err(EngineError::param(name, format!("{v} must be a positive multiple of {multiple}{family}")));
+            }
+            if v > 4096 {
+                return Err(EngineError::param(name, format!("{v} is larger than 4096")));
+            }
+        }
+        if self.steps == 0 || self.steps > 1000 {
+            return Err(EngineError::param("steps", format!("{} must be between 1 and 1000", self.steps)));
+        }
+        if !self.guidance.is_finite() || self.guidance < 0.0 {
+            return Err(EngineError::param("guidance", format!("{} must be a finite number >= 0", self.guidance)));
+        }
+        if self.batch == 0 || self.batch > 64 {
+            return Err(EngineError::param("batch", format!("{} must be between 1 and 64", self.batch)));
+        }
+        Ok(())
+    }
 }
 
 /// Wall-clock time spent in each stage.
@@ -131,11 +195,28 @@ impl NoiseSource for BatchNoise {
 /// Called after each denoising step with (steps done, total); return `false` to cancel.
 pub type StepCallback<'a> = &'a mut dyn FnMut(usize, usize) -> bool;
 
-fn component_config<T: serde::de::DeserializeOwned>(dir: &Path, component: &str, file: &str) -> Result<T> {
+/// Weight names and shapes of a tensor map.
+pub(crate) fn shapes(map: &HashMap<String, Tensor>) -> HashMap<String, Vec<usize>> {
+    map.iter().map(|(k, t)| (k.clone(), t.dims().to_vec())).collect()
+}
+
+/// Reads a component's safetensors files into memory, converted to `dtype` on `device`.
+pub(crate) fn load_tensors(files: &[PathBuf], dtype: DType, device: &Device) -> Result<HashMap<String, Tensor>> {
+    let mut out = HashMap::new();
+    for f in files {
+        for (name, t) in crate::read_tensors(f)? {
+            let t = if t.dtype().is_float() { t.to_dtype(dtype)? } else { t };
+            out.insert(name, t.to_device(device)?);
+        }
+    }
+    Ok(out)
+}
+
+pub(crate) fn component_config<T: serde::de::DeserializeOwned>(dir: &Path, component: &str, file: &str) -> Result<T> {
     read_json(&dir.join(component).join(file))
 }
 
-fn build<T>(dir: &Path, component: &str, r: candle_core::Result<T>) -> Result<T> {
+pub(crate) fn build<T>(dir: &Path, component: &str, r: candle_core::Result<T>) -> Result<T> {
     r.map_err(|e| bad_weights(&dir.join(component), &e))
 }
 
@@ -168,11 +249,7 @@ impl StableDiffusionPipeline {
             if !index.has(te) {
                 return Ok(None);
             }
-            let cfg: ClipTextConfig = component_config(dir, te, "config.json")?;
-            let tokenizer = ClipTokenizer::from_dir(&dir.join(tok), cfg.max_position_embeddings)?;
-            let vb = load_var_builder(&component_weights(dir, te, half)?, dtype, device)?;
-            let encoder = build(dir, te, ClipTextModel::new(vb, &cfg))?;
-            Ok(Some(TextStack { tokenizer, encoder }))
+            TextStack::load(dir, te, tok, half, dtype, device).map(Some)
         };
         let text = load_text("text_encoder", "tokenizer")?;
         let text_2 = load_text("text_encoder_2", "tokenizer_2")?;
@@ -184,7 +261,8 @@ impl StableDiffusionPipeline {
         }
 
         let unet_cfg: UNetConfig = component_config(dir, "unet", "config.json")?;
-        let vb = load_var_builder(&component_weights(dir, "unet", half)?, dtype, device)?;
+        let unet_base = Arc::new(load_tensors(&component_weights(dir, "unet", half)?, dtype, device)?);
+        let vb = VarBuilder::from_tensors((*unet_base).clone(), dtype, device);
         let unet = build(dir, "unet", UNet2DConditionModel::new(vb, &unet_cfg))?;
         if family == Family::StableDiffusionXl && !unet.needs_added_cond() {
             return Err(EngineError::BadConfig {
@@ -193,36 +271,17 @@ impl StableDiffusionPipeline {
             });
         }
 
-        let vae_config: VaeConfig = component_config(dir, "vae", "config.json")?;
-        let vb = load_var_builder(&component_weights(dir, "vae", half)?, dtype, device)?;
-        let vae = build(
-            dir,
-            "vae",
-            AutoEncoderKL::new(
-                vb,
-                vae_config.in_channels,
-                vae_config.out_channels,
-                AutoEncoderKLConfig {
-                    block_out_channels: vae_config.block_out_channels.clone(),
-                    layers_per_block: vae_config.layers_per_block,
-                    latent_channels: vae_config.latent_channels,
-                    norm_num_groups: vae_config.norm_num_groups,
-                    use_quant_conv: vae_config.use_quant_conv,
-                    use_post_quant_conv: vae_config.use_post_quant_conv,
-                },
-            ),
-        )?;
+        let vae = Arc::new(Vae::load(dir, half, dtype, device)?);
         let scheduler_config: SchedulerConfig = component_config(dir, "scheduler", "scheduler_config.json")?;
         // Validate the scheduler config once at load time, not at the first request.
-        SchedulerKind::from_config(&scheduler_config).unwrap_or(SchedulerKind::Euler).build(&scheduler_config, 1)?;
+        SchedulerKind::from_config(&scheduler_config).unwrap_or(SchedulerKind::Euler).build(&scheduler_config, 1, 0)?;
         Ok(Self {
             family,
             text,
             text_2,
-            vae_scale_factor: 1 << vae_config.block_out_channels.len().saturating_sub(1),
             unet,
+            unet_base,
             vae,
-            vae_config,
             scheduler_config,
             force_zeros_for_empty_prompt: index.force_zeros_for_empty_prompt.unwrap_or(family == Family::StableDiffusionXl),
             dtype,
@@ -237,6 +296,46 @@ impl StableDiffusionPipeline {
         self.family
     }
 
+    /// What LoRAs may target: the UNet's and text encoders' weights.
+    pub fn lora_targets(&self) -> LoraTargets {
+        let mut weights = HashMap::from([(Component::Unet, shapes(&self.unet_base))]);
+        for (c, t) in [(Component::TextEncoder, &self.text), (Component::TextEncoder2, &self.text_2)] {
+            if let Some(t) = t {
+                weights.insert(c, t.shapes());
+            }
+        }
+        let family = if self.family == Family::StableDiffusionXl { TargetFamily::StableDiffusionXl } else { TargetFamily::StableDiffusion };
+        LoraTargets { family, weights }
+    }
+
+    /// This pipeline with a LoRA stack merged in: only the weights the LoRAs touch are copied
+    /// (from the unmerged base, so changing stacks never accumulates), nothing is read again
+    /// from disk but the LoRA files, and the VAE and tokenizers are shared.
+    pub fn with_loras(&self, stack: &[LoraSpec]) -> Result<Self> {
+        let targets = self.lora_targets();
+        let mut adapters = vec![];
+        for spec in stack {
+            adapters.extend(lora::load_adapters(spec, &targets)?);
+        }
+        let pick = |c: Component| adapters.iter().filter(|a| a.component == c).collect::<Vec<_>>();
+        let (dtype, device) = (self.dtype, &self.device);
+        let vb = VarBuilder::from_tensors(lora::merge(&self.unet_base, &pick(Component::Unet))?, dtype, device);
+        Ok(Self {
+            family: self.family,
+            text: self.text.as_ref().map(|t| t.with_adapters(&pick(Component::TextEncoder), dtype, device)).transpose()?,
+            text_2: self.text_2.as_ref().map(|t| t.with_adapters(&pick(Component::TextEncoder2), dtype, device)).transpose()?,
+            unet: UNet2DConditionModel::new(vb, &self.unet.config)?,
+            unet_base: self.unet_base.clone(),
+            vae: self.vae.clone(),
+            scheduler_config: self.scheduler_config.clone(),
+            force_zeros_for_empty_prompt: self.force_zeros_for_empty_prompt,
+            dtype,
+            device: device.clone(),
+            dir: self.dir.clone(),
+            embeddings: Default::default(),
+        })
+    }
+
     /// The directory the pipeline was loaded from.
     pub fn dir(&self) -> &Path {
         &self.dir
@@ -244,12 +343,12 @@ impl StableDiffusionPipeline {
 
     /// Pixels per latent cell along each side.
     pub fn vae_scale_factor(&self) -> usize {
-        self.vae_scale_factor
+        self.vae.scale_factor()
     }
 
     /// diffusers' default image side: the UNet's sample size times the VAE factor.
     pub fn default_size(&self) -> usize {
-        self.unet.config.sample_size.unwrap_or(64) * self.vae_scale_factor
+        self.unet.config.sample_size.unwrap_or(64) * self.vae_scale_factor()
     }
 
     /// The scheduler a request without `--scheduler` gets.
@@ -267,29 +366,16 @@ impl StableDiffusionPipeline {
 
     /// Checks request parameters before any work is done.
     pub fn validate(&self, p: &GenerateParams) -> Result<()> {
-        for (name, v) in [("width", p.width), ("height", p.height)] {
-            if v == 0 || v % 8 != 0 {
-                return Err(EngineError::param(name, format!("{v} must be a positive multiple of 8")));
-            }
-            if v > 4096 {
-                return Err(EngineError::param(name, format!("{v} is larger than 4096")));
-            }
-        }
-        if p.steps == 0 || p.steps > 1000 {
-            return Err(EngineError::param("steps", format!("{} must be between 1 and 1000", p.steps)));
-        }
-        if !p.guidance.is_finite() || p.guidance < 0.0 {
-            return Err(EngineError::param("guidance", format!("{} must be a finite number >= 0", p.guidance)));
-        }
-        if p.batch == 0 || p.batch > 64 {
-            return Err(EngineError::param("batch", format!("{} must be between 1 and 64", p.batch)));
+        p.check_ranges(8, "")?;
+        if let Some(kind) = p.scheduler.filter(|k| k.is_flow_matching()) {
+            return Err(EngineError::param("scheduler", format!("`{}` is for flow-matching models (FLUX), not Stable Diffusion", kind.name())));
         }
         if let Some(l) = &p.init_latents {
             let want = self.latent_shape(p);
             if l.dims() != want {
                 return Err(EngineError::param(
                     "init_latents",
-                    format!("shape {:?} does not match {:?} (batch, channels, height/{f}, width/{f})", l.dims(), want, f = self.vae_scale_factor),
+                    format!("shape {:?} does not match {:?} (batch, channels, height/{f}, width/{f})", l.dims(), want, f = self.vae_scale_factor()),
                 ));
             }
         }
@@ -297,40 +383,25 @@ impl StableDiffusionPipeline {
     }
 
     fn latent_shape(&self, p: &GenerateParams) -> [usize; 4] {
-        let f = self.vae_scale_factor;
+        let f = self.vae_scale_factor();
         [p.batch, self.unet.config.in_channels, p.height / f, p.width / f]
     }
 
     /// Encodes one prompt, reusing the embeddings of recently seen prompts.
     fn encode(&self, prompt: &str) -> Result<Encoded> {
-        let mut cache = self.embeddings.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(hit) = cache.get(prompt) {
-            return Ok(hit.clone());
-        }
-        drop(cache);
-        let enc = self.encode_uncached(prompt)?;
-        cache = self.embeddings.lock().unwrap_or_else(|p| p.into_inner());
-        if cache.len() >= EMBEDDING_CACHE_SIZE {
-            cache.clear();
-        }
-        cache.insert(prompt.to_string(), enc.clone());
-        Ok(enc)
+        self.embeddings.get_or_encode(prompt, |p| self.encode_uncached(p))
     }
 
     /// Encodes one prompt: (context `[1, 77, D]`, pooled `[1, P]` for SDXL, truncated?).
     fn encode_uncached(&self, prompt: &str) -> Result<Encoded> {
-        let run = |stack: &TextStack| -> Result<(crate::models::clip::ClipOutput, bool)> {
-            let tokens = stack.tokenizer.encode(prompt)?;
-            let ids = Tensor::new(tokens.ids.as_slice(), &self.device)?.unsqueeze(0)?;
-            Ok((stack.encoder.forward(&ids)?, tokens.truncated))
-        };
+        let run = |stack: &TextStack| stack.run(prompt, &self.device);
         match self.family {
             Family::StableDiffusion => {
                 let stack = self.text.as_ref().or(self.text_2.as_ref()).ok_or_else(|| EngineError::Unsupported("no text encoder".into()))?;
                 let (out, truncated) = run(stack)?;
                 Ok((out.last_hidden_state, None, truncated))
             }
-            Family::StableDiffusionXl => {
+            _ => {
                 let mut states = vec![];
                 let mut pooled = None;
                 let mut truncated = false;
@@ -377,7 +448,7 @@ impl StableDiffusionPipeline {
             }
         }
         let kind = first.scheduler.unwrap_or_else(|| self.default_scheduler());
-        let mut scheduler = kind.build(&self.scheduler_config, first.steps)?;
+        let mut scheduler = kind.build(&self.scheduler_config, first.steps, 0)?;
         let guided = first.guidance > 1.0;
         let mut timings = Timings::default();
 
@@ -456,34 +527,33 @@ impl StableDiffusionPipeline {
         let t2 = Instant::now();
         let decoded = self.decode(&latents)?;
         timings.decode = t2.elapsed();
-        let latents = latents.to_device(&Device::Cpu)?.to_dtype(DType::F32)?;
-        let mut out = vec![];
-        let mut offset = 0;
-        for (p, cut) in items.iter().zip(truncated) {
-            let decoded_i = decoded.narrow(0, offset, p.batch)?;
-            out.push(Generated {
-                images: to_images(&decoded_i)?,
-                latents: latents.narrow(0, offset, p.batch)?,
-                decoded: decoded_i,
-                scheduler: kind,
-                timings: timings.clone(),
-                truncated: cut,
-            });
-            offset += p.batch;
-        }
-        Ok(out)
+        split_batch(items, &truncated, &latents, &decoded, kind, &timings)
     }
 
     /// Decodes final latents to images in `[0, 1]` (f32, CPU), as the diffusers pipelines do.
     pub fn decode(&self, latents: &Tensor) -> Result<Tensor> {
-        let scaled = (latents / self.vae_config.scaling_factor)?;
-        let scaled = match self.vae_config.shift_factor {
-            Some(shift) => (scaled + shift)?,
-            None => scaled,
-        };
-        let image = self.vae.decode(&scaled.to_dtype(self.dtype)?)?;
-        Ok(((image.to_dtype(DType::F32)? / 2.0)? + 0.5)?.clamp(0f32, 1f32)?.to_device(&Device::Cpu)?)
+        self.vae.decode(latents)
     }
+}
+
+/// Splits a batch's final latents and decoded images back into each request's output.
+pub(crate) fn split_batch(items: &[GenerateParams], truncated: &[bool], latents: &Tensor, decoded: &Tensor, scheduler: SchedulerKind, timings: &Timings) -> Result<Vec<Generated>> {
+    let latents = latents.to_device(&Device::Cpu)?.to_dtype(DType::F32)?;
+    let mut out = vec![];
+    let mut offset = 0;
+    for (p, &cut) in items.iter().zip(truncated) {
+        let decoded_i = decoded.narrow(0, offset, p.batch)?;
+        out.push(Generated {
+            images: to_images(&decoded_i)?,
+            latents: latents.narrow(0, offset, p.batch)?,
+            decoded: decoded_i,
+            scheduler,
+            timings: timings.clone(),
+            truncated: cut,
+        });
+        offset += p.batch;
+    }
+    Ok(out)
 }
 
 /// `[batch, 3, H, W]` in `[0, 1]` to RGB images, rounding as diffusers' `numpy_to_pil` does.
@@ -513,6 +583,10 @@ pub struct ModelDefaults {
     pub scheduler: Option<String>,
     #[serde(default)]
     pub negative_prompt: Option<String>,
+    /// FLUX: transformer weights (relative to the model directory) to load instead of
+    /// `transformer/`, e.g. a GGUF file; `--transformer` overrides it.
+    #[serde(default)]
+    pub transformer: Option<PathBuf>,
 }
 
 impl ModelDefaults {
@@ -522,10 +596,16 @@ impl ModelDefaults {
         let mut d: ModelDefaults = if path.exists() {
             read_json(&path)?
         } else {
-            ModelDefaults { steps: None, guidance: None, scheduler: None, negative_prompt: None }
+            ModelDefaults { steps: None, guidance: None, scheduler: None, negative_prompt: None, transformer: None }
         };
-        d.steps.get_or_insert(30);
-        d.guidance.get_or_insert(if family == Family::StableDiffusionXl { 5.0 } else { 7.5 });
+        let (steps, guidance) = match family {
+            Family::StableDiffusion => (30, 7.5),
+            Family::StableDiffusionXl => (30, 5.0),
+            Family::FluxDev => (28, 3.5),
+            Family::FluxSchnell => (4, 0.0),
+        };
+        d.steps.get_or_insert(steps);
+        d.guidance.get_or_insert(guidance);
         Ok(d)
     }
 }

@@ -108,6 +108,34 @@ fn download<P: Progress + Clone>(spec: &str, prefer_fp16: bool, progress: P) -> 
     Ok(index_path.parent().map(Path::to_path_buf).unwrap_or_default())
 }
 
+/// A LoRA published on the hub (`owner/name`): its safetensors file, from the hub cache or
+/// downloaded into it. A repo with several files must have `pytorch_lora_weights.safetensors`
+/// (diffusers' name) or exactly one `.safetensors` file.
+pub fn resolve_hub_lora(id: &str) -> Result<PathBuf> {
+    if !looks_like_hub_id(id) {
+        return Err(EngineError::Hub(format!("`{id}` is not a hub id (owner/name)")));
+    }
+    const DIFFUSERS_NAME: &str = "pytorch_lora_weights.safetensors";
+    if offline() {
+        let repo = Cache::from_env().repo(Repo::model(id.to_string()));
+        return repo.get(DIFFUSERS_NAME).ok_or_else(|| {
+            EngineError::Hub(format!("LoRA `{id}` is not in the hub cache ({}) and HF_HUB_OFFLINE is set", Cache::from_env().path().display()))
+        });
+    }
+    let hub_err = |e: hf_hub::api::sync::ApiError| EngineError::Hub(format!("cannot fetch LoRA `{id}` from the hub: {e}"));
+    let api = hf_hub::api::sync::ApiBuilder::from_env().with_progress(false).build().map_err(hub_err)?;
+    let repo = api.repo(Repo::model(id.to_string()));
+    let info = repo.info().map_err(hub_err)?;
+    let files: Vec<&str> = info.siblings.iter().map(|s| s.rfilename.as_str()).filter(|f| f.ends_with(".safetensors")).collect();
+    let file = match files.as_slice() {
+        [one] => *one,
+        many if many.contains(&DIFFUSERS_NAME) => DIFFUSERS_NAME,
+        [] => return Err(EngineError::Hub(format!("hub repo `{id}` has no .safetensors LoRA file"))),
+        many => return Err(EngineError::Hub(format!("hub repo `{id}` has several .safetensors files ({}); put the one you want in the LoRA folder", many.join(", ")))),
+    };
+    repo.get(file).map_err(hub_err)
+}
+
 /// The safetensors files holding one component's weights, preferring the fp16 variant when asked.
 pub fn component_weights(dir: &Path, component: &str, prefer_fp16: bool) -> Result<Vec<PathBuf>> {
     let cdir = dir.join(component);

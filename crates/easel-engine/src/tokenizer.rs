@@ -1,5 +1,6 @@
-//! CLIP tokenization as the diffusers pipelines do it: BOS + tokens + EOS, truncated to the
-//! model's limit (with a warning) and padded to `max_length` with the tokenizer's pad token.
+//! Prompt tokenization as the diffusers pipelines do it, for CLIP (BOS + tokens + EOS) and T5
+//! (tokens + EOS): special tokens from the tokenizer's post-processor, truncated to the limit
+//! (keeping the final EOS, with a warning) and padded to `max_length` with the pad token.
 
 use std::path::{Path, PathBuf};
 
@@ -27,8 +28,8 @@ enum TokenSpec {
     Added { content: String },
 }
 
-/// A CLIP tokenizer with its padding rule.
-pub struct ClipTokenizer {
+/// A CLIP or T5 tokenizer with its padding rule.
+pub struct PromptTokenizer {
     inner: Tokenizer,
     pad_id: u32,
     max_length: usize,
@@ -42,7 +43,7 @@ pub struct Tokens {
     pub truncated: bool,
 }
 
-impl ClipTokenizer {
+impl PromptTokenizer {
     /// Loads `tokenizer.json` from `dir`, or builds it from `vocab.json` + `merges.txt`.
     pub fn from_dir(dir: &Path, max_positions: usize) -> Result<Self> {
         let err = |message: String| EngineError::Tokenizer { path: dir.to_path_buf(), message };

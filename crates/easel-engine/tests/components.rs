@@ -8,7 +8,7 @@ use easel_engine::config::{read_json, ClipTextConfig, UNetConfig, VaeConfig};
 use easel_engine::models::clip::ClipTextModel;
 use easel_engine::models::unet::{AddedCond, UNet2DConditionModel};
 use easel_engine::source::component_weights;
-use easel_engine::tokenizer::ClipTokenizer;
+use easel_engine::tokenizer::PromptTokenizer;
 use easel_engine::weights::load_var_builder;
 use easel_engine::{DType, Device, Tensor};
 
@@ -21,7 +21,7 @@ fn check_text(pipe: &str, te: &str, tok: &str, sfx: &str) {
     let dir = fixtures().join("pipelines").join(pipe);
     let (t, _) = reference(&format!("{pipe}-components.safetensors"));
     let cfg: ClipTextConfig = read_json(&dir.join(te).join("config.json")).unwrap();
-    let tokenizer = ClipTokenizer::from_dir(&dir.join(tok), cfg.max_position_embeddings).unwrap();
+    let tokenizer = PromptTokenizer::from_dir(&dir.join(tok), cfg.max_position_embeddings).unwrap();
     let prompt = "a red circle on a blue background, high quality";
     let long = format!("a photo of {}", vec!["a small red circle"; 30].join(" and "));
     for (key, text, cut) in [("prompt", prompt, false), ("long", long.as_str(), true), ("empty", "", false)] {
@@ -57,8 +57,8 @@ fn tokenizer_builds_from_vocab_and_merges_when_tokenizer_json_is_absent() {
     for f in ["vocab.json", "merges.txt", "tokenizer_config.json"] {
         std::fs::copy(src.join(f), tmp.path().join(f)).unwrap();
     }
-    let slow = ClipTokenizer::from_dir(tmp.path(), 77).unwrap();
-    let fast = ClipTokenizer::from_dir(&src, 77).unwrap();
+    let slow = PromptTokenizer::from_dir(tmp.path(), 77).unwrap();
+    let fast = PromptTokenizer::from_dir(&src, 77).unwrap();
     for text in ["a red circle on a blue background, high quality", "Hello   WORLD!! it's 4k", ""] {
         assert_eq!(slow.encode(text).unwrap().ids, fast.encode(text).unwrap().ids, "{text}");
     }

@@ -237,6 +237,7 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/jobs/{id}/events", get(job_events))
         .route("/v1/jobs/{id}/cancel", post(cancel_job))
         .route("/v1/models", get(list_models))
+        .route("/v1/loras", get(list_loras))
         .route("/v1/usage", get(usage))
         .route("/v1/images/{job}/{file}", get(get_image))
         .route("/healthz", get(|| async { "ok" }))
@@ -311,6 +312,9 @@ fn submit(state: &AppState, headers: &HeaderMap, body: &Bytes, allow_remote: boo
                 if !allow_remote {
                     return Err(ApiError::invalid("model", "closed providers answer on /v1/images/generations; async jobs run on local engines (use route: local)"));
                 }
+                if req.loras.as_ref().is_some_and(|l| !l.is_empty()) {
+                    return Err(ApiError::invalid("loras", format!("LoRAs run on local engines; `{}` routes to {} (use route: local)", req.model.as_deref().unwrap_or(""), plan[0].provider)));
+                }
                 let (mut spec, format) = req.validate(&crate::gateway::remote_model_info(&plan[0]), random_seed)?;
                 spec.user = key_name;
                 return Ok(Submitted::Remote { plan, spec, format, quality: req.quality.clone() });
@@ -323,6 +327,9 @@ fn submit(state: &AppState, headers: &HeaderMap, body: &Bytes, allow_remote: boo
     }
     let (model, served) = state.model(local_model.as_deref())?;
     let (mut spec, format) = req.validate(&model, random_seed)?;
+    for l in &spec.loras {
+        state.loras.source(&l.name)?;
+    }
     if let Some(url) = &spec.webhook_url {
         crate::webhooks::validate_url(url, state.config.allow_private_webhooks)?;
     }
@@ -659,6 +666,13 @@ async fn list_models(State(state): State<AppState>, headers: HeaderMap) -> ApiRe
         .into_iter()
         .map(|(m, live)| serde_json::json!({"id": m.id, "object": "model", "created": 0, "owned_by": "easel", "easel": m, "ready": live}))
         .collect();
+    Ok(Json(serde_json::json!({"object": "list", "data": data})))
+}
+
+/// The LoRA registry's names, for `loras` in requests.
+async fn list_loras(State(state): State<AppState>, headers: HeaderMap) -> ApiResult<Json<serde_json::Value>> {
+    state.authorize(&headers)?;
+    let data: Vec<_> = state.loras.names().into_iter().map(|name| serde_json::json!({"name": name, "object": "lora"})).collect();
     Ok(Json(serde_json::json!({"object": "list", "data": data})))
 }
 

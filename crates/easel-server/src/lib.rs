@@ -31,6 +31,8 @@ pub struct Services {
     pub ledger: Option<Arc<easel_router::Ledger>>,
     /// What this node's machine costs, for the amortised cost of a local image.
     pub local_cost: easel_router::LocalCost,
+    /// The LoRA names requests may use (a folder of `NAME.safetensors`).
+    pub loras: easel_api::LoraRegistry,
 }
 
 impl Services {

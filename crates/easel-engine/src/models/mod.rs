@@ -3,3 +3,4 @@
 pub mod clip;
 pub mod unet;
 pub mod attention;
+pub mod flux;

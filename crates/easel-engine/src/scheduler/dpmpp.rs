@@ -87,14 +87,8 @@ impl Scheduler for DpmSolverPp {
     fn timesteps(&self) -> &[f64] {
         &self.timesteps
     }
-    fn init_noise_sigma(&self) -> f64 {
-        1.0
-    }
     fn sigmas(&self) -> Option<&[f64]> {
         Some(&self.sigmas)
-    }
-    fn scale_model_input(&self, sample: &Tensor, _step: usize) -> Result<Tensor> {
-        Ok(sample.clone())
     }
     fn step(&mut self, model_output: &Tensor, step: usize, sample: &Tensor, _noise: &mut dyn NoiseSource) -> Result<Tensor> {
         let len = self.timesteps.len();

@@ -7,6 +7,7 @@
 mod ddim;
 mod dpmpp;
 mod euler;
+mod flow_match;
 
 use candle_core::{DType, Device, Tensor};
 
@@ -16,6 +17,7 @@ use crate::error::{EngineError, Result};
 pub use ddim::Ddim;
 pub use dpmpp::DpmSolverPp;
 pub use euler::{Euler, EulerAncestral};
+pub use flow_match::{calculate_shift, FlowMatchEuler};
 
 /// The schedulers easel offers under `--scheduler`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -25,16 +27,19 @@ pub enum SchedulerKind {
     Ddim,
     DpmPp2m,
     DpmPp2mKarras,
+    /// Flow matching (FLUX); its schedule depends on the image size.
+    FlowMatchEuler,
 }
 
 impl SchedulerKind {
     /// All kinds with their CLI names.
-    pub const ALL: [(&'static str, SchedulerKind); 5] = [
+    pub const ALL: [(&'static str, SchedulerKind); 6] = [
         ("euler", SchedulerKind::Euler),
         ("euler-a", SchedulerKind::EulerAncestral),
         ("ddim", SchedulerKind::Ddim),
         ("dpmpp-2m", SchedulerKind::DpmPp2m),
         ("dpmpp-2m-karras", SchedulerKind::DpmPp2mKarras),
+        ("flow-match-euler", SchedulerKind::FlowMatchEuler),
     ];
 
     /// Parses a CLI/API scheduler name.
@@ -58,19 +63,27 @@ impl SchedulerKind {
             "DDIMScheduler" => Some(Self::Ddim),
             "DPMSolverMultistepScheduler" if config.use_karras_sigmas == Some(true) => Some(Self::DpmPp2mKarras),
             "DPMSolverMultistepScheduler" => Some(Self::DpmPp2m),
+            "FlowMatchEulerDiscreteScheduler" => Some(Self::FlowMatchEuler),
             _ => None,
         }
     }
 
-    /// Builds the scheduler for `steps` denoising steps from the model's config.
-    pub fn build(self, config: &SchedulerConfig, steps: usize) -> Result<Box<dyn Scheduler>> {
-        let common = Common::new(config)?;
+    /// Whether this is a flow-matching scheduler (for FLUX-like models only).
+    pub fn is_flow_matching(self) -> bool {
+        self == Self::FlowMatchEuler
+    }
+
+    /// Builds the scheduler for `steps` denoising steps from the model's config;
+    /// `image_seq_len` (latent tokens) matters only to flow matching with dynamic shifting.
+    pub fn build(self, config: &SchedulerConfig, steps: usize, image_seq_len: usize) -> Result<Box<dyn Scheduler>> {
+        let common = || Common::new(config);
         Ok(match self {
-            Self::Euler => Box::new(Euler::new(common, config, steps)?),
-            Self::EulerAncestral => Box::new(EulerAncestral::new(common, config, steps)?),
-            Self::Ddim => Box::new(Ddim::new(common, config, steps)?),
-            Self::DpmPp2m => Box::new(DpmSolverPp::new(common, config, steps, false)?),
-            Self::DpmPp2mKarras => Box::new(DpmSolverPp::new(common, config, steps, true)?),
+            Self::Euler => Box::new(Euler::new(common()?, config, steps)?),
+            Self::EulerAncestral => Box::new(EulerAncestral::new(common()?, config, steps)?),
+            Self::Ddim => Box::new(Ddim::new(common()?, config, steps)?),
+            Self::DpmPp2m => Box::new(DpmSolverPp::new(common()?, config, steps, false)?),
+            Self::DpmPp2mKarras => Box::new(DpmSolverPp::new(common()?, config, steps, true)?),
+            Self::FlowMatchEuler => Box::new(FlowMatchEuler::new(config, steps, image_seq_len)?),
         })
     }
 }
@@ -86,9 +99,13 @@ pub trait Scheduler: Send {
     /// The timesteps the model is evaluated at, in order.
     fn timesteps(&self) -> &[f64];
     /// What init noise is multiplied by before the first step.
-    fn init_noise_sigma(&self) -> f64;
-    /// Scales the latents before the model sees them at `step`.
-    fn scale_model_input(&self, sample: &Tensor, step: usize) -> Result<Tensor>;
+    fn init_noise_sigma(&self) -> f64 {
+        1.0
+    }
+    /// Scales the latents before the model sees them at `step` (by default, not at all).
+    fn scale_model_input(&self, sample: &Tensor, _step: usize) -> Result<Tensor> {
+        Ok(sample.clone())
+    }
     /// Advances `sample` from `step` to the next one given the model's prediction.
     fn step(&mut self, model_output: &Tensor, step: usize, sample: &Tensor, noise: &mut dyn NoiseSource) -> Result<Tensor>;
     /// The sigmas, where the scheduler has them (for tests and diagnostics).

@@ -1,0 +1,363 @@
+//! FLUX.1 text-to-image (dev: guidance-distilled; schnell: timestep-distilled), run as
+//! diffusers' `FluxPipeline` runs it: CLIP pooled + T5 states, packed 2x2 latent patches,
+//! flow-matching Euler, no classifier-free guidance.
+//!
+//! The transformer's weights come from the diffusers layout (`transformer/`), from a single
+//! BFL-named safetensors file (`flux1-dev.safetensors`) or from a GGUF file; the other
+//! components always come from the diffusers layout.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use candle_core::{DType, Device, Tensor};
+use candle_transformers::models::t5::{Config as T5Config, T5EncoderModel};
+
+use crate::config::{read_json, FluxTransformerConfig, ModelIndex, SchedulerConfig};
+use crate::error::{EngineError, Result};
+use crate::flux_keys;
+use crate::lora::{self, Component, LoraSpec, LoraTargets, TargetFamily};
+use crate::models::flux::{FluxInputs, FluxTransformer};
+use crate::pipeline::{build, component_config, split_batch, Family, GenerateParams, Generated, LoadOptions, ModelDefaults, StepCallback, TextStack, Timings};
+use crate::quant::Weights;
+use crate::scheduler::{FlowMatchEuler, NoiseSource, Scheduler, SchedulerKind, SeededNoise};
+use crate::source::component_weights;
+use crate::tokenizer::PromptTokenizer;
+use crate::vae::{PromptCache, Vae};
+use crate::weights::load_var_builder;
+
+/// Text conditioning of one prompt: (T5 states `[1, T, D]`, CLIP pooled `[1, P]`, truncated?).
+type Encoded = (Tensor, Tensor, bool);
+
+/// Where the transformer weights come from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TransformerSource {
+    /// `transformer/*.safetensors` in the diffusers layout.
+    Diffusers,
+    /// A single safetensors file with Black Forest Labs' names.
+    BflFile,
+    /// A GGUF file (BFL names), quantized or not.
+    Gguf,
+}
+
+/// A loaded, ready-to-run FLUX pipeline.
+pub struct FluxPipeline {
+    clip: TextStack,
+    t5_tokenizer: Arc<PromptTokenizer>,
+    t5: Arc<Mutex<T5EncoderModel>>,
+    t5_dtype: DType,
+    transformer: FluxTransformer,
+    /// The transformer's weights before any LoRA.
+    base: Arc<Weights>,
+    vae: Arc<Vae>,
+    scheduler_config: SchedulerConfig,
+    dtype: DType,
+    device: Device,
+    dir: PathBuf,
+    weights_bytes: usize,
+    weights_summary: String,
+    source: TransformerSource,
+    embeddings: PromptCache<Encoded>,
+}
+
+/// diffusers' T5 prompt length: 512 for dev, 256 for schnell.
+fn max_sequence_length(guidance_embeds: bool) -> usize {
+    if guidance_embeds {
+        512
+    } else {
+        256
+    }
+}
+
+/// Reads FLUX transformer weights, renamed to BFL names: from `file` (a `.gguf`, or a BFL- or
+/// diffusers-named `.safetensors`) when given, else from `dir/transformer/`.
+pub fn read_transformer(dir: &Path, file: Option<&Path>, dtype: DType, device: &Device) -> Result<(Weights, TransformerSource)> {
+    let is_gguf = file.is_some_and(|f| f.extension().is_some_and(|e| e.eq_ignore_ascii_case("gguf")));
+    let mut w = match file {
+        Some(f) if is_gguf => Weights::read_gguf(f, device)?,
+        Some(f) => Weights::read_safetensors(&[f.to_path_buf()], dtype, device)?,
+        None => Weights::read_safetensors(&component_weights(dir, "transformer", dtype != DType::F32)?, dtype, device)?,
+    };
+    let layout = flux_keys::to_bfl(&mut w)?;
+    let source = match (is_gguf, layout) {
+        (true, _) => TransformerSource::Gguf,
+        (false, flux_keys::Layout::Bfl) => TransformerSource::BflFile,
+        (false, flux_keys::Layout::Diffusers) => TransformerSource::Diffusers,
+    };
+    Ok((w, source))
+}
+
+impl FluxPipeline {
+    /// Loads a diffusers-layout FLUX pipeline, with the transformer weights from
+    /// `opts.transformer` when given.
+    pub fn load(dir: &Path, opts: &LoadOptions) -> Result<Self> {
+        let index: ModelIndex = read_json(&dir.join("model_index.json"))?;
+        for required in ["text_encoder", "text_encoder_2", "vae", "scheduler"] {
+            if !index.has(required) {
+                return Err(EngineError::BadConfig {
+                    path: dir.join("model_index.json"),
+                    message: format!("the FLUX pipeline has no `{required}` component"),
+                });
+            }
+        }
+        let half = opts.dtype != DType::F32;
+        let (dtype, device) = (opts.dtype, &opts.device);
+        let config: FluxTransformerConfig = component_config(dir, "transformer", "config.json")?;
+        if config.patch_size != 1 {
+            return Err(EngineError::BadConfig { path: dir.join("transformer/config.json"), message: "field `patch_size`: easel runs FLUX with patch_size 1".into() });
+        }
+        let from_defaults = ModelDefaults::load(dir, Family::FluxDev)?.transformer.map(|f| dir.join(f));
+        let file = opts.transformer.as_ref().or(from_defaults.as_ref());
+        let (mut weights, source) = read_transformer(dir, file.map(PathBuf::as_path), dtype, device)?;
+        // Quantized weights compute in f32 (candle's quantized matmul takes f32 activations).
+        let compute = if source == TransformerSource::Gguf { DType::F32 } else { dtype };
+        weights.set_dtype(compute);
+        let (weights_bytes, weights_summary) = weights.memory();
+        let transformer = FluxTransformer::new(&weights, &config, compute, device)?;
+        tracing::info!(dir = %dir.display(), weights_bytes, %weights_summary, "FLUX transformer loaded");
+
+        let clip = TextStack::load(dir, "text_encoder", "tokenizer", half, dtype, device)?;
+        let t5_config: T5Config = component_config(dir, "text_encoder_2", "config.json")?;
+        let t5_tokenizer = Arc::new(PromptTokenizer::from_dir(&dir.join("tokenizer_2"), max_sequence_length(config.guidance_embeds))?);
+        // T5 overflows in f16; bf16 and f32 are safe.
+        let t5_dtype = if dtype == DType::F16 { DType::F32 } else { dtype };
+        let vb = load_var_builder(&component_weights(dir, "text_encoder_2", half && t5_dtype != DType::F32)?, t5_dtype, device)?;
+        let t5 = build(dir, "text_encoder_2", T5EncoderModel::load(vb, &t5_config))?;
+        let vae = Arc::new(Vae::load(dir, half, dtype, device)?);
+        let scheduler_config: SchedulerConfig = component_config(dir, "scheduler", "scheduler_config.json")?;
+        if SchedulerKind::from_config(&scheduler_config) != Some(SchedulerKind::FlowMatchEuler) {
+            return Err(EngineError::BadConfig {
+                path: dir.join("scheduler/scheduler_config.json"),
+                message: format!("FLUX needs FlowMatchEulerDiscreteScheduler, not {:?}", scheduler_config.class_name.as_deref().unwrap_or("none")),
+            });
+        }
+        FlowMatchEuler::new(&scheduler_config, 1, 256)?;
+        Ok(Self {
+            clip,
+            t5_tokenizer,
+            t5: Arc::new(Mutex::new(t5)),
+            t5_dtype,
+            transformer,
+            base: Arc::new(weights),
+            vae,
+            scheduler_config,
+            dtype: compute,
+            device: device.clone(),
+            dir: dir.to_path_buf(),
+            weights_bytes,
+            weights_summary,
+            source,
+            embeddings: Default::default(),
+        })
+    }
+
+    /// What LoRAs may target: the transformer (BFL names) and the CLIP text encoder.
+    pub fn lora_targets(&self) -> LoraTargets {
+        let c = &self.transformer.config;
+        LoraTargets {
+            family: TargetFamily::Flux { hidden: c.hidden_size(), mlp: c.hidden_size() * 4 },
+            weights: HashMap::from([(Component::Transformer, self.base.shapes()), (Component::TextEncoder, self.clip.shapes())]),
+        }
+    }
+
+    /// This pipeline with a LoRA stack: merged into copies of the affected full-precision
+    /// weights, or run beside quantized (GGUF) ones as low-rank updates; the base weights, T5,
+    /// VAE and tokenizers are shared, and nothing but the LoRA files is read from disk.
+    pub fn with_loras(&self, stack: &[LoraSpec]) -> Result<Self> {
+        let targets = self.lora_targets();
+        let mut adapters = vec![];
+        for spec in stack {
+            adapters.extend(lora::load_adapters(spec, &targets)?);
+        }
+        let pick = |c: Component| adapters.iter().filter(|a| a.component == c).collect::<Vec<_>>();
+        let weights = self.base.with_adapters(&pick(Component::Transformer))?;
+        let transformer = FluxTransformer::new(&weights, &self.transformer.config, self.dtype, &self.device)?;
+        Ok(Self {
+            clip: self.clip.with_adapters(&pick(Component::TextEncoder), self.clip_dtype(), &self.device)?,
+            t5_tokenizer: self.t5_tokenizer.clone(),
+            t5: self.t5.clone(),
+            t5_dtype: self.t5_dtype,
+            transformer,
+            base: self.base.clone(),
+            vae: self.vae.clone(),
+            scheduler_config: self.scheduler_config.clone(),
+            dtype: self.dtype,
+            device: self.device.clone(),
+            dir: self.dir.clone(),
+            weights_bytes: self.weights_bytes,
+            weights_summary: self.weights_summary.clone(),
+            source: self.source,
+            embeddings: Default::default(),
+        })
+    }
+
+    fn clip_dtype(&self) -> DType {
+        self.vae.dtype()
+    }
+
+    /// Whether the model takes a guidance scale (FLUX.1-dev) or ignores it (schnell).
+    pub fn uses_guidance(&self) -> bool {
+        self.transformer.config.guidance_embeds
+    }
+
+    /// The directory the pipeline was loaded from.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Where the transformer weights came from.
+    pub fn transformer_source(&self) -> TransformerSource {
+        self.source
+    }
+
+    /// The transformer weights' memory in bytes, and a summary of their types.
+    pub fn weights_memory(&self) -> (usize, &str) {
+        (self.weights_bytes, &self.weights_summary)
+    }
+
+    /// Width and height must be multiples of this (VAE factor times the 2x2 packing).
+    pub fn size_multiple(&self) -> usize {
+        self.vae.scale_factor() * 2
+    }
+
+    /// diffusers' default image side for FLUX: 1024 (128 latent cells of 8 pixels).
+    pub fn default_size(&self) -> usize {
+        128 * self.vae.scale_factor()
+    }
+
+    fn latent_channels(&self) -> usize {
+        self.transformer.config.in_channels / 4
+    }
+
+    /// Packed latent shape `[batch, (H/2f)(W/2f), 4C]`, the layout FluxPipeline's `latents` takes.
+    pub fn latent_shape(&self, p: &GenerateParams) -> [usize; 3] {
+        let m = self.size_multiple();
+        [p.batch, (p.height / m) * (p.width / m), self.transformer.config.in_channels]
+    }
+
+    /// Checks request parameters before any work is done.
+    pub fn validate(&self, p: &GenerateParams) -> Result<()> {
+        let m = self.size_multiple();
+        p.check_ranges(m, " for FLUX")?;
+        if let Some(kind) = p.scheduler.filter(|k| !k.is_flow_matching()) {
+            return Err(EngineError::param("scheduler", format!("`{}` is not for FLUX models; they use flow-match-euler", kind.name())));
+        }
+        if let Some(l) = &p.init_latents {
+            let want = self.latent_shape(p);
+            if l.dims() != want {
+                return Err(EngineError::param(
+                    "init_latents",
+                    format!("shape {:?} does not match the packed FLUX latents {:?} (batch, (height/{m})*(width/{m}), {})", l.dims(), want, want[2]),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    fn encode(&self, prompt: &str) -> Result<Encoded> {
+        self.embeddings.get_or_encode(prompt, |p| {
+            let (clip, clip_cut) = self.clip.run(p, &self.device)?;
+            let tokens = self.t5_tokenizer.encode(p)?;
+            let ids = Tensor::new(tokens.ids.as_slice(), &self.device)?.unsqueeze(0)?;
+            let states = self.t5.lock().unwrap_or_else(|e| e.into_inner()).forward_dt(&ids, Some(self.t5_dtype))?;
+            Ok((states, clip.pooled, clip_cut || tokens.truncated))
+        })
+    }
+
+    /// Generates images for one request.
+    pub fn generate(&self, p: &GenerateParams, on_step: StepCallback) -> Result<Generated> {
+        let mut out = self.generate_batch(std::slice::from_ref(p), on_step)?;
+        out.pop().ok_or_else(|| EngineError::Unsupported("empty batch".into()))
+    }
+
+    /// Runs several requests as one batch; they must share size, steps and guidance.
+    pub fn generate_batch(&self, items: &[GenerateParams], on_step: StepCallback) -> Result<Vec<Generated>> {
+        let first = items.first().ok_or_else(|| EngineError::param("batch", "no requests"))?;
+        for p in items {
+            self.validate(p)?;
+            if (p.width, p.height, p.steps) != (first.width, first.height, first.steps) || p.guidance != first.guidance {
+                return Err(EngineError::param("batch", "batched requests must share size, steps and guidance"));
+            }
+        }
+        let m = self.size_multiple();
+        let (lh, lw) = (first.height / m * 2, first.width / m * 2);
+        let c = self.latent_channels();
+        let mut timings = Timings::default();
+
+        let mut latents = vec![];
+        for p in items {
+            latents.push(match &p.init_latents {
+                Some(l) => l.to_device(&self.device)?.to_dtype(self.dtype)?,
+                None => pack(&SeededNoise::new(p.seed).randn(&[p.batch, c, lh, lw], self.dtype, &self.device)?)?,
+            });
+        }
+        let mut latents = Tensor::cat(&latents, 0)?;
+        let rows = latents.dim(0)?;
+
+        let t0 = Instant::now();
+        let (mut states, mut pooled, mut truncated) = (vec![], vec![], vec![]);
+        for p in items {
+            let (s, pl, cut) = self.encode(&p.prompt)?;
+            states.push(s.repeat((p.batch, 1, 1))?);
+            pooled.push(pl.repeat((p.batch, 1))?);
+            truncated.push(cut);
+        }
+        let states = Tensor::cat(&states, 0)?;
+        let pooled = Tensor::cat(&pooled, 0)?;
+        let txt_ids = Tensor::zeros((states.dim(1)?, 3), DType::F32, &self.device)?;
+        let img_ids = latent_ids(lh / 2, lw / 2, &self.device)?;
+        timings.text_encode = t0.elapsed();
+
+        let t1 = Instant::now();
+        let mut scheduler = FlowMatchEuler::new(&self.scheduler_config, first.steps, latents.dim(1)?)?;
+        let guidance = if self.uses_guidance() { Some(Tensor::full(first.guidance as f32, rows, &self.device)?) } else { None };
+        let timesteps = scheduler.timesteps().to_vec();
+        let mut no_noise = SeededNoise::new(0);
+        for (i, &t) in timesteps.iter().enumerate() {
+            let ts = Tensor::full((t / 1000.0) as f32, rows, &self.device)?;
+            let inputs = FluxInputs { img: &latents, img_ids: &img_ids, txt: &states, txt_ids: &txt_ids, timesteps: &ts, pooled: &pooled, guidance: guidance.as_ref() };
+            let pred = self.transformer.forward(&inputs)?;
+            latents = scheduler.step(&pred, i, &latents, &mut no_noise as &mut dyn NoiseSource)?;
+            if !on_step(i + 1, timesteps.len()) {
+                return Err(EngineError::Canceled);
+            }
+        }
+        timings.denoise = t1.elapsed();
+
+        let t2 = Instant::now();
+        let decoded = self.decode(&latents, first.height, first.width)?;
+        timings.decode = t2.elapsed();
+        split_batch(items, &truncated, &latents, &decoded, SchedulerKind::FlowMatchEuler, &timings)
+    }
+
+    /// Unpacks `[B, L, 4C]` latents for a `height x width` image and decodes them.
+    pub fn decode(&self, packed: &Tensor, height: usize, width: usize) -> Result<Tensor> {
+        let m = self.size_multiple();
+        self.vae.decode(&unpack(packed, height / m, width / m)?)
+    }
+
+    /// One transformer evaluation (for benchmarks and component tests).
+    pub fn transformer(&self) -> &FluxTransformer {
+        &self.transformer
+    }
+}
+
+/// `[B, C, 2h, 2w]` to `[B, h*w, 4C]`: each 2x2 patch becomes one token (diffusers' `_pack_latents`).
+pub fn pack(x: &Tensor) -> Result<Tensor> {
+    let (b, c, h, w) = x.dims4()?;
+    Ok(x.reshape((b, c, h / 2, 2, w / 2, 2))?.permute((0, 2, 4, 1, 3, 5))?.reshape((b, (h / 2) * (w / 2), c * 4))?)
+}
+
+/// The inverse of [`pack`] for an `h x w` grid of tokens.
+pub fn unpack(x: &Tensor, h: usize, w: usize) -> Result<Tensor> {
+    let (b, _, d) = x.dims3()?;
+    let c = d / 4;
+    Ok(x.reshape((b, h, w, c, 2, 2))?.permute((0, 3, 1, 4, 2, 5))?.reshape((b, c, h * 2, w * 2))?)
+}
+
+/// Position ids `[h*w, 3]` of the latent tokens: `(0, row, column)`.
+pub fn latent_ids(h: usize, w: usize, device: &Device) -> Result<Tensor> {
+    let ids: Vec<f32> = (0..h).flat_map(|r| (0..w).flat_map(move |c| [0.0, r as f32, c as f32])).collect();
+    Ok(Tensor::from_vec(ids, (h * w, 3), device)?)
+}

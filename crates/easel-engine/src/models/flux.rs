@@ -1,0 +1,409 @@
+//! The FLUX.1 transformer (MMDiT: double-stream then single-stream blocks), with structs that
+//! mirror Black Forest Labs' reference module tree (`double_blocks.N.img_attn.qkv`, ...), so
+//! BFL checkpoints and the community's GGUF files map one to one. diffusers-layout weights are
+//! renamed to these names by [`crate::flux_keys`]. Weights may be full precision or quantized.
+
+use candle_core::{DType, Device, Module, Tensor, D};
+
+use crate::config::FluxTransformerConfig;
+use crate::error::Result;
+use crate::quant::{Linear, Weights};
+
+const EPS: f64 = 1e-6;
+
+/// Every tensor the transformer needs, with its shape, in BFL names.
+pub fn expected_shapes(c: &FluxTransformerConfig) -> Vec<(String, Vec<usize>)> {
+    let h = c.hidden_size();
+    let mlp = h * 4;
+    let head = c.attention_head_dim;
+    let out_ch = c.out_channels.unwrap_or(c.in_channels) * c.patch_size * c.patch_size;
+    let mut v: Vec<(String, Vec<usize>)> = vec![];
+    let mut linear = |name: String, i: usize, o: usize| {
+        v.push((format!("{name}.weight"), vec![o, i]));
+        v.push((format!("{name}.bias"), vec![o]));
+    };
+    linear("img_in".into(), c.in_channels, h);
+    linear("txt_in".into(), c.joint_attention_dim, h);
+    linear("time_in.in_layer".into(), 256, h);
+    linear("time_in.out_layer".into(), h, h);
+    if c.guidance_embeds {
+        linear("guidance_in.in_layer".into(), 256, h);
+        linear("guidance_in.out_layer".into(), h, h);
+    }
+    linear("vector_in.in_layer".into(), c.pooled_projection_dim, h);
+    linear("vector_in.out_layer".into(), h, h);
+    for i in 0..c.num_layers {
+        let b = format!("double_blocks.{i}");
+        for s in ["img", "txt"] {
+            linear(format!("{b}.{s}_mod.lin"), h, 6 * h);
+            linear(format!("{b}.{s}_attn.qkv"), h, 3 * h);
+            linear(format!("{b}.{s}_attn.proj"), h, h);
+            linear(format!("{b}.{s}_mlp.0"), h, mlp);
+            linear(format!("{b}.{s}_mlp.2"), mlp, h);
+        }
+    }
+    for i in 0..c.num_single_layers {
+        let b = format!("single_blocks.{i}");
+        linear(format!("{b}.modulation.lin"), h, 3 * h);
+        linear(format!("{b}.linear1"), h, 3 * h + mlp);
+        linear(format!("{b}.linear2"), h + mlp, h);
+    }
+    linear("final_layer.adaLN_modulation.1".into(), h, 2 * h);
+    linear("final_layer.linear".into(), h, out_ch);
+    for i in 0..c.num_layers {
+        for s in ["img", "txt"] {
+            for n in ["query_norm", "key_norm"] {
+                v.push((format!("double_blocks.{i}.{s}_attn.norm.{n}.scale"), vec![head]));
+            }
+        }
+    }
+    for i in 0..c.num_single_layers {
+        for n in ["query_norm", "key_norm"] {
+            v.push((format!("single_blocks.{i}.norm.{n}.scale"), vec![head]));
+        }
+    }
+    v
+}
+
+/// Sinusoidal embedding of `t` scaled by 1000 (`[cos, sin]`), as BFL's `timestep_embedding`.
+fn timestep_embedding(t: &Tensor, dim: usize, dtype: DType) -> Result<Tensor> {
+    let half = dim / 2;
+    let freqs: Vec<f32> = (0..half).map(|i| (-(10000f64.ln()) * i as f64 / half as f64).exp() as f32).collect();
+    let freqs = Tensor::from_vec(freqs, (1, half), t.device())?;
+    let args = (t.to_dtype(DType::F32)? * 1000.0)?.unsqueeze(1)?.broadcast_mul(&freqs)?;
+    Ok(Tensor::cat(&[args.cos()?, args.sin()?], D::Minus1)?.to_dtype(dtype)?)
+}
+
+/// Rotary tables for position ids `[L, n_axes]`: `(cos, sin)`, each `[L, head/2]`.
+fn rope(ids: &Tensor, axes_dim: &[usize], theta: f64) -> Result<(Tensor, Tensor)> {
+    let mut freqs = vec![];
+    for (axis, &dim) in axes_dim.iter().enumerate() {
+        let pos = ids.narrow(1, axis, 1)?.to_dtype(DType::F64)?;
+        let inv: Vec<f64> = (0..dim / 2).map(|i| 1.0 / theta.powf(2.0 * i as f64 / dim as f64)).collect();
+        let inv = Tensor::from_vec(inv, (1, dim / 2), ids.device())?;
+        freqs.push(pos.broadcast_mul(&inv)?);
+    }
+    let f = Tensor::cat(&freqs, 1)?;
+    Ok((f.cos()?.to_dtype(DType::F32)?.contiguous()?, f.sin()?.to_dtype(DType::F32)?.contiguous()?))
+}
+
+/// Rotates interleaved pairs `(x0, x1)` of `x` `[B, H, L, D]` (in f32, as diffusers does).
+fn apply_rope(x: &Tensor, (cos, sin): &(Tensor, Tensor)) -> Result<Tensor> {
+    let dtype = x.dtype();
+    let x = x.to_dtype(DType::F32)?.contiguous()?;
+    Ok(candle_nn::rotary_emb::rope_i(&x, cos, sin)?.to_dtype(dtype)?)
+}
+
+fn attention(q: &Tensor, k: &Tensor, v: &Tensor, pe: &(Tensor, Tensor)) -> Result<Tensor> {
+    let q = apply_rope(q, pe)?.contiguous()?;
+    let k = apply_rope(k, pe)?.contiguous()?;
+    let scale = 1.0 / (q.dim(D::Minus1)? as f64).sqrt();
+    let w = (q.matmul(&k.t()?)? * scale)?;
+    let w = candle_nn::ops::softmax_last_dim(&w)?;
+    let x = w.matmul(&v.contiguous()?)?;
+    let (b, h, l, d) = x.dims4()?;
+    Ok(x.transpose(1, 2)?.reshape((b, l, h * d))?)
+}
+
+/// LayerNorm without affine parameters, eps 1e-6 (computed in f32).
+fn layer_norm(x: &Tensor) -> Result<Tensor> {
+    let dtype = x.dtype();
+    let h = x.dim(D::Minus1)?;
+    let ones = Tensor::ones(h, DType::F32, x.device())?;
+    let zeros = Tensor::zeros(h, DType::F32, x.device())?;
+    Ok(candle_nn::ops::layer_norm(&x.to_dtype(DType::F32)?.contiguous()?, &ones, &zeros, EPS as f32)?.to_dtype(dtype)?)
+}
+
+/// `(1 + scale) * x + shift`, with `shift`/`scale` `[B, 1, H]`.
+fn modulate(x: &Tensor, shift: &Tensor, scale: &Tensor) -> Result<Tensor> {
+    Ok(x.broadcast_mul(&(scale + 1.0)?)?.broadcast_add(shift)?)
+}
+
+/// `in_layer -> SiLU -> out_layer`.
+pub struct MlpEmbedder {
+    in_layer: Linear,
+    out_layer: Linear,
+}
+
+impl MlpEmbedder {
+    fn new(w: &Weights, name: &str) -> Result<Self> {
+        Ok(Self { in_layer: w.linear(&format!("{name}.in_layer"))?, out_layer: w.linear(&format!("{name}.out_layer"))? })
+    }
+
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        Ok(self.out_layer.forward(&self.in_layer.forward(x)?.silu()?)?)
+    }
+}
+
+/// RMS norms of queries and keys over the head dimension.
+pub struct QkNorm {
+    query_norm: Tensor,
+    key_norm: Tensor,
+}
+
+impl QkNorm {
+    fn new(w: &Weights, name: &str) -> Result<Self> {
+        Ok(Self { query_norm: w.tensor(&format!("{name}.query_norm.scale"))?, key_norm: w.tensor(&format!("{name}.key_norm.scale"))? })
+    }
+
+    fn forward(&self, q: &Tensor, k: &Tensor) -> Result<(Tensor, Tensor)> {
+        let norm = |x: &Tensor, s: &Tensor| -> Result<Tensor> {
+            let dtype = x.dtype();
+            let x32 = x.to_dtype(DType::F32)?.contiguous()?;
+            Ok(candle_nn::ops::rms_norm(&x32, &s.to_dtype(DType::F32)?, EPS as f32)?.to_dtype(dtype)?)
+        };
+        Ok((norm(q, &self.query_norm)?, norm(k, &self.key_norm)?))
+    }
+}
+
+/// `SiLU -> lin`, split into `n` modulation vectors `[B, 1, H]`.
+pub struct Modulation {
+    lin: Linear,
+    n: usize,
+}
+
+impl Modulation {
+    fn new(w: &Weights, name: &str, n: usize) -> Result<Self> {
+        Ok(Self { lin: w.linear(&format!("{name}.lin"))?, n })
+    }
+
+    fn forward(&self, vec: &Tensor) -> Result<Vec<Tensor>> {
+        Ok(self.lin.forward(&vec.silu()?)?.unsqueeze(1)?.chunk(self.n, D::Minus1)?)
+    }
+}
+
+/// One stream's attention in a double block: fused `qkv`, QK norm, output `proj`.
+pub struct SelfAttention {
+    qkv: Linear,
+    norm: QkNorm,
+    proj: Linear,
+}
+
+impl SelfAttention {
+    fn new(w: &Weights, name: &str) -> Result<Self> {
+        Ok(Self {
+            qkv: w.linear(&format!("{name}.qkv"))?,
+            norm: QkNorm::new(w, &format!("{name}.norm"))?,
+            proj: w.linear(&format!("{name}.proj"))?,
+        })
+    }
+}
+
+/// `[B, L, 3*H*D]` to normed `q, k` and `v`, each `[B, heads, L, D]`.
+fn split_qkv(qkv: &Tensor, heads: usize, norm: &QkNorm) -> Result<(Tensor, Tensor, Tensor)> {
+    let (b, l, _) = qkv.dims3()?;
+    let qkv = qkv.reshape((b, l, 3, heads, ()))?.permute((2, 0, 3, 1, 4))?;
+    let (q, k) = norm.forward(&qkv.get(0)?, &qkv.get(1)?)?;
+    Ok((q, k, qkv.get(2)?))
+}
+
+/// `Linear -> GELU(tanh) -> Linear`, named `0` and `2` as in BFL's `nn.Sequential`.
+pub struct Mlp {
+    fc0: Linear,
+    fc2: Linear,
+}
+
+impl Mlp {
+    fn new(w: &Weights, name: &str) -> Result<Self> {
+        Ok(Self { fc0: w.linear(&format!("{name}.0"))?, fc2: w.linear(&format!("{name}.2"))? })
+    }
+
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        Ok(self.fc2.forward(&self.fc0.forward(x)?.gelu()?)?)
+    }
+}
+
+/// A double-stream block: image and text tokens with their own weights, joint attention.
+pub struct DoubleStreamBlock {
+    img_mod: Modulation,
+    img_attn: SelfAttention,
+    img_mlp: Mlp,
+    txt_mod: Modulation,
+    txt_attn: SelfAttention,
+    txt_mlp: Mlp,
+    heads: usize,
+}
+
+impl DoubleStreamBlock {
+    fn new(w: &Weights, name: &str, heads: usize) -> Result<Self> {
+        Ok(Self {
+            img_mod: Modulation::new(w, &format!("{name}.img_mod"), 6)?,
+            img_attn: SelfAttention::new(w, &format!("{name}.img_attn"))?,
+            img_mlp: Mlp::new(w, &format!("{name}.img_mlp"))?,
+            txt_mod: Modulation::new(w, &format!("{name}.txt_mod"), 6)?,
+            txt_attn: SelfAttention::new(w, &format!("{name}.txt_attn"))?,
+            txt_mlp: Mlp::new(w, &format!("{name}.txt_mlp"))?,
+            heads,
+        })
+    }
+
+    fn forward(&self, img: &Tensor, txt: &Tensor, vec: &Tensor, pe: &(Tensor, Tensor)) -> Result<(Tensor, Tensor)> {
+        let im = self.img_mod.forward(vec)?;
+        let tm = self.txt_mod.forward(vec)?;
+        let img_in = modulate(&layer_norm(img)?, &im[0], &im[1])?;
+        let (iq, ik, iv) = split_qkv(&self.img_attn.qkv.forward(&img_in)?, self.heads, &self.img_attn.norm)?;
+        let txt_in = modulate(&layer_norm(txt)?, &tm[0], &tm[1])?;
+        let (tq, tk, tv) = split_qkv(&self.txt_attn.qkv.forward(&txt_in)?, self.heads, &self.txt_attn.norm)?;
+        let q = Tensor::cat(&[tq, iq], 2)?;
+        let k = Tensor::cat(&[tk, ik], 2)?;
+        let v = Tensor::cat(&[tv, iv], 2)?;
+        let attn = attention(&q, &k, &v, pe)?;
+        let txt_len = txt.dim(1)?;
+        let txt_attn = attn.narrow(1, 0, txt_len)?;
+        let img_attn = attn.narrow(1, txt_len, attn.dim(1)? - txt_len)?;
+
+        let img = (img + self.img_attn.proj.forward(&img_attn)?.broadcast_mul(&im[2])?)?;
+        let img_mlp = self.img_mlp.forward(&modulate(&layer_norm(&img)?, &im[3], &im[4])?)?;
+        let img = (&img + img_mlp.broadcast_mul(&im[5])?)?;
+        let txt = (txt + self.txt_attn.proj.forward(&txt_attn)?.broadcast_mul(&tm[2])?)?;
+        let txt_mlp = self.txt_mlp.forward(&modulate(&layer_norm(&txt)?, &tm[3], &tm[4])?)?;
+        let txt = (&txt + txt_mlp.broadcast_mul(&tm[5])?)?;
+        Ok((img, txt))
+    }
+}
+
+/// A single-stream block: one fused projection to `qkv` and the MLP, one back.
+pub struct SingleStreamBlock {
+    linear1: Linear,
+    linear2: Linear,
+    norm: QkNorm,
+    modulation: Modulation,
+    heads: usize,
+    hidden: usize,
+}
+
+impl SingleStreamBlock {
+    fn new(w: &Weights, name: &str, heads: usize, hidden: usize) -> Result<Self> {
+        Ok(Self {
+            linear1: w.linear(&format!("{name}.linear1"))?,
+            linear2: w.linear(&format!("{name}.linear2"))?,
+            norm: QkNorm::new(w, &format!("{name}.norm"))?,
+            modulation: Modulation::new(w, &format!("{name}.modulation"), 3)?,
+            heads,
+            hidden,
+        })
+    }
+
+    fn forward(&self, x: &Tensor, vec: &Tensor, pe: &(Tensor, Tensor)) -> Result<Tensor> {
+        let m = self.modulation.forward(vec)?;
+        let x_mod = modulate(&layer_norm(x)?, &m[0], &m[1])?;
+        let fused = self.linear1.forward(&x_mod)?;
+        let qkv = fused.narrow(D::Minus1, 0, 3 * self.hidden)?;
+        let mlp = fused.narrow(D::Minus1, 3 * self.hidden, fused.dim(D::Minus1)? - 3 * self.hidden)?;
+        let (q, k, v) = split_qkv(&qkv, self.heads, &self.norm)?;
+        let attn = attention(&q, &k, &v, pe)?;
+        let out = self.linear2.forward(&Tensor::cat(&[attn, mlp.gelu()?], D::Minus1)?)?;
+        Ok((x + out.broadcast_mul(&m[2])?)?)
+    }
+}
+
+/// Final adaptive norm (`adaLN_modulation.1`, shift then scale) and projection.
+pub struct LastLayer {
+    ada: Linear,
+    linear: Linear,
+}
+
+impl LastLayer {
+    fn forward(&self, x: &Tensor, vec: &Tensor) -> Result<Tensor> {
+        let m = self.ada.forward(&vec.silu()?)?.unsqueeze(1)?.chunk(2, D::Minus1)?;
+        Ok(self.linear.forward(&modulate(&layer_norm(x)?, &m[0], &m[1])?)?)
+    }
+}
+
+/// The inputs of one transformer evaluation.
+pub struct FluxInputs<'a> {
+    /// Packed latents `[B, L, in_channels]`.
+    pub img: &'a Tensor,
+    /// Latent position ids `[L, 3]`.
+    pub img_ids: &'a Tensor,
+    /// T5 states `[B, T, joint_attention_dim]`.
+    pub txt: &'a Tensor,
+    /// Text position ids `[T, 3]` (zeros).
+    pub txt_ids: &'a Tensor,
+    /// Timesteps in `[0, 1]` (sigmas), `[B]`.
+    pub timesteps: &'a Tensor,
+    /// CLIP pooled states `[B, pooled_projection_dim]`.
+    pub pooled: &'a Tensor,
+    /// Guidance scales `[B]` for guidance-distilled models.
+    pub guidance: Option<&'a Tensor>,
+}
+
+/// `FluxTransformer2DModel` / BFL's `Flux`.
+pub struct FluxTransformer {
+    img_in: Linear,
+    txt_in: Linear,
+    time_in: MlpEmbedder,
+    vector_in: MlpEmbedder,
+    guidance_in: Option<MlpEmbedder>,
+    double_blocks: Vec<DoubleStreamBlock>,
+    single_blocks: Vec<SingleStreamBlock>,
+    final_layer: LastLayer,
+    pub config: FluxTransformerConfig,
+    dtype: DType,
+    device: Device,
+}
+
+impl FluxTransformer {
+    /// Builds the transformer from BFL-named weights, checking every shape first.
+    pub fn new(w: &Weights, config: &FluxTransformerConfig, dtype: DType, device: &Device) -> Result<Self> {
+        w.check(&expected_shapes(config), "the transformer config")?;
+        let (heads, hidden) = (config.num_attention_heads, config.hidden_size());
+        Ok(Self {
+            img_in: w.linear("img_in")?,
+            txt_in: w.linear("txt_in")?,
+            time_in: MlpEmbedder::new(w, "time_in")?,
+            vector_in: MlpEmbedder::new(w, "vector_in")?,
+            guidance_in: if config.guidance_embeds { Some(MlpEmbedder::new(w, "guidance_in")?) } else { None },
+            double_blocks: (0..config.num_layers).map(|i| DoubleStreamBlock::new(w, &format!("double_blocks.{i}"), heads)).collect::<Result<_>>()?,
+            single_blocks: (0..config.num_single_layers)
+                .map(|i| SingleStreamBlock::new(w, &format!("single_blocks.{i}"), heads, hidden))
+                .collect::<Result<_>>()?,
+            final_layer: LastLayer { ada: w.linear("final_layer.adaLN_modulation.1")?, linear: w.linear("final_layer.linear")? },
+            config: config.clone(),
+            dtype,
+            device: device.clone(),
+        })
+    }
+
+    /// The compute dtype.
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+
+    /// The velocity prediction `[B, L, out_channels]`.
+    pub fn forward(&self, x: &FluxInputs) -> Result<Tensor> {
+        let dtype = self.dtype;
+        let img = self.img_in.forward(&x.img.to_dtype(dtype)?)?;
+        let txt = self.txt_in.forward(&x.txt.to_dtype(dtype)?)?;
+        let mut vec = self.time_in.forward(&timestep_embedding(x.timesteps, 256, dtype)?)?;
+        if let (Some(g_in), Some(g)) = (&self.guidance_in, x.guidance) {
+            vec = (vec + g_in.forward(&timestep_embedding(g, 256, dtype)?)?)?;
+        }
+        let vec = (vec + self.vector_in.forward(&x.pooled.to_dtype(dtype)?)?)?;
+        let ids = Tensor::cat(&[x.txt_ids, x.img_ids], 0)?.to_device(&self.device)?;
+        let pe = rope(&ids, &self.config.axes_dims_rope, 10000.0)?;
+        let (mut img, mut txt) = (img, txt);
+        for block in &self.double_blocks {
+            (img, txt) = block.forward(&img, &txt, &vec, &pe)?;
+        }
+        let txt_len = txt.dim(1)?;
+        let mut joint = Tensor::cat(&[txt, img], 1)?;
+        for block in &self.single_blocks {
+            joint = block.forward(&joint, &vec, &pe)?;
+        }
+        let img = joint.narrow(1, txt_len, joint.dim(1)? - txt_len)?;
+        self.final_layer.forward(&img, &vec)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn flux1_dev_has_about_12b_parameters() {
+        let n: usize = expected_shapes(&FluxTransformerConfig::flux1_dev()).iter().map(|(_, s)| s.iter().product::<usize>()).sum();
+        // Black Forest Labs: "a 12 billion parameter rectified flow transformer".
+        assert_eq!(n, 11_901_408_320);
+    }
+}
