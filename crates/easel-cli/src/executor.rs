@@ -153,6 +153,11 @@ impl Executor for EngineExecutor {
             stack.push(LoraSpec { path, scale: l.scale });
         }
         let (pipe, load_s) = self.pipeline_with(model, &stack)?;
+        if !pipe.uses_guidance() {
+            for j in jobs.iter().filter(|j| j.spec.guidance != 0.0) {
+                tracing::warn!(job = %j.id, guidance = j.spec.guidance, "guidance_scale is ignored: this model (FLUX.1-schnell-like) has no guidance input");
+            }
+        }
         let mut params = vec![];
         for j in jobs {
             let s = &j.spec;

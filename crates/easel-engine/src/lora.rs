@@ -1,7 +1,7 @@
 //! LoRA files in the formats people publish, mapped onto a loaded model's weights.
 //!
 //! Formats: diffusers/PEFT (`unet.X.lora_A.weight`, `lora_B`, alphas in the
-//! `lora_adapter_metadata` header or `.alpha` tensors) and kohya (`lora_unet_*`, `lora_te_*`,
+//! `lora_adapter_metadata` header or `.alpha` tensors; ComfyUI's `diffusion_model.X`) and kohya (`lora_unet_*`, `lora_te_*`,
 //! `lora_te1_*`, `lora_te2_*` with `lora_down`/`lora_up`/`alpha`; SDXL's original
 //! `input_blocks` names; FLUX's BFL names), linear and LoCon-style convolution layers.
 //! A LoRA becomes a list of [`Adapter`]s: low-rank updates of named weights (a row range of a
@@ -219,6 +219,10 @@ impl<'a> Lookup<'a> {
                 return self.whole(c, self.underscored.get(&c)?.get(rest)?);
             }
         }
+        // ComfyUI's spelling: the denoiser's own module names under `diffusion_model.`.
+        if let Some(rest) = key.strip_prefix("diffusion_model.") {
+            return self.whole(denoiser, rest);
+        }
         for (prefix, c) in [("text_encoder_2.", Component::TextEncoder2), ("text_encoder.", Component::TextEncoder), ("unet.", Component::Unet)] {
             if let Some(rest) = key.strip_prefix(prefix) {
                 return self.whole(c, rest);
@@ -339,5 +343,22 @@ mod tests {
         assert_eq!(sgm_to_diffusers("middle_block_1_proj_in").as_deref(), Some("mid_block_attentions_0_proj_in"));
         assert_eq!(sgm_to_diffusers("middle_block_2_emb_layers_1").as_deref(), Some("mid_block_resnets_1_time_emb_proj"));
         assert_eq!(sgm_to_diffusers("down_blocks_0_attentions_0_proj_in"), None);
+    }
+
+    #[test]
+    fn flux_names_resolve_from_every_spelling() {
+        let weights = [("double_blocks.0.img_attn.qkv.weight", vec![96, 32]), ("single_blocks.0.linear1.weight", vec![224, 32])];
+        let targets = LoraTargets {
+            family: TargetFamily::Flux { hidden: 32, mlp: 128 },
+            weights: HashMap::from([(Component::Transformer, weights.into_iter().map(|(k, v)| (k.to_string(), v)).collect())]),
+        };
+        let lookup = Lookup::new(&targets);
+        let qkv = |key: &str| lookup.resolve(key).map(|(c, p)| (c, p[0].0.clone(), p[0].2));
+        let whole = Some((Component::Transformer, "double_blocks.0.img_attn.qkv.weight".to_string(), None));
+        assert_eq!(qkv("lora_unet_double_blocks_0_img_attn_qkv"), whole);
+        assert_eq!(qkv("diffusion_model.double_blocks.0.img_attn.qkv"), whole);
+        assert_eq!(qkv("transformer.transformer_blocks.0.attn.to_k").map(|t| t.2), Some(Some((32, 32))));
+        assert_eq!(qkv("transformer.single_transformer_blocks.0.proj_mlp").map(|t| t.2), Some(Some((96, 128))));
+        assert_eq!(qkv("lora_unet_down_blocks_0_attentions_0_proj_in"), None);
     }
 }
