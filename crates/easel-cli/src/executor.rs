@@ -37,7 +37,12 @@ pub struct EngineExecutor {
     idle_timeout: Duration,
     memory_budget: u64,
     loras: easel_api::LoraRegistry,
+    /// Hub LoRA ids already fetched, to their files.
+    hub_loras: Mutex<HashMap<String, PathBuf>>,
 }
+
+/// LoRA stacks kept warm per model.
+const MAX_WARM_STACKS: usize = 4;
 
 fn dir_bytes(dir: &std::path::Path) -> u64 {
     std::fs::read_dir(dir)
@@ -70,7 +75,7 @@ impl EngineExecutor {
             }
             served.push(ServedModel { weight_bytes, info, dir });
         }
-        Ok(Self { models: served, pool: Mutex::new(pool), load, idle_timeout, memory_budget, loras })
+        Ok(Self { models: served, pool: Mutex::new(pool), load, idle_timeout, memory_budget, loras, hub_loras: Default::default() })
     }
 
     fn served(&self, id: &str) -> Option<&ServedModel> {
@@ -78,22 +83,48 @@ impl EngineExecutor {
     }
 
     /// The warm pipeline for `id` with a LoRA `stack`: built from the warm base model (never
-    /// reloaded from disk for a new stack) and kept warm under `id|stack`.
-    fn pipeline_with(&self, id: &str, stack: &[LoraSpec]) -> Result<(Arc<Pipeline>, f64), ExecError> {
+    /// reloaded from disk for a new stack) and kept warm under `id|stack`, at most
+    /// [`MAX_WARM_STACKS`] per model (least recently used go first: each holds copies of the
+    /// weights its LoRAs touch).
+    fn pipeline_with(&self, id: &str, stack: &[LoraSpec]) -> Result<(Arc<Pipeline>, f64, String), ExecError> {
         if stack.is_empty() {
-            return self.pipeline(id);
+            let (p, s) = self.pipeline(id)?;
+            return Ok((p, s, id.to_string()));
         }
         let key = format!("{id}|{}", easel_engine::lora::stack_key(stack));
         if let Some(w) = self.pool.lock().unwrap_or_else(|p| p.into_inner()).get_mut(&key) {
             w.last_used = Instant::now();
-            return Ok((w.pipe.clone(), 0.0));
+            return Ok((w.pipe.clone(), 0.0, key));
         }
         let (base, load_s) = self.pipeline(id)?;
         let t = Instant::now();
         let pipe = Arc::new(base.with_loras(stack).map_err(|e| ExecError::Permanent(e.to_string()))?);
         tracing::info!(model = %id, stack = %key, seconds = t.elapsed().as_secs_f64(), "LoRA stack applied");
-        self.pool.lock().unwrap_or_else(|p| p.into_inner()).insert(key, Warm { pipe: pipe.clone(), last_used: Instant::now() });
-        Ok((pipe, load_s + t.elapsed().as_secs_f64()))
+        let mut pool = self.pool.lock().unwrap_or_else(|p| p.into_inner());
+        let prefix = format!("{id}|");
+        while pool.keys().filter(|k| k.starts_with(&prefix)).count() >= MAX_WARM_STACKS {
+            let lru = pool.iter().filter(|(k, _)| k.starts_with(&prefix)).min_by_key(|(_, w)| w.last_used).map(|(k, _)| k.clone());
+            if let Some(k) = lru {
+                pool.remove(&k);
+            }
+        }
+        pool.insert(key.clone(), Warm { pipe: pipe.clone(), last_used: Instant::now() });
+        Ok((pipe, load_s + t.elapsed().as_secs_f64(), key))
+    }
+
+    /// A stack entry's file: a registry file, or a hub LoRA (fetched once, then remembered).
+    fn lora_path(&self, name: &str) -> Result<PathBuf, ExecError> {
+        match self.loras.source(name).map_err(|e| ExecError::Permanent(e.body.message))? {
+            easel_api::LoraSource::File(path) => Ok(path),
+            easel_api::LoraSource::Hub(id) => {
+                if let Some(p) = self.hub_loras.lock().unwrap_or_else(|p| p.into_inner()).get(&id) {
+                    return Ok(p.clone());
+                }
+                let path = easel_engine::source::resolve_hub_lora(&id).map_err(|e| ExecError::Permanent(e.to_string()))?;
+                self.hub_loras.lock().unwrap_or_else(|p| p.into_inner()).insert(id, path.clone());
+                Ok(path)
+            }
+        }
     }
 
     /// The warm pipeline for `id`, loading it (and evicting others) if needed.
@@ -146,13 +177,9 @@ impl Executor for EngineExecutor {
         // Jobs in one batch share their LoRA stack (it is part of the batch key).
         let mut stack = vec![];
         for l in &jobs[0].spec.loras {
-            let path = match self.loras.source(&l.name).map_err(|e| ExecError::Permanent(e.body.message))? {
-                easel_api::LoraSource::File(path) => path,
-                easel_api::LoraSource::Hub(id) => easel_engine::source::resolve_hub_lora(&id).map_err(|e| ExecError::Permanent(e.to_string()))?,
-            };
-            stack.push(LoraSpec { path, scale: l.scale });
+            stack.push(LoraSpec { path: self.lora_path(&l.name)?, scale: l.scale });
         }
-        let (pipe, load_s) = self.pipeline_with(model, &stack)?;
+        let (pipe, load_s, used) = self.pipeline_with(model, &stack)?;
         if !pipe.uses_guidance() {
             for j in jobs.iter().filter(|j| j.spec.guidance != 0.0) {
                 tracing::warn!(job = %j.id, guidance = j.spec.guidance, "guidance_scale is ignored: this model (FLUX.1-schnell-like) has no guidance input");
@@ -182,8 +209,8 @@ impl Executor for EngineExecutor {
         })?;
         // Idle time counts from the end of the last job, not its start.
         let mut pool = self.pool.lock().unwrap_or_else(|p| p.into_inner());
-        for (key, w) in pool.iter_mut() {
-            if key == model || key.starts_with(&format!("{model}|")) {
+        for key in [model, &used] {
+            if let Some(w) = pool.get_mut(key) {
                 w.last_used = Instant::now();
             }
         }
@@ -285,15 +312,20 @@ mod tests {
         std::fs::remove_dir_all(model.join("unet")).unwrap();
         std::fs::remove_dir_all(model.join("text_encoder")).unwrap();
         let spec = |name: &str, scale: f64| LoraSpec { path: loras.join(format!("{name}.safetensors")), scale };
-        let (a, _) = exec.pipeline_with("m", &[spec("sd15-tiny-a", 0.8)]).expect("stack a from memory");
-        let (b, _) = exec.pipeline_with("m", &[spec("sd15-tiny-b", 0.5)]).expect("stack b from memory");
-        let (a_again, took) = exec.pipeline_with("m", &[spec("sd15-tiny-a", 0.8)]).expect("warm");
+        let (a, _, _) = exec.pipeline_with("m", &[spec("sd15-tiny-a", 0.8)]).expect("stack a from memory");
+        let (b, _, _) = exec.pipeline_with("m", &[spec("sd15-tiny-b", 0.5)]).expect("stack b from memory");
+        let (a_again, took, _) = exec.pipeline_with("m", &[spec("sd15-tiny-a", 0.8)]).expect("warm");
         assert!(Arc::ptr_eq(&a, &a_again) && took == 0.0, "a warm stack is reused");
         assert!(!Arc::ptr_eq(&a, &b));
-        let mut keys: Vec<String> = exec.pool.lock().unwrap().keys().cloned().collect();
-        keys.sort();
-        assert_eq!(keys.len(), 3, "{keys:?}");
+        let keys = |e: &EngineExecutor| e.pool.lock().unwrap().keys().cloned().collect::<Vec<_>>();
+        assert_eq!(keys(&exec).len(), 3, "{:?}", keys(&exec));
         assert_eq!(exec.warm_models(), ["m"]);
+        // Warm stacks per model are capped; the least recently used goes first.
+        for scale in [0.1, 0.2, 0.3, 0.4] {
+            exec.pipeline_with("m", &[spec("sd15-tiny-b", scale)]).expect("from memory");
+        }
+        assert_eq!(keys(&exec).len(), 1 + MAX_WARM_STACKS, "{:?}", keys(&exec));
+        assert!(!keys(&exec).iter().any(|k| k.contains("sd15-tiny-a")), "the least recently used stack stays: {:?}", keys(&exec));
     }
 
     fn copy_dir(src: &std::path::Path, dst: &std::path::Path) {

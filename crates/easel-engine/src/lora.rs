@@ -132,6 +132,9 @@ pub fn load_adapters(spec: &LoraSpec, targets: &LoraTargets) -> Result<Vec<Adapt
         })?;
         let rank = down.dim(0)?;
         let alpha = alpha.or_else(|| metadata_alpha(&metadata, &module));
+        if rank == 0 || alpha.is_some_and(|a| !a.is_finite()) {
+            return Err(bad(path, format!("LoRA module `{module}` has rank {rank} and alpha {alpha:?}; rank must be positive and alpha finite")));
+        }
         let base_scale = alpha.map(|a| a / rank as f64).unwrap_or(1.0);
         let up = up.flatten_from(1)?;
         for (target, src, rows) in placements {
@@ -167,16 +170,36 @@ fn check_shape(path: &Path, module: &str, targets: &LoraTargets, c: Component, t
     Ok(())
 }
 
+/// The safetensors header's `__metadata__` (reading the header only).
 fn read_metadata(path: &Path) -> HashMap<String, String> {
-    let Ok(bytes) = std::fs::read(path) else { return HashMap::new() };
-    let Ok((_, meta)) = safetensors::SafeTensors::read_metadata(&bytes) else { return HashMap::new() };
-    meta.metadata().clone().unwrap_or_default()
+    use std::io::Read;
+    let read = || -> Option<HashMap<String, String>> {
+        let mut f = std::fs::File::open(path).ok()?;
+        let mut len = [0u8; 8];
+        f.read_exact(&mut len).ok()?;
+        let len = u64::from_le_bytes(len);
+        if len > 100 << 20 {
+            return None;
+        }
+        let mut header = vec![0u8; len as usize];
+        f.read_exact(&mut header).ok()?;
+        let json: serde_json::Value = serde_json::from_slice(&header).ok()?;
+        serde_json::from_value(json.get("__metadata__")?.clone()).ok()
+    };
+    read().unwrap_or_default()
 }
 
-/// PEFT's `lora_alpha` for a diffusers-format module, from the `lora_adapter_metadata` header.
+/// PEFT's alpha for a diffusers-format module, from the `lora_adapter_metadata` header: the
+/// `alpha_pattern` entry whose key ends the module's path, else `lora_alpha`.
 fn metadata_alpha(metadata: &HashMap<String, String>, module: &str) -> Option<f64> {
     let json: serde_json::Value = serde_json::from_str(metadata.get("lora_adapter_metadata")?).ok()?;
-    let prefix = module.split('.').next()?;
+    let (prefix, path) = module.split_once('.')?;
+    if let Some(patterns) = json.get(format!("{prefix}.alpha_pattern")).and_then(|p| p.as_object()) {
+        let hit = patterns.iter().filter(|(k, _)| path == k.as_str() || path.ends_with(&format!(".{k}"))).max_by_key(|(k, _)| k.len());
+        if let Some(alpha) = hit.and_then(|(_, v)| v.as_f64()) {
+            return Some(alpha);
+        }
+    }
     json.get(format!("{prefix}.lora_alpha"))?.as_f64()
 }
 

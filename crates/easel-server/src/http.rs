@@ -307,7 +307,10 @@ fn submit(state: &AppState, headers: &HeaderMap, body: &Bytes, allow_remote: boo
             let plan = gw.plan(req.model.as_deref().unwrap_or(""), &hints, &situation)?;
             if plan[0].is_local() {
                 local_model = Some(plan[0].model.clone());
-                fallback = plan[1..].iter().filter(|c| !c.is_local()).cloned().collect();
+                // A LoRA stack runs on local engines only: no closed-provider fallback without it.
+                if req.loras.as_ref().is_none_or(|l| l.is_empty()) {
+                    fallback = plan[1..].iter().filter(|c| !c.is_local()).cloned().collect();
+                }
             } else {
                 if !allow_remote {
                     return Err(ApiError::invalid("model", "closed providers answer on /v1/images/generations; async jobs run on local engines (use route: local)"));
