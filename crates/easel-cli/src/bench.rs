@@ -215,8 +215,7 @@ fn flux_eval(model: &std::path::Path, transformer: Option<PathBuf>, inputs: &std
     weights.set_dtype(DType::F32);
     if let Some(path) = lora {
         use easel_engine::lora::{Component, LoraSpec, LoraTargets, TargetFamily};
-        let h = config.hidden_size();
-        let targets = LoraTargets { family: TargetFamily::Flux { hidden: h, mlp: 4 * h }, weights: [(Component::Transformer, weights.shapes())].into() };
+        let targets = LoraTargets { family: TargetFamily::flux(&config), weights: [(Component::Transformer, weights.shapes())].into() };
         let adapters = easel_engine::lora::load_adapters(&LoraSpec { path, scale: 1.0 }, &targets)?;
         weights = weights.with_adapters(&adapters.iter().collect::<Vec<_>>())?;
     }

@@ -215,8 +215,8 @@ pub fn run(args: GenerateArgs) -> Result<()> {
 
 /// `PATH_OR_NAME[:SCALE]`: a file, or a name in the registry folder.
 fn parse_lora(arg: &str, registry: Option<&Path>) -> Result<LoraSpec> {
-    let (name, scale) = match arg.rsplit_once(':') {
-        Some((n, s)) if !n.is_empty() && s.parse::<f64>().is_ok() => (n, s.parse::<f64>().unwrap_or(1.0)),
+    let (name, scale) = match arg.rsplit_once(':').and_then(|(n, s)| Some((n, s.parse::<f64>().ok()?))) {
+        Some((n, scale)) if !n.is_empty() => (n, scale),
         _ => (arg, 1.0),
     };
     if !scale.is_finite() {

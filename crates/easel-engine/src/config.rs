@@ -68,6 +68,17 @@ impl ModelIndex {
     pub fn has(&self, component: &str) -> bool {
         matches!(self.components.get(component), Some(serde_json::Value::Array(v)) if v.first().is_some_and(|x| !x.is_null()))
     }
+
+    /// Fails naming the first of `components` the pipeline in `dir` does not declare.
+    pub fn require(&self, dir: &Path, components: &[&str]) -> Result<()> {
+        match components.iter().find(|c| !self.has(c)) {
+            Some(missing) => Err(EngineError::BadConfig {
+                path: dir.join("model_index.json"),
+                message: format!("the {} pipeline has no `{missing}` component", self.class_name),
+            }),
+            None => Ok(()),
+        }
+    }
 }
 
 fn default_one() -> usize {

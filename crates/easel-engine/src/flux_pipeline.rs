@@ -93,14 +93,7 @@ impl FluxPipeline {
     /// `opts.transformer` when given.
     pub fn load(dir: &Path, opts: &LoadOptions) -> Result<Self> {
         let index: ModelIndex = read_json(&dir.join("model_index.json"))?;
-        for required in ["text_encoder", "text_encoder_2", "vae", "scheduler"] {
-            if !index.has(required) {
-                return Err(EngineError::BadConfig {
-                    path: dir.join("model_index.json"),
-                    message: format!("the FLUX pipeline has no `{required}` component"),
-                });
-            }
-        }
+        index.require(dir, &["text_encoder", "text_encoder_2", "vae", "scheduler"])?;
         let half = opts.dtype != DType::F32;
         let (dtype, device) = (opts.dtype, &opts.device);
         let config: FluxTransformerConfig = component_config(dir, "transformer", "config.json")?;
@@ -156,7 +149,7 @@ impl FluxPipeline {
     pub fn lora_targets(&self) -> LoraTargets {
         let c = &self.transformer.config;
         LoraTargets {
-            family: TargetFamily::Flux { hidden: c.hidden_size(), mlp: c.hidden_size() * 4 },
+            family: TargetFamily::flux(c),
             weights: HashMap::from([(Component::Transformer, self.base.shapes()), (Component::TextEncoder, self.clip.shapes())]),
         }
     }

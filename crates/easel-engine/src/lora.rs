@@ -77,6 +77,13 @@ pub enum TargetFamily {
     Flux { hidden: usize, mlp: usize },
 }
 
+impl TargetFamily {
+    /// FLUX's naming for a transformer config (its width and MLP width place split q/k/v).
+    pub fn flux(c: &crate::config::FluxTransformerConfig) -> Self {
+        TargetFamily::Flux { hidden: c.hidden_size(), mlp: c.hidden_size() * 4 }
+    }
+}
+
 const FORMATS_TRIED: &str = "diffusers/PEFT (unet.*/transformer.*/text_encoder*.* with lora_A/lora_B) and kohya (lora_unet_*/lora_te*_* with lora_down/lora_up/alpha)";
 
 fn bad(path: &Path, message: String) -> EngineError {
@@ -322,31 +329,27 @@ pub fn merge(base: &HashMap<String, Tensor>, adapters: &[&Adapter]) -> Result<Ha
 
 /// `scale * up @ down`, shaped like the whole weight (zero outside the adapter's rows).
 fn full_delta(a: &Adapter, shape: &[usize], device: &Device) -> Result<Tensor> {
-    let r = a.down.dim(0)?;
-    let down = a.down.reshape((r, ()))?.to_device(device)?;
-    let delta = (a.up.to_device(device)?.matmul(&down)? * a.scale)?;
-    let mut row_shape = shape.to_vec();
-    row_shape[0] = delta.dim(0)?;
-    let delta = delta.reshape(row_shape)?;
-    Ok(match a.rows {
-        None => delta,
-        Some((start, n)) => {
-            let mut parts = vec![];
-            let zeros = |rows: usize| -> Result<Tensor> {
-                let mut s = shape.to_vec();
-                s[0] = rows;
-                Ok(Tensor::zeros(s, DType::F32, device)?)
-            };
-            if start > 0 {
-                parts.push(zeros(start)?);
-            }
-            parts.push(delta);
-            if start + n < shape[0] {
-                parts.push(zeros(shape[0] - start - n)?);
-            }
-            Tensor::cat(&parts, 0)?
+    let down = a.down.flatten_from(1)?.to_device(device)?;
+    let delta = (a.full_up(shape[0], device)?.matmul(&down)? * a.scale)?;
+    Ok(delta.reshape(shape)?)
+}
+
+impl Adapter {
+    /// The up matrix `[rows, r]` of the whole weight: zero outside the rows this update covers.
+    pub fn full_up(&self, rows: usize, device: &Device) -> Result<Tensor> {
+        let up = self.up.to_device(device)?;
+        let Some((start, n)) = self.rows else { return Ok(up) };
+        let r = up.dim(1)?;
+        let mut parts = vec![];
+        if start > 0 {
+            parts.push(Tensor::zeros((start, r), DType::F32, device)?);
         }
-    })
+        parts.push(up);
+        if start + n < rows {
+            parts.push(Tensor::zeros((rows - start - n, r), DType::F32, device)?);
+        }
+        Ok(Tensor::cat(&parts, 0)?)
+    }
 }
 
 /// A stack's identity for caches and batching: the files and scales, in order.

@@ -229,19 +229,12 @@ impl StableDiffusionPipeline {
             "StableDiffusionXLPipeline" => Family::StableDiffusionXl,
             other => {
                 return Err(EngineError::Unsupported(format!(
-                    "pipeline class `{other}` in {} (easel loads StableDiffusionPipeline and StableDiffusionXLPipeline)",
+                    "pipeline class `{other}` in {} (easel loads StableDiffusionPipeline, StableDiffusionXLPipeline and FluxPipeline)",
                     dir.join("model_index.json").display()
                 )))
             }
         };
-        for required in ["unet", "vae", "scheduler"] {
-            if !index.has(required) {
-                return Err(EngineError::BadConfig {
-                    path: dir.join("model_index.json"),
-                    message: format!("the pipeline has no `{required}` component"),
-                });
-            }
-        }
+        index.require(dir, &["unet", "vae", "scheduler"])?;
         let half = opts.dtype != DType::F32;
         let (dtype, device) = (opts.dtype, &opts.device);
 

@@ -137,23 +137,7 @@ impl Weights {
                     dense_adapters.push(*a);
                 }
                 Some(Param::Quantized(q)) => {
-                    let out_rows = q.shape().dims()[0];
-                    let up = a.up.to_device(&self.device)?;
-                    let up = match a.rows {
-                        None => up,
-                        Some((start, n)) => {
-                            let r = up.dim(1)?;
-                            let mut parts = vec![];
-                            if start > 0 {
-                                parts.push(Tensor::zeros((start, r), DType::F32, &self.device)?);
-                            }
-                            parts.push(up);
-                            if start + n < out_rows {
-                                parts.push(Tensor::zeros((out_rows - start - n, r), DType::F32, &self.device)?);
-                            }
-                            Tensor::cat(&parts, 0)?
-                        }
-                    };
+                    let up = a.full_up(q.shape().dims()[0], &self.device)?;
                     let down = a.down.flatten_from(1)?.to_device(&self.device)?;
                     out.low_rank.entry(a.target.clone()).or_default().push(LowRank { down, up, scale: a.scale });
                 }
