@@ -120,7 +120,7 @@ impl EngineExecutor {
                 if let Some(p) = self.hub_loras.lock().unwrap_or_else(|p| p.into_inner()).get(&id) {
                     return Ok(p.clone());
                 }
-                let path = easel_engine::source::resolve_hub_lora(&id).map_err(|e| ExecError::Permanent(e.to_string()))?;
+                let path = crate::hub::lora_file(&id).map_err(|e| ExecError::Permanent(format!("{e:#}")))?;
                 self.hub_loras.lock().unwrap_or_else(|p| p.into_inner()).insert(id, path.clone());
                 Ok(path)
             }

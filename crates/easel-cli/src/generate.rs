@@ -19,7 +19,8 @@ pub struct GenerateArgs {
     /// The prompt.
     #[arg(short, long)]
     prompt: Option<String>,
-    /// A diffusers-layout directory or a Hugging Face hub id (default: the bundled model).
+    /// A diffusers-layout directory, a hub repo (owner/name[@revision]) or a known model's short
+    /// name (flux-dev, sdxl-turbo, ...; see `easel models list --known`) (default: the bundled model).
     #[arg(short, long)]
     model: Option<String>,
     #[arg(long)]
@@ -54,9 +55,10 @@ pub struct GenerateArgs {
     #[arg(short, long)]
     output: Option<PathBuf>,
     /// FLUX: transformer weights to use instead of the model's `transformer/` folder: Black Forest
-    /// Labs' single file (flux1-dev.safetensors) or a GGUF file (q8_0, q5_0/q5_1, q4_0, q4_K, ...).
+    /// Labs' single file (flux1-dev.safetensors) or a GGUF file (q8_0, q5_0/q5_1, q4_0, q4_K, ...),
+    /// a path or a file on the hub (owner/name/file.gguf).
     #[arg(long)]
-    transformer: Option<PathBuf>,
+    transformer: Option<String>,
     /// A LoRA to apply, as PATH or registry NAME, with an optional :SCALE (default 1);
     /// repeatable: the LoRAs stack in order.
     #[arg(long = "lora", value_name = "PATH_OR_NAME[:SCALE]")]
@@ -83,32 +85,6 @@ fn numbered(path: &Path, i: usize, n: usize) -> PathBuf {
     path.with_file_name(format!("{stem}-{}.{ext}", i + 1))
 }
 
-struct DownloadBar(Option<ProgressBar>);
-
-impl Clone for DownloadBar {
-    fn clone(&self) -> Self {
-        DownloadBar(None)
-    }
-}
-
-impl easel_engine::source::DownloadProgress for DownloadBar {
-    fn init(&mut self, size: usize, filename: &str) {
-        let bar = ProgressBar::new(size as u64).with_message(filename.to_string());
-        bar.set_style(ProgressStyle::with_template("{msg} {bar:30} {bytes}/{total_bytes} {bytes_per_sec}").unwrap_or_else(|_| ProgressStyle::default_bar()));
-        self.0 = Some(bar);
-    }
-    fn update(&mut self, size: usize) {
-        if let Some(b) = &self.0 {
-            b.inc(size as u64);
-        }
-    }
-    fn finish(&mut self) {
-        if let Some(b) = self.0.take() {
-            b.finish_and_clear();
-        }
-    }
-}
-
 pub fn run(args: GenerateArgs) -> Result<()> {
     let prompt = args.prompt.clone().or(args.prompt_positional.clone()).context("a prompt is required: easel generate \"a red circle on a blue background\"")?;
     let device = easel_engine::parse_device(&args.device)?;
@@ -122,9 +98,10 @@ pub fn run(args: GenerateArgs) -> Result<()> {
         None => crate::bundled::model_dir()?.display().to_string(),
     };
     let started = Instant::now();
-    let dir = easel_engine::source::resolve_model(&model_spec, dtype != easel_engine::DType::F32, DownloadBar(None))?;
+    let dir = crate::hub::model_dir(&model_spec, dtype != easel_engine::DType::F32)?;
+    let transformer = args.transformer.as_deref().map(crate::hub::weights_file).transpose()?;
     let stack = args.loras.iter().map(|l| parse_lora(l, args.lora_dir.as_deref())).collect::<Result<Vec<_>>>()?;
-    let mut pipe = Pipeline::load(&dir, &LoadOptions { device, dtype, transformer: args.transformer.clone() })?;
+    let mut pipe = Pipeline::load(&dir, &LoadOptions { device, dtype, transformer })?;
     if !stack.is_empty() {
         pipe = pipe.with_loras(&stack)?;
     }
@@ -229,7 +206,7 @@ fn parse_lora(arg: &str, registry: Option<&Path>) -> Result<LoraSpec> {
     let registry = easel_api::LoraRegistry::new(registry.map(Path::to_path_buf)).with_hub(true);
     match registry.source(name) {
         Ok(easel_api::LoraSource::File(path)) => Ok(LoraSpec { path, scale }),
-        Ok(easel_api::LoraSource::Hub(id)) => Ok(LoraSpec { path: easel_engine::source::resolve_hub_lora(&id)?, scale }),
+        Ok(easel_api::LoraSource::Hub(id)) => Ok(LoraSpec { path: crate::hub::lora_file(&id)?, scale }),
         Err(e) if registry.dir().is_none() => anyhow::bail!("--lora {arg}: no such file (names need --lora-dir: {})", e.body.message),
         Err(e) => anyhow::bail!("--lora {arg}: no such file, and {}", e.body.message),
     }

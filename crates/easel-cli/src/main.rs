@@ -5,6 +5,7 @@ mod bundled;
 mod cost;
 mod executor;
 mod generate;
+mod hub;
 mod models;
 mod serve;
 

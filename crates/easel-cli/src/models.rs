@@ -1,5 +1,5 @@
-//! `easel models`: inspect a model (what its weights need in memory) and quantize FLUX
-//! transformers to GGUF.
+//! `easel models`: fetch, list and remove hub models in the cache; inspect a model (what its
+//! weights need in memory); quantize FLUX transformers to GGUF.
 
 use std::path::{Path, PathBuf};
 
@@ -8,6 +8,7 @@ use clap::{Args, Subcommand};
 use easel_engine::config::FluxTransformerConfig;
 use easel_engine::quant::{quantized_bytes, Weights, QUANTIZE_TYPES};
 use easel_engine::{DType, Device};
+use easel_hub::{catalogue, Hub, Resolved, Spec};
 
 #[derive(Args, Debug)]
 pub struct ModelsArgs {
@@ -17,6 +18,18 @@ pub struct ModelsArgs {
 
 #[derive(Subcommand, Debug)]
 enum ModelsWhat {
+    /// Download a model into the hub cache without running it: a hub repo (owner/name[@revision]),
+    /// a known model's short name, or one file (owner/name/file.gguf).
+    Pull {
+        model: String,
+        /// f16 or bf16 fetch the repo's fp16 variant files where it has them.
+        #[arg(long, default_value = "f32")]
+        dtype: String,
+    },
+    /// The models in the hub cache (with their size), and the known models easel has defaults for.
+    List,
+    /// Remove a model from the hub cache.
+    Rm { model: String },
     /// Write a FLUX transformer's weights as GGUF (BFL names, as the community publishes them).
     Quantize {
         /// A FLUX diffusers-layout directory, or a transformer file (BFL or diffusers names).
@@ -40,6 +53,9 @@ enum ModelsWhat {
 
 pub fn run(args: ModelsArgs) -> Result<()> {
     match args.what {
+        ModelsWhat::Pull { model, dtype } => pull(&model, &dtype),
+        ModelsWhat::List => list(),
+        ModelsWhat::Rm { model } => remove(&model),
         ModelsWhat::Quantize { model, quant, output } => quantize(&model, &quant, &output),
         ModelsWhat::Memory { model } => memory(model.as_deref()),
     }
@@ -51,7 +67,7 @@ fn transformer_weights(spec: &str) -> Result<Weights> {
     let (w, _) = if path.is_file() {
         easel_engine::flux_pipeline::read_transformer(Path::new("."), Some(path), DType::F32, &Device::Cpu)?
     } else {
-        let dir = easel_engine::source::resolve_model(spec, false, ())?;
+        let dir = crate::hub::model_dir(spec, false)?;
         easel_engine::flux_pipeline::read_transformer(&dir, None, DType::F32, &Device::Cpu)?
     };
     Ok(w)
@@ -79,7 +95,7 @@ fn memory(model: Option<&str>) -> Result<()> {
     let (name, config) = match model {
         None => ("FLUX.1-dev".to_string(), FluxTransformerConfig::flux1_dev()),
         Some(spec) => {
-            let dir = easel_engine::source::resolve_model(spec, false, ())?;
+            let dir = crate::hub::model_dir(spec, false)?;
             (spec.to_string(), easel_engine::config::read_json(&dir.join("transformer").join("config.json"))?)
         }
     };
@@ -97,5 +113,57 @@ fn memory(model: Option<&str>) -> Result<()> {
         let fits = if gib(bytes) + 1.5 < 14.9 { "yes" } else { "no" };
         println!("{n:<6} {:>10.2} {:>12.2}  {fits}", gib(bytes), bytes as f64 / (1 << 20) as f64);
     }
+    Ok(())
+}
+
+fn mib(bytes: u64) -> f64 {
+    bytes as f64 / (1u64 << 20) as f64
+}
+
+fn pull(spec: &str, dtype: &str) -> Result<()> {
+    let dtype = easel_engine::parse_dtype(dtype)?;
+    let hub = Hub::from_env();
+    let resolved = easel_hub::resolve_model(&hub, spec, dtype != DType::F32, &crate::hub::DownloadBars::default())?;
+    let path = match resolved {
+        Resolved::Dir(p) | Resolved::File(p) => p,
+    };
+    println!("{spec}: {}", path.display());
+    Ok(())
+}
+
+fn list() -> Result<()> {
+    let hub = Hub::from_env();
+    let cached = easel_hub::cache::list(hub.cache_root())?;
+    println!("hub cache {}:", hub.cache_root().display());
+    if cached.is_empty() {
+        println!("  (empty)");
+    }
+    for repo in &cached {
+        let known = catalogue::lookup(&repo.repo).map(|k| format!(" [{}]", k.name)).unwrap_or_default();
+        let main = repo.main.as_deref().map(|c| &c[..8.min(c.len())]).unwrap_or("-");
+        println!("  {:<48} {:>10.1} MiB  main {main}  {} snapshot(s){known}", repo.repo, mib(repo.bytes), repo.snapshots);
+    }
+    println!("known models (--model NAME; a model's own easel.json overrides these defaults):");
+    for k in catalogue::CATALOGUE {
+        let gated = if k.gated { "gated: accept the licence on the hub, set HF_TOKEN" } else { "open" };
+        println!("  {:<13} {:<44} steps {:<2} guidance {:<4} {} ({gated})", k.name, k.repo, k.steps, k.guidance, k.licence);
+    }
+    Ok(())
+}
+
+fn remove(spec: &str) -> Result<()> {
+    let hub = Hub::from_env();
+    let repo = match easel_hub::parse_spec(spec)? {
+        Spec::Repo { repo, .. } | Spec::RepoFile { repo, .. } => repo,
+        Spec::Local(p) => bail!("{} is a local path, not a hub model; remove it yourself", p.display()),
+    };
+    let cached = easel_hub::cache::list(hub.cache_root())?;
+    let Some(entry) = cached.into_iter().find(|c| c.repo == repo) else {
+        bail!("`{repo}` is not in the hub cache ({})", hub.cache_root().display());
+    };
+    std::fs::remove_dir_all(&entry.dir).with_context(|| format!("removing {}", entry.dir.display()))?;
+    let locks = hub.cache_root().join(".locks").join(easel_hub::cache::folder_name(&repo));
+    let _ = std::fs::remove_dir_all(locks);
+    println!("removed {repo} ({:.1} MiB) from {}", mib(entry.bytes), hub.cache_root().display());
     Ok(())
 }

@@ -219,7 +219,7 @@ fn services(args: &BackendArgs) -> Result<easel_server::Services> {
             Some((n, s)) => (n.to_string(), s.to_string()),
             None => (m.trim_end_matches('/').rsplit('/').next().unwrap_or(m).to_string(), m.clone()),
         };
-        let dir = easel_engine::source::resolve_model(&spec, dtype != easel_engine::DType::F32, ())?;
+        let dir = crate::hub::model_dir(&spec, dtype != easel_engine::DType::F32)?;
         models.push((name, dir));
     }
     if let Some(dir) = args.lora_dir.as_ref().filter(|d| !d.is_dir()) {

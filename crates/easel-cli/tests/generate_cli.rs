@@ -184,7 +184,7 @@ fn hub_ids_offline_or_missing_say_what_to_do() {
         .env("HF_HOME", home.path())
         .output()
         .unwrap();
-    assert_fails_with(&out, &["nobody/no-such-model", "HF_HUB_OFFLINE", "--model /path"]);
+    assert_fails_with(&out, &["nobody/no-such-model", "HF_HUB_OFFLINE", "easel models pull nobody/no-such-model"]);
 
     // A hub that answers 404, as huggingface.co does for an unknown repo.
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();

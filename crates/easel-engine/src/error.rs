@@ -21,8 +21,8 @@ pub enum EngineError {
     #[error("tokenizer {path}: {message}")]
     Tokenizer { path: PathBuf, message: String },
     /// A hub download failed, or the hub cannot be reached.
-    #[error("{0}")]
-    Hub(String),
+    #[error(transparent)]
+    Hub(#[from] easel_hub::HubError),
     /// Something is not supported by this build or this model.
     #[error("unsupported: {0}")]
     Unsupported(String),

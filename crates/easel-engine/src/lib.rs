@@ -1,6 +1,6 @@
 //! easel-engine: local text-to-image inference on candle.
 //!
-//! Loads diffusers-layout pipelines (from a directory or the Hugging Face hub), builds every
+//! Loads diffusers-layout pipelines from a folder (easel-hub fetches hub models into one), builds every
 //! network from its `config.json`, and runs the denoising loop with schedulers that follow
 //! diffusers step for step, so outputs match the reference implementation on the same weights
 //! and the same init latents. This crate is the only one in the workspace that depends on

@@ -564,8 +564,10 @@ pub fn to_images(decoded: &Tensor) -> Result<Vec<image::RgbImage>> {
         .collect()
 }
 
-/// Per-model generation defaults from an optional `easel.json` beside `model_index.json`
-/// (distilled models want few steps and no guidance; the bundled model ships its own).
+/// Per-model generation defaults: an optional `easel.json` beside `model_index.json` first,
+/// then the catalogue's entry when the folder is a known model's hub snapshot (however the
+/// cache was filled), then the family's diffusers defaults. Distilled models want few steps and
+/// no guidance; the bundled model ships its own `easel.json`.
 #[derive(Debug, Clone, serde::Deserialize)]
 pub struct ModelDefaults {
     #[serde(default)]
@@ -583,7 +585,7 @@ pub struct ModelDefaults {
 }
 
 impl ModelDefaults {
-    /// Reads `dir/easel.json`, or the family's diffusers defaults when it is absent.
+    /// Reads `dir/easel.json`, filling what it leaves out from the catalogue, then the family.
     pub fn load(dir: &Path, family: Family) -> Result<Self> {
         let path = dir.join("easel.json");
         let mut d: ModelDefaults = if path.exists() {
@@ -591,11 +593,12 @@ impl ModelDefaults {
         } else {
             ModelDefaults { steps: None, guidance: None, scheduler: None, negative_prompt: None, transformer: None }
         };
-        let (steps, guidance) = match family {
-            Family::StableDiffusion => (30, 7.5),
-            Family::StableDiffusionXl => (30, 5.0),
-            Family::FluxDev => (28, 3.5),
-            Family::FluxSchnell => (4, 0.0),
+        let (steps, guidance) = match (easel_hub::catalogue::for_model_dir(dir), family) {
+            (Some(known), _) => (known.steps, known.guidance),
+            (None, Family::StableDiffusion) => (30, 7.5),
+            (None, Family::StableDiffusionXl) => (30, 5.0),
+            (None, Family::FluxDev) => (28, 3.5),
+            (None, Family::FluxSchnell) => (4, 0.0),
         };
         d.steps.get_or_insert(steps);
         d.guidance.get_or_insert(guidance);
