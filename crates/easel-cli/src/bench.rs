@@ -19,6 +19,19 @@ pub struct BenchArgs {
 
 #[derive(Subcommand, Debug)]
 enum BenchWhat {
+    /// Run the diffusers references of the tiny SD 1.5, SD 2.1, SDXL and FLUX pipelines on a
+    /// device and dtype, and say how close each is (tools/gpu/check.sh runs it on the GPU).
+    Parity {
+        /// The repository's fixtures folder (pipelines/ and reference/).
+        #[arg(long, default_value = "fixtures")]
+        fixtures: PathBuf,
+        #[arg(long, default_value = "cpu")]
+        device: String,
+        /// f32 is held to the CPU parity tests' bounds; f16 and bf16 to looser ones (see
+        /// `parity_bounds`).
+        #[arg(long, default_value = "f32")]
+        dtype: String,
+    },
     /// Load a running `easel serve` over HTTP and report latency percentiles and throughput.
     Http {
         /// Base URL of the server, e.g. http://127.0.0.1:8000
@@ -80,17 +93,23 @@ enum BenchWhat {
         size: usize,
         #[arg(long, default_value_t = 2)]
         batch: usize,
-        #[arg(long, default_value_t = 3)]
-        iters: usize,
-        /// Timed evaluations are preceded by this many untimed ones.
-        #[arg(long, default_value_t = 1)]
-        warmup: usize,
-        /// Inputs (safetensors with `sample`, `context`) to use instead of zeros.
+        /// Inputs (safetensors with `sample`, `context`, and for SDXL `text_embeds`, `time_ids`)
+        /// to use instead of zeros.
         #[arg(long)]
         inputs: Option<PathBuf>,
-        /// Where to write the output tensor (safetensors `out`), to check it matches PyTorch.
+        #[command(flatten)]
+        timed: Timed,
+    },
+    /// Time one VAE decode (tools/gpu/vs_torch.py compares it with diffusers).
+    Vae {
+        /// A diffusers-layout model directory (its vae/ is used).
         #[arg(long)]
-        save_output: Option<PathBuf>,
+        model: PathBuf,
+        /// Inputs: safetensors with `latents` (before the VAE's scaling, as a pipeline holds them).
+        #[arg(long)]
+        inputs: PathBuf,
+        #[command(flatten)]
+        timed: Timed,
     },
     /// Time one FLUX transformer evaluation (tools/bench/flux_vs_diffusers.py compares it with
     /// diffusers on the same weights and inputs).
@@ -106,17 +125,12 @@ enum BenchWhat {
         /// and, for guidance-distilled models, `guidance`.
         #[arg(long)]
         inputs: PathBuf,
-        #[arg(long, default_value_t = 3)]
-        iters: usize,
-        #[arg(long, default_value_t = 1)]
-        warmup: usize,
-        /// Where to write the output (safetensors `latents`).
-        #[arg(long)]
-        save_output: Option<PathBuf>,
         /// A LoRA (kohya or diffusers format) to run with the transformer: merged into
         /// full-precision weights, beside quantized ones.
         #[arg(long)]
         lora: Option<PathBuf>,
+        #[command(flatten)]
+        timed: Timed,
     },
     /// Time loading a model fresh against switching its LoRA stack (the base stays in memory).
     Lora {
@@ -131,6 +145,7 @@ enum BenchWhat {
 
 pub fn run(args: BenchArgs) -> Result<()> {
     match args.what {
+        BenchWhat::Parity { fixtures, device, dtype } => parity(&fixtures, &device, &dtype)?,
         BenchWhat::Http { url, mode, concurrency, requests, body } => http_load(&url, &mode, concurrency, requests, &body)?,
         BenchWhat::Shapes { n, held_out, steps, guidance, scheduler, seed, save_dir, model } => {
             let dir = match model {
@@ -144,46 +159,154 @@ pub fn run(args: BenchArgs) -> Result<()> {
                 queue_overhead(q, jobs)?;
             }
         }
-        BenchWhat::Unet { model, size, batch, iters, warmup, inputs, save_output } => {
-            let device = Device::Cpu;
-            let t0 = Instant::now();
-            let cfg: UNetConfig = read_json(&model.join("unet/config.json"))?;
-            let vb = load_var_builder(&component_weights(&model, "unet", false)?, DType::F32, &device)?;
-            let unet = UNet2DConditionModel::new(vb, &cfg).context("building the UNet")?;
-            let load_s = t0.elapsed().as_secs_f64();
-            let ctx_dim = match &cfg.cross_attention_dim {
-                easel_engine::config::PerBlock::One(d) => *d,
-                easel_engine::config::PerBlock::Many(v) => v[0],
-            };
-            let (sample, context) = match inputs {
-                Some(p) => {
-                    let t = easel_engine::read_tensors(&p)?;
-                    (t.get("sample").context("inputs lack `sample`")?.clone(), t.get("context").context("inputs lack `context`")?.clone())
-                }
-                None => (
-                    Tensor::zeros((batch, cfg.in_channels, size / 8, size / 8), DType::F32, &device)?,
-                    Tensor::zeros((batch, 77, ctx_dim), DType::F32, &device)?,
-                ),
-            };
-            for _ in 0..warmup {
-                unet.forward(&sample, 500.0, &context, None)?;
-            }
-            let mut times = vec![];
-            let mut out = None;
-            for _ in 0..iters.max(1) {
-                let t = Instant::now();
-                out = Some(unet.forward(&sample, 500.0, &context, None)?);
-                times.push(t.elapsed().as_secs_f64());
-            }
-            if let (Some(path), Some(out)) = (save_output, out) {
-                easel_engine::write_latents(&path, &out)?;
-            }
-            times.sort_by(f64::total_cmp);
-            let median = times[times.len() / 2];
-            println!("{}", serde_json::json!({"load_s": load_s, "eval_s_median": median, "eval_s": times}));
-        }
-        BenchWhat::Flux { model, transformer, inputs, iters, warmup, save_output, lora } => flux_eval(&model, transformer, &inputs, iters, warmup, save_output, lora)?,
+        BenchWhat::Unet { model, size, batch, inputs, timed } => unet_eval(&model, size, batch, inputs, &timed)?,
+        BenchWhat::Vae { model, inputs, timed } => vae_eval(&model, &inputs, &timed)?,
+        BenchWhat::Flux { model, transformer, inputs, lora, timed } => flux_eval(&model, transformer, &inputs, lora, &timed)?,
         BenchWhat::Lora { model, loras } => lora_switch(&model, &loras)?,
+    }
+    Ok(())
+}
+
+/// How a timing benchmark runs: where, in which type, how often, and where its output goes.
+#[derive(Args, Debug)]
+struct Timed {
+    /// cpu, cuda, cuda:N, metal or metal:N.
+    #[arg(long, default_value = "cpu")]
+    device: String,
+    /// f32, f16 or bf16.
+    #[arg(long, default_value = "f32")]
+    dtype: String,
+    #[arg(long, default_value_t = 3)]
+    iters: usize,
+    /// Timed evaluations are preceded by this many untimed ones.
+    #[arg(long, default_value_t = 1)]
+    warmup: usize,
+    /// Where to write the last output (safetensors `latents`), to compare it with PyTorch's.
+    #[arg(long)]
+    save_output: Option<PathBuf>,
+}
+
+impl Timed {
+    fn open(&self) -> Result<(Device, DType)> {
+        Ok((easel_engine::parse_device(&self.device)?, easel_engine::parse_dtype(&self.dtype)?))
+    }
+
+    /// Times `eval` after the untimed runs, waiting for the device each time (GPU work is
+    /// asynchronous), saves the last output if asked, and prints the one JSON line the
+    /// harnesses read: load time, median and every evaluation time, and `extra` fields.
+    fn run(&self, device: &Device, load_s: f64, extra: serde_json::Value, mut eval: impl FnMut() -> Result<Tensor>) -> Result<()> {
+        for _ in 0..self.warmup {
+            eval()?;
+            device.synchronize()?;
+        }
+        let mut times = vec![];
+        let mut out = None;
+        for _ in 0..self.iters.max(1) {
+            let t = Instant::now();
+            out = Some(eval()?);
+            device.synchronize()?;
+            times.push(t.elapsed().as_secs_f64());
+        }
+        if let (Some(path), Some(out)) = (&self.save_output, out) {
+            easel_engine::write_latents(path, &out.to_device(&Device::Cpu)?.to_dtype(DType::F32)?)?;
+        }
+        times.sort_by(f64::total_cmp);
+        let mut line = serde_json::json!({"load_s": load_s, "eval_s_median": times[times.len() / 2], "eval_s": times});
+        if let (Some(line), serde_json::Value::Object(extra)) = (line.as_object_mut(), extra) {
+            line.extend(extra);
+        }
+        println!("{line}");
+        Ok(())
+    }
+}
+
+/// Reads named input tensors onto the device: activations in the compute type; positions,
+/// timesteps and guidance stay f32, as the pipelines pass them.
+fn inputs_on(path: &std::path::Path, device: &Device, dtype: DType) -> Result<std::collections::HashMap<String, Tensor>> {
+    const F32_INPUTS: [&str; 4] = ["img_ids", "txt_ids", "timesteps", "guidance"];
+    easel_engine::read_tensors(path)?
+        .into_iter()
+        .map(|(k, t)| {
+            let t = if t.dtype().is_float() && !F32_INPUTS.contains(&k.as_str()) { t.to_dtype(dtype)? } else { t };
+            Ok((k, t.to_device(device)?))
+        })
+        .collect()
+}
+
+fn unet_eval(model: &std::path::Path, size: usize, batch: usize, inputs: Option<PathBuf>, timed: &Timed) -> Result<()> {
+    let (device, dtype) = timed.open()?;
+    let t0 = Instant::now();
+    let cfg: UNetConfig = read_json(&model.join("unet/config.json"))?;
+    let vb = load_var_builder(&component_weights(model, "unet", dtype != DType::F32)?, dtype, &device)?;
+    let unet = UNet2DConditionModel::new(vb, &cfg).context("building the UNet")?;
+    device.synchronize()?;
+    let load_s = t0.elapsed().as_secs_f64();
+    let ctx_dim = match &cfg.cross_attention_dim {
+        easel_engine::config::PerBlock::One(d) => *d,
+        easel_engine::config::PerBlock::Many(v) => v[0],
+    };
+    let (sample, context, added) = match inputs {
+        Some(p) => {
+            let t = inputs_on(&p, &device, dtype)?;
+            // SDXL's UNets also take `text_embeds` and `time_ids`.
+            let added = match (t.get("text_embeds"), t.get("time_ids")) {
+                (Some(e), Some(ids)) => Some(easel_engine::models::unet::AddedCond { text_embeds: e.clone(), time_ids: ids.clone() }),
+                _ => None,
+            };
+            (t.get("sample").context("inputs lack `sample`")?.clone(), t.get("context").context("inputs lack `context`")?.clone(), added)
+        }
+        None => (Tensor::zeros((batch, cfg.in_channels, size / 8, size / 8), dtype, &device)?, Tensor::zeros((batch, 77, ctx_dim), dtype, &device)?, None),
+    };
+    timed.run(&device, load_s, serde_json::json!({}), || Ok(unet.forward(&sample, 500.0, &context, added.as_ref())?))
+}
+
+fn vae_eval(model: &std::path::Path, inputs: &std::path::Path, timed: &Timed) -> Result<()> {
+    let (device, dtype) = timed.open()?;
+    let t0 = Instant::now();
+    let vae = easel_engine::vae::Vae::load(model, dtype != DType::F32, dtype, &device)?;
+    device.synchronize()?;
+    let load_s = t0.elapsed().as_secs_f64();
+    let t = inputs_on(inputs, &device, dtype)?;
+    let latents = t.get("latents").context("inputs lack `latents`")?;
+    timed.run(&device, load_s, serde_json::json!({}), || Ok(vae.decode(latents)?))
+}
+
+/// The reference cases `easel bench parity` runs: (pipeline, reference file).
+const PARITY_CASES: &[(&str, &str)] =
+    &[("sd15-tiny", "sd15-tiny-euler"), ("sd21v-tiny", "sd21v-tiny-euler"), ("sdxl-tiny", "sdxl-tiny-euler"), ("flux-dev-tiny", "flux-dev-tiny")];
+/// Bounds (latents relative L2 below, image PSNR in dB at least) per compute type. f32: the CPU
+/// parity tests'. f16: 10x the worst latents error measured on the CPU (4.2e-3, sd21v-tiny;
+/// 2026-11-30) and 20 dB under the worst PSNR (61.1 dB). bf16 (no CPU matmul in candle, so not
+/// measured here): f16's bound times 8, bf16's unit roundoff over f16's; provisional until a GPU
+/// run measures it (docs/gpu.md).
+fn parity_bounds(dtype: DType) -> (f64, f64) {
+    match dtype {
+        DType::F16 => (4e-2, 41.0),
+        DType::BF16 => (3.2e-1, 23.0),
+        _ => (1e-3, 40.0),
+    }
+}
+
+fn parity(fixtures: &std::path::Path, device: &str, dtype: &str) -> Result<()> {
+    use easel_engine::parity::Reference;
+    let opts = easel_engine::LoadOptions { device: easel_engine::parse_device(device)?, dtype: easel_engine::parse_dtype(dtype)?, ..Default::default() };
+    let (max_rel, min_db) = parity_bounds(opts.dtype);
+    let mut failed = 0;
+    for (pipeline, case) in PARITY_CASES {
+        let pipe = easel_engine::Pipeline::load(&fixtures.join("pipelines").join(pipeline), &opts)?;
+        let reference = Reference::load(&fixtures.join("reference").join(format!("{case}.safetensors")))?;
+        let a = reference.check(&pipe)?;
+        let ok = a.latents_rel_l2 < max_rel && a.image_psnr_db >= min_db;
+        failed += usize::from(!ok);
+        println!(
+            "{}",
+            serde_json::json!({"case": case, "device": device, "dtype": dtype, "latents_rel_l2": a.latents_rel_l2, "image_psnr_db": a.image_psnr_db,
+                "bound_rel_l2": max_rel, "bound_psnr_db": min_db, "ok": ok})
+        );
+    }
+    println!("parity {device} {dtype}: {} passed, {failed} failed", PARITY_CASES.len() - failed);
+    if failed > 0 {
+        anyhow::bail!("{failed} of {} cases differ from diffusers beyond the bounds", PARITY_CASES.len());
     }
     Ok(())
 }
@@ -205,14 +328,16 @@ fn lora_switch(model: &std::path::Path, loras: &[PathBuf]) -> Result<()> {
     Ok(())
 }
 
-fn flux_eval(model: &std::path::Path, transformer: Option<PathBuf>, inputs: &std::path::Path, iters: usize, warmup: usize, save_output: Option<PathBuf>, lora: Option<PathBuf>) -> Result<()> {
+fn flux_eval(model: &std::path::Path, transformer: Option<PathBuf>, inputs: &std::path::Path, lora: Option<PathBuf>, timed: &Timed) -> Result<()> {
     use easel_engine::config::FluxTransformerConfig;
     use easel_engine::models::flux::{FluxInputs, FluxTransformer};
-    let device = Device::Cpu;
+    let (device, dtype) = timed.open()?;
     let t0 = Instant::now();
     let config: FluxTransformerConfig = read_json(&model.join("transformer/config.json"))?;
-    let (mut weights, _) = easel_engine::flux_pipeline::read_transformer(model, transformer.as_deref(), DType::F32, &device)?;
-    weights.set_dtype(DType::F32);
+    let (mut weights, source) = easel_engine::flux_pipeline::read_transformer(model, transformer.as_deref(), dtype, &device)?;
+    // Quantized weights compute in f32, as the pipeline runs them.
+    let compute = if source == easel_engine::flux_pipeline::TransformerSource::Gguf { DType::F32 } else { dtype };
+    weights.set_dtype(compute);
     if let Some(path) = lora {
         use easel_engine::lora::{Component, LoraSpec, LoraTargets, TargetFamily};
         let targets = LoraTargets { family: TargetFamily::flux(&config), weights: [(Component::Transformer, weights.shapes())].into() };
@@ -220,10 +345,11 @@ fn flux_eval(model: &std::path::Path, transformer: Option<PathBuf>, inputs: &std
         weights = weights.with_adapters(&adapters.iter().collect::<Vec<_>>())?;
     }
     let (bytes, types) = weights.memory();
-    let net = FluxTransformer::new(&weights, &config, DType::F32, &device)?;
+    let net = FluxTransformer::new(&weights, &config, compute, &device)?;
     drop(weights);
+    device.synchronize()?;
     let load_s = t0.elapsed().as_secs_f64();
-    let t = easel_engine::read_tensors(inputs)?;
+    let t = inputs_on(inputs, &device, compute)?;
     let get = |k: &str| t.get(k).with_context(|| format!("inputs lack `{k}`"));
     let x = FluxInputs {
         img: get("img")?,
@@ -234,23 +360,7 @@ fn flux_eval(model: &std::path::Path, transformer: Option<PathBuf>, inputs: &std
         pooled: get("pooled")?,
         guidance: t.get("guidance"),
     };
-    for _ in 0..warmup {
-        net.forward(&x)?;
-    }
-    let mut times = vec![];
-    let mut out = None;
-    for _ in 0..iters.max(1) {
-        let t = Instant::now();
-        out = Some(net.forward(&x)?);
-        times.push(t.elapsed().as_secs_f64());
-    }
-    if let (Some(path), Some(out)) = (save_output, out) {
-        easel_engine::write_latents(&path, &out)?;
-    }
-    times.sort_by(f64::total_cmp);
-    let median = times[times.len() / 2];
-    println!("{}", serde_json::json!({"load_s": load_s, "eval_s_median": median, "eval_s": times, "weights_bytes": bytes, "weights": types}));
-    Ok(())
+    timed.run(&device, load_s, serde_json::json!({"weights_bytes": bytes, "weights": types}), || Ok(net.forward(&x)?))
 }
 
 #[derive(Default)]

@@ -48,9 +48,13 @@ pub struct GenerateArgs {
     /// f32, f16 or bf16.
     #[arg(long, default_value = "f32")]
     dtype: String,
-    /// cpu, cuda or metal.
+    /// cpu, cuda, cuda:N, metal or metal:N.
     #[arg(long, default_value = "cpu")]
     device: String,
+    /// FLUX: keep the text encoders on the CPU, so a 16 GB GPU holds only the transformer and
+    /// VAE (see `easel models memory --vram 16`); new prompts then encode on the CPU.
+    #[arg(long)]
+    offload_text_encoders: bool,
     /// Output file (.png, .jpg or .webp); batches get -1, -2, ... suffixes.
     #[arg(short, long)]
     output: Option<PathBuf>,
@@ -73,6 +77,9 @@ pub struct GenerateArgs {
     /// Write the final latents (diffusers' output_type="latent") to this safetensors file.
     #[arg(long)]
     save_latents: Option<PathBuf>,
+    /// Also print the stage timings as one JSON line on stdout (for benchmark harnesses).
+    #[arg(long)]
+    timings_json: bool,
 }
 
 /// The path of image `i` of `n` for a requested output path.
@@ -101,7 +108,7 @@ pub fn run(args: GenerateArgs) -> Result<()> {
     let dir = crate::hub::model_dir(&model_spec, dtype != easel_engine::DType::F32)?;
     let transformer = args.transformer.as_deref().map(crate::hub::weights_file).transpose()?;
     let stack = args.loras.iter().map(|l| parse_lora(l, args.lora_dir.as_deref())).collect::<Result<Vec<_>>>()?;
-    let mut pipe = Pipeline::load(&dir, &LoadOptions { device, dtype, transformer })?;
+    let mut pipe = Pipeline::load(&dir, &LoadOptions { device, dtype, transformer, offload_text_encoders: args.offload_text_encoders })?;
     if !stack.is_empty() {
         pipe = pipe.with_loras(&stack)?;
     }
@@ -187,6 +194,11 @@ pub fn run(args: GenerateArgs) -> Result<()> {
         out.timings.denoise.as_secs_f64(),
         out.timings.decode.as_secs_f64()
     );
+    if args.timings_json {
+        let t = &out.timings;
+        let line = serde_json::json!({"load_s": load_time.as_secs_f64(), "encode_s": t.text_encode.as_secs_f64(), "denoise_s": t.denoise.as_secs_f64(), "decode_s": t.decode.as_secs_f64()});
+        println!("{line}");
+    }
     Ok(())
 }
 

@@ -42,12 +42,16 @@ enum ModelsWhat {
         #[arg(short, long)]
         output: PathBuf,
     },
-    /// How much memory a FLUX transformer's weights take at each type, from the tensor shapes of
-    /// a model's config (default: FLUX.1-dev, 12B parameters).
+    /// How much memory a FLUX transformer's weights take at each type (from the tensor shapes
+    /// of a model's config; default FLUX.1-dev, 12B parameters), and which fit a GPU.
     Memory {
         /// A FLUX diffusers-layout directory (its transformer/config.json).
         #[arg(long)]
         model: Option<String>,
+        /// The GPU's memory in GB: says which types fit it, with and without offloading the
+        /// text encoders.
+        #[arg(long, default_value_t = 16.0)]
+        vram: f64,
     },
 }
 
@@ -57,7 +61,7 @@ pub fn run(args: ModelsArgs) -> Result<()> {
         ModelsWhat::List => list(),
         ModelsWhat::Rm { model } => remove(&model),
         ModelsWhat::Quantize { model, quant, output } => quantize(&model, &quant, &output),
-        ModelsWhat::Memory { model } => memory(model.as_deref()),
+        ModelsWhat::Memory { model, vram } => memory(model.as_deref(), vram),
     }
 }
 
@@ -91,7 +95,24 @@ fn quantize(model: &str, quant: &str, output: &Path) -> Result<()> {
     Ok(())
 }
 
-fn memory(model: Option<&str>) -> Result<()> {
+/// FLUX.1's other components, in parameters: CLIP-L's text model and T5-XXL's encoder (the
+/// text encoders), and the 16-channel VAE.
+const CLIP_L_PARAMS: f64 = 123_060_480.0;
+const T5_XXL_ENCODER_PARAMS: f64 = 4_762_310_656.0;
+const FLUX_VAE_PARAMS: f64 = 83_819_683.0;
+/// Device memory beside the weights at 1024x1024, batch 1, in GiB: a transformer step's
+/// activations (attention included), the VAE decode (which does not overlap the steps), and
+/// the CUDA context with cuBLAS's workspace. Estimates: tools/gpu/check.sh measures the peaks.
+const STEP_ACTIVATIONS_GIB: f64 = 1.5;
+const VAE_DECODE_GIB: f64 = 2.5;
+const CUDA_CONTEXT_GIB: f64 = 0.6;
+/// What a card's driver and display keep for themselves, in GiB.
+const CARD_RESERVE_GIB: f64 = 1.0;
+
+fn memory(model: Option<&str>, vram_gb: f64) -> Result<()> {
+    if !(vram_gb.is_finite() && vram_gb > CARD_RESERVE_GIB) {
+        bail!("--vram {vram_gb}: give the card's memory in GB, e.g. --vram 16");
+    }
     let (name, config) = match model {
         None => ("FLUX.1-dev".to_string(), FluxTransformerConfig::flux1_dev()),
         Some(spec) => {
@@ -102,16 +123,33 @@ fn memory(model: Option<&str>) -> Result<()> {
     let shapes = easel_engine::models::flux::expected_shapes(&config);
     let params: usize = shapes.iter().map(|(_, s)| s.iter().product::<usize>()).sum();
     println!("{name} transformer: {} tensors, {params} parameters", shapes.len());
-    let gib = |b: usize| b as f64 / (1u64 << 30) as f64;
-    println!("{:<6} {:>10} {:>12}  {}", "type", "GiB", "MiB", "transformer fits a 16 GB card (1.5 GiB left for activations, VAE)");
+    let gib = |b: f64| b / (1u64 << 30) as f64;
+    let budget = vram_gb - CARD_RESERVE_GIB;
+    let text_encoders = gib((CLIP_L_PARAMS + T5_XXL_ENCODER_PARAMS) * 2.0);
+    let rest = gib(FLUX_VAE_PARAMS * 2.0) + CUDA_CONTEXT_GIB + STEP_ACTIVATIONS_GIB.max(VAE_DECODE_GIB);
+    println!(
+        "device peak at 1024x1024 = transformer + VAE {:.2} + activations {:.1} + CUDA context {:.1} GiB, plus the text encoders ({text_encoders:.2} GiB in bf16) unless offloaded",
+        gib(FLUX_VAE_PARAMS * 2.0),
+        STEP_ACTIVATIONS_GIB.max(VAE_DECODE_GIB),
+        CUDA_CONTEXT_GIB
+    );
+    println!("{:<6} {:>10} {:>12} {:>14} {:>14}  fits a {vram_gb} GB card ({budget:.1} GiB usable)?", "type", "GiB", "MiB", "peak GiB", "offloaded GiB");
     let rows = [("f32", params * 4), ("bf16", params * 2)]
         .into_iter()
         .map(|(n, b)| (n.to_string(), b))
         .chain(QUANTIZE_TYPES.iter().map(|(n, t)| (n.to_string(), shapes.iter().map(|(_, s)| quantized_bytes(s, *t)).sum())));
     for (n, bytes) in rows {
-        // A 16 GB card has about 14.9 GiB usable; activations and the VAE need ~1.5 GiB more.
-        let fits = if gib(bytes) + 1.5 < 14.9 { "yes" } else { "no" };
-        println!("{n:<6} {:>10.2} {:>12.2}  {fits}", gib(bytes), bytes as f64 / (1 << 20) as f64);
+        let weights = gib(bytes as f64);
+        let offloaded = weights + rest;
+        let resident = offloaded + text_encoders;
+        let fits = if resident <= budget {
+            "yes"
+        } else if offloaded <= budget {
+            "yes, with --offload-text-encoders"
+        } else {
+            "no"
+        };
+        println!("{n:<6} {weights:>10.2} {:>12.2} {resident:>14.2} {offloaded:>14.2}  {fits}", bytes as f64 / (1 << 20) as f64);
     }
     Ok(())
 }

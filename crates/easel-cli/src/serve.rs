@@ -47,8 +47,13 @@ pub struct BackendArgs {
     memory_budget_mb: u64,
     #[arg(long, default_value = "f32")]
     dtype: String,
+    /// cpu, cuda, cuda:N, metal or metal:N.
     #[arg(long, default_value = "cpu")]
     device: String,
+    /// FLUX: keep the text encoders on the CPU, so a 16 GB GPU holds only the transformer and
+    /// VAE (see `easel models memory --vram 16`).
+    #[arg(long)]
+    offload_text_encoders: bool,
     /// Seconds a worker holds a job before another may take it over.
     #[arg(long, default_value_t = 30)]
     lease: u64,
@@ -228,7 +233,7 @@ fn services(args: &BackendArgs) -> Result<easel_server::Services> {
     let loras = easel_api::LoraRegistry::new(args.lora_dir.clone()).with_hub(args.lora_hub);
     let executor = Arc::new(EngineExecutor::new(
         models,
-        LoadOptions { device, dtype, transformer: None },
+        LoadOptions { device, dtype, transformer: None, offload_text_encoders: args.offload_text_encoders },
         Duration::from_secs(args.idle_timeout),
         args.memory_budget_mb.saturating_mul(1 << 20),
         loras.clone(),

@@ -109,12 +109,24 @@ fn bad_parameters_get_one_line_errors() {
         (vec!["--scheduler", "plms"], vec!["scheduler", "plms", "euler-a"]),
         (vec!["--dtype", "f8"], vec!["dtype"]),
         (vec!["--device", "tpu"], vec!["device"]),
+        (vec!["--device", "cuda:x"], vec!["device", "cuda:x", "number"]),
+        // This test binary is the default (CPU) build: CUDA and cuda:N say how to get a GPU build.
+        (vec!["--device", "cuda:1"], vec!["cuda:1", "--features cuda", "--device cpu"]),
         (vec!["-o", "out.gif"], vec!["output", ".png"]),
         (vec!["--init-latents", "/nonexistent/l.safetensors"], vec!["/nonexistent/l.safetensors"]),
     ];
     for (extra, needles) in cases {
         let out = easel(&[&["generate", "--model", &m, "p"][..], &extra[..]].concat());
         assert_fails_with(&out, &needles);
+    }
+}
+
+#[test]
+fn serve_and_worker_refuse_a_gpu_they_cannot_open_in_one_line() {
+    let tmp = tempfile::tempdir().unwrap();
+    for cmd in ["serve", "worker"] {
+        let out = easel(&[cmd, "--device", "cuda:0", "--data-dir", tmp.path().to_str().unwrap(), "--model", &format!("tiny={}", sd15())]);
+        assert_fails_with(&out, &["cuda:0", "--device cpu"]);
     }
 }
 

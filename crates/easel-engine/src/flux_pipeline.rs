@@ -47,6 +47,9 @@ pub struct FluxPipeline {
     t5_tokenizer: Arc<PromptTokenizer>,
     t5: Arc<Mutex<T5EncoderModel>>,
     t5_dtype: DType,
+    clip_dtype: DType,
+    /// Where the text encoders run: the pipeline's device, or the CPU when offloaded.
+    text_device: Device,
     transformer: FluxTransformer,
     /// The transformer's weights before any LoRA.
     base: Arc<Weights>,
@@ -110,12 +113,19 @@ impl FluxPipeline {
         let transformer = FluxTransformer::new(&weights, &config, compute, device)?;
         tracing::info!(dir = %dir.display(), weights_bytes, %weights_summary, "FLUX transformer loaded");
 
-        let clip = TextStack::load(dir, "text_encoder", "tokenizer", half, dtype, device)?;
+        let text_device = if opts.offload_text_encoders { Device::Cpu } else { device.clone() };
+        let clip_dtype = if opts.offload_text_encoders { DType::F32 } else { dtype };
+        let clip = TextStack::load(dir, "text_encoder", "tokenizer", clip_dtype != DType::F32, clip_dtype, &text_device)?;
         let t5_config: T5Config = component_config(dir, "text_encoder_2", "config.json")?;
         let t5_tokenizer = Arc::new(PromptTokenizer::from_dir(&dir.join("tokenizer_2"), max_sequence_length(config.guidance_embeds))?);
-        // T5 overflows in f16; bf16 and f32 are safe.
-        let t5_dtype = if dtype == DType::F16 { DType::F32 } else { dtype };
-        let vb = load_var_builder(&component_weights(dir, "text_encoder_2", half && t5_dtype != DType::F32)?, t5_dtype, device)?;
+        // T5 overflows in f16; bf16 and f32 are safe. On a GPU f16 runs T5 in bf16 (half the
+        // memory of f32, and fast there); on a CPU in f32, where bf16 is slow.
+        let t5_dtype = match (clip_dtype, text_device.is_cuda()) {
+            (DType::F16, true) => DType::BF16,
+            (DType::F16, false) => DType::F32,
+            (other, _) => other,
+        };
+        let vb = load_var_builder(&component_weights(dir, "text_encoder_2", t5_dtype != DType::F32)?, t5_dtype, &text_device)?;
         let t5 = build(dir, "text_encoder_2", T5EncoderModel::load(vb, &t5_config))?;
         let vae = Arc::new(Vae::load(dir, half, dtype, device)?);
         let scheduler_config: SchedulerConfig = component_config(dir, "scheduler", "scheduler_config.json")?;
@@ -131,6 +141,8 @@ impl FluxPipeline {
             t5_tokenizer,
             t5: Arc::new(Mutex::new(t5)),
             t5_dtype,
+            clip_dtype,
+            text_device,
             transformer,
             base: Arc::new(weights),
             vae,
@@ -167,10 +179,12 @@ impl FluxPipeline {
         let weights = self.base.with_adapters(&pick(Component::Transformer))?;
         let transformer = FluxTransformer::new(&weights, &self.transformer.config, self.dtype, &self.device)?;
         Ok(Self {
-            clip: self.clip.with_adapters(&pick(Component::TextEncoder), self.clip_dtype(), &self.device)?,
+            clip: self.clip.with_adapters(&pick(Component::TextEncoder), self.clip_dtype, &self.text_device)?,
             t5_tokenizer: self.t5_tokenizer.clone(),
             t5: self.t5.clone(),
             t5_dtype: self.t5_dtype,
+            clip_dtype: self.clip_dtype,
+            text_device: self.text_device.clone(),
             transformer,
             base: self.base.clone(),
             vae: self.vae.clone(),
@@ -183,10 +197,6 @@ impl FluxPipeline {
             source: self.source,
             embeddings: Default::default(),
         })
-    }
-
-    fn clip_dtype(&self) -> DType {
-        self.vae.dtype()
     }
 
     /// Whether the model takes a guidance scale (FLUX.1-dev) or ignores it (schnell).
@@ -250,11 +260,12 @@ impl FluxPipeline {
 
     fn encode(&self, prompt: &str) -> Result<Encoded> {
         self.embeddings.get_or_encode(prompt, |p| {
-            let (clip, clip_cut) = self.clip.run(p, &self.device)?;
+            let (clip, clip_cut) = self.clip.run(p, &self.text_device)?;
             let tokens = self.t5_tokenizer.encode(p)?;
-            let ids = Tensor::new(tokens.ids.as_slice(), &self.device)?.unsqueeze(0)?;
+            let ids = Tensor::new(tokens.ids.as_slice(), &self.text_device)?.unsqueeze(0)?;
             let states = self.t5.lock().unwrap_or_else(|e| e.into_inner()).forward_dt(&ids, Some(self.t5_dtype))?;
-            Ok((states, clip.pooled, clip_cut || tokens.truncated))
+            // Offloaded encoders ran on the CPU: only their outputs go to the device.
+            Ok((states.to_device(&self.device)?, clip.pooled.to_device(&self.device)?, clip_cut || tokens.truncated))
         })
     }
 

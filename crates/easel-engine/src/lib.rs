@@ -18,6 +18,7 @@ pub mod lora;
 pub mod model;
 pub mod models;
 pub mod output;
+pub mod parity;
 pub mod pipeline;
 pub mod quant;
 pub mod scheduler;
@@ -33,17 +34,34 @@ pub use model::Pipeline;
 pub use pipeline::{Family, GenerateParams, Generated, LoadOptions, StableDiffusionPipeline};
 pub use scheduler::SchedulerKind;
 
-/// Parses a `--device` value.
+/// Parses a `--device` value: `cpu`, `cuda`, `cuda:N`, `metal` or `metal:N`, and opens it, so a
+/// missing GPU is one clear line before any model loads.
 pub fn parse_device(name: &str) -> Result<Device> {
-    let unavailable = |what: &str, e: candle_core::Error| {
-        EngineError::Unsupported(format!("device `{what}` is not available ({e}); build with --features {what}, or use --device cpu"))
+    let (kind, ordinal) = match name.split_once(':') {
+        Some((kind, n)) => {
+            let n = n.parse::<usize>().map_err(|_| EngineError::param("device", format!("`{name}`: the GPU index after `:` must be a number, as in cuda:0")))?;
+            (kind, n)
+        }
+        None => (name, 0),
     };
-    match name {
-        "cpu" => Ok(Device::Cpu),
-        "cuda" => Device::new_cuda(0).map_err(|e| unavailable("cuda", e)),
-        "metal" => Device::new_metal(0).map_err(|e| unavailable("metal", e)),
-        other => Err(EngineError::param("device", format!("unknown device `{other}`; expected cpu, cuda or metal"))),
+    match kind {
+        "cpu" if ordinal == 0 => Ok(Device::Cpu),
+        "cuda" if cfg!(feature = "cuda") => Device::new_cuda(ordinal).map_err(|e| {
+            EngineError::Unsupported(format!("no CUDA device {ordinal} ({}); check nvidia-smi, or use --device cpu", one_line(&e)))
+        }),
+        "metal" if cfg!(feature = "metal") => Device::new_metal(ordinal).map_err(|e| {
+            EngineError::Unsupported(format!("no Metal device {ordinal} ({}); use --device cpu", one_line(&e)))
+        }),
+        "cuda" | "metal" => Err(EngineError::Unsupported(format!(
+            "device `{name}` is not available: this easel was built without {kind} support (build with --features {kind}, e.g. tools/gpu/build.sh), or use --device cpu"
+        ))),
+        _ => Err(EngineError::param("device", format!("unknown device `{name}`; expected cpu, cuda, cuda:N, metal or metal:N"))),
     }
+}
+
+/// An error's text on one line (driver errors can span several).
+fn one_line(e: &dyn std::fmt::Display) -> String {
+    e.to_string().split_whitespace().collect::<Vec<_>>().join(" ")
 }
 
 /// Parses a `--dtype` value.

@@ -41,11 +41,15 @@ pub struct LoadOptions {
     /// FLUX: transformer weights to use instead of `transformer/` (a BFL-named `.safetensors`
     /// file such as flux1-dev.safetensors, or a `.gguf`).
     pub transformer: Option<PathBuf>,
+    /// FLUX: keep the text encoders (CLIP-L and T5-XXL, 9.8 GB in bf16) on the CPU and send only
+    /// their outputs to the device, so a 16 GB card holds just the transformer, the VAE and
+    /// the activations. Each new prompt then encodes on the CPU (in f32).
+    pub offload_text_encoders: bool,
 }
 
 impl Default for LoadOptions {
     fn default() -> Self {
-        Self { device: Device::Cpu, dtype: DType::F32, transformer: None }
+        Self { device: Device::Cpu, dtype: DType::F32, transformer: None, offload_text_encoders: false }
     }
 }
 

@@ -265,3 +265,15 @@ fn copy_dir(src: &std::path::Path, dst: &std::path::Path) {
         }
     }
 }
+
+/// `offload_text_encoders` keeps CLIP and T5 on the CPU in f32 and sends only their outputs to
+/// the pipeline's device: the conditioning, and so the output, must still be diffusers'.
+#[test]
+fn flux_dev_with_offloaded_text_encoders_matches_diffusers() {
+    let pipe = match Pipeline::load(&pipeline("flux-dev-tiny"), &LoadOptions { offload_text_encoders: true, ..Default::default() }).expect("load") {
+        Pipeline::Flux(p) => p,
+        _ => panic!("not FLUX"),
+    };
+    let (out, t) = run_case(&pipe, "flux-dev-tiny");
+    assert_matches("flux-dev-tiny (text encoders offloaded)", &out, &t);
+}

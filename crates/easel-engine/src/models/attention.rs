@@ -37,11 +37,10 @@ impl Attention {
             let (b, m, inner) = t.dims3()?;
             t.reshape((b, m, self.heads, inner / self.heads))?.transpose(1, 2)?.contiguous()
         };
-        let q = split((self.to_q.forward(xs)? * self.scale)?)?;
+        let q = split(self.to_q.forward(xs)?)?;
         let k = split(self.to_k.forward(context)?)?;
         let v = split(self.to_v.forward(context)?)?;
-        let weights = candle_nn::ops::softmax_last_dim(&q.matmul(&k.t()?)?)?;
-        let out = weights.matmul(&v)?.transpose(1, 2)?.reshape((b, n, ()))?;
+        let out = super::sdpa::attention(&q, &k, &v, self.scale)?.transpose(1, 2)?.reshape((b, n, ()))?;
         self.to_out.forward(&out)
     }
 }

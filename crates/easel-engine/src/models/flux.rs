@@ -98,9 +98,7 @@ fn attention(q: &Tensor, k: &Tensor, v: &Tensor, pe: &(Tensor, Tensor)) -> Resul
     let q = apply_rope(q, pe)?.contiguous()?;
     let k = apply_rope(k, pe)?.contiguous()?;
     let scale = 1.0 / (q.dim(D::Minus1)? as f64).sqrt();
-    let w = (q.matmul(&k.t()?)? * scale)?;
-    let w = candle_nn::ops::softmax_last_dim(&w)?;
-    let x = w.matmul(&v.contiguous()?)?;
+    let x = super::sdpa::attention(&q, &k, v, scale)?;
     let (b, h, l, d) = x.dims4()?;
     Ok(x.transpose(1, 2)?.reshape((b, l, h * d))?)
 }

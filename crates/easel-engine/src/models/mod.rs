@@ -4,3 +4,4 @@ pub mod clip;
 pub mod unet;
 pub mod attention;
 pub mod flux;
+pub mod sdpa;
