@@ -20,7 +20,7 @@ pub struct GenerateArgs {
     #[arg(short, long)]
     prompt: Option<String>,
     /// A diffusers-layout directory, a hub repo (owner/name[@revision]) or a known model's short
-    /// name (flux-dev, sdxl-turbo, ...; see `easel models list --known`) (default: the bundled model).
+    /// name (flux-dev, sdxl-turbo, ...; `easel models list` shows them) (default: the bundled model).
     #[arg(short, long)]
     model: Option<String>,
     #[arg(long)]
