@@ -7,7 +7,9 @@
 #                                     # hours on 2 cores and ~3 GB of memory per nvcc job; it fetches
 #                                     # CUTLASS v3.5.0 by git unless $CUDAFORGE_HOME holds a checkout
 #
-# Writes the stripped binary to target/gpu/easel: what tools/gpu/check.sh carries to the device.
+# Writes the stripped binary to target/gpu/easel (~95 MB: candle's CUDA kernels are inside) and
+# target/gpu/easel.xz (~25 MB), which is what a device call carries (its limit is 64 MiB);
+# tools/gpu/check.sh unpacks it there.
 # The binary links the driver (libcuda.so.1), cublas/cublasLt, curand and nvrtc dynamically, and
 # the CUDA runtime statically; on the GPU machine they come from the driver and from PyTorch's
 # nvidia wheels (check.sh sets LD_LIBRARY_PATH), or from a CUDA 13 install.
@@ -28,5 +30,6 @@ started=$(date +%s)
 cargo build --release -p easel-cli --features "$features"
 mkdir -p target/gpu
 strip -o target/gpu/easel target/release/easel
-echo "built target/gpu/easel ($features, sm_${CUDA_COMPUTE_CAP}) in $(( $(date +%s) - started )) s; $(du -h target/gpu/easel | cut -f1)"
+xz -T0 -6 -c target/gpu/easel > target/gpu/easel.xz
+echo "built target/gpu/easel ($features, sm_${CUDA_COMPUTE_CAP}) in $(( $(date +%s) - started )) s; $(du -h target/gpu/easel | cut -f1), $(du -h target/gpu/easel.xz | cut -f1) packed"
 readelf -d target/gpu/easel | grep NEEDED | sed 's/^/  /'

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The one prepared device check (docs/gpu.md holds its output, dated). On the GPU machine, after
-# tools/gpu/build.sh here and with target/gpu carried:
+# tools/gpu/build.sh here and with target/gpu/easel.xz (and .whl) carried:
 #
 #   tools/gpu/check.sh                        # CUDA: parity, then easel against PyTorch at real sizes
 #   tools/gpu/check.sh --device cpu --tiny    # anywhere, with the CPU build and tiny models (CI runs this)
@@ -34,6 +34,10 @@ for arg in "$@"; do
 done
 if [ -z "$easel" ]; then
   if [ "$device" = cpu ]; then easel=target/debug/easel; else easel=target/gpu/easel; fi
+fi
+# A device call carries target/gpu/easel.xz (the binary itself is over the carry limit).
+if [ ! -x "$easel" ] && [ -f "$easel.xz" ]; then
+  python3 -c "import lzma, shutil, sys; shutil.copyfileobj(lzma.open(sys.argv[1]), open(sys.argv[2], 'wb'))" "$easel.xz" "$easel" && chmod +x "$easel"
 fi
 [ -x "$easel" ] || { echo "no easel binary at $easel (tools/gpu/build.sh builds target/gpu/easel)" >&2; exit 2; }
 

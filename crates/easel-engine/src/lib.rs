@@ -59,9 +59,14 @@ pub fn parse_device(name: &str) -> Result<Device> {
     }
 }
 
-/// An error's text on one line (driver errors can span several).
-fn one_line(e: &dyn std::fmt::Display) -> String {
-    e.to_string().split_whitespace().collect::<Vec<_>>().join(" ")
+/// A device error's text on one line: without the backtrace candle attaches when
+/// RUST_BACKTRACE is set, and with driver messages' line breaks folded.
+fn one_line(e: &candle_core::Error) -> String {
+    let inner = match e {
+        candle_core::Error::WithBacktrace { inner, .. } => inner.as_ref(),
+        other => other,
+    };
+    inner.to_string().split_whitespace().collect::<Vec<_>>().join(" ")
 }
 
 /// Parses a `--dtype` value.
