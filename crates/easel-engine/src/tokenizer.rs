@@ -89,6 +89,16 @@ impl PromptTokenizer {
             .map(|(a, b)| serde_json::json!([a, b]))
             .collect();
         let mut template: serde_json::Value = serde_json::from_str(CLIP_TEMPLATE).map_err(|e| err(e.to_string()))?;
+        // BOS/EOS ids come from this vocabulary (49406/49407 in CLIP's own, elsewhere in cut-down
+        // or extended ones); the template's numbers are only placeholders.
+        let special_id = |token: &str| {
+            vocab.get(token).and_then(serde_json::Value::as_u64).ok_or_else(|| err(format!("`{token}` is not in vocab.json")))
+        };
+        let (bos, eos) = (special_id("<|startoftext|>")?, special_id("<|endoftext|>")?);
+        template["added_tokens"][0]["id"] = bos.into();
+        template["added_tokens"][1]["id"] = eos.into();
+        template["post_processor"]["cls"][1] = bos.into();
+        template["post_processor"]["sep"][1] = eos.into();
         template["model"]["vocab"] = vocab;
         template["model"]["merges"] = serde_json::Value::Array(merges);
         let bytes = serde_json::to_vec(&template).map_err(|e| err(e.to_string()))?;

@@ -1,6 +1,8 @@
 //! End-to-end parity with diffusers: the same tiny pipelines, the same init latents (and,
 //! for ancestral sampling, the same recorded noise) must give the same final latents
-//! (relative L2 < 1e-3) and decoded images (PSNR >= 40 dB), for every scheduler.
+//! (relative L2 < 1e-3) and decoded images (PSNR >= 70 dB), for every scheduler. Measured on
+//! the 2026-11-30 fixtures: at most 1.35e-4 and at least 90 dB (DDIM on sd15-tiny, whose
+//! schedule amplifies rounding most); elsewhere about 1e-6 and 130 dB.
 
 mod common;
 
@@ -34,7 +36,7 @@ fn check_pipeline(name: &str) {
         let err = rel_l2(&out.latents, &t["latents"]);
         let db = psnr(&out.decoded, &t["image"]);
         println!("{name} {case}: latents rel L2 {err:.2e}, image PSNR {db:.1} dB");
-        if !(err < 1e-3 && db >= 40.0) {
+        if !(err < 1e-3 && db >= 70.0) {
             failures.push(format!("{case}: rel L2 {err:.2e}, PSNR {db:.1}"));
         }
     }
@@ -81,6 +83,6 @@ fn bundled_model_matches_diffusers() {
         let err = rel_l2(&out.latents, &t["latents"].narrow(0, i, 1).unwrap());
         let db = psnr(&out.decoded, &t["image"].narrow(0, i, 1).unwrap());
         println!("easel-shapes `{prompt}`: latents rel L2 {err:.2e}, image PSNR {db:.1} dB");
-        assert!(err < 1e-3 && db >= 40.0, "`{prompt}`: rel L2 {err:.2e}, PSNR {db:.1}");
+        assert!(err < 1e-3 && db >= 70.0, "`{prompt}`: rel L2 {err:.2e}, PSNR {db:.1}");
     }
 }
