@@ -12,4 +12,4 @@ mod request;
 pub use error::{ApiError, ErrorBody};
 pub use job::{Event, Job, JobResult, JobSpec, JobStatus, StoredImage, Timings};
 pub use lora::{check_name as check_lora_name, validate_loras, LoraRef, LoraRegistry, LoraSource, MAX_LORAS};
-pub use request::{ImageRequest, ModelInfo, OutputFormat, ResponseFormat};
+pub use request::{ImageRequest, MemoryEstimate, ModelInfo, OutputFormat, ResponseFormat};

@@ -124,13 +124,64 @@ pub struct ModelInfo {
     #[serde(default = "default_size_multiple")]
     pub size_multiple: usize,
     pub schedulers: Vec<String>,
+    /// What one request needs in memory on the workers serving this model; `None` for closed
+    /// providers (their memory is not ours).
+    #[serde(default)]
+    pub memory: Option<MemoryEstimate>,
 }
 
 fn default_size_multiple() -> usize {
     8
 }
 
+/// A local model's memory per request, so the gateway refuses a request no worker can hold
+/// with a 400 naming `size` or `n`, instead of queueing a job that aborts the worker that
+/// takes it (and the next, and the next).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MemoryEstimate {
+    /// Bytes per output pixel of each image in the denoising batch (all `n` images at once).
+    pub denoise_bytes_per_pixel: u64,
+    /// Bytes per output pixel of decoding one image (images are decoded one at a time).
+    pub decode_bytes_per_pixel: u64,
+    /// Bytes independent of the request: the weights and fixed working buffers.
+    pub fixed_bytes: u64,
+    /// What a worker may spend on one request.
+    pub budget_bytes: u64,
+}
+
+impl MemoryEstimate {
+    /// Estimated bytes for `n` images of `width` x `height`.
+    pub fn request_bytes(&self, width: usize, height: usize, n: usize) -> u64 {
+        let pixels = (width as u64).saturating_mul(height as u64);
+        let denoise = pixels.saturating_mul(n as u64).saturating_mul(self.denoise_bytes_per_pixel);
+        self.fixed_bytes.saturating_add(denoise).saturating_add(pixels.saturating_mul(self.decode_bytes_per_pixel))
+    }
+
+    /// Refuses what cannot fit: naming `size` when one image is already too much, else `n`.
+    pub fn check(&self, width: usize, height: usize, n: usize) -> Result<(), ApiError> {
+        let gib = |b: u64| b as f64 / (1u64 << 30) as f64;
+        let one = self.request_bytes(width, height, 1);
+        if one > self.budget_bytes {
+            return Err(ApiError::invalid(
+                "size",
+                format!("size {width}x{height} needs about {:.1} GiB, over the {:.1} GiB a request may use here; ask for a smaller size", gib(one), gib(self.budget_bytes)),
+            ));
+        }
+        let all = self.request_bytes(width, height, n);
+        if all > self.budget_bytes {
+            let fits = (1..n).rev().find(|&k| self.request_bytes(width, height, k) <= self.budget_bytes).unwrap_or(1);
+            return Err(ApiError::invalid(
+                "n",
+                format!("n={n} at {width}x{height} needs about {:.1} GiB, over the {:.1} GiB a request may use here; at most n={fits} fits", gib(all), gib(self.budget_bytes)),
+            ));
+        }
+        Ok(())
+    }
+}
+
 const MAX_PROMPT_CHARS: usize = 32_000;
+/// OpenAI's `user` is an end-user id, not text.
+const MAX_USER_CHARS: usize = 256;
 
 impl ImageRequest {
     /// Checks every field and resolves defaults; `pick_seed` supplies a seed when none is given.
@@ -141,6 +192,12 @@ impl ImageRequest {
         if self.prompt.len() > MAX_PROMPT_CHARS {
             return Err(ApiError::invalid("prompt", format!("prompt is longer than {MAX_PROMPT_CHARS} characters")));
         }
+        if self.negative_prompt.as_ref().is_some_and(|p| p.len() > MAX_PROMPT_CHARS) {
+            return Err(ApiError::invalid("negative_prompt", format!("negative_prompt is longer than {MAX_PROMPT_CHARS} characters")));
+        }
+        if self.user.as_ref().is_some_and(|u| u.len() > MAX_USER_CHARS) {
+            return Err(ApiError::invalid("user", format!("user is longer than {MAX_USER_CHARS} characters")));
+        }
         let n = self.n.unwrap_or(1);
         if !(1..=10).contains(&n) {
             return Err(ApiError::invalid("n", format!("n must be between 1 and 10, got {n}")));
@@ -149,6 +206,9 @@ impl ImageRequest {
             None | Some("auto") => (model.default_size, model.default_size),
             Some(s) => parse_size(s, model.max_side, model.size_multiple.max(1))?,
         };
+        if let Some(memory) = &model.memory {
+            memory.check(width, height, n as usize)?;
+        }
         let quality_steps = match self.quality.as_deref() {
             None | Some("auto") | Some("standard") | Some("medium") => model.default_steps,
             Some("low") => model.default_steps.div_ceil(2),
@@ -223,7 +283,7 @@ mod tests {
     use super::*;
 
     fn model() -> ModelInfo {
-        ModelInfo { id: "m".into(), default_steps: 20, default_guidance: 4.0, default_size: 64, max_side: 1024, size_multiple: 8, schedulers: vec!["euler".into()] }
+        ModelInfo { id: "m".into(), default_steps: 20, default_guidance: 4.0, default_size: 64, max_side: 1024, size_multiple: 8, schedulers: vec!["euler".into()], memory: None }
     }
 
     fn req(v: serde_json::Value) -> Result<ImageRequest, serde_json::Error> {
@@ -264,6 +324,35 @@ mod tests {
         }
         assert!(req(serde_json::json!({"prompt": "x", "bogus": 1})).is_err());
         assert!(req(serde_json::json!({"prompt": 5})).is_err());
+    }
+
+    #[test]
+    fn requests_over_the_memory_budget_are_refused_naming_size_or_n() {
+        // 1 KiB per pixel per image denoising, 2 KiB per pixel decoding, 1 MiB fixed, 2 GiB budget.
+        let memory = MemoryEstimate { denoise_bytes_per_pixel: 1024, decode_bytes_per_pixel: 2048, fixed_bytes: 1 << 20, budget_bytes: 2 << 30 };
+        let m = ModelInfo { memory: Some(memory), ..model() };
+        let ok = |body: serde_json::Value| req(body).unwrap().validate(&m, || 1);
+        assert!(ok(serde_json::json!({"prompt": "x", "size": "512x512", "n": 4})).is_ok());
+        let e = ok(serde_json::json!({"prompt": "x", "size": "1024x1024"})).unwrap_err();
+        assert_eq!((e.status, e.body.param.as_deref()), (400, Some("size")), "{}", e.body.message);
+        let e = ok(serde_json::json!({"prompt": "x", "size": "512x512", "n": 10})).unwrap_err();
+        assert_eq!((e.status, e.body.param.as_deref()), (400, Some("n")));
+        // At 512x512: 1 MiB + 512 MiB decoding + 256 MiB per image denoising, so 5 images fit in 2 GiB.
+        assert!(e.body.message.contains("at most n=5 fits"), "{}", e.body.message);
+        assert_eq!(memory.request_bytes(512, 512, 2), (1 << 20) + 262_144 * (2 * 1024 + 2048));
+    }
+
+    #[test]
+    fn text_fields_are_capped() {
+        let long = "x".repeat(MAX_PROMPT_CHARS + 1);
+        for (body, param) in [
+            (serde_json::json!({"prompt": long}), "prompt"),
+            (serde_json::json!({"prompt": "x", "negative_prompt": long}), "negative_prompt"),
+            (serde_json::json!({"prompt": "x", "user": "u".repeat(MAX_USER_CHARS + 1)}), "user"),
+        ] {
+            let e = req(body).unwrap().validate(&model(), || 1).unwrap_err();
+            assert_eq!(e.body.param.as_deref(), Some(param));
+        }
     }
 
     #[test]

@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use easel_api::{Job, ModelInfo, OutputFormat};
+use easel_api::{Job, MemoryEstimate, ModelInfo, OutputFormat};
 use easel_engine::output::{encode_image, ImageFormat, ImageMetadata};
 use easel_engine::pipeline::ModelDefaults;
 use easel_engine::lora::LoraSpec;
@@ -44,7 +44,28 @@ pub struct EngineExecutor {
 /// LoRA stacks kept warm per model.
 const MAX_WARM_STACKS: usize = 4;
 
-fn dir_bytes(dir: &std::path::Path) -> u64 {
+/// 90% of physical memory (Linux's MemTotal), or no limit where it cannot be read. Host memory
+/// only: on a GPU the device's own memory is the tighter bound (`easel models memory --vram`).
+pub fn default_request_memory() -> u64 {
+    std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|info| info.lines().find_map(|l| l.strip_prefix("MemTotal:").and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())))
+        .map(|kib| kib * 1024 / 10 * 9)
+        .unwrap_or(u64::MAX)
+}
+
+/// What one request for `pipe` needs: its weights plus the engine's activation estimate.
+pub fn memory_estimate(pipe: &Pipeline, weight_bytes: u64, budget_bytes: u64) -> MemoryEstimate {
+    let activations = pipe.activation_memory();
+    MemoryEstimate {
+        denoise_bytes_per_pixel: activations.denoise_bytes_per_pixel,
+        decode_bytes_per_pixel: activations.decode_bytes_per_pixel,
+        fixed_bytes: weight_bytes + activations.fixed_bytes,
+        budget_bytes,
+    }
+}
+
+pub fn dir_bytes(dir: &std::path::Path) -> u64 {
     std::fs::read_dir(dir)
         .map(|rd| rd.filter_map(|e| e.ok()).map(|e| if e.path().is_dir() { dir_bytes(&e.path()) } else { e.metadata().map(|m| m.len()).unwrap_or(0) }).sum())
         .unwrap_or(0)
@@ -52,13 +73,21 @@ fn dir_bytes(dir: &std::path::Path) -> u64 {
 
 impl EngineExecutor {
     /// Describes each model directory (loading none of them yet).
-    pub fn new(models: Vec<(String, PathBuf)>, load: LoadOptions, idle_timeout: Duration, memory_budget: u64, loras: easel_api::LoraRegistry) -> anyhow::Result<Self> {
+    pub fn new(
+        models: Vec<(String, PathBuf)>,
+        load: LoadOptions,
+        idle_timeout: Duration,
+        memory_budget: u64,
+        request_memory: u64,
+        loras: easel_api::LoraRegistry,
+    ) -> anyhow::Result<Self> {
         let mut served = vec![];
         let mut pool = HashMap::new();
         for (id, dir) in models {
             // Load once to validate the model and learn its defaults; the pool keeps it warm.
             let pipe = Pipeline::load(&dir, &load)?;
             let d = ModelDefaults::load(&dir, pipe.family())?;
+            let weight_bytes = dir_bytes(&dir);
             let info = ModelInfo {
                 id,
                 default_steps: d.steps.unwrap_or(30),
@@ -67,8 +96,8 @@ impl EngineExecutor {
                 max_side: 2048,
                 size_multiple: pipe.size_multiple(),
                 schedulers: pipe.schedulers().iter().map(|k| k.name().to_string()).collect(),
+                memory: Some(memory_estimate(&pipe, weight_bytes, request_memory)),
             };
-            let weight_bytes = dir_bytes(&dir);
             let in_pool: u64 = pool.keys().filter_map(|k: &String| served.iter().find(|m: &&ServedModel| &m.info.id == k)).map(|m| m.weight_bytes).sum();
             if in_pool + weight_bytes <= memory_budget {
                 pool.insert(info.id.clone(), Warm { pipe: Arc::new(pipe), last_used: Instant::now() });
@@ -281,7 +310,7 @@ mod tests {
         // Room for `a` beside either of the others, never for all three.
         let budget = (a + b).max(a + c);
         let models = vec![("a".to_string(), dirs[0].clone()), ("b".to_string(), dirs[1].clone()), ("c".to_string(), dirs[2].clone())];
-        let exec = EngineExecutor::new(models, LoadOptions::default(), Duration::from_secs(600), budget, Default::default()).expect("fixtures load");
+        let exec = EngineExecutor::new(models, LoadOptions::default(), Duration::from_secs(600), budget, u64::MAX, Default::default()).expect("fixtures load");
         let warm = |e: &EngineExecutor| {
             let mut w = e.warm_models();
             w.sort();
@@ -308,7 +337,7 @@ mod tests {
         let model = tmp.path().join("m");
         copy_dir(&fixture("sd15-tiny"), &model);
         let loras = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../fixtures/loras");
-        let exec = EngineExecutor::new(vec![("m".into(), model.clone())], LoadOptions::default(), Duration::from_secs(600), u64::MAX, easel_api::LoraRegistry::new(Some(loras.clone()))).unwrap();
+        let exec = EngineExecutor::new(vec![("m".into(), model.clone())], LoadOptions::default(), Duration::from_secs(600), u64::MAX, u64::MAX, easel_api::LoraRegistry::new(Some(loras.clone()))).unwrap();
         std::fs::remove_dir_all(model.join("unet")).unwrap();
         std::fs::remove_dir_all(model.join("text_encoder")).unwrap();
         let spec = |name: &str, scale: f64| LoraSpec { path: loras.join(format!("{name}.safetensors")), scale };

@@ -150,6 +150,11 @@ pub fn run(args: GenerateArgs) -> Result<()> {
         init_latents,
     };
     pipe.validate(&params)?;
+    let estimate = crate::executor::memory_estimate(&pipe, crate::executor::dir_bytes(&dir), crate::executor::default_request_memory());
+    if let Err(e) = estimate.check(params.width, params.height, params.batch) {
+        let flag = if e.body.param.as_deref() == Some("n") { "-n" } else { "--width/--height" };
+        anyhow::bail!("{flag}: {}", e.body.message);
+    }
 
     let bar = ProgressBar::new(params.steps as u64);
     bar.set_style(ProgressStyle::with_template("denoising {bar:30} {pos}/{len} [{elapsed_precise}<{eta_precise}]").unwrap_or_else(|_| ProgressStyle::default_bar()));

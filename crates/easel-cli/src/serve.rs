@@ -45,6 +45,10 @@ pub struct BackendArgs {
     /// Memory for loaded model weights, in MB; least recently used models are evicted first.
     #[arg(long, default_value_t = 16384)]
     memory_budget_mb: u64,
+    /// Memory one request may need (weights and activations), in MB; larger requests are
+    /// refused with a 400 naming `size` or `n` before they are queued (default: 90% of RAM).
+    #[arg(long)]
+    request_memory_mb: Option<u64>,
     #[arg(long, default_value = "f32")]
     dtype: String,
     /// cpu, cuda, cuda:N, metal or metal:N.
@@ -236,6 +240,7 @@ fn services(args: &BackendArgs) -> Result<easel_server::Services> {
         LoadOptions { device, dtype, transformer: None, offload_text_encoders: args.offload_text_encoders },
         Duration::from_secs(args.idle_timeout),
         args.memory_budget_mb.saturating_mul(1 << 20),
+        args.request_memory_mb.map(|mb| mb.saturating_mul(1 << 20)).unwrap_or_else(crate::executor::default_request_memory),
         loras.clone(),
     )?);
     let (queue, bus): (Arc<dyn JobQueue>, EventBus) = match args.queue.as_deref() {

@@ -131,6 +131,23 @@ fn bad_input_gets_4xx_in_openai_shape() {
 }
 
 #[test]
+fn requests_beyond_the_memory_budget_are_refused_before_queueing() {
+    let tmp = tempfile::tempdir().unwrap();
+    let s = serve(tmp.path(), &["--request-memory-mb", "1024"]);
+    for (path, body, param) in [
+        ("/v1/images/generations", json!({"prompt": "x", "size": "2048x2048"}), "size"),
+        ("/v1/jobs", json!({"prompt": "x", "size": "512x512"}), "size"),
+        ("/v1/images/generations", json!({"prompt": "x", "size": "256x256", "n": 10}), "n"),
+    ] {
+        let (st, r) = post(&s, path, body.clone());
+        assert_eq!((st, r["error"]["param"].as_str()), (400, Some(param)), "{body} -> {r}");
+        assert!(r["error"]["message"].as_str().unwrap_or("").contains("GiB"), "{r}");
+    }
+    let (st, r) = post(&s, "/v1/images/generations", json!({"prompt": "x", "size": "64x64", "n": 2}));
+    assert_eq!(st, 200, "{r}");
+}
+
+#[test]
 fn api_keys_and_overload() {
     let tmp = tempfile::tempdir().unwrap();
     let s = serve(tmp.path(), &["--api-key", "team:sekrit:1000", "--queue-cap", "2", "--max-batch", "1"]);

@@ -185,6 +185,10 @@ pub struct VaeConfig {
     pub use_post_quant_conv: bool,
     #[serde(default)]
     pub force_upcast: bool,
+    /// Whether the decoder's mid-block has its self-attention (diffusers' default; some
+    /// distilled VAEs drop it).
+    #[serde(default = "default_true")]
+    pub mid_block_add_attention: bool,
 }
 
 fn default_three() -> usize {

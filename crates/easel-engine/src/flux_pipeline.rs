@@ -224,6 +224,19 @@ impl FluxPipeline {
         self.vae.scale_factor() * 2
     }
 
+    /// See [`crate::model::Pipeline::activation_memory`]: per image token (a 2x2 patch of latent
+    /// cells), the attention inputs and outputs and the 4x-wide MLP, about 13 hidden widths.
+    pub fn activation_memory(&self) -> crate::model::ActivationMemory {
+        let c = &self.transformer.config;
+        let hidden = (c.num_attention_heads * c.attention_head_dim) as u64;
+        let pixels_per_token = (self.size_multiple() * self.size_multiple()) as u64;
+        crate::model::ActivationMemory {
+            denoise_bytes_per_pixel: (13 * hidden * self.dtype.size_in_bytes() as u64).div_ceil(pixels_per_token),
+            decode_bytes_per_pixel: self.vae.decode_bytes_per_pixel(),
+            fixed_bytes: crate::models::sdpa::SCORE_BUDGET as u64 * 4,
+        }
+    }
+
     /// diffusers' default image side for FLUX: 1024 (128 latent cells of 8 pixels).
     pub fn default_size(&self) -> usize {
         128 * self.vae.scale_factor()

@@ -107,6 +107,15 @@ impl Pipeline {
         }
     }
 
+    /// What a request's activations need beyond the weights, for refusing a request that
+    /// cannot fit before it is queued (the estimate errs high: guidance assumed, f32 im2col).
+    pub fn activation_memory(&self) -> ActivationMemory {
+        match self {
+            Self::StableDiffusion(p) => p.activation_memory(),
+            Self::Flux(p) => p.activation_memory(),
+        }
+    }
+
     /// Checks request parameters before any work is done.
     pub fn validate(&self, p: &GenerateParams) -> Result<()> {
         match self {
@@ -130,4 +139,16 @@ impl Pipeline {
             Self::Flux(f) => f.generate_batch(items, on_step),
         }
     }
+}
+
+/// Activation memory of one request, in bytes: `fixed + n x pixels x denoise_per_pixel +
+/// pixels x decode_per_pixel` (n images denoise as one batch; the VAE decodes one at a time).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ActivationMemory {
+    /// Per output pixel of each image in the denoising batch.
+    pub denoise_bytes_per_pixel: u64,
+    /// Per output pixel of the one image being decoded.
+    pub decode_bytes_per_pixel: u64,
+    /// Independent of size: the attention score blocks.
+    pub fixed_bytes: u64,
 }

@@ -339,6 +339,21 @@ impl StableDiffusionPipeline {
     }
 
     /// Pixels per latent cell along each side.
+    /// See [`crate::model::Pipeline::activation_memory`]: the UNet's widest convolution (the last
+    /// up block's skip concatenation) at latent resolution, for the two guidance rows.
+    pub fn activation_memory(&self) -> crate::model::ActivationMemory {
+        let channels = &self.unet.config.block_out_channels;
+        let c0 = channels.first().copied().unwrap_or(0) as u64;
+        let c1 = channels.get(1).copied().unwrap_or(c0 as usize) as u64;
+        let latent_pixels_per_pixel = (self.vae_scale_factor() * self.vae_scale_factor()) as u64;
+        let elem = self.dtype.size_in_bytes() as u64;
+        crate::model::ActivationMemory {
+            denoise_bytes_per_pixel: (2 * (11 * (c0 + c1) + 2 * c0) * elem).div_ceil(latent_pixels_per_pixel),
+            decode_bytes_per_pixel: self.vae.decode_bytes_per_pixel(),
+            fixed_bytes: crate::models::sdpa::SCORE_BUDGET as u64 * 4,
+        }
+    }
+
     pub fn vae_scale_factor(&self) -> usize {
         self.vae.scale_factor()
     }

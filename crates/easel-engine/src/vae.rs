@@ -4,16 +4,16 @@
 use std::path::Path;
 
 use candle_core::{DType, Device, Tensor};
-use candle_transformers::models::stable_diffusion::vae::{AutoEncoderKL, AutoEncoderKLConfig};
 
 use crate::config::{read_json, VaeConfig};
 use crate::error::Result;
+use crate::models::autoencoder_kl::AutoencoderKLDecoder;
 use crate::source::component_weights;
 use crate::weights::{bad_weights, load_var_builder};
 
 /// A loaded VAE and its config.
 pub struct Vae {
-    model: AutoEncoderKL,
+    model: AutoencoderKLDecoder,
     pub config: VaeConfig,
     dtype: DType,
 }
@@ -23,20 +23,7 @@ impl Vae {
     pub fn load(dir: &Path, half: bool, dtype: DType, device: &Device) -> Result<Self> {
         let config: VaeConfig = read_json(&dir.join("vae").join("config.json"))?;
         let vb = load_var_builder(&component_weights(dir, "vae", half)?, dtype, device)?;
-        let model = AutoEncoderKL::new(
-            vb,
-            config.in_channels,
-            config.out_channels,
-            AutoEncoderKLConfig {
-                block_out_channels: config.block_out_channels.clone(),
-                layers_per_block: config.layers_per_block,
-                latent_channels: config.latent_channels,
-                norm_num_groups: config.norm_num_groups,
-                use_quant_conv: config.use_quant_conv,
-                use_post_quant_conv: config.use_post_quant_conv,
-            },
-        )
-        .map_err(|e| bad_weights(&dir.join("vae"), &e))?;
+        let model = AutoencoderKLDecoder::new(vb, &config).map_err(|e| bad_weights(&dir.join("vae"), &e))?;
         Ok(Self { model, config, dtype })
     }
 
@@ -51,15 +38,43 @@ impl Vae {
     }
 
     /// Decodes `[B, C, h, w]` latents to images in `[0, 1]` (f32, CPU), as the diffusers
-    /// pipelines do: `latents / scaling_factor + shift_factor`.
+    /// pipelines do: `latents / scaling_factor + shift_factor`. Images are decoded one at a time
+    /// (diffusers' VAE slicing), so a batch's decode needs one image's activations, not n.
     pub fn decode(&self, latents: &Tensor) -> Result<Tensor> {
         let scaled = (latents / self.config.scaling_factor)?;
         let scaled = match self.config.shift_factor {
             Some(shift) => (scaled + shift)?,
             None => scaled,
         };
-        let image = self.model.decode(&scaled.to_dtype(self.dtype)?)?;
-        Ok(((image.to_dtype(DType::F32)? / 2.0)? + 0.5)?.clamp(0f32, 1f32)?.to_device(&Device::Cpu)?)
+        let scaled = scaled.to_dtype(self.dtype)?;
+        let mut images = Vec::with_capacity(scaled.dim(0)?);
+        for i in 0..scaled.dim(0)? {
+            let image = self.model.decode(&scaled.narrow(0, i, 1)?)?;
+            images.push(((image.to_dtype(DType::F32)? / 2.0)? + 0.5)?.clamp(0f32, 1f32)?.to_device(&Device::Cpu)?);
+        }
+        Ok(Tensor::cat(&images, 0)?)
+    }
+
+    /// Peak bytes per output pixel of decoding one image: the largest convolution's input, its
+    /// im2col buffer (9 x its input channels: candle convolves through im2col on the CPU) and
+    /// output, at that convolution's resolution.
+    pub fn decode_bytes_per_pixel(&self) -> u64 {
+        let c = &self.config;
+        let reversed: Vec<u64> = c.block_out_channels.iter().rev().map(|&x| x as u64).collect();
+        let levels = reversed.len() as u32;
+        // (input channels, output channels, pixels per output pixel as a power of 1/4)
+        let mut convs = vec![(c.latent_channels as u64, reversed.first().copied().unwrap_or(0), levels.saturating_sub(1))];
+        for (i, &cout) in reversed.iter().enumerate() {
+            let shrink = levels.saturating_sub(1 + i as u32);
+            let cin = if i == 0 { cout } else { reversed[i - 1] };
+            convs.push((cin.max(cout), cout, shrink));
+            if shrink > 0 {
+                convs.push((cout, cout, shrink - 1));
+            }
+        }
+        convs.push((reversed.last().copied().unwrap_or(0), c.out_channels as u64, 0));
+        let elem = self.dtype.size_in_bytes() as u64;
+        convs.iter().map(|&(cin, cout, shrink)| (11 * cin + 2 * cout) * elem / 4u64.pow(shrink)).max().unwrap_or(0)
     }
 }
 

@@ -5,6 +5,7 @@ mod common;
 
 use common::{fixtures, reference, rel_l2};
 use easel_engine::config::{read_json, ClipTextConfig, UNetConfig, VaeConfig};
+use easel_engine::models::autoencoder_kl::AutoencoderKLDecoder;
 use easel_engine::models::clip::ClipTextModel;
 use easel_engine::models::unet::{AddedCond, UNet2DConditionModel};
 use easel_engine::source::component_weights;
@@ -76,20 +77,7 @@ fn check_unet_and_vae(pipe: &str) {
     assert!(e < 1e-5, "{pipe}: unet rel L2 {e:.2e}");
 
     let vcfg: VaeConfig = read_json(&dir.join("vae/config.json")).unwrap();
-    let vae = candle_transformers::models::stable_diffusion::vae::AutoEncoderKL::new(
-        vb(pipe, "vae"),
-        vcfg.in_channels,
-        vcfg.out_channels,
-        candle_transformers::models::stable_diffusion::vae::AutoEncoderKLConfig {
-            block_out_channels: vcfg.block_out_channels.clone(),
-            layers_per_block: vcfg.layers_per_block,
-            latent_channels: vcfg.latent_channels,
-            norm_num_groups: vcfg.norm_num_groups,
-            use_quant_conv: vcfg.use_quant_conv,
-            use_post_quant_conv: vcfg.use_post_quant_conv,
-        },
-    )
-    .unwrap();
+    let vae = AutoencoderKLDecoder::new(vb(pipe, "vae"), &vcfg).unwrap();
     let decoded = vae.decode(&t["vae_latents"]).unwrap();
     let e = rel_l2(&decoded, &t["vae_decoded"]);
     assert!(e < 1e-5, "{pipe}: vae rel L2 {e:.2e}");
@@ -100,4 +88,50 @@ fn unet_and_vae_match_diffusers() {
     check_unet_and_vae("sd15-tiny");
     check_unet_and_vae("sd21v-tiny");
     check_unet_and_vae("sdxl-tiny");
+}
+
+/// The tiled, online-softmax form (used beyond the score budget) against the direct form, with
+/// budgets that force query blocks only, then key blocks too, on sizes no block divides.
+#[test]
+fn tiled_attention_equals_direct_attention_within_1e_5() {
+    use easel_engine::models::sdpa::attention_within;
+    let dev = Device::Cpu;
+    for (b, h, n, m, d) in [(2, 3, 77, 50, 8), (1, 2, 130, 301, 16), (2, 1, 64, 77, 40)] {
+        let q = (Tensor::randn(0f32, 1.0, (b, h, n, d), &dev).unwrap() * 2.0).unwrap();
+        let k = Tensor::randn(0f32, 1.0, (b, h, m, d), &dev).unwrap();
+        let v = Tensor::randn(0f32, 1.0, (b, h, m, d), &dev).unwrap();
+        let scale = (d as f64).powf(-0.5);
+        let direct = attention_within(&q, &k, &v, scale, usize::MAX).unwrap();
+        let whole_rows = attention_within(&q, &k, &v, scale, b * h * m * 64).unwrap();
+        let key_blocks = attention_within(&q, &k, &v, scale, b * h * 64 * 7).unwrap();
+        for (form, out) in [("query blocks", whole_rows), ("query and key blocks", key_blocks)] {
+            assert_eq!(out.dims(), direct.dims());
+            let diff = (out - &direct).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+            assert!(diff < 1e-5, "[{b},{h},{n},{m},{d}] {form}: max abs diff {diff:.2e}");
+        }
+    }
+}
+
+/// The CPU convolution (per-tap GEMMs over a padded input) against candle's im2col one, for
+/// 3x3 and 1x1 kernels, non-square inputs, a 1x1 image and a batch of two.
+#[test]
+fn tap_convolution_equals_candle_convolution_within_1e_5() {
+    use candle_nn::{Conv2dConfig, Module, VarBuilder, VarMap};
+    use easel_engine::models::conv::conv2d;
+    let dev = Device::Cpu;
+    for (b, cin, cout, h, w, k) in [(2, 5, 7, 9, 13, 3), (1, 16, 8, 4, 3, 3), (2, 6, 3, 5, 8, 1), (1, 3, 4, 1, 1, 3)] {
+        let mut varmap = VarMap::new();
+        let vb = VarBuilder::from_varmap(&varmap, DType::F32, &dev);
+        let cfg = Conv2dConfig { padding: k / 2, ..Default::default() };
+        let theirs = candle_nn::conv2d(cin, cout, k, cfg, vb.pp("c")).unwrap();
+        let bias = Tensor::randn(0f32, 1.0, cout, &dev).unwrap();
+        let theirs = candle_nn::Conv2d::new(theirs.weight().clone(), Some(bias.clone()), cfg);
+        varmap.set_one("c.bias", bias).unwrap();
+        let ours = conv2d(cin, cout, k, cfg, vb.pp("c")).unwrap();
+        let x = Tensor::randn(0f32, 1.0, (b, cin, h, w), &dev).unwrap();
+        let (got, want) = (ours.forward(&x).unwrap(), theirs.forward(&x).unwrap());
+        assert_eq!(got.dims(), want.dims());
+        let diff = (got - &want).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+        assert!(diff < 1e-5, "[{b},{cin}->{cout},{h}x{w},k{k}] max abs diff {diff:.2e}");
+    }
 }

@@ -3,7 +3,9 @@
 //! exact (erf) GELU that diffusers uses.
 
 use candle_core::{Module, Result, Tensor};
-use candle_nn::{conv2d, group_norm, layer_norm, linear, linear_no_bias, Conv2d, GroupNorm, LayerNorm, Linear, VarBuilder};
+use candle_nn::{group_norm, layer_norm, linear, linear_no_bias, GroupNorm, LayerNorm, Linear, VarBuilder};
+
+use super::conv::{conv2d, Conv2d};
 
 /// Multi-head attention with diffusers' `to_q`, `to_k`, `to_v`, `to_out.0` weights.
 #[derive(Debug)]

@@ -5,3 +5,6 @@ pub mod unet;
 pub mod attention;
 pub mod flux;
 pub mod sdpa;
+pub mod autoencoder_kl;
+pub mod conv;
+pub mod resnet;

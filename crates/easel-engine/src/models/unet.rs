@@ -6,9 +6,11 @@
 //! SDXL's `text_time` additional embedding (pooled text embeddings and `add_time_ids`) is built in.
 
 use candle_core::{DType, Module, Result, Tensor};
-use candle_nn::{conv2d, group_norm, Conv2d, Conv2dConfig, GroupNorm, VarBuilder};
+use candle_nn::{group_norm, Conv2dConfig, GroupNorm, VarBuilder};
 use candle_transformers::models::stable_diffusion::embeddings::{TimestepEmbedding, Timesteps};
-use candle_transformers::models::stable_diffusion::resnet::{ResnetBlock2D, ResnetBlock2DConfig};
+
+use super::conv::{conv2d, Conv2d};
+use super::resnet::{ResnetBlock2D, ResnetConfig};
 
 use super::attention::{Transformer2DModel, TransformerConfig};
 use crate::config::UNetConfig;
@@ -21,16 +23,15 @@ struct UNetBlock {
 }
 
 fn resnet(vb: VarBuilder, in_ch: usize, out_ch: usize, temb: usize, c: &UNetConfig, scale: f64) -> Result<ResnetBlock2D> {
-    let cfg = ResnetBlock2DConfig {
-        out_channels: Some(out_ch),
+    let cfg = ResnetConfig {
+        in_channels: in_ch,
+        out_channels: out_ch,
         temb_channels: Some(temb),
         groups: c.norm_num_groups,
-        groups_out: None,
         eps: c.norm_eps,
-        use_in_shortcut: None,
         output_scale_factor: scale,
     };
-    ResnetBlock2D::new(vb, in_ch, cfg)
+    ResnetBlock2D::new(vb, cfg)
 }
 
 impl UNetBlock {
