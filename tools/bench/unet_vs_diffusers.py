@@ -9,10 +9,7 @@ that both produced the same output.
 Needs a release build of easel (cargo build --release -p easel-cli) and ~8 GB of free memory.
 """
 
-import argparse
-import json
 import os
-import subprocess
 import tempfile
 import time
 
@@ -20,17 +17,11 @@ import torch
 from diffusers import UNet2DConditionModel
 from safetensors.torch import save_file
 
+from side_by_side import parse_args, relative_l2, run_easel, time_torch
+
 
 def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--size", type=int, default=256)
-    ap.add_argument("--batch", type=int, default=2)
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--iters", type=int, default=3)
-    ap.add_argument("--easel", default=os.path.join(os.path.dirname(__file__), "..", "..", "target", "release", "easel"))
-    args = ap.parse_args()
-    torch.set_num_threads(args.threads)
-    torch.manual_seed(0)
+    args = parse_args(batch=2)
 
     with tempfile.TemporaryDirectory() as tmp:
         # SD 1.5's UNet config (runwayml/stable-diffusion-v1-5/unet/config.json), random weights.
@@ -59,33 +50,18 @@ def main():
         unet = UNet2DConditionModel.from_pretrained(os.path.join(model_dir, "unet"))
         torch_load = time.perf_counter() - t0
         unet.eval()
-        with torch.no_grad():
-            unet(sample, 500, encoder_hidden_states=context)
-            times = []
-            for _ in range(args.iters):
-                t = time.perf_counter()
-                ref = unet(sample, 500, encoder_hidden_states=context).sample
-                times.append(time.perf_counter() - t)
-        torch_eval = sorted(times)[len(times) // 2]
+        torch_eval, ref = time_torch(lambda: unet(sample, 500, encoder_hidden_states=context).sample, args.iters)
         del unet
 
         # easel, the same weights and inputs, the same thread count.
         out_path = os.path.join(tmp, "out.safetensors")
-        env = dict(os.environ, RAYON_NUM_THREADS=str(args.threads))
-        res = subprocess.run(
-            [args.easel, "bench", "unet", "--model", model_dir, "--iters", str(args.iters), "--inputs", inputs, "--save-output", out_path],
-            env=env, check=True, capture_output=True, text=True,
-        )
-        easel = json.loads(res.stdout.strip().splitlines()[-1])
-        from safetensors.torch import load_file
-
-        out = load_file(out_path)["latents"]
-        rel = float((out - ref).norm() / ref.norm())
+        easel, easel_rss_gb = run_easel(args.easel, "unet", model_dir, inputs, args.iters, args.threads, out_path)
+        rel = relative_l2(out_path, ref)
 
     print(f"SD-1.5-size UNet, {size_gb:.2f} GB f32 weights, {args.size}x{args.size}, batch {args.batch}, {args.threads} threads")
     print(f"eval  : easel {easel['eval_s_median']:.3f} s   pytorch {torch_eval:.3f} s   ratio easel/pytorch {easel['eval_s_median'] / torch_eval:.2f}")
     print(f"load  : easel {easel['load_s']:.3f} s   pytorch {torch_load:.3f} s   ratio easel/pytorch {easel['load_s'] / torch_load:.2f}")
-    print(f"output: relative L2 difference {rel:.2e}")
+    print(f"output: relative L2 difference {rel:.2e}; easel peak RSS {easel_rss_gb:.2f} GB (load and evaluations)")
 
 
 if __name__ == "__main__":

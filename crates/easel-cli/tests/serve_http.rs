@@ -133,7 +133,7 @@ fn bad_input_gets_4xx_in_openai_shape() {
 #[test]
 fn requests_beyond_the_memory_budget_are_refused_before_queueing() {
     let tmp = tempfile::tempdir().unwrap();
-    let s = serve(tmp.path(), &["--request-memory-mb", "1024"]);
+    let s = serve(tmp.path(), &["--request-memory-mb", "512"]);
     for (path, body, param) in [
         ("/v1/images/generations", json!({"prompt": "x", "size": "2048x2048"}), "size"),
         ("/v1/jobs", json!({"prompt": "x", "size": "512x512"}), "size"),

@@ -346,9 +346,9 @@ impl StableDiffusionPipeline {
         let c0 = channels.first().copied().unwrap_or(0) as u64;
         let c1 = channels.get(1).copied().unwrap_or(c0 as usize) as u64;
         let latent_pixels_per_pixel = (self.vae_scale_factor() * self.vae_scale_factor()) as u64;
-        let elem = self.dtype.size_in_bytes() as u64;
+        let conv = crate::models::conv::conv_bytes_per_pixel(c0 + c1, c0, self.dtype, &self.device);
         crate::model::ActivationMemory {
-            denoise_bytes_per_pixel: (2 * (11 * (c0 + c1) + 2 * c0) * elem).div_ceil(latent_pixels_per_pixel),
+            denoise_bytes_per_pixel: (2 * conv).div_ceil(latent_pixels_per_pixel),
             decode_bytes_per_pixel: self.vae.decode_bytes_per_pixel(),
             fixed_bytes: crate::models::sdpa::SCORE_BUDGET as u64 * 4,
         }

@@ -16,6 +16,7 @@ pub struct Vae {
     model: AutoencoderKLDecoder,
     pub config: VaeConfig,
     dtype: DType,
+    device: Device,
 }
 
 impl Vae {
@@ -24,7 +25,7 @@ impl Vae {
         let config: VaeConfig = read_json(&dir.join("vae").join("config.json"))?;
         let vb = load_var_builder(&component_weights(dir, "vae", half)?, dtype, device)?;
         let model = AutoencoderKLDecoder::new(vb, &config).map_err(|e| bad_weights(&dir.join("vae"), &e))?;
-        Ok(Self { model, config, dtype })
+        Ok(Self { model, config, dtype, device: device.clone() })
     }
 
     /// The compute type (the pipeline's, for full-precision components).
@@ -55,9 +56,8 @@ impl Vae {
         Ok(Tensor::cat(&images, 0)?)
     }
 
-    /// Peak bytes per output pixel of decoding one image: the largest convolution's input, its
-    /// im2col buffer (9 x its input channels: candle convolves through im2col on the CPU) and
-    /// output, at that convolution's resolution.
+    /// Peak bytes per output pixel of decoding one image: the largest convolution's buffers
+    /// ([`crate::models::conv::conv_bytes_per_pixel`]) at that convolution's resolution.
     pub fn decode_bytes_per_pixel(&self) -> u64 {
         let c = &self.config;
         let reversed: Vec<u64> = c.block_out_channels.iter().rev().map(|&x| x as u64).collect();
@@ -73,8 +73,8 @@ impl Vae {
             }
         }
         convs.push((reversed.last().copied().unwrap_or(0), c.out_channels as u64, 0));
-        let elem = self.dtype.size_in_bytes() as u64;
-        convs.iter().map(|&(cin, cout, shrink)| (11 * cin + 2 * cout) * elem / 4u64.pow(shrink)).max().unwrap_or(0)
+        let bytes = |cin, cout| crate::models::conv::conv_bytes_per_pixel(cin, cout, self.dtype, &self.device);
+        convs.iter().map(|&(cin, cout, shrink)| bytes(cin, cout) / 4u64.pow(shrink)).max().unwrap_or(0)
     }
 }
 

@@ -11,15 +11,27 @@
 //! is the padded input plus the output; the GEMMs are the `gemm` crate's, which candle's own
 //! matmul uses, multi-threaded. Other devices, dtypes and shapes go to candle.
 
-use candle_core::{CpuStorage, CustomOp1, DType, Layout, Module, Result, Shape, Tensor};
+use candle_core::{CpuStorage, CustomOp3, DType, Layout, Module, Result, Shape, Tensor};
 use candle_nn::{Conv2dConfig, VarBuilder};
 use rayon::prelude::*;
+
+/// Peak bytes per output pixel of one "same" convolution with its input and output: on the CPU
+/// in f32 (the tap path) the input, its padded copy and the output at padded width; elsewhere
+/// candle's im2col buffer (9 x the input) besides.
+pub fn conv_bytes_per_pixel(cin: u64, cout: u64, dtype: DType, device: &candle_core::Device) -> u64 {
+    if device.is_cpu() && dtype == DType::F32 {
+        (2 * cin + 2 * cout) * 4
+    } else {
+        (11 * cin + 2 * cout) * dtype.size_in_bytes() as u64
+    }
+}
 
 /// A convolution with weights `[cout, cin, k, k]` and a bias.
 #[derive(Debug, Clone)]
 pub enum Conv2d {
-    /// f32 on the CPU, stride 1, "same" padding: the per-tap GEMMs (the weights live only here).
-    Taps(std::sync::Arc<TapConv>),
+    /// f32 on the CPU, stride 1, "same" padding: the per-tap GEMMs, reading candle's weight
+    /// tensor in place (no copy, no reordering at load).
+    Taps { weight: Tensor, bias: Tensor },
     /// Everything else: candle's.
     Candle(candle_nn::Conv2d),
 }
@@ -29,54 +41,53 @@ pub fn conv2d(cin: usize, cout: usize, kernel: usize, cfg: Conv2dConfig, vb: Var
     let same = cfg.stride == 1 && cfg.dilation == 1 && cfg.groups == 1 && kernel % 2 == 1 && cfg.padding == kernel / 2;
     let inner = candle_nn::conv2d(cin, cout, kernel, cfg, vb)?;
     let weight = inner.weight();
-    if !(same && weight.device().is_cpu() && weight.dtype() == DType::F32) {
-        return Ok(Conv2d::Candle(inner));
+    match inner.bias() {
+        Some(bias) if same && weight.device().is_cpu() && weight.dtype() == DType::F32 => {
+            Ok(Conv2d::Taps { weight: weight.contiguous()?, bias: bias.contiguous()? })
+        }
+        _ => Ok(Conv2d::Candle(inner)),
     }
-    // [cout, cin, kh, kw] -> [kh, kw, cout, cin]
-    let by_tap = weight.permute((2, 3, 0, 1))?.contiguous()?.flatten_all()?.to_vec1::<f32>()?;
-    let bias = inner.bias().map(|b| b.to_vec1::<f32>()).transpose()?;
-    Ok(Conv2d::Taps(std::sync::Arc::new(TapConv { by_tap, bias, cout, cin, kernel })))
 }
 
 impl Module for Conv2d {
     fn forward(&self, xs: &Tensor) -> Result<Tensor> {
         match self {
-            Self::Taps(taps) => {
+            Self::Taps { weight, bias } => {
                 if !xs.device().is_cpu() || xs.dtype() != DType::F32 {
                     candle_core::bail!("conv2d: the weights are f32 on the CPU, the input is {:?} on {:?}", xs.dtype(), xs.device());
                 }
-                xs.contiguous()?.apply_op1_no_bwd(taps.as_ref())
+                xs.contiguous()?.apply_op3_no_bwd(weight, bias, &TapConv)
             }
             Self::Candle(conv) => conv.forward(xs),
         }
     }
 }
 
-/// The CPU path: a "same" convolution as a sum of per-tap GEMMs over a padded input.
+/// The CPU path: a "same" convolution as a sum of per-tap GEMMs over a padded input
+/// (input `[b, cin, h, w]`, weight `[cout, cin, k, k]`, bias `[cout]`, all contiguous f32).
 #[derive(Debug)]
-pub struct TapConv {
-    by_tap: Vec<f32>,
-    bias: Option<Vec<f32>>,
-    cout: usize,
-    cin: usize,
-    kernel: usize,
+struct TapConv;
+
+fn f32_slice<'a>(storage: &'a CpuStorage, layout: &Layout, what: &str) -> Result<&'a [f32]> {
+    let Some((start, end)) = layout.contiguous_offsets() else {
+        candle_core::bail!("conv2d: the {what} must be contiguous");
+    };
+    Ok(&storage.as_slice::<f32>()?[start..end])
 }
 
-impl CustomOp1 for TapConv {
+impl CustomOp3 for TapConv {
     fn name(&self) -> &'static str {
         "easel-tap-conv2d"
     }
 
-    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
-        let (b, cin, h, w) = layout.shape().dims4()?;
-        if cin != self.cin {
-            candle_core::bail!("conv2d: input has {cin} channels, the weights expect {}", self.cin);
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout, s3: &CpuStorage, l3: &Layout) -> Result<(CpuStorage, Shape)> {
+        let (b, cin, h, w) = l1.shape().dims4()?;
+        let (cout, wcin, kh, kw) = l2.shape().dims4()?;
+        if wcin != cin || kh != kw || kh % 2 == 0 {
+            candle_core::bail!("conv2d: input {:?} does not fit weights {:?}", l1.dims(), l2.dims());
         }
-        let Some((start, end)) = layout.contiguous_offsets() else {
-            candle_core::bail!("conv2d: input must be contiguous");
-        };
-        let src = &storage.as_slice::<f32>()?[start..end];
-        let (k, pad, cout) = (self.kernel, self.kernel / 2, self.cout);
+        let (src, weight, bias) = (f32_slice(s1, l1, "input")?, f32_slice(s2, l2, "weight")?, f32_slice(s3, l3, "bias")?);
+        let (k, pad) = (kh, kh / 2);
         let (hp, wp) = (h + 2 * pad, w + 2 * pad);
         // One channel of the padded input, plus 2*pad so the last tap's slice stays in bounds.
         let plane = hp * wp + 2 * pad;
@@ -101,16 +112,14 @@ impl CustomOp1 for TapConv {
                 });
                 (&padded[..], plane)
             };
-            match &self.bias {
-                Some(bias) => wide.par_chunks_mut(n).zip(bias.par_iter()).for_each(|(row, &v)| row.fill(v)),
-                None => wide.fill(0.0),
-            }
+            wide.par_chunks_mut(n).zip(bias.par_iter()).for_each(|(row, &v)| row.fill(v));
             for dy in 0..k {
                 for dx in 0..k {
-                    let tap = &self.by_tap[(dy * k + dx) * cout * cin..(dy * k + dx + 1) * cout * cin];
+                    let tap = dy * k + dx;
                     let offset = dy * wp + dx;
-                    // SAFETY: dst is cout x n (row stride n); lhs is cout x cin (row stride cin);
-                    // rhs is cin x n at row stride rhs_rs from `offset`, whose last element,
+                    // SAFETY: dst is cout x n (row stride n); lhs is weight[:, :, dy, dx], cout x
+                    // cin at row stride cin*k*k and column stride k*k from `tap`; rhs is cin x n
+                    // at row stride rhs_rs from `offset`, whose last element,
                     // (cin-1)*rhs_rs + offset + n - 1, is inside the padded buffer by `plane`'s
                     // construction (or is the unpadded input itself for a 1x1 kernel).
                     unsafe {
@@ -122,9 +131,9 @@ impl CustomOp1 for TapConv {
                             1,
                             n as isize,
                             true,
-                            tap.as_ptr(),
-                            1,
-                            cin as isize,
+                            weight.as_ptr().add(tap),
+                            (k * k) as isize,
+                            (cin * k * k) as isize,
                             rhs.as_ptr().add(offset),
                             1,
                             rhs_rs as isize,

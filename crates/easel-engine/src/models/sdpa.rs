@@ -44,10 +44,16 @@ pub fn attention_within(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64, budget: 
         }
     };
     let v = v.contiguous()?;
+    let kt = k.t()?;
     let mut blocks = Vec::with_capacity(n.div_ceil(q_rows));
     for start in (0..n).step_by(q_rows) {
         let qb = q.narrow(2, start, q_rows.min(n - start))?;
-        blocks.push(online_softmax_block(&qb, k, &v, scale, k_cols)?);
+        blocks.push(if k_cols == m {
+            // Whole key rows fit: the direct form on this block of queries (candle's fused softmax).
+            candle_nn::ops::softmax_last_dim(&(qb.matmul(&kt)? * scale)?)?.matmul(&v)?
+        } else {
+            online_softmax_block(&qb, k, &v, scale, k_cols)?
+        });
     }
     Tensor::cat(&blocks, 2)
 }
