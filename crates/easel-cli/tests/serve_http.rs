@@ -131,7 +131,7 @@ fn bad_input_gets_4xx_in_openai_shape() {
 }
 
 #[test]
-fn requests_beyond_the_memory_budget_are_refused_before_queueing() {
+fn requests_beyond_the_memory_budget_get_400_naming_size_or_n() {
     let tmp = tempfile::tempdir().unwrap();
     let s = serve(tmp.path(), &["--request-memory-mb", "512"]);
     for (path, body, param) in [

@@ -233,7 +233,7 @@ impl FluxPipeline {
         crate::model::ActivationMemory {
             denoise_bytes_per_pixel: (13 * hidden * self.dtype.size_in_bytes() as u64).div_ceil(pixels_per_token),
             decode_bytes_per_pixel: self.vae.decode_bytes_per_pixel(),
-            fixed_bytes: crate::models::sdpa::SCORE_BUDGET as u64 * 4,
+            fixed_bytes: crate::models::sdpa::SCORE_BLOCK_BYTES,
         }
     }
 

@@ -108,7 +108,8 @@ impl Pipeline {
     }
 
     /// What a request's activations need beyond the weights, for refusing a request that
-    /// cannot fit before it is queued (the estimate errs high: guidance assumed, f32 im2col).
+    /// cannot fit before it is queued. An estimate from the configs: guidance is assumed, the
+    /// SD term is calibrated on one measurement (see the SD pipeline's), FLUX's is not yet.
     pub fn activation_memory(&self) -> ActivationMemory {
         match self {
             Self::StableDiffusion(p) => p.activation_memory(),

@@ -14,8 +14,10 @@
 
 use candle_core::{DType, Result, Tensor, D};
 
-/// Score elements one attention block may hold (f32: 256 MiB).
+/// Score elements one attention block may hold.
 pub const SCORE_BUDGET: usize = 64 << 20;
+/// Those scores' bytes in f32 (256 MiB), for memory estimates.
+pub const SCORE_BLOCK_BYTES: u64 = SCORE_BUDGET as u64 * 4;
 
 /// Attention over `q` `[b, heads, n, d]`, `k` and `v` `[b, heads, m, d]`; returns `[b, heads, n, d]`.
 pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Result<Tensor> {
@@ -31,9 +33,9 @@ pub fn attention_within(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64, budget: 
     let (b, h, n, _) = q.dims4()?;
     let m = k.dim(2)?;
     let planes = b * h;
+    let v = v.contiguous()?;
     if planes * n * m <= budget {
-        let scores = (q.matmul(&k.t()?)? * scale)?;
-        return candle_nn::ops::softmax_last_dim(&scores)?.matmul(&v.contiguous()?);
+        return direct(q, k, &v, scale);
     }
     // Whole key rows per query block where at least 64 query rows fit; else key blocks too.
     let (q_rows, k_cols) = match budget / (planes * m) {
@@ -43,19 +45,17 @@ pub fn attention_within(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64, budget: 
             (rows, (budget / (planes * rows)).clamp(1, m))
         }
     };
-    let v = v.contiguous()?;
-    let kt = k.t()?;
     let mut blocks = Vec::with_capacity(n.div_ceil(q_rows));
     for start in (0..n).step_by(q_rows) {
         let qb = q.narrow(2, start, q_rows.min(n - start))?;
-        blocks.push(if k_cols == m {
-            // Whole key rows fit: the direct form on this block of queries (candle's fused softmax).
-            candle_nn::ops::softmax_last_dim(&(qb.matmul(&kt)? * scale)?)?.matmul(&v)?
-        } else {
-            online_softmax_block(&qb, k, &v, scale, k_cols)?
-        });
+        blocks.push(if k_cols == m { direct(&qb, k, &v, scale)? } else { online_softmax_block(&qb, k, &v, scale, k_cols)? });
     }
     Tensor::cat(&blocks, 2)
+}
+
+/// Two matrix products around candle's fused softmax, all keys at once.
+fn direct(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Result<Tensor> {
+    candle_nn::ops::softmax_last_dim(&(q.matmul(&k.t()?)? * scale)?)?.matmul(v)
 }
 
 /// One query block against every key, `k_cols` keys at a time, with the online softmax:
