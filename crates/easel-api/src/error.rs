@@ -51,6 +51,22 @@ impl ApiError {
         Self::new(401, "invalid_request_error", message, None, Some("invalid_api_key"))
     }
 
+    /// 403: a signed URL that is wrong or expired.
+    pub fn forbidden(message: impl Into<String>) -> Self {
+        Self::new(403, "invalid_request_error", message, None, Some("forbidden"))
+    }
+
+    /// 409: an idempotency key sent again with a different request.
+    pub fn idempotency_key_reused(job_id: &str) -> Self {
+        Self::new(
+            409,
+            "invalid_request_error",
+            format!("this Idempotency-Key was already used for job {job_id} with a different request; use a new key"),
+            Some("Idempotency-Key"),
+            Some("idempotency_key_reused"),
+        )
+    }
+
     /// 404 for an unknown model.
     pub fn unknown_model(model: &str) -> Self {
         Self::new(404, "invalid_request_error", format!("The model `{model}` does not exist"), Some("model"), Some("model_not_found"))

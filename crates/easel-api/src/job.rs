@@ -30,14 +30,87 @@ pub struct JobSpec {
     /// The LoRA stack (registry names and scales), applied in order.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub loras: Vec<crate::LoraRef>,
+    /// `privacy: "private"`: the job never reaches a closed provider.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub private: bool,
+    /// Where the job may run, in order, as the router planned it (None: the local model only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub route: Option<RoutePlan>,
+}
+
+/// Queue names of closed-provider executors start with this: `@bfl` is BFL's.
+pub const PROVIDER_QUEUE_PREFIX: &str = "@";
+
+/// One place a job may run: `local` and a local model, or a closed provider and its model.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct RouteCandidate {
+    pub provider: String,
+    pub model: String,
+    /// Why the router put it there.
+    pub reason: String,
+}
+
+impl RouteCandidate {
+    pub fn is_local(&self) -> bool {
+        self.provider == "local"
+    }
+}
+
+/// The router's ordered candidates for a job and where it stands among them. A job runs on
+/// `candidates[current]`; when that fails, the executor re-queues it for the next one
+/// (fallback), noting why in `failures`, so the synchronous and async endpoints behave alike.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct RoutePlan {
+    pub candidates: Vec<RouteCandidate>,
+    #[serde(default)]
+    pub current: usize,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub failures: Vec<String>,
+    /// The OpenAI-style `quality` the request asked for (priced per quality).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub quality: Option<String>,
+}
+
+impl RoutePlan {
+    pub fn candidate(&self) -> Option<&RouteCandidate> {
+        self.candidates.get(self.current)
+    }
 }
 
 impl JobSpec {
+    /// The closed provider the job is queued for now, if any.
+    pub fn provider_candidate(&self) -> Option<&RouteCandidate> {
+        self.route.as_ref().and_then(RoutePlan::candidate).filter(|c| !c.is_local())
+    }
+
+    /// The name the queue serves the job under: the local model, or `@provider` for a closed
+    /// provider (whose executor takes any of that provider's models).
+    pub fn queue_model(&self) -> String {
+        match self.provider_candidate() {
+            Some(c) => format!("{PROVIDER_QUEUE_PREFIX}{}", c.provider),
+            None => self.model.clone(),
+        }
+    }
+
+    /// The same job re-targeted at the plan's next candidate after `failure`; None when the
+    /// plan has no candidate left.
+    pub fn next_candidate(&self, failure: &str) -> Option<JobSpec> {
+        let plan = self.route.as_ref()?;
+        let next = plan.candidates.get(plan.current + 1)?;
+        let mut spec = self.clone();
+        spec.model = if next.is_local() { next.model.clone() } else { format!("{}:{}", next.provider, next.model) };
+        if let Some(p) = spec.route.as_mut() {
+            p.current += 1;
+            p.failures.push(failure.to_string());
+        }
+        Some(spec)
+    }
+
     /// Jobs that may run together as one batch share these.
     pub fn batch_key(&self) -> String {
         // Only jobs with the same LoRA stack share a batch: the stack changes the weights.
         let stack: Vec<String> = self.loras.iter().map(|l| format!("{}:{}", l.name, l.scale)).collect();
-        format!("{}|{}x{}|{}|{:?}|{}|{}", self.model, self.width, self.height, self.steps, self.scheduler, self.guidance, stack.join(","))
+        format!("{}|{}x{}|{}|{:?}|{}|{}", self.queue_model(), self.width, self.height, self.steps, self.scheduler, self.guidance, stack.join(","))
     }
 
     /// A canonical hash of everything that determines the pixels; `None` without an explicit seed.

@@ -263,6 +263,8 @@ impl ImageRequest {
             user: self.user.clone(),
             webhook_url: self.webhook_url.clone(),
             loras,
+            private: self.is_private()?,
+            route: None,
         };
         Ok((spec, self.response_format.unwrap_or_default()))
     }

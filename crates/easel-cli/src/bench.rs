@@ -599,7 +599,7 @@ fn queue_overhead(which: &str, depth: usize, jobs: usize) -> Result<()> {
             claim_us.push(t.elapsed().as_secs_f64() * 1e6);
             anyhow::ensure!(seen.insert(job.id.clone()), "job {} was claimed twice", job.id);
             let t = Instant::now();
-            consumer_queue.complete(&job.id, &result)?;
+            consumer_queue.complete(&easel_queue::Lease::of(&job), &result)?;
             complete_us.push(t.elapsed().as_secs_f64() * 1e6);
         }
         Ok((claim_us, complete_us, seen))

@@ -11,7 +11,7 @@ use easel_engine::pipeline::ModelDefaults;
 use easel_engine::lora::LoraSpec;
 use easel_engine::{EngineError, GenerateParams, LoadOptions, Pipeline, SchedulerKind};
 use easel_server::worker::BatchTimings;
-use easel_server::{EncodedImage, ExecError, Executor};
+use easel_server::{BatchOutput, EncodedImage, ExecError, Executor};
 
 /// A model the server offers.
 pub struct ServedModel {
@@ -201,7 +201,7 @@ impl Executor for EngineExecutor {
         }
     }
 
-    fn run_batch(&self, jobs: &[Job], on_step: &mut dyn FnMut(usize, usize) -> bool) -> Result<(Vec<Vec<EncodedImage>>, BatchTimings), ExecError> {
+    fn run_batch(&self, jobs: &[Job], on_step: &mut dyn FnMut(usize, usize) -> bool) -> Result<BatchOutput, ExecError> {
         let model = &jobs[0].spec.model;
         // Jobs in one batch share their LoRA stack (it is part of the batch key).
         let mut stack = vec![];
@@ -276,7 +276,7 @@ impl Executor for EngineExecutor {
             }
             all.push(images);
         }
-        Ok((all, timings))
+        Ok(BatchOutput { images: all, timings, charge: None })
     }
 
     fn warm_models(&self) -> Vec<String> {

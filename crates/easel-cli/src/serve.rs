@@ -86,6 +86,13 @@ pub struct BackendArgs {
     /// Also accept hub ids (owner/name) in `loras`, fetched into the hub cache when first used.
     #[arg(long)]
     lora_hub: bool,
+    /// The secret that signs webhooks and image URLs; every node of a deployment needs the same
+    /// one (default: EASEL_SIGNING_SECRET or EASEL_WEBHOOK_SECRET, else random per run).
+    #[arg(long, alias = "webhook-secret")]
+    signing_secret: Option<String>,
+    /// Allow webhooks to loopback and private-network addresses.
+    #[arg(long)]
+    allow_private_webhooks: bool,
 }
 
 #[derive(Args, Debug)]
@@ -110,15 +117,19 @@ pub struct ServeArgs {
     /// Listen on a non-loopback address without API keys.
     #[arg(long)]
     allow_unauthenticated: bool,
-    /// HMAC-SHA256 key for webhook signatures (default: EASEL_WEBHOOK_SECRET, else random per run).
+    /// An admin API key as NAME:SECRET[:REQUESTS_PER_MINUTE]: sees every key's jobs, images and
+    /// usage; repeatable.
+    #[arg(long = "admin-key")]
+    admin_keys: Vec<String>,
+    /// /metrics answers only admin keys (when keys are configured).
     #[arg(long)]
-    webhook_secret: Option<String>,
-    /// Allow webhooks to loopback and private-network addresses.
-    #[arg(long)]
-    allow_private_webhooks: bool,
+    metrics_need_admin: bool,
     /// Queued plus running jobs one API key may have at once.
     #[arg(long, default_value_t = 100)]
     max_jobs_per_key: usize,
+    /// Threads that run closed-provider jobs (each waits on one vendor request at a time).
+    #[arg(long, default_value_t = 8)]
+    provider_workers: usize,
 }
 
 #[derive(Args, Debug)]
@@ -170,6 +181,9 @@ struct KeyEntry {
     secret: Option<String>,
     #[serde(default = "default_rate")]
     rate_per_minute: u32,
+    /// Sees every key's jobs, images and usage.
+    #[serde(default)]
+    admin: bool,
 }
 
 fn default_rate() -> u32 {
@@ -203,9 +217,9 @@ fn keys_from_file(path: &std::path::Path, cfg: ConfigFile) -> Result<Vec<ApiKey>
         .into_iter()
         .map(|k| match (k.sha256, k.secret) {
             (Some(h), None) if h.len() == 64 && h.chars().all(|c| c.is_ascii_hexdigit()) => {
-                Ok(ApiKey { name: k.name, sha256: h.to_ascii_lowercase(), rate_per_minute: k.rate_per_minute })
+                Ok(ApiKey { name: k.name, sha256: h.to_ascii_lowercase(), rate_per_minute: k.rate_per_minute, admin: k.admin })
             }
-            (None, Some(secret)) if !secret.is_empty() => Ok(ApiKey::from_secret(&k.name, &secret, k.rate_per_minute)),
+            (None, Some(secret)) if !secret.is_empty() => Ok(ApiKey { admin: k.admin, ..ApiKey::from_secret(&k.name, &secret, k.rate_per_minute) }),
             _ => bail!("{}: API key `{}` needs exactly one of `sha256` (64 hex digits) or `secret`", path.display(), k.name),
         })
         .collect()
@@ -269,7 +283,33 @@ fn services(args: &BackendArgs) -> Result<easel_server::Services> {
         ledger: Some(Arc::new(easel_router::Ledger::open(&data_dir.join("ledger.db")).context("opening the cost ledger")?)),
         local_cost,
         loras,
+        image_urls: easel_server::image_urls::ImageUrls::new(&signing_secret(args), Duration::from_secs(if args.url_lifetime == 0 { 3600 } else { args.url_lifetime })),
     })
+}
+
+/// The deployment's signing secret (webhooks, image URLs).
+fn signing_secret(args: &BackendArgs) -> String {
+    let from_env = || std::env::var("EASEL_SIGNING_SECRET").or_else(|_| std::env::var("EASEL_WEBHOOK_SECRET")).ok().filter(|s| !s.is_empty());
+    static RANDOM: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    args.signing_secret.clone().or_else(from_env).unwrap_or_else(|| {
+        RANDOM
+            .get_or_init(|| {
+                eprintln!("warning: no --signing-secret or EASEL_SIGNING_SECRET; webhooks and image URLs are signed with a random per-run key (URLs stop working at restart and on other nodes)");
+                uuid_like()
+            })
+            .clone()
+    })
+}
+
+/// Webhook delivery for a process that runs jobs or serves the API: both deliver from the outbox.
+fn webhook_config(args: &BackendArgs, services: &easel_server::Services) -> (Arc<dyn JobQueue>, easel_server::image_urls::ImageUrls, easel_server::webhooks::WebhookConfig) {
+    let config = easel_server::webhooks::WebhookConfig {
+        secret: signing_secret(args),
+        allow_private: args.allow_private_webhooks,
+        max_attempts: 5,
+        first_backoff: Duration::from_millis(500),
+    };
+    (services.queue.clone(), services.image_urls.clone(), config)
 }
 
 fn local_cost(args: &BackendArgs) -> Result<easel_router::LocalCost> {
@@ -305,6 +345,29 @@ fn start_workers(services: &easel_server::Services, args: &BackendArgs, n: usize
     Ok(threads)
 }
 
+/// Starts `n` worker threads that run queued closed-provider jobs (`@provider`) on this node's
+/// gateway: the same loop, leases, storing and ledger as local jobs.
+fn start_provider_workers(
+    services: &easel_server::Services,
+    gateway: &Arc<easel_server::gateway::Gateway>,
+    runtime: &tokio::runtime::Handle,
+    n: usize,
+    lease: u64,
+    stop: &Arc<AtomicBool>,
+) -> Result<Vec<std::thread::JoinHandle<()>>> {
+    let executor = Arc::new(easel_server::provider_executor::ProviderExecutor::new(gateway.clone(), services.ledger.clone(), runtime.clone()));
+    let mut threads = vec![];
+    for i in 0..n {
+        let worker = Worker {
+            services: easel_server::Services { executor: executor.clone(), ..services.clone() },
+            config: WorkerConfig { name: format!("{}-{}-providers-{i}", hostname(), std::process::id()), max_batch: 1, lease: Duration::from_secs(lease.max(1)), ..Default::default() },
+        };
+        let stop = stop.clone();
+        threads.push(std::thread::Builder::new().name(format!("easel-providers-{i}")).spawn(move || worker.run(&stop))?);
+    }
+    Ok(threads)
+}
+
 fn hostname() -> String {
     std::env::var("HOSTNAME").ok().filter(|h| !h.is_empty()).unwrap_or_else(|| "easel".into())
 }
@@ -315,8 +378,10 @@ pub fn run_worker(args: WorkerArgs) -> Result<()> {
     let stop = Arc::new(AtomicBool::new(false));
     let threads = start_workers(&services, &args.backend, args.workers.max(1), &stop)?;
     println!("easel worker running {} worker(s) for {}", threads.len(), services.executor.models().iter().map(|m| m.id.as_str()).collect::<Vec<_>>().join(", "));
+    let (queue, urls, webhooks) = webhook_config(&args.backend, &services);
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
     rt.block_on(async {
+        tokio::spawn(easel_server::webhooks::deliver(queue, urls, webhooks));
         let _ = tokio::signal::ctrl_c().await;
     });
     stop.store(true, Ordering::Relaxed);
@@ -328,6 +393,9 @@ pub fn run_worker(args: WorkerArgs) -> Result<()> {
 
 pub fn run(args: ServeArgs) -> Result<()> {
     let mut keys: Vec<ApiKey> = args.api_keys.iter().map(|k| parse_key(k)).collect::<Result<_>>()?;
+    for k in &args.admin_keys {
+        keys.push(ApiKey { admin: true, ..parse_key(k)? });
+    }
     let mut gateway = None;
     if let Some(path) = &args.config {
         let cfg = read_config(path)?;
@@ -346,32 +414,25 @@ pub fn run(args: ServeArgs) -> Result<()> {
     let config = ServerConfig {
         max_body_bytes: args.max_body_bytes,
         api_keys: (!keys.is_empty()).then_some(keys),
-        allow_private_webhooks: args.allow_private_webhooks,
+        allow_private_webhooks: args.backend.allow_private_webhooks,
         max_jobs_per_key: args.max_jobs_per_key.max(1),
+        metrics_need_admin: args.metrics_need_admin,
         ..Default::default()
     };
-    let webhook_secret = args.webhook_secret.clone().or_else(|| std::env::var("EASEL_WEBHOOK_SECRET").ok()).unwrap_or_else(|| {
-        eprintln!("warning: no --webhook-secret or EASEL_WEBHOOK_SECRET; webhooks are signed with a random per-run key");
-        uuid_like()
-    });
-    let webhooks = easel_server::webhooks::WebhookConfig {
-        secret: webhook_secret,
-        allow_private: args.allow_private_webhooks,
-        max_attempts: 5,
-        first_backoff: Duration::from_millis(500),
-    };
+    let webhook_task = webhook_config(&args.backend, &services);
 
     let stop = Arc::new(AtomicBool::new(false));
-    let worker_threads = start_workers(&services, &args.backend, args.workers, &stop)?;
-    let webhook_task = (services.bus.clone(), services.queue.clone());
-    let mut state = AppState::new(services, config);
+    let rt = tokio::runtime::Runtime::new()?;
+    let mut worker_threads = start_workers(&services, &args.backend, args.workers, &stop)?;
+    let mut state = AppState::new(services.clone(), config);
     if let Some(g) = gateway {
+        let g = Arc::new(g);
+        worker_threads.extend(start_provider_workers(&services, &g, rt.handle(), args.provider_workers, args.backend.lease, &stop)?);
         state = state.with_gateway(g);
     }
     let app = easel_server::router(state);
-    let rt = tokio::runtime::Runtime::new()?;
     rt.block_on(async move {
-        tokio::spawn(easel_server::webhooks::deliver(webhook_task.0, webhook_task.1, webhooks));
+        tokio::spawn(easel_server::webhooks::deliver(webhook_task.0, webhook_task.1, webhook_task.2));
         let listener = tokio::net::TcpListener::bind(args.listen).await.with_context(|| format!("listening on {}", args.listen))?;
         let addr = listener.local_addr()?;
         println!("easel listening on http://{addr}");

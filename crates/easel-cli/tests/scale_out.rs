@@ -14,16 +14,16 @@ use serde_json::{json, Value};
 mod common;
 use common::*;
 
-/// The machine's Redis (.ci/run starts it); each test owns one database number.
+/// The test Redis (started if none runs); each test owns one database number.
 fn redis_url(db: u32) -> String {
-    let url = format!("redis://127.0.0.1:6379/{db}");
+    let url = easel_queue::testing::redis_url(db);
     flush(&url);
     url
 }
 
 fn flush(url: &str) {
     let client = redis::Client::open(url).expect("redis url");
-    let mut c = client.get_connection().expect("Redis on 127.0.0.1:6379 (started by .ci/run)");
+    let mut c = client.get_connection().expect("the test Redis");
     redis::cmd("FLUSHDB").query::<()>(&mut c).expect("flushdb");
 }
 
@@ -102,7 +102,7 @@ impl OwnRedis {
             .arg(&self.dir)
             .stdout(Stdio::null())
             .spawn()
-            .expect("redis-server");
+            .unwrap_or_else(|e| panic!("redis-server ({e}): install it (Debian/Ubuntu: apt-get install redis-server) or run .ci/run"));
         self.child = Some(child);
         let deadline = Instant::now() + Duration::from_secs(10);
         while TcpStream::connect(("127.0.0.1", self.port)).is_err() {
@@ -293,9 +293,11 @@ fn images_in_s3_with_presigned_urls_survive_refused_writes() {
     assert!(url.contains(&bucket) && url.contains("X-Amz-Signature"), "a presigned S3 URL: {url}");
     let png = client().get(url).send().unwrap().bytes().unwrap();
     assert_eq!(&png[1..4], b"PNG", "the URL serves the image straight from the bucket");
-    // Still readable through the API too.
+    // Still readable through the API too, by the job's signed URL.
     let id = resp["easel"]["job_id"].as_str().unwrap();
-    assert_eq!(client().get(format!("{}/v1/images/{id}/0.png", api.base)).send().unwrap().status().as_u16(), 200);
+    let (_, record) = get(&api, &format!("/v1/jobs/{id}"));
+    let path = record["images"][0]["url"].as_str().unwrap();
+    assert_eq!(client().get(format!("{}{path}", api.base)).send().unwrap().status().as_u16(), 200);
 
     // The bucket refuses writes for a while: the job is retried, then finishes.
     proxy.refuse.store(true, Ordering::SeqCst);

@@ -8,7 +8,11 @@
 //! - `running`: a sorted set of claimed job ids scored by lease expiry; expired ones are
 //!   reclaimed by any worker (at-least-once), and `complete` records a result only while the
 //!   job is still running under a lease (exactly once);
-//! - `idem:{key}`, `cache:{key}`, `active:{api key}`: idempotency, result cache, per-key jobs;
+//! - `idem:{key}` (job id and request fingerprint), `cache:{key}`, `active:{api key}`:
+//!   idempotency, result cache, per-key jobs;
+//! - `outbox`: a sorted set of job ids whose final state awaits its webhook, scored by when the
+//!   delivery is next due; the script that ends a job adds it, and deliverers claim it with a
+//!   lease (the score moves to the lease's end) like jobs;
 //! - `workers` / `workers:expiry`: which models live workers advertise;
 //! - the `wake` stream with the consumer group `workers`: every enqueue appends the job id,
 //!   and each entry is delivered to one idle worker (XREADGROUP), which wakes at once and
@@ -26,7 +30,7 @@ use std::time::Duration;
 use easel_api::{Event, Job, JobResult, JobSpec, JobStatus, ModelInfo};
 use redis::{Commands, Script};
 
-use crate::{Enqueued, JobQueue, QueueError, Result};
+use crate::{Delivery, Enqueued, Idempotency, JobQueue, Lease, QueueError, Result, MAX_CRASHES, WORKER_CRASHED};
 
 impl From<redis::RedisError> for QueueError {
     fn from(e: redis::RedisError) -> Self {
@@ -52,19 +56,24 @@ local P = ARGV[1]
 ";
 
 const ENQUEUE: &str = "
-local id, spec, priority, model, batch_key, cache_key, idem, api_key, max = ARGV[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6], ARGV[7], ARGV[8], ARGV[9], tonumber(ARGV[10])
+local id, spec, priority, model, batch_key, cache_key, idem, api_key, max, fingerprint, webhook =
+  ARGV[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6], ARGV[7], ARGV[8], ARGV[9], tonumber(ARGV[10]), ARGV[11], ARGV[12]
 if idem ~= '' then
-  local existing = redis.call('GET', P .. 'idem:' .. idem)
-  if existing then return {existing, 1} end
+  local existing = redis.call('HMGET', P .. 'idem:' .. idem, 'id', 'fingerprint')
+  if existing[1] then
+    if existing[2] ~= fingerprint then return {existing[1], 3} end
+    return {existing[1], 1}
+  end
 end
 local queued = redis.call('ZCARD', P .. 'queued')
 if queued >= max then return {'', 2, queued} end
 local seq = redis.call('INCR', P .. 'seq')
 redis.call('HSET', P .. 'job:' .. id, 'id', id, 'status', 'queued', 'priority', priority, 'model', model, 'batch_key', batch_key,
-  'spec', spec, 'attempts', 0, 'created_at', tostring(now()), 'seq', seq, 'cancel', 0, 'cache_key', cache_key, 'api_key', api_key)
+  'spec', spec, 'attempts', 0, 'crashes', 0, 'created_at', tostring(now()), 'seq', seq, 'cancel', 0, 'cache_key', cache_key, 'api_key', api_key,
+  'webhook', webhook)
 redis.call('ZADD', P .. 'queued', score(priority, seq), id)
 if api_key ~= '' then redis.call('SADD', P .. 'active:' .. api_key, id) end
-if idem ~= '' then redis.call('SET', P .. 'idem:' .. idem, id) end
+if idem ~= '' then redis.call('HSET', P .. 'idem:' .. idem, 'id', id, 'fingerprint', fingerprint) end
 redis.call('XADD', P .. 'wake', 'MAXLEN', '~', 1000, '*', 'job', id)
 return {id, 0}
 ";
@@ -107,18 +116,25 @@ return out
 const HEARTBEAT: &str = "
 local lease = tonumber(ARGV[2])
 local t = now()
-for i = 3, #ARGV do
+local lost = {}
+for i = 3, #ARGV, 2 do
   local id = ARGV[i]
-  if redis.call('HGET', P .. 'job:' .. id, 'status') == 'running' then
+  if held(id, ARGV[i + 1]) then
     redis.call('HSET', P .. 'job:' .. id, 'lease_until', tostring(t + lease))
     redis.call('ZADD', P .. 'running', t + lease, id)
+  else
+    table.insert(lost, id)
   end
 end
-return 1
+return lost
 ";
 
 /// Ends a job: final status, bookkeeping. Shared by the scripts that finish jobs.
 const FINISH: &str = "
+local function held(id, attempt)
+  local f = redis.call('HMGET', P .. 'job:' .. id, 'status', 'attempts')
+  return f[1] == 'running' and f[2] == attempt
+end
 local function finish(id, status, field, value)
   local key = P .. 'job:' .. id
   redis.call('HSET', key, 'status', status, 'finished_at', tostring(now()))
@@ -127,6 +143,8 @@ local function finish(id, status, field, value)
   redis.call('ZREM', P .. 'queued', id)
   local api_key = redis.call('HGET', key, 'api_key')
   if api_key and api_key ~= '' then redis.call('SREM', P .. 'active:' .. api_key, id) end
+  local webhook = redis.call('HGET', key, 'webhook')
+  if webhook and webhook ~= '' then redis.call('ZADD', P .. 'outbox', 'NX', now(), id) end
 end
 local function requeue(id, field, value)
   local key = P .. 'job:' .. id
@@ -139,9 +157,9 @@ end
 ";
 
 const COMPLETE: &str = "
-local id, result = ARGV[2], ARGV[3]
+local id, attempt, result = ARGV[2], ARGV[3], ARGV[4]
 local key = P .. 'job:' .. id
-if redis.call('HGET', key, 'status') ~= 'running' then return 0 end
+if not held(id, attempt) then return 0 end
 finish(id, 'succeeded', 'result', result)
 local ck = redis.call('HGET', key, 'cache_key')
 if ck and ck ~= '' then redis.call('SETNX', P .. 'cache:' .. ck, id) end
@@ -149,10 +167,9 @@ return 1
 ";
 
 const FAIL: &str = "
-local id, reason, retryable, max_attempts = ARGV[2], ARGV[3], ARGV[4] == '1', tonumber(ARGV[5])
+local id, attempt, reason, retryable, max_attempts = ARGV[2], ARGV[3], ARGV[4], ARGV[5] == '1', tonumber(ARGV[6])
 local key = P .. 'job:' .. id
-local status = redis.call('HGET', key, 'status')
-if status ~= 'running' then return status or 'failed' end
+if not held(id, attempt) then return redis.call('HGET', key, 'status') or 'failed' end
 if retryable and tonumber(redis.call('HGET', key, 'attempts')) < max_attempts then
   requeue(id, 'error', reason)
   return 'queued'
@@ -173,20 +190,18 @@ return status
 
 const MARK_CANCELED: &str = "
 local id = ARGV[2]
-if redis.call('HGET', P .. 'job:' .. id, 'status') == 'running' then finish(id, 'canceled') end
+if held(id, ARGV[3]) then finish(id, 'canceled') end
 return 1
 ";
 
 const RECOVER: &str = "
-local max_attempts = tonumber(ARGV[2])
+local max_crashes, reason = tonumber(ARGV[2]), ARGV[3]
 local expired = redis.call('ZRANGEBYSCORE', P .. 'running', '-inf', now())
 local requeued = 0
 for _, id in ipairs(expired) do
-  local key = P .. 'job:' .. id
-  if tonumber(redis.call('HGET', key, 'attempts') or '0') >= max_attempts then
-    local err = redis.call('HGET', key, 'error')
-    if not err or err == '' then err = 'worker died' end
-    finish(id, 'failed', 'error', err .. ' (lease expired after the last attempt)')
+  local crashes = redis.call('HINCRBY', P .. 'job:' .. id, 'crashes', 1)
+  if crashes >= max_crashes then
+    finish(id, 'failed', 'error', reason)
   else
     requeue(id)
     requeued = requeued + 1
@@ -195,12 +210,24 @@ end
 return requeued
 ";
 
-const INSERT_FINISHED: &str = "
-local id, spec, priority, model, batch_key, result, api_key = ARGV[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6], ARGV[7], ARGV[8]
-local t = tostring(now())
-redis.call('HSET', P .. 'job:' .. id, 'id', id, 'status', 'succeeded', 'priority', priority, 'model', model, 'batch_key', batch_key,
-  'spec', spec, 'result', result, 'attempts', 1, 'created_at', t, 'started_at', t, 'finished_at', t, 'seq', redis.call('INCR', P .. 'seq'),
-  'cancel', 0, 'cache_key', '', 'api_key', api_key)
+const CLAIM_DELIVERIES: &str = "
+local max, lease = tonumber(ARGV[2]), tonumber(ARGV[3])
+local t = now()
+local ids = redis.call('ZRANGEBYSCORE', P .. 'outbox', '-inf', t, 'LIMIT', 0, max)
+local out = {}
+for _, id in ipairs(ids) do
+  redis.call('ZADD', P .. 'outbox', t + lease, id)
+  local attempt = redis.call('HINCRBY', P .. 'job:' .. id, 'webhook_attempts', 1)
+  table.insert(out, {id, redis.call('HGET', P .. 'job:' .. id, 'webhook') or '', attempt})
+end
+return out
+";
+
+const REROUTE: &str = "
+local id, attempt, spec, model, batch_key = ARGV[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6]
+if not held(id, attempt) then return 0 end
+redis.call('HSET', P .. 'job:' .. id, 'spec', spec, 'model', model, 'batch_key', batch_key)
+requeue(id)
 return 1
 ";
 
@@ -236,6 +263,23 @@ fn script(body: &str) -> Script {
     Script::new(&format!("{SCORE}{FINISH}{body}"))
 }
 
+/// A Redis URL fit for logs: any password replaced by `***`.
+fn redacted(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else { return url.to_string() };
+    match rest.rsplit_once('@') {
+        Some((userinfo, host)) => {
+            let user = userinfo.split_once(':').map(|(u, _)| format!("{u}:***")).unwrap_or_else(|| "***".into());
+            format!("{scheme}://{user}@{host}")
+        }
+        None => url.to_string(),
+    }
+}
+
+/// The job whose final state a delivery carries (see [`Delivery::id_for`]).
+fn job_of_delivery(delivery_id: &str) -> String {
+    format!("job_{}", delivery_id.strip_prefix("dlv_").unwrap_or(delivery_id))
+}
+
 fn opt(s: Option<String>) -> Option<String> {
     s.filter(|v| !v.is_empty())
 }
@@ -247,9 +291,10 @@ fn num(s: Option<String>) -> Option<f64> {
 impl RedisQueue {
     /// Connects to `url` (`redis://HOST:PORT/DB`), checking the server answers.
     pub fn open(url: &str, max_queued: usize, max_attempts: u32) -> Result<Self> {
-        let client = redis::Client::open(url).map_err(|e| QueueError::Storage(format!("redis URL `{url}`: {e}")))?;
+        let shown = redacted(url);
+        let client = redis::Client::open(url).map_err(|e| QueueError::Storage(format!("redis URL `{shown}`: {e}")))?;
         let q = Self { client, conn: Mutex::new(None), waiters: Default::default(), prefix: "easel:".into(), max_queued, max_attempts };
-        q.with(|c| redis::cmd("PING").query::<String>(c)).map_err(|e| QueueError::Storage(format!("cannot reach Redis at {url}: {e}")))?;
+        q.with(|c| redis::cmd("PING").query::<String>(c)).map_err(|e| QueueError::Storage(format!("cannot reach Redis at {shown}: {e}")))?;
         Ok(q)
     }
 
@@ -389,7 +434,7 @@ impl RedisQueue {
 }
 
 impl JobQueue for RedisQueue {
-    fn enqueue(&self, spec: &JobSpec, cache_key: Option<&str>, idempotency_key: Option<&str>) -> Result<Enqueued> {
+    fn enqueue(&self, spec: &JobSpec, cache_key: Option<&str>, idempotency: Option<Idempotency<'_>>) -> Result<Enqueued> {
         let id = format!("job_{}", uuid::Uuid::new_v4().simple());
         let spec_json = serde_json::to_string(spec).map_err(|e| QueueError::Storage(e.to_string()))?;
         let reply: Vec<redis::Value> = self.run(
@@ -398,17 +443,20 @@ impl JobQueue for RedisQueue {
                 id.clone(),
                 spec_json,
                 spec.priority.to_string(),
-                spec.model.clone(),
+                spec.queue_model(),
                 spec.batch_key(),
                 cache_key.unwrap_or("").to_string(),
-                idempotency_key.unwrap_or("").to_string(),
+                idempotency.map(|i| i.key).unwrap_or("").to_string(),
                 spec.user.clone().unwrap_or_default(),
                 self.max_queued.to_string(),
+                idempotency.map(|i| i.fingerprint).unwrap_or("").to_string(),
+                spec.webhook_url.clone().unwrap_or_default(),
             ],
         )?;
         let field = |i: usize| reply.get(i).and_then(|v| redis::from_redis_value::<String>(v).ok()).unwrap_or_default();
         match field(1).as_str() {
             "2" => Err(QueueError::Full(field(2).parse().unwrap_or(self.max_queued))),
+            "3" => Err(QueueError::IdempotencyKeyReused { job_id: field(0) }),
             flag => {
                 let job = self.get(&field(0))?.ok_or_else(|| QueueError::Storage("enqueued job vanished".into()))?;
                 Ok(Enqueued { job, existing: flag == "1" })
@@ -442,20 +490,23 @@ impl JobQueue for RedisQueue {
         Ok(jobs)
     }
 
-    fn heartbeat(&self, ids: &[String], lease: Duration) -> Result<()> {
+    fn heartbeat(&self, leases: &[Lease], lease: Duration) -> Result<Vec<String>> {
         let mut args = vec![lease.as_secs_f64().to_string()];
-        args.extend(ids.iter().cloned());
-        self.run::<i64>(HEARTBEAT, &args)?;
-        Ok(())
+        for l in leases {
+            args.push(l.job_id.clone());
+            args.push(l.attempt.to_string());
+        }
+        self.run(HEARTBEAT, &args)
     }
 
-    fn complete(&self, id: &str, result: &JobResult) -> Result<bool> {
+    fn complete(&self, lease: &Lease, result: &JobResult) -> Result<bool> {
         let body = serde_json::to_string(result).map_err(|e| QueueError::Storage(e.to_string()))?;
-        Ok(self.run::<i64>(COMPLETE, &[id.to_string(), body.to_string()])? == 1)
+        Ok(self.run::<i64>(COMPLETE, &[lease.job_id.clone(), lease.attempt.to_string(), body])? == 1)
     }
 
-    fn fail(&self, id: &str, reason: &str, retryable: bool) -> Result<JobStatus> {
-        let status: String = self.run(FAIL, &[id.to_string(), reason.to_string(), (retryable as i32).to_string(), self.max_attempts.to_string()])?;
+    fn fail(&self, lease: &Lease, reason: &str, retryable: bool) -> Result<JobStatus> {
+        let status: String =
+            self.run(FAIL, &[lease.job_id.clone(), lease.attempt.to_string(), reason.to_string(), (retryable as i32).to_string(), self.max_attempts.to_string()])?;
         Ok(JobStatus::parse(&status).unwrap_or(JobStatus::Failed))
     }
 
@@ -470,8 +521,8 @@ impl JobQueue for RedisQueue {
         Ok(v.as_deref() == Some("1"))
     }
 
-    fn mark_canceled(&self, id: &str) -> Result<()> {
-        self.run::<i64>(MARK_CANCELED, &[id.to_string()])?;
+    fn mark_canceled(&self, lease: &Lease) -> Result<()> {
+        self.run::<i64>(MARK_CANCELED, &[lease.job_id.clone(), lease.attempt.to_string()])?;
         Ok(())
     }
 
@@ -495,22 +546,36 @@ impl JobQueue for RedisQueue {
     }
 
     fn recover_expired(&self) -> Result<usize> {
-        let n: i64 = self.run(RECOVER, &[self.max_attempts.to_string()])?;
+        let reason = format!("{WORKER_CRASHED}: the worker running this job stopped {MAX_CRASHES} times (its lease expired); not retried again");
+        let n: i64 = self.run(RECOVER, &[MAX_CRASHES.to_string(), reason])?;
         if n > 0 {
             tracing::warn!(requeued = n, "recovered jobs whose worker stopped");
         }
         Ok(n as usize)
     }
 
-    fn insert_finished(&self, spec: &JobSpec, result: &JobResult) -> Result<Job> {
-        let id = format!("job_{}", uuid::Uuid::new_v4().simple());
-        let spec_json = serde_json::to_string(spec).map_err(|e| QueueError::Storage(e.to_string()))?;
-        let result_json = serde_json::to_string(result).map_err(|e| QueueError::Storage(e.to_string()))?;
-        self.run::<i64>(
-            INSERT_FINISHED,
-            &[id.clone(), spec_json, spec.priority.to_string(), spec.model.clone(), spec.batch_key(), result_json, spec.user.clone().unwrap_or_default()],
-        )?;
-        self.get(&id)?.ok_or_else(|| QueueError::Storage("inserted job vanished".into()))
+    fn claim_deliveries(&self, max: usize, lease: Duration) -> Result<Vec<Delivery>> {
+        let rows: Vec<(String, String, u32)> = self.run(CLAIM_DELIVERIES, &[max.to_string(), lease.as_secs_f64().to_string()])?;
+        Ok(rows.into_iter().map(|(job_id, url, attempt)| Delivery { id: Delivery::id_for(&job_id), job_id, url, attempt }).collect())
+    }
+
+    fn delivery_done(&self, id: &str) -> Result<()> {
+        let key = format!("{}outbox", self.prefix);
+        let job = job_of_delivery(id);
+        self.with(|c| c.zrem::<_, _, ()>(&key, &job))
+    }
+
+    fn delivery_retry(&self, id: &str, after: Duration) -> Result<()> {
+        let key = format!("{}outbox", self.prefix);
+        let job = job_of_delivery(id);
+        // XX: a delivery that was done meanwhile stays done. Due time on the server's clock.
+        let script = Script::new("local t = redis.call('TIME') redis.call('ZADD', KEYS[1], 'XX', tonumber(t[1]) + tonumber(t[2]) / 1e6 + tonumber(ARGV[1]), ARGV[2]) return 1");
+        self.with(|c| script.key(&key).arg(after.as_secs_f64()).arg(&job).invoke::<i64>(c)).map(|_| ())
+    }
+
+    fn reroute(&self, lease: &Lease, spec: &JobSpec) -> Result<bool> {
+        let body = serde_json::to_string(spec).map_err(|e| QueueError::Storage(e.to_string()))?;
+        Ok(self.run::<i64>(REROUTE, &[lease.job_id.clone(), lease.attempt.to_string(), body, spec.queue_model(), spec.batch_key()])? == 1)
     }
 
     fn advertise(&self, worker: &str, models: &[ModelInfo], warm: &[String], ttl: Duration) -> Result<()> {
@@ -575,13 +640,13 @@ impl JobQueue for RedisQueue {
 mod tests {
     use super::*;
 
-    /// The Redis that .ci/run makes sure is running; database 13 is this suite's own.
+    /// The test Redis (started if none runs); database 13 is this suite's own.
     fn url() -> String {
-        std::env::var("EASEL_TEST_REDIS").unwrap_or_else(|_| "redis://127.0.0.1:6379/13".into())
+        std::env::var("EASEL_TEST_REDIS").unwrap_or_else(|_| crate::testing::redis_url(13))
     }
 
     fn open(prefix: &str, max: usize) -> RedisQueue {
-        let q = RedisQueue::open(&url(), max, 3).expect("Redis on 127.0.0.1:6379 (started by .ci/run)").with_prefix(prefix);
+        let q = RedisQueue::open(&url(), max, 3).expect("the test Redis").with_prefix(prefix);
         q.purge().expect("purge");
         q
     }
@@ -626,6 +691,14 @@ mod tests {
         assert!(waited >= Duration::from_millis(250) && waited < Duration::from_secs(3), "woke after {waited:?}");
         t.join().expect("producer");
         q.purge().expect("cleanup");
+    }
+
+    #[test]
+    fn start_up_errors_never_show_the_redis_password() {
+        let err = RedisQueue::open("redis://app:hunter2@127.0.0.1:1/0", 10, 3).err().expect("nothing listens on port 1");
+        assert!(!err.to_string().contains("hunter2") && err.to_string().contains("redis://app:***@127.0.0.1:1/0"), "{err}");
+        assert_eq!(redacted("redis://:pw@h:6379/0"), "redis://:***@h:6379/0");
+        assert_eq!(redacted("redis://h:6379/0"), "redis://h:6379/0");
     }
 
     #[test]

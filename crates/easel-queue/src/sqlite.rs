@@ -7,7 +7,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use easel_api::{Job, JobResult, JobSpec, JobStatus, ModelInfo};
 use rusqlite::{params, Connection, OptionalExtension};
 
-use crate::{Enqueued, JobQueue, QueueError, Result};
+use crate::{Delivery, Enqueued, Idempotency, JobQueue, Lease, QueueError, Result, MAX_CRASHES, WORKER_CRASHED};
 
 /// SQLite-backed [`JobQueue`].
 pub struct SqliteQueue {
@@ -79,9 +79,36 @@ impl SqliteQueue {
                 models TEXT NOT NULL,
                 warm TEXT NOT NULL,
                 expires_at REAL NOT NULL
-            );",
+            );
+            CREATE TABLE IF NOT EXISTS deliveries (
+                id TEXT PRIMARY KEY,
+                job_id TEXT NOT NULL,
+                url TEXT NOT NULL,
+                due_at REAL NOT NULL,
+                attempts INTEGER NOT NULL DEFAULT 0
+            );
+            CREATE INDEX IF NOT EXISTS deliveries_due ON deliveries(due_at);",
         )?;
+        // Columns added after the first release: databases made before them gain them here.
+        for (column, decl) in [("crashes", "INTEGER NOT NULL DEFAULT 0"), ("idempotency_fingerprint", "TEXT")] {
+            let has: bool = conn.query_row("SELECT COUNT(*) > 0 FROM pragma_table_info('jobs') WHERE name = ?1", [column], |r| r.get(0))?;
+            if !has {
+                conn.execute_batch(&format!("ALTER TABLE jobs ADD COLUMN {column} {decl}"))?;
+            }
+        }
         Ok(Self { conn: Mutex::new(conn), max_queued, max_attempts })
+    }
+
+    /// Queues the webhook delivery of a job that just ended, if it asked for one (same
+    /// transaction as the transition, so an ended job's webhook is never forgotten).
+    fn queue_delivery(conn: &Connection, id: &str) -> Result<()> {
+        conn.execute(
+            "INSERT OR IGNORE INTO deliveries (id, job_id, url, due_at)
+             SELECT ?2, id, json_extract(spec, '$.webhook_url'), ?3 FROM jobs
+             WHERE id = ?1 AND status IN ('succeeded', 'failed', 'canceled') AND json_extract(spec, '$.webhook_url') IS NOT NULL",
+            params![id, Delivery::id_for(id), now()],
+        )?;
+        Ok(())
     }
 
     fn conn(&self) -> std::sync::MutexGuard<'_, Connection> {
@@ -99,12 +126,16 @@ fn json<T: serde::Serialize>(v: &T) -> Result<String> {
 }
 
 impl JobQueue for SqliteQueue {
-    fn enqueue(&self, spec: &JobSpec, cache_key: Option<&str>, idempotency_key: Option<&str>) -> Result<Enqueued> {
+    fn enqueue(&self, spec: &JobSpec, cache_key: Option<&str>, idempotency: Option<Idempotency<'_>>) -> Result<Enqueued> {
         let mut conn = self.conn();
         let tx = conn.transaction()?;
-        if let Some(key) = idempotency_key {
-            let existing: Option<String> = tx.query_row("SELECT id FROM jobs WHERE idempotency_key = ?1", [key], |r| r.get(0)).optional()?;
-            if let Some(id) = existing {
+        if let Some(idem) = idempotency {
+            let existing: Option<(String, Option<String>)> =
+                tx.query_row("SELECT id, idempotency_fingerprint FROM jobs WHERE idempotency_key = ?1", [idem.key], |r| Ok((r.get(0)?, r.get(1)?))).optional()?;
+            if let Some((id, fingerprint)) = existing {
+                if fingerprint.as_deref().is_some_and(|f| f != idem.fingerprint) {
+                    return Err(QueueError::IdempotencyKeyReused { job_id: id });
+                }
                 let job = Self::get_with(&tx, &id)?.ok_or_else(|| QueueError::Storage("idempotent job vanished".into()))?;
                 return Ok(Enqueued { job, existing: true });
             }
@@ -115,9 +146,9 @@ impl JobQueue for SqliteQueue {
         }
         let id = format!("job_{}", uuid::Uuid::new_v4().simple());
         tx.execute(
-            "INSERT INTO jobs (id, status, priority, model, batch_key, spec, created_at, idempotency_key, cache_key, api_key)
-             VALUES (?1, 'queued', ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
-            params![id, spec.priority, spec.model, spec.batch_key(), json(spec)?, now(), idempotency_key, cache_key, spec.user],
+            "INSERT INTO jobs (id, status, priority, model, batch_key, spec, created_at, idempotency_key, idempotency_fingerprint, cache_key, api_key)
+             VALUES (?1, 'queued', ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
+            params![id, spec.priority, spec.queue_model(), spec.batch_key(), json(spec)?, now(), idempotency.map(|i| i.key), idempotency.map(|i| i.fingerprint), cache_key, spec.user],
         )?;
         let job = Self::get_with(&tx, &id)?.ok_or_else(|| QueueError::Storage("inserted job vanished".into()))?;
         tx.commit()?;
@@ -189,40 +220,52 @@ impl JobQueue for SqliteQueue {
         Ok(jobs)
     }
 
-    fn heartbeat(&self, ids: &[String], lease: Duration) -> Result<()> {
+    fn heartbeat(&self, leases: &[Lease], lease: Duration) -> Result<Vec<String>> {
         let conn = self.conn();
         let until = now() + lease.as_secs_f64();
-        for id in ids {
-            conn.execute("UPDATE jobs SET lease_until = ?2 WHERE id = ?1 AND status = 'running'", params![id, until])?;
+        let mut lost = vec![];
+        for l in leases {
+            let n = conn.execute("UPDATE jobs SET lease_until = ?3 WHERE id = ?1 AND attempts = ?2 AND status = 'running'", params![l.job_id, l.attempt, until])?;
+            if n == 0 {
+                lost.push(l.job_id.clone());
+            }
         }
-        Ok(())
+        Ok(lost)
     }
 
-    fn complete(&self, id: &str, result: &JobResult) -> Result<bool> {
-        let conn = self.conn();
-        let n = conn.execute(
-            "UPDATE jobs SET status = 'succeeded', result = ?2, finished_at = ?3, lease_until = NULL WHERE id = ?1 AND status = 'running'",
-            params![id, json(result)?, now()],
+    fn complete(&self, lease: &Lease, result: &JobResult) -> Result<bool> {
+        let mut conn = self.conn();
+        let tx = conn.transaction()?;
+        let n = tx.execute(
+            "UPDATE jobs SET status = 'succeeded', result = ?3, finished_at = ?4, lease_until = NULL WHERE id = ?1 AND attempts = ?2 AND status = 'running'",
+            params![lease.job_id, lease.attempt, json(result)?, now()],
         )?;
+        Self::queue_delivery(&tx, &lease.job_id)?;
+        tx.commit()?;
         Ok(n == 1)
     }
 
-    fn fail(&self, id: &str, reason: &str, retryable: bool) -> Result<JobStatus> {
-        let conn = self.conn();
-        let attempts: Option<u32> = conn.query_row("SELECT attempts FROM jobs WHERE id = ?1 AND status = 'running'", [id], |r| r.get(0)).optional()?;
-        let Some(attempts) = attempts else {
-            return Ok(Self::get_with(&conn, id)?.map(|j| j.status).unwrap_or(JobStatus::Failed));
-        };
-        if retryable && attempts < self.max_attempts {
-            conn.execute("UPDATE jobs SET status = 'queued', error = ?2, lease_until = NULL, worker = NULL WHERE id = ?1", params![id, reason])?;
-            Ok(JobStatus::Queued)
-        } else {
-            conn.execute(
-                "UPDATE jobs SET status = 'failed', error = ?2, finished_at = ?3, lease_until = NULL WHERE id = ?1",
-                params![id, reason, now()],
-            )?;
-            Ok(JobStatus::Failed)
+    fn fail(&self, lease: &Lease, reason: &str, retryable: bool) -> Result<JobStatus> {
+        let mut conn = self.conn();
+        let tx = conn.transaction()?;
+        let held: bool = tx
+            .query_row("SELECT COUNT(*) > 0 FROM jobs WHERE id = ?1 AND attempts = ?2 AND status = 'running'", params![lease.job_id, lease.attempt], |r| r.get(0))?;
+        if !held {
+            return Ok(Self::get_with(&tx, &lease.job_id)?.map(|j| j.status).unwrap_or(JobStatus::Failed));
         }
+        let status = if retryable && lease.attempt < self.max_attempts {
+            tx.execute("UPDATE jobs SET status = 'queued', error = ?2, lease_until = NULL, worker = NULL WHERE id = ?1", params![lease.job_id, reason])?;
+            JobStatus::Queued
+        } else {
+            tx.execute(
+                "UPDATE jobs SET status = 'failed', error = ?2, finished_at = ?3, lease_until = NULL WHERE id = ?1",
+                params![lease.job_id, reason, now()],
+            )?;
+            Self::queue_delivery(&tx, &lease.job_id)?;
+            JobStatus::Failed
+        };
+        tx.commit()?;
+        Ok(status)
     }
 
     fn cancel(&self, id: &str) -> Result<Option<JobStatus>> {
@@ -231,6 +274,7 @@ impl JobQueue for SqliteQueue {
         match job.status {
             JobStatus::Queued => {
                 conn.execute("UPDATE jobs SET status = 'canceled', finished_at = ?2 WHERE id = ?1 AND status = 'queued'", params![id, now()])?;
+                Self::queue_delivery(&conn, id)?;
                 Ok(Some(JobStatus::Canceled))
             }
             JobStatus::Running => {
@@ -246,12 +290,15 @@ impl JobQueue for SqliteQueue {
         Ok(conn.query_row("SELECT cancel_requested FROM jobs WHERE id = ?1", [id], |r| r.get::<_, bool>(0)).optional()?.unwrap_or(false))
     }
 
-    fn mark_canceled(&self, id: &str) -> Result<()> {
-        let conn = self.conn();
-        conn.execute(
-            "UPDATE jobs SET status = 'canceled', finished_at = ?2, lease_until = NULL WHERE id = ?1 AND status = 'running'",
-            params![id, now()],
+    fn mark_canceled(&self, lease: &Lease) -> Result<()> {
+        let mut conn = self.conn();
+        let tx = conn.transaction()?;
+        tx.execute(
+            "UPDATE jobs SET status = 'canceled', finished_at = ?3, lease_until = NULL WHERE id = ?1 AND attempts = ?2 AND status = 'running'",
+            params![lease.job_id, lease.attempt, now()],
         )?;
+        Self::queue_delivery(&tx, &lease.job_id)?;
+        tx.commit()?;
         Ok(())
     }
 
@@ -279,34 +326,69 @@ impl JobQueue for SqliteQueue {
     }
 
     fn recover_expired(&self) -> Result<usize> {
-        let conn = self.conn();
+        let mut conn = self.conn();
+        let tx = conn.transaction()?;
         let t = now();
-        // Jobs out of attempts fail with the reason; the rest run again.
-        let failed = conn.execute(
-            "UPDATE jobs SET status = 'failed', finished_at = ?2, error = COALESCE(error, 'worker died') || ' (lease expired after the last attempt)'
-             WHERE status = 'running' AND lease_until < ?2 AND attempts >= ?1",
-            params![self.max_attempts, t],
-        )?;
-        let requeued = conn.execute(
-            "UPDATE jobs SET status = 'queued', worker = NULL, lease_until = NULL WHERE status = 'running' AND lease_until < ?1",
-            params![t],
-        )?;
+        let expired: Vec<(String, u32)> = {
+            let mut stmt = tx.prepare("SELECT id, crashes FROM jobs WHERE status = 'running' AND lease_until < ?1")?;
+            let rows = stmt.query_map([t], |r| Ok((r.get(0)?, r.get(1)?)))?;
+            rows.collect::<rusqlite::Result<_>>()?
+        };
+        let (mut requeued, mut failed) = (0, 0);
+        for (id, crashes) in expired {
+            if crashes + 1 >= MAX_CRASHES {
+                let reason = format!("{WORKER_CRASHED}: the worker running this job stopped {MAX_CRASHES} times (its lease expired); not retried again");
+                tx.execute(
+                    "UPDATE jobs SET status = 'failed', crashes = crashes + 1, finished_at = ?2, error = ?3, lease_until = NULL WHERE id = ?1",
+                    params![id, t, reason],
+                )?;
+                Self::queue_delivery(&tx, &id)?;
+                failed += 1;
+            } else {
+                tx.execute("UPDATE jobs SET status = 'queued', crashes = crashes + 1, worker = NULL, lease_until = NULL WHERE id = ?1", [&id])?;
+                requeued += 1;
+            }
+        }
+        tx.commit()?;
         if failed + requeued > 0 {
             tracing::warn!(requeued, failed, "recovered jobs whose worker stopped");
         }
         Ok(requeued)
     }
 
-    fn insert_finished(&self, spec: &JobSpec, result: &JobResult) -> Result<Job> {
-        let conn = self.conn();
-        let id = format!("job_{}", uuid::Uuid::new_v4().simple());
+    fn claim_deliveries(&self, max: usize, lease: Duration) -> Result<Vec<Delivery>> {
+        let mut conn = self.conn();
+        let tx = conn.transaction()?;
         let t = now();
-        conn.execute(
-            "INSERT INTO jobs (id, status, priority, model, batch_key, spec, result, attempts, created_at, started_at, finished_at, api_key)
-             VALUES (?1, 'succeeded', ?2, ?3, ?4, ?5, ?6, 1, ?7, ?7, ?7, ?8)",
-            params![id, spec.priority, spec.model, spec.batch_key(), json(spec)?, json(result)?, t, spec.user],
+        let due: Vec<Delivery> = {
+            let mut stmt = tx.prepare("SELECT id, job_id, url, attempts FROM deliveries WHERE due_at <= ?1 ORDER BY due_at LIMIT ?2")?;
+            let rows = stmt.query_map(params![t, max as i64], |r| Ok(Delivery { id: r.get(0)?, job_id: r.get(1)?, url: r.get(2)?, attempt: r.get::<_, u32>(3)? + 1 }))?;
+            rows.collect::<rusqlite::Result<_>>()?
+        };
+        for d in &due {
+            tx.execute("UPDATE deliveries SET due_at = ?2, attempts = attempts + 1 WHERE id = ?1", params![d.id, t + lease.as_secs_f64()])?;
+        }
+        tx.commit()?;
+        Ok(due)
+    }
+
+    fn delivery_done(&self, id: &str) -> Result<()> {
+        self.conn().execute("DELETE FROM deliveries WHERE id = ?1", [id])?;
+        Ok(())
+    }
+
+    fn delivery_retry(&self, id: &str, after: Duration) -> Result<()> {
+        self.conn().execute("UPDATE deliveries SET due_at = ?2 WHERE id = ?1", params![id, now() + after.as_secs_f64()])?;
+        Ok(())
+    }
+
+    fn reroute(&self, lease: &Lease, spec: &JobSpec) -> Result<bool> {
+        let n = self.conn().execute(
+            "UPDATE jobs SET status = 'queued', spec = ?3, model = ?4, batch_key = ?5, worker = NULL, lease_until = NULL
+             WHERE id = ?1 AND attempts = ?2 AND status = 'running'",
+            params![lease.job_id, lease.attempt, json(spec)?, spec.queue_model(), spec.batch_key()],
         )?;
-        Self::get_with(&conn, &id)?.ok_or_else(|| QueueError::Storage("inserted job vanished".into()))
+        Ok(n == 1)
     }
 
     fn advertise(&self, worker: &str, models: &[ModelInfo], warm: &[String], ttl: Duration) -> Result<()> {

@@ -1,5 +1,11 @@
 //! The cost ledger: one row per finished job (provider, model, images, cost, time), kept in
 //! SQLite beside the embedded queue, with the aggregates `GET /v1/usage` serves.
+//!
+//! Daily budgets cap spending on paid (closed) providers only: a local image's amortised cost
+//! is on the record but is not spending. A closed request reserves its estimated cost before it
+//! is sent ([`Ledger::reserve`], refused once recorded spend plus open reservations reach the
+//! cap) and settles it after ([`Ledger::settle`] or [`Ledger::release`]), so concurrent
+//! requests cannot overshoot a cap by more than the one image that reached it.
 
 use std::path::Path;
 use std::sync::Mutex;
@@ -60,7 +66,13 @@ impl Ledger {
                 cost_usd REAL NOT NULL,
                 seconds REAL NOT NULL
             );
-            CREATE INDEX IF NOT EXISTS ledger_day ON ledger(day);",
+            CREATE INDEX IF NOT EXISTS ledger_day ON ledger(day);
+            CREATE TABLE IF NOT EXISTS reservations (
+                job_id TEXT PRIMARY KEY,
+                day TEXT NOT NULL,
+                api_key TEXT,
+                cost_usd REAL NOT NULL
+            );",
         )?;
         Ok(Self { conn: Mutex::new(conn) })
     }
@@ -68,11 +80,7 @@ impl Ledger {
     /// Records a job's cost once (a job recorded again, e.g. after a retry, is ignored).
     pub fn record(&self, e: &LedgerEntry) -> Result<(), RouterError> {
         let conn = self.conn.lock().unwrap_or_else(|p| p.into_inner());
-        conn.execute(
-            "INSERT OR IGNORE INTO ledger (job_id, at, day, api_key, provider, model, images, cost_usd, seconds)
-             VALUES (?1, ?2, date(?2, 'unixepoch'), ?3, ?4, ?5, ?6, ?7, ?8)",
-            params![e.job_id, e.at, e.api_key, e.provider, e.model, e.images, e.cost_usd, e.seconds],
-        )?;
+        insert(&conn, e)?;
         Ok(())
     }
 
@@ -100,15 +108,66 @@ impl Ledger {
         Ok(rows.collect::<rusqlite::Result<Vec<_>>>()?)
     }
 
-    /// Spend on UTC day `day` (YYYY-MM-DD; None: today), for one key or all, for budget caps.
+    /// Spending on paid providers on UTC day `day` (YYYY-MM-DD; None: today), recorded plus
+    /// reserved, for one key or all: what budget caps compare against.
     pub fn spent_on(&self, day: Option<&str>, api_key: Option<&str>) -> Result<f64, RouterError> {
         let conn = self.conn.lock().unwrap_or_else(|p| p.into_inner());
-        Ok(conn.query_row(
-            "SELECT COALESCE(SUM(cost_usd), 0) FROM ledger WHERE day = COALESCE(?1, date('now')) AND (?2 IS NULL OR api_key = ?2)",
-            params![day, api_key],
-            |r| r.get(0),
-        )?)
+        Ok(paid_spend(&conn, day, api_key)?)
     }
+
+    /// Reserves `usd` of today's paid spending for `job_id` before a closed provider is called;
+    /// false (nothing reserved) when the spend so far already reaches `cap_all` or, for this
+    /// key, `cap_key`.
+    pub fn reserve(&self, job_id: &str, api_key: Option<&str>, usd: f64, cap_all: Option<f64>, cap_key: Option<f64>) -> Result<bool, RouterError> {
+        let mut conn = self.conn.lock().unwrap_or_else(|p| p.into_inner());
+        let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+        if cap_all.is_some_and(|cap| paid_spend(&tx, None, None).is_ok_and(|s| s >= cap))
+            || cap_key.is_some_and(|cap| api_key.is_some() && paid_spend(&tx, None, api_key).is_ok_and(|s| s >= cap))
+        {
+            return Ok(false);
+        }
+        tx.execute(
+            "INSERT OR REPLACE INTO reservations (job_id, day, api_key, cost_usd) VALUES (?1, date('now'), ?2, ?3)",
+            params![job_id, api_key, usd],
+        )?;
+        tx.commit()?;
+        Ok(true)
+    }
+
+    /// Records a finished job's cost and drops its reservation, together.
+    pub fn settle(&self, e: &LedgerEntry) -> Result<(), RouterError> {
+        let mut conn = self.conn.lock().unwrap_or_else(|p| p.into_inner());
+        let tx = conn.transaction()?;
+        tx.execute("DELETE FROM reservations WHERE job_id = ?1", [&e.job_id])?;
+        insert(&tx, e)?;
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// Drops a reservation whose request produced nothing to pay for.
+    pub fn release(&self, job_id: &str) -> Result<(), RouterError> {
+        let conn = self.conn.lock().unwrap_or_else(|p| p.into_inner());
+        conn.execute("DELETE FROM reservations WHERE job_id = ?1", [job_id])?;
+        Ok(())
+    }
+}
+
+/// Recorded plus reserved spending on paid providers (`local` is amortised cost, not spending).
+fn paid_spend(conn: &Connection, day: Option<&str>, api_key: Option<&str>) -> rusqlite::Result<f64> {
+    conn.query_row(
+        "SELECT (SELECT COALESCE(SUM(cost_usd), 0) FROM ledger WHERE provider != 'local' AND day = COALESCE(?1, date('now')) AND (?2 IS NULL OR api_key = ?2))
+              + (SELECT COALESCE(SUM(cost_usd), 0) FROM reservations WHERE day = COALESCE(?1, date('now')) AND (?2 IS NULL OR api_key = ?2))",
+        params![day, api_key],
+        |r| r.get(0),
+    )
+}
+
+fn insert(conn: &Connection, e: &LedgerEntry) -> rusqlite::Result<usize> {
+    conn.execute(
+        "INSERT OR IGNORE INTO ledger (job_id, at, day, api_key, provider, model, images, cost_usd, seconds)
+         VALUES (?1, ?2, date(?2, 'unixepoch'), ?3, ?4, ?5, ?6, ?7, ?8)",
+        params![e.job_id, e.at, e.api_key, e.provider, e.model, e.images, e.cost_usd, e.seconds],
+    )
 }
 
 #[cfg(test)]
@@ -141,10 +200,33 @@ mod tests {
         assert!((local.cost_usd - 0.003).abs() < 1e-12);
         assert_eq!(l.usage(Some("2025-11-27"), None).unwrap().len(), 1);
         assert_eq!(l.usage(None, Some("alice")).unwrap().len(), 2);
-        assert!((l.spent_on(Some("2025-11-26"), None).unwrap() - 0.043).abs() < 1e-12);
-        assert!((l.spent_on(Some("2025-11-26"), Some("alice")).unwrap() - 0.003).abs() < 1e-12);
+        assert!((l.spent_on(Some("2025-11-26"), None).unwrap() - 0.04).abs() < 1e-12, "local cost is not spending");
+        assert_eq!(l.spent_on(Some("2025-11-26"), Some("alice")).unwrap(), 0.0);
         let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs_f64();
         l.record(&entry("e", now, Some("bob"), "bfl", 0.04)).unwrap();
         assert!((l.spent_on(None, Some("bob")).unwrap() - 0.04).abs() < 1e-12, "today's spend");
+    }
+
+    #[test]
+    fn concurrent_reservations_overshoot_a_budget_by_at_most_one_image() {
+        let d = tempfile::tempdir().expect("tempdir");
+        let l = std::sync::Arc::new(Ledger::open(&d.path().join("ledger.db")).expect("open"));
+        // Cap 0.10 at 0.04 an image, 16 requests at once: at most 3 may go (0.12 < 0.10 + 0.04).
+        let threads: Vec<_> = (0..16)
+            .map(|i| {
+                let l = l.clone();
+                std::thread::spawn(move || l.reserve(&format!("j{i}"), Some("alice"), 0.04, Some(0.10), None).expect("reserve"))
+            })
+            .collect();
+        let granted: Vec<usize> = threads.into_iter().enumerate().filter_map(|(i, t)| t.join().expect("thread").then_some(i)).collect();
+        assert_eq!(granted.len(), 3, "{granted:?}");
+        assert!((l.spent_on(None, None).unwrap() - 0.12).abs() < 1e-12, "reservations count as spending");
+        // Settling records the real cost in place of the reservation; releasing frees it.
+        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs_f64();
+        l.settle(&entry(&format!("j{}", granted[0]), now, Some("alice"), "bfl", 0.03)).unwrap();
+        l.release(&format!("j{}", granted[1])).unwrap();
+        assert!((l.spent_on(None, None).unwrap() - 0.07).abs() < 1e-12);
+        assert!(l.reserve("k", None, 0.04, Some(0.10), None).unwrap(), "room again under the cap");
+        assert!(!l.reserve("k2", Some("alice"), 0.01, None, Some(0.05)).unwrap(), "alice's own cap: 0.03 + 0.04 reserved by her >= 0.05");
     }
 }

@@ -3,7 +3,7 @@
 
 use std::sync::Arc;
 
-use easel_api::Event;
+use easel_api::{Event, Job, JobStatus};
 use easel_queue::RedisQueue;
 use tokio::sync::broadcast;
 
@@ -55,5 +55,19 @@ impl EventBus {
 
     pub fn subscribe(&self) -> broadcast::Receiver<Event> {
         self.tx.subscribe()
+    }
+}
+
+/// The event that ends a job's stream (and its webhook body), or None while it runs.
+pub fn final_event(job: &Job, urls: &crate::image_urls::ImageUrls) -> Option<Event> {
+    let id = job.id.clone();
+    match job.status {
+        JobStatus::Succeeded => Some(Event::Completed {
+            job_id: id,
+            urls: job.result.as_ref().map(|r| r.images.iter().map(|i| urls.path(&i.key)).collect()).unwrap_or_default(),
+        }),
+        JobStatus::Failed => Some(Event::Failed { job_id: id, reason: job.error.clone().unwrap_or_default() }),
+        JobStatus::Canceled => Some(Event::Canceled { job_id: id }),
+        _ => None,
     }
 }

@@ -1,4 +1,10 @@
 //! Routes: OpenAI-compatible images, async jobs with SSE, models, images, health, metrics.
+//!
+//! Tenancy: when API keys are configured, a job, its events, its images and its usage belong
+//! to the key that made it. Another key gets 404 for them, as if they did not exist (a 403
+//! would confirm the id); a key marked admin sees everything. Image URLs are signed and expire
+//! ([`crate::image_urls`]), or are fetched with the owner's key. Idempotency keys are scoped
+//! to the API key, and a reused key with a different body gets 409 `idempotency_key_reused`.
 
 use std::collections::HashMap;
 use std::convert::Infallible;
@@ -13,13 +19,12 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use base64::Engine as _;
-use easel_api::{ApiError, Event, ImageRequest, Job, JobSpec, JobStatus, ModelInfo, ResponseFormat, StoredImage};
+use easel_api::{ApiError, Event, ImageRequest, Job, JobStatus, ModelInfo, ResponseFormat, RouteCandidate, RoutePlan};
 use easel_router::routing::{Candidate, Hints, Situation, LOCAL};
 use easel_queue::QueueError;
 use futures::stream::{self, Stream, StreamExt};
 use sha2::{Digest, Sha256};
 
-use crate::worker::image_path;
 use crate::Services;
 
 /// An API key, stored as its SHA-256.
@@ -29,12 +34,48 @@ pub struct ApiKey {
     pub sha256: String,
     /// Requests per minute.
     pub rate_per_minute: u32,
+    /// Sees every key's jobs, images and usage, and /metrics.
+    pub admin: bool,
 }
 
 impl ApiKey {
     /// A key from its secret (hashed at once; the secret is not kept).
     pub fn from_secret(name: &str, secret: &str, rate_per_minute: u32) -> Self {
-        Self { name: name.into(), sha256: hex::encode(Sha256::digest(secret.as_bytes())), rate_per_minute }
+        Self { name: name.into(), sha256: hex::encode(Sha256::digest(secret.as_bytes())), rate_per_minute, admin: false }
+    }
+}
+
+/// Who is calling.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Caller {
+    /// No API keys are configured: one tenant, who sees everything.
+    Anyone,
+    Key { name: String, admin: bool },
+}
+
+impl Caller {
+    /// The key's name, recorded as the owner of what it submits.
+    pub fn name(&self) -> Option<&str> {
+        match self {
+            Caller::Anyone => None,
+            Caller::Key { name, .. } => Some(name),
+        }
+    }
+
+    /// Whether the caller may see this job (and its events, images and cancel).
+    pub fn sees(&self, job: &Job) -> bool {
+        match self {
+            Caller::Anyone | Caller::Key { admin: true, .. } => true,
+            Caller::Key { name, .. } => job.spec.user.as_deref() == Some(name.as_str()),
+        }
+    }
+
+    /// Whose usage rows the caller sees (None: everyone's).
+    fn usage_scope(&self) -> Option<&str> {
+        match self {
+            Caller::Anyone | Caller::Key { admin: true, .. } => None,
+            Caller::Key { name, .. } => Some(name),
+        }
     }
 }
 
@@ -50,11 +91,13 @@ pub struct ServerConfig {
     pub allow_private_webhooks: bool,
     /// Queued plus running jobs one API key may have at once.
     pub max_jobs_per_key: usize,
+    /// /metrics answers only an admin key (when keys are configured).
+    pub metrics_need_admin: bool,
 }
 
 impl Default for ServerConfig {
     fn default() -> Self {
-        Self { max_body_bytes: 1 << 20, sync_timeout: Duration::from_secs(600), api_keys: None, allow_private_webhooks: false, max_jobs_per_key: 100 }
+        Self { max_body_bytes: 1 << 20, sync_timeout: Duration::from_secs(600), api_keys: None, allow_private_webhooks: false, max_jobs_per_key: 100, metrics_need_admin: false }
     }
 }
 
@@ -112,8 +155,8 @@ impl AppState {
     }
 
     /// Puts closed providers and a routing policy in front of the local engines.
-    pub fn with_gateway(mut self, gateway: crate::gateway::Gateway) -> Self {
-        self.gateway = Some(Arc::new(gateway));
+    pub fn with_gateway(mut self, gateway: Arc<crate::gateway::Gateway>) -> Self {
+        self.gateway = Some(gateway);
         self
     }
 
@@ -138,7 +181,8 @@ impl AppState {
             let up = live.iter().any(|l| l.id == m.id);
             (m, up)
         }).collect();
-        for m in live {
+        // `@provider` entries are closed providers' executors, not models a request can name.
+        for m in live.into_iter().filter(|m| !m.id.starts_with(easel_api::PROVIDER_QUEUE_PREFIX)) {
             if !all.iter().any(|(a, _)| a.id == m.id) {
                 all.push((m, true));
             }
@@ -155,9 +199,9 @@ impl AppState {
         }
     }
 
-    /// Checks the Bearer token and the key's rate; returns the key's name.
-    fn authorize(&self, headers: &HeaderMap) -> Result<Option<String>, ApiError> {
-        let Some(keys) = &self.config.api_keys else { return Ok(None) };
+    /// Checks the Bearer token and the key's rate.
+    fn authorize(&self, headers: &HeaderMap) -> Result<Caller, ApiError> {
+        let Some(keys) = &self.config.api_keys else { return Ok(Caller::Anyone) };
         let token = headers
             .get(header::AUTHORIZATION)
             .and_then(|v| v.to_str().ok())
@@ -177,7 +221,12 @@ impl AppState {
             return Err(ApiError::overloaded(format!("API key `{}` is over its rate of {} requests per minute", key.name, key.rate_per_minute), wait.max(1)));
         }
         *tokens -= 1.0;
-        Ok(Some(key.name.clone()))
+        Ok(Caller::Key { name: key.name.clone(), admin: key.admin })
+    }
+
+    /// A job the caller may see; 404 otherwise, exactly as for a job that does not exist.
+    fn job_for(&self, caller: &Caller, id: &str) -> Result<Job, ApiError> {
+        self.queue.get(id).map_err(queue_error)?.filter(|j| caller.sees(j)).ok_or_else(|| ApiError::not_found(format!("no job `{id}`")))
     }
 }
 
@@ -210,6 +259,7 @@ fn queue_error(e: QueueError) -> ApiError {
     match e {
         QueueError::Full(n) => ApiError::overloaded(format!("the queue is full ({n} jobs waiting); retry later"), 2),
         QueueError::Storage(m) => ApiError::unavailable(format!("the job queue is unavailable: {m}")),
+        QueueError::IdempotencyKeyReused { job_id } => ApiError::idempotency_key_reused(&job_id),
     }
 }
 
@@ -262,13 +312,12 @@ fn random_seed() -> u64 {
     u64::from_le_bytes(u.as_bytes()[..8].try_into().unwrap_or([0; 8])) % (1 << 53)
 }
 
-/// Where a validated request goes.
-enum Submitted {
-    /// To the local queue (or answered from the cache): the job, its response format, whether
-    /// it was a cache hit, and the closed providers to try if it fails.
-    Local { job: Job, format: ResponseFormat, hit: bool, fallback: Vec<Candidate> },
-    /// To closed providers, in this order.
-    Remote { plan: Vec<Candidate>, spec: JobSpec, format: ResponseFormat, quality: Option<String> },
+/// A validated request, queued (or answered from the cache).
+struct Submitted {
+    job: Job,
+    format: ResponseFormat,
+    /// Answered from the result cache without running.
+    hit: bool,
 }
 
 /// What the router needs to know about this node right now.
@@ -284,14 +333,17 @@ fn situation_parts(state: &AppState, api_key: Option<&str>) -> Result<(Vec<Strin
     Ok((local, wait, enabled, all, mine))
 }
 
-/// Validates, routes, consults the cache, enqueues. `allow_remote`: whether closed providers
-/// may serve it here (the synchronous endpoint), or only local engines (async jobs).
-fn submit(state: &AppState, headers: &HeaderMap, body: &Bytes, allow_remote: bool) -> Result<Submitted, ApiError> {
-    let key_name = state.authorize(headers)?;
+/// Validates, routes, consults the cache, enqueues. Every job takes the queue, whoever runs
+/// it: a local engine's worker, or the executor of the closed provider the router chose
+/// (`@provider`), with the rest of the router's plan on the job for fallback.
+fn submit(state: &AppState, headers: &HeaderMap, body: &Bytes) -> Result<Submitted, ApiError> {
+    let caller = state.authorize(headers)?;
+    let key_name = caller.name().map(str::to_owned);
     let req: ImageRequest = parse_body(body)?;
     let hints = Hints { route: req.route.clone(), private: req.is_private()?, tier: req.tier.clone(), api_key: key_name.clone() };
     let mut local_model = req.model.clone();
-    let mut fallback = vec![];
+    let mut route: Option<RoutePlan> = None;
+    let mut provider_first: Option<Candidate> = None;
     match &state.gateway {
         Some(gw) if gw.routes(req.model.as_deref().unwrap_or(""), &hints) => {
             let (local, wait, enabled, all, mine) = situation_parts(state, key_name.as_deref())?;
@@ -304,32 +356,35 @@ fn submit(state: &AppState, headers: &HeaderMap, body: &Bytes, allow_remote: boo
                 }
             };
             let situation = Situation { local_models: &local, local_wait_s: wait, enabled: &enabled, price: &price, spent_today_usd: all, spent_today_by_key_usd: mine };
-            let plan = gw.plan(req.model.as_deref().unwrap_or(""), &hints, &situation)?;
+            let mut plan = gw.plan(req.model.as_deref().unwrap_or(""), &hints, &situation)?;
+            // A LoRA stack runs on local engines only.
+            if req.loras.as_ref().is_some_and(|l| !l.is_empty()) {
+                let first = plan[0].provider.clone();
+                plan.retain(Candidate::is_local);
+                if plan.is_empty() {
+                    return Err(ApiError::invalid("loras", format!("LoRAs run on local engines; `{}` routes to {first} (use route: local)", req.model.as_deref().unwrap_or(""))));
+                }
+            }
             if plan[0].is_local() {
                 local_model = Some(plan[0].model.clone());
-                // A LoRA stack runs on local engines only: no closed-provider fallback without it.
-                if req.loras.as_ref().is_none_or(|l| l.is_empty()) {
-                    fallback = plan[1..].iter().filter(|c| !c.is_local()).cloned().collect();
-                }
             } else {
-                if !allow_remote {
-                    return Err(ApiError::invalid("model", "closed providers answer on /v1/images/generations; async jobs run on local engines (use route: local)"));
-                }
-                if req.loras.as_ref().is_some_and(|l| !l.is_empty()) {
-                    return Err(ApiError::invalid("loras", format!("LoRAs run on local engines; `{}` routes to {} (use route: local)", req.model.as_deref().unwrap_or(""), plan[0].provider)));
-                }
-                let (mut spec, format) = req.validate(&crate::gateway::remote_model_info(&plan[0]), random_seed)?;
-                spec.user = key_name;
-                return Ok(Submitted::Remote { plan, spec, format, quality: req.quality.clone() });
+                provider_first = Some(plan[0].clone());
             }
+            let candidates = plan.into_iter().map(|c| RouteCandidate { provider: c.provider, model: c.model, reason: c.reason }).collect();
+            route = Some(RoutePlan { candidates, current: 0, failures: vec![], quality: req.quality.clone() });
         }
         None if hints.tier.is_some() || hints.route.as_deref().is_some_and(|r| r != "auto" && r != LOCAL) => {
             return Err(ApiError::invalid(if hints.tier.is_some() { "tier" } else { "route" }, "no closed providers or tiers are configured on this server"));
         }
         _ => {}
     }
-    let (model, served) = state.model(local_model.as_deref())?;
+    // The provider executor runs in every API node that has the gateway: always served.
+    let (model, served) = match &provider_first {
+        Some(c) => (crate::gateway::remote_model_info(c), true),
+        None => state.model(local_model.as_deref())?,
+    };
     let (mut spec, format) = req.validate(&model, random_seed)?;
+    spec.route = route;
     for l in &spec.loras {
         state.loras.source(&l.name)?;
     }
@@ -343,7 +398,13 @@ fn submit(state: &AppState, headers: &HeaderMap, body: &Bytes, allow_remote: boo
         }
         spec.user = Some(name.clone());
     }
-    let cache_key = spec.cache_key(&state.executor.model_identity(&spec.model));
+    // Per tenant: a hit hands back the job record, which holds the request and its webhook.
+    // Closed providers' images are not reproducible from a seed: never cached.
+    let cacheable = provider_first.is_none();
+    let cache_key = spec.cache_key(&state.executor.model_identity(&spec.model)).filter(|_| cacheable).map(|k| match &key_name {
+        Some(name) => hex::encode(Sha256::digest(format!("{name}\u{1f}{k}").as_bytes())),
+        None => k,
+    });
     if let Some(ck) = &cache_key {
         let hot = state.hot.lock().unwrap_or_else(|p| p.into_inner()).jobs.get(ck).cloned();
         let hit = match hot {
@@ -355,75 +416,41 @@ fn submit(state: &AppState, headers: &HeaderMap, body: &Bytes, allow_remote: boo
             let mut hot = state.hot.lock().unwrap_or_else(|p| p.into_inner());
             hot.bound();
             hot.jobs.insert(ck.clone(), job.clone());
-            return Ok(Submitted::Local { job, format, hit: true, fallback });
+            return Ok(Submitted { job, format, hit: true });
         }
     }
     if !served {
         return Err(ApiError::unavailable(format!("no worker is serving model `{}` right now; retry later", model.id)));
     }
-    let idem = headers.get("idempotency-key").and_then(|v| v.to_str().ok()).map(str::to_owned);
-    let enq = state.queue.enqueue(&spec, cache_key.as_deref(), idem.as_deref()).map_err(queue_error)?;
+    // Scoped to the caller's key, and tied to this exact body.
+    let idem = headers.get("idempotency-key").and_then(|v| v.to_str().ok()).map(|k| format!("{}\u{1f}{k}", key_name.as_deref().unwrap_or("")));
+    let fingerprint = hex::encode(Sha256::digest(body));
+    let idempotency = idem.as_deref().map(|key| easel_queue::Idempotency { key, fingerprint: &fingerprint });
+    let enq = state.queue.enqueue(&spec, cache_key.as_deref(), idempotency).map_err(queue_error)?;
     if !enq.existing {
         state.doorbell.ring();
         let position = state.queue.position(&enq.job.id).ok().flatten().unwrap_or(0);
         state.bus.publish(Event::Queued { job_id: enq.job.id.clone(), position });
     }
-    Ok(Submitted::Local { job: enq.job, format, hit: false, fallback })
+    Ok(Submitted { job: enq.job, format, hit: false })
 }
 
-/// Tries closed providers in plan order; the first success is stored, recorded (job record,
-/// ledger, metrics) and returned. Moderation ends the attempt; other failures fall through.
-async fn run_remote(state: &AppState, plan: &[Candidate], spec: &JobSpec, quality: Option<&str>) -> Result<Job, ApiError> {
-    let gw = state.gateway.clone().ok_or_else(|| ApiError::internal("no gateway"))?;
-    let mut failures = vec![];
-    let mut last: Option<ApiError> = None;
-    for c in plan.iter().filter(|c| !c.is_local()) {
-        let Some(provider) = gw.providers.get(&c.provider) else { continue };
-        let job = crate::gateway::image_job(c, spec, quality);
-        match provider.generate(&job).await {
-            Ok(out) => {
-                gw.router.succeeded(&c.provider, out.seconds);
-                let id = format!("ext_{}", uuid::Uuid::new_v4().simple());
-                let ext = spec.output_format.extension();
-                let mut stored = vec![];
-                for (i, bytes) in out.images.iter().enumerate() {
-                    let key = format!("{id}/{i}.{ext}");
-                    state.store.put(&key, bytes).map_err(|e| ApiError::unavailable(format!("storing {}'s image: {e}", c.provider)))?;
-                    stored.push(StoredImage { key, seed: spec.seed + i as u64 });
-                }
-                let unit = gw.remote_price(c, quality, spec.width, spec.height).unwrap_or(0.0);
-                let cost = unit * stored.len() as f64;
-                let mut spec = spec.clone();
-                spec.model = format!("{}:{}", c.provider, c.model);
-                let result = crate::gateway::remote_result(c, stored, out.seconds, cost, out.vendor_id);
-                let job = state.queue.insert_finished(&spec, &result).map_err(queue_error)?;
-                state.metrics.job_done("succeeded", &spec.model, result.images.len(), out.seconds, None);
-                state.record_cost(&easel_router::LedgerEntry {
-                    job_id: job.id.clone(),
-                    at: crate::worker::now(),
-                    api_key: spec.user.clone(),
-                    provider: c.provider.clone(),
-                    model: c.model.clone(),
-                    images: result.images.len() as u32,
-                    cost_usd: cost,
-                    seconds: out.seconds,
-                });
-                return Ok(job);
-            }
-            Err(e) if e.falls_through() => {
-                gw.router.failed(&c.provider);
-                state.metrics.error(&format!("provider_{}", c.provider));
-                tracing::warn!("{e}; trying the next candidate");
-                failures.push(e.to_string());
-                last = Some(crate::gateway::provider_error(&e));
-            }
-            Err(e) => return Err(crate::gateway::provider_error(&e)),
-        }
+/// The answer to a synchronous request whose job did not succeed.
+fn unsuccessful(job: &Job) -> ApiError {
+    let reason = job.error.clone().unwrap_or_else(|| "generation failed".into());
+    if job.status == JobStatus::Canceled {
+        return ApiError::internal(format!("job {} was canceled", job.id));
     }
-    match (failures.len(), last) {
-        (1, Some(e)) => Err(e),
-        (0, _) => Err(ApiError::unavailable("no closed provider could take the request")),
-        (_, _) => Err(ApiError::unavailable(format!("every candidate failed: {}", failures.join("; ")))),
+    if let Some(refusal) = reason.strip_prefix(crate::worker::CONTENT_POLICY) {
+        return ApiError::content_policy(refusal.trim_start_matches(':').trim());
+    }
+    match job.spec.route.as_ref().filter(|r| !r.failures.is_empty() || r.candidate().is_some_and(|c| !c.is_local())) {
+        Some(route) => {
+            let mut all = route.failures.clone();
+            all.push(reason);
+            ApiError::unavailable(format!("job {} failed on every candidate: {}", job.id, all.join("; ")))
+        }
+        None => ApiError::internal(format!("job {} failed: {reason}", job.id)),
     }
 }
 
@@ -475,37 +502,22 @@ async fn wait_final(state: &AppState, id: &str) -> Result<Job, ApiError> {
 
 async fn generations(State(state): State<AppState>, headers: HeaderMap, body: Result<Bytes, axum::extract::rejection::BytesRejection>) -> ApiResult<Response> {
     let body = read_body(body, state.config.max_body_bytes).await?;
-    let submitted = submit(&state, &headers, &body, true).inspect_err(|e| state.metrics.error(&format!("http_{}", e.status)))?;
-    let (job, format, hit) = match submitted {
-        Submitted::Remote { plan, spec, format, quality } => (run_remote(&state, &plan, &spec, quality.as_deref()).await?, format, false),
-        Submitted::Local { job, format, hit, fallback } => {
-            if hit && format == ResponseFormat::B64Json {
-                if let Some(bytes) = state.hot.lock().unwrap_or_else(|p| p.into_inner()).responses.get(&job.id) {
-                    return Ok(json_bytes(bytes.clone()));
-                }
-            }
-            let job = if hit { job } else { wait_final(&state, &job.id).await? };
-            match job.status {
-                JobStatus::Succeeded => (job, format, hit),
-                JobStatus::Failed if !fallback.is_empty() => {
-                    // Ordered fallback: the local engine failed; the plan's closed providers follow.
-                    tracing::warn!("local job {} failed ({}); falling back", job.id, job.error.as_deref().unwrap_or("no reason"));
-                    (run_remote(&state, &fallback, &job.spec, None).await?, format, false)
-                }
-                JobStatus::Canceled => return Err(ApiError::internal(format!("job {} was canceled", job.id)).into()),
-                _ => {
-                    let reason = job.error.clone().unwrap_or_else(|| "generation failed".into());
-                    return Err(ApiError::internal(format!("job {} failed: {reason}", job.id)).into());
-                }
-            }
+    let Submitted { job, format, hit } = submit(&state, &headers, &body).inspect_err(|e| state.metrics.error(&format!("http_{}", e.status)))?;
+    if hit && format == ResponseFormat::B64Json {
+        if let Some(bytes) = state.hot.lock().unwrap_or_else(|p| p.into_inner()).responses.get(&job.id) {
+            return Ok(json_bytes(bytes.clone()));
         }
-    };
+    }
+    let job = if hit { job } else { wait_final(&state, &job.id).await? };
+    if job.status != JobStatus::Succeeded {
+        return Err(unsuccessful(&job).into());
+    }
     let result = job.result.as_ref().ok_or_else(|| ApiError::internal("succeeded job without result"))?;
     let mut data = vec![];
     for img in &result.images {
         data.push(match format {
             ResponseFormat::Url => {
-                let url = state.store.signed_url(&img.key).unwrap_or_else(|| absolute_url(&headers, &image_path(&img.key)));
+                let url = state.store.signed_url(&img.key).unwrap_or_else(|| absolute_url(&headers, &state.image_urls.path(&img.key)));
                 serde_json::json!({ "url": url, "revised_prompt": null })
             }
             ResponseFormat::B64Json => serde_json::json!({ "b64_json": &*b64_image(&state, &img.key)?, "revised_prompt": null }),
@@ -560,13 +572,16 @@ fn job_json(state: &AppState, job: &Job) -> serde_json::Value {
         "object": "easel.job",
         "status": job.status,
         "queue_position": position,
-        "error": job.error.as_ref().filter(|_| job.status == JobStatus::Failed).map(|e| serde_json::json!({"message": e})),
+        "error": job.error.as_ref().filter(|_| job.status == JobStatus::Failed).map(|e| {
+            let code = if e.starts_with(easel_queue::WORKER_CRASHED) { easel_queue::WORKER_CRASHED } else { "generation_failed" };
+            serde_json::json!({"message": e, "code": code})
+        }),
         "attempts": job.attempts,
         "created_at": job.created_at,
         "started_at": job.started_at,
         "finished_at": job.finished_at,
         "request": &job.spec,
-        "images": job.result.as_ref().map(|r| r.images.iter().map(|i| serde_json::json!({"url": image_path(&i.key), "seed": i.seed})).collect::<Vec<_>>()),
+        "images": job.result.as_ref().map(|r| r.images.iter().map(|i| serde_json::json!({"url": state.image_urls.path(&i.key), "seed": i.seed})).collect::<Vec<_>>()),
         "urls": {
             "self": format!("/v1/jobs/{}", job.id),
             "events": format!("/v1/jobs/{}/events", job.id),
@@ -578,30 +593,24 @@ fn job_json(state: &AppState, job: &Job) -> serde_json::Value {
 
 async fn create_job(State(state): State<AppState>, headers: HeaderMap, body: Result<Bytes, axum::extract::rejection::BytesRejection>) -> ApiResult<Response> {
     let body = read_body(body, state.config.max_body_bytes).await?;
-    let job = match submit(&state, &headers, &body, false).inspect_err(|e| state.metrics.error(&format!("http_{}", e.status)))? {
-        Submitted::Local { job, .. } => job,
-        Submitted::Remote { .. } => return Err(ApiError::internal("async jobs are local only").into()),
-    };
+    let job = submit(&state, &headers, &body).inspect_err(|e| state.metrics.error(&format!("http_{}", e.status)))?.job;
     Ok((StatusCode::ACCEPTED, Json(job_json(&state, &job))).into_response())
 }
 
-fn find_job(state: &AppState, id: &str) -> Result<Job, ApiError> {
-    state.queue.get(id).map_err(queue_error)?.ok_or_else(|| ApiError::not_found(format!("no job `{id}`")))
-}
-
 async fn get_job(State(state): State<AppState>, headers: HeaderMap, Path(id): Path<String>) -> ApiResult<Json<serde_json::Value>> {
-    state.authorize(&headers)?;
-    let job = find_job(&state, &id)?;
+    let caller = state.authorize(&headers)?;
+    let job = state.job_for(&caller, &id)?;
     Ok(Json(job_json(&state, &job)))
 }
 
 async fn cancel_job(State(state): State<AppState>, headers: HeaderMap, Path(id): Path<String>) -> ApiResult<Json<serde_json::Value>> {
-    state.authorize(&headers)?;
+    let caller = state.authorize(&headers)?;
+    state.job_for(&caller, &id)?;
     let status = state.queue.cancel(&id).map_err(queue_error)?.ok_or_else(|| ApiError::not_found(format!("no job `{id}`")))?;
     if status == JobStatus::Canceled {
         state.bus.publish(Event::Canceled { job_id: id.clone() });
     }
-    let job = find_job(&state, &id)?;
+    let job = state.job_for(&caller, &id)?;
     Ok(Json(job_json(&state, &job)))
 }
 
@@ -609,24 +618,11 @@ fn sse(e: &Event) -> SseEvent {
     SseEvent::default().event(e.name()).data(serde_json::to_string(e).unwrap_or_default())
 }
 
-fn final_event(job: &Job) -> Option<Event> {
-    let id = job.id.clone();
-    match job.status {
-        JobStatus::Succeeded => Some(Event::Completed {
-            job_id: id,
-            urls: job.result.as_ref().map(|r| r.images.iter().map(|i| image_path(&i.key)).collect()).unwrap_or_default(),
-        }),
-        JobStatus::Failed => Some(Event::Failed { job_id: id, reason: job.error.clone().unwrap_or_default() }),
-        JobStatus::Canceled => Some(Event::Canceled { job_id: id }),
-        _ => None,
-    }
-}
-
 async fn job_events(State(state): State<AppState>, headers: HeaderMap, Path(id): Path<String>) -> ApiResult<Sse<impl Stream<Item = Result<SseEvent, Infallible>>>> {
-    state.authorize(&headers)?;
+    let caller = state.authorize(&headers)?;
     let rx = state.bus.subscribe();
-    let job = find_job(&state, &id)?;
-    let first = match (final_event(&job), job.status) {
+    let job = state.job_for(&caller, &id)?;
+    let first = match (crate::events::final_event(&job, &state.image_urls), job.status) {
         (Some(e), _) => e,
         (None, JobStatus::Queued) => Event::Queued { job_id: id.clone(), position: state.queue.position(&id).ok().flatten().unwrap_or(0) },
         (None, _) => Event::Started { job_id: id.clone() },
@@ -634,8 +630,10 @@ async fn job_events(State(state): State<AppState>, headers: HeaderMap, Path(id):
     let done = first.is_final();
     let head = stream::iter(vec![Ok(sse(&first))]);
     let queue = state.queue.clone();
+    let urls = state.image_urls.clone();
     let tail = stream::unfold((rx, done, id), move |(mut rx, done, id)| {
         let queue = queue.clone();
+        let urls = urls.clone();
         async move {
             if done {
                 return None;
@@ -650,7 +648,7 @@ async fn job_events(State(state): State<AppState>, headers: HeaderMap, Path(id):
                     // Lagged, closed or quiet: consult the queue, which is the record.
                     _ => {
                         if let Ok(Some(job)) = queue.get(&id) {
-                            if let Some(e) = final_event(&job) {
+                            if let Some(e) = crate::events::final_event(&job, &urls) {
                                 return Some((Ok(sse(&e)), (rx, true, id)));
                             }
                         }
@@ -687,7 +685,7 @@ struct UsageQuery {
 
 /// Cost and volume per day, API key, provider and model. A key sees only its own rows.
 async fn usage(State(state): State<AppState>, headers: HeaderMap, axum::extract::Query(q): axum::extract::Query<UsageQuery>) -> ApiResult<Json<serde_json::Value>> {
-    let key = state.authorize(&headers)?;
+    let caller = state.authorize(&headers)?;
     if let Some(since) = &q.since {
         let ok = since.len() == 10 && since.chars().enumerate().all(|(i, c)| if i == 4 || i == 7 { c == '-' } else { c.is_ascii_digit() });
         if !ok {
@@ -695,15 +693,37 @@ async fn usage(State(state): State<AppState>, headers: HeaderMap, axum::extract:
         }
     }
     let Some(ledger) = &state.ledger else { return Ok(Json(serde_json::json!({"object": "list", "data": []}))) };
-    let rows = ledger.usage(q.since.as_deref(), key.as_deref()).map_err(|e| ApiError::unavailable(format!("the ledger is unavailable: {e}")))?;
+    let rows = ledger.usage(q.since.as_deref(), caller.usage_scope()).map_err(|e| ApiError::unavailable(format!("the ledger is unavailable: {e}")))?;
     let total: f64 = rows.iter().map(|r| r.cost_usd).sum();
     Ok(Json(serde_json::json!({"object": "list", "data": rows, "total_cost_usd": total})))
 }
 
-async fn get_image(State(state): State<AppState>, Path((job, file)): Path<(String, String)>) -> ApiResult<Response> {
+#[derive(serde::Deserialize)]
+struct SignedQuery {
+    expires: Option<u64>,
+    sig: Option<String>,
+}
+
+/// A stored image: with a valid signature (from a response, event or webhook), or with the key
+/// that owns the job; without keys configured, to anyone.
+async fn get_image(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    Path((job, file)): Path<(String, String)>,
+    query: Result<axum::extract::Query<SignedQuery>, axum::extract::rejection::QueryRejection>,
+) -> ApiResult<Response> {
     let key = format!("{job}/{file}");
     if !crate::store::valid_key(&key) {
         return Err(ApiError::not_found("no such image").into());
+    }
+    let signed = query.ok().and_then(|q| Some((q.0.expires?, q.0.sig?)));
+    match signed {
+        Some((expires, sig)) => state.image_urls.verify(&key, expires, &sig).map_err(|e| ApiError::forbidden(e.to_string()))?,
+        None if state.config.api_keys.is_some() => {
+            let caller = state.authorize(&headers)?;
+            state.job_for(&caller, &job).map_err(|_| ApiError::not_found("no such image"))?;
+        }
+        None => {}
     }
     let bytes = state.store.get(&key).map_err(|e| match e {
         crate::store::StoreError::NotFound => ApiError::not_found("no such image"),
@@ -726,7 +746,13 @@ async fn readyz(State(state): State<AppState>) -> ApiResult<&'static str> {
     Ok("ready")
 }
 
-async fn metrics(State(state): State<AppState>) -> Response {
+async fn metrics(State(state): State<AppState>, headers: HeaderMap) -> ApiResult<Response> {
+    if state.config.metrics_need_admin && state.config.api_keys.is_some() {
+        match state.authorize(&headers)? {
+            Caller::Key { admin: true, .. } => {}
+            _ => return Err(ApiError::unauthorized("/metrics needs an admin key").into()),
+        }
+    }
     let depth = state.queue.depth().unwrap_or(0);
-    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], state.metrics.render(depth, &state.executor.warm_models())).into_response()
+    Ok(([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], state.metrics.render(depth, &state.executor.warm_models())).into_response())
 }

@@ -8,8 +8,11 @@
 pub mod events;
 pub mod gateway;
 pub mod http;
+pub mod image_urls;
 pub mod metrics;
+pub mod provider_executor;
 pub mod store;
+pub mod ssrf;
 pub mod webhooks;
 pub mod worker;
 
@@ -33,18 +36,21 @@ pub struct Services {
     pub local_cost: easel_router::LocalCost,
     /// The LoRA names requests may use (a folder of `NAME.safetensors`).
     pub loras: easel_api::LoraRegistry,
+    /// Signs the image URLs in responses, events and webhooks (same secret on every node).
+    pub image_urls: image_urls::ImageUrls,
 }
 
 impl Services {
-    /// Puts a finished job's cost on the record: the cost counter in /metrics and the ledger.
+    /// Puts a finished job's cost on the record: the cost counter in /metrics and the ledger
+    /// (settling the budget reservation a closed provider's job made).
     pub fn record_cost(&self, entry: &easel_router::LedgerEntry) {
         self.metrics.cost(&entry.provider, &entry.model, entry.cost_usd);
         if let Some(ledger) = &self.ledger {
-            if let Err(e) = ledger.record(entry) {
+            if let Err(e) = ledger.settle(entry) {
                 tracing::error!("recording the cost of {}: {e}", entry.job_id);
             }
         }
     }
 }
 
-pub use worker::{EncodedImage, ExecError, Executor, WorkerConfig};
+pub use worker::{BatchOutput, EncodedImage, ExecError, Executor, ProviderCharge, WorkerConfig};

@@ -1,16 +1,29 @@
-//! Webhooks: when a job with a `webhook_url` ends, POST its state, signed with HMAC-SHA256,
-//! retrying with exponential backoff. Loopback, private and link-local targets are refused
-//! unless the operator allows them (a webhook must not become a way into the private network).
+//! Webhooks: when a job with a `webhook_url` ends, POST its final state (the same JSON as the
+//! final SSE event), signed with HMAC-SHA256, retried with exponential backoff.
+//!
+//! Deliveries come from the queue's outbox (see [`easel_queue`]): the transition that ends a job
+//! queues its delivery, and every process that runs [`deliver`] (each API node and each
+//! `easel worker`) claims due deliveries with a lease. So each final state is sent by one
+//! process however many there are, a delivery whose sender dies is sent again by another, and
+//! pending deliveries survive restarts. Each carries `X-Easel-Delivery`, stable across retries:
+//! a receiver deduplicates on it (at least once always; exactly once unless a sender dies
+//! between the receiver's 2xx and recording it).
+//!
+//! Targets must not reach the private network ([`crate::ssrf`]): checked without DNS when the
+//! job is submitted, and resolved and checked again at every attempt, connecting only to the
+//! addresses that passed, following no redirects.
 
-use std::net::IpAddr;
+use std::sync::Arc;
 use std::time::Duration;
 
-use easel_api::{ApiError, Event};
-use easel_queue::JobQueue;
+use easel_api::ApiError;
+use easel_queue::{Delivery, JobQueue};
 use hmac::{Hmac, Mac};
 use sha2::Sha256;
+use tracing::Instrument;
 
-use crate::events::EventBus;
+use crate::image_urls::ImageUrls;
+use crate::ssrf::{self, SsrfError};
 
 /// Webhook delivery settings.
 #[derive(Debug, Clone)]
@@ -23,41 +36,17 @@ pub struct WebhookConfig {
     pub first_backoff: Duration,
 }
 
-fn is_private(ip: IpAddr) -> bool {
-    match ip {
-        IpAddr::V4(v4) => v4.is_loopback() || v4.is_private() || v4.is_link_local() || v4.is_unspecified() || v4.is_broadcast() || v4.octets()[0] == 100 && (v4.octets()[1] & 0xC0) == 64,
-        IpAddr::V6(v6) => {
-            v6.is_loopback() || v6.is_unspecified() || (v6.segments()[0] & 0xfe00) == 0xfc00 || (v6.segments()[0] & 0xffc0) == 0xfe80
-                || v6.to_ipv4_mapped().is_some_and(|v4| is_private(IpAddr::V4(v4)))
-        }
-    }
-}
+/// How long a claimed delivery is this process's before another may send it.
+const DELIVERY_LEASE: Duration = Duration::from_secs(60);
+/// How often the outbox is checked for due deliveries.
+const OUTBOX_POLL: Duration = Duration::from_millis(200);
+/// One POST's time limit.
+const SEND_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// Checks a webhook URL at submission: http(s), and not private unless allowed.
+/// Checks a webhook URL at submission without DNS (a handler must not wait on a lookup):
+/// http(s), a host, and no private IP literal or `localhost` unless allowed.
 pub fn validate_url(raw: &str, allow_private: bool) -> Result<(), ApiError> {
-    let bad = |m: &str| ApiError::invalid("webhook_url", m.to_string());
-    let url = url::Url::parse(raw).map_err(|e| bad(&format!("not a URL: {e}")))?;
-    if !matches!(url.scheme(), "http" | "https") {
-        return Err(bad("webhook_url must be http or https"));
-    }
-    let host = url.host_str().ok_or_else(|| bad("webhook_url has no host"))?;
-    if allow_private {
-        return Ok(());
-    }
-    let port = url.port_or_known_default().unwrap_or(80);
-    let lower = host.to_ascii_lowercase();
-    if lower == "localhost" || lower.ends_with(".localhost") {
-        return Err(bad("webhook_url must not point at loopback or private addresses"));
-    }
-    let host = host.trim_start_matches('[').trim_end_matches(']');
-    let addrs: Vec<IpAddr> = match host.parse::<IpAddr>() {
-        Ok(ip) => vec![ip],
-        Err(_) => std::net::ToSocketAddrs::to_socket_addrs(&(host, port)).map(|a| a.map(|s| s.ip()).collect()).unwrap_or_default(),
-    };
-    if addrs.iter().any(|ip| is_private(*ip)) {
-        return Err(bad("webhook_url must not point at loopback or private addresses"));
-    }
-    Ok(())
+    ssrf::check_without_dns(raw, allow_private).map(|_| ()).map_err(|e| ApiError::invalid("webhook_url", format!("webhook_url: {e}")))
 }
 
 /// `sha256=<hex>` of HMAC(secret, "<timestamp>.<body>").
@@ -69,62 +58,101 @@ pub fn signature(secret: &str, timestamp: u64, body: &[u8]) -> String {
     format!("sha256={}", hex::encode(mac.finalize().into_bytes()))
 }
 
-/// Delivers final events of jobs that asked for a webhook, until the bus closes.
-pub async fn deliver(bus: EventBus, queue: std::sync::Arc<dyn JobQueue>, config: WebhookConfig) {
-    let mut rx = bus.subscribe();
-    let client = match reqwest::Client::builder().timeout(Duration::from_secs(10)).redirect(reqwest::redirect::Policy::none()).build() {
-        Ok(c) => c,
-        Err(e) => {
-            tracing::error!("webhooks disabled: {e}");
-            return;
-        }
-    };
+/// Sends due webhook deliveries from the queue's outbox until the runtime stops.
+pub async fn deliver(queue: Arc<dyn JobQueue>, urls: ImageUrls, config: WebhookConfig) {
     loop {
-        let event = match rx.recv().await {
-            Ok(e) => e,
-            Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
-                tracing::warn!("webhook delivery lagged by {n} events");
-                continue;
+        let q = queue.clone();
+        let due = tokio::task::spawn_blocking(move || q.claim_deliveries(16, DELIVERY_LEASE)).await;
+        match due {
+            Ok(Ok(deliveries)) => {
+                for d in deliveries {
+                    let (queue, urls, config) = (queue.clone(), urls.clone(), config.clone());
+                    let span = tracing::info_span!("webhook", delivery = %d.id, job = %d.job_id, attempt = d.attempt);
+                    tokio::spawn(async move { deliver_one(&*queue, &urls, &config, d).await }.instrument(span));
+                }
             }
-            Err(_) => return,
-        };
-        if !event.is_final() {
-            continue;
+            Ok(Err(e)) => tracing::error!("reading the webhook outbox: {e}"),
+            Err(e) => tracing::error!("reading the webhook outbox: {e}"),
         }
-        let Ok(Some(job)) = queue.get(event.job_id()) else { continue };
-        let Some(url) = job.spec.webhook_url.clone() else { continue };
-        let (client, config) = (client.clone(), config.clone());
-        tokio::spawn(async move { send(&client, &config, &url, &event).await });
+        tokio::time::sleep(OUTBOX_POLL).await;
     }
 }
 
-async fn send(client: &reqwest::Client, config: &WebhookConfig, url: &str, event: &Event) {
-    let body = serde_json::to_vec(event).unwrap_or_default();
-    let mut backoff = config.first_backoff;
-    for attempt in 1..=config.max_attempts {
-        if validate_url(url, config.allow_private).is_err() {
-            tracing::warn!(url, "webhook target resolves to a refused address; not sent");
+/// Why one attempt did not deliver.
+enum Undelivered {
+    /// Worth trying again later (network, DNS, 5xx, 429).
+    Retry(String),
+    /// Never deliverable (a refused target); the delivery is dropped.
+    Never(String),
+}
+
+async fn deliver_one(queue: &dyn JobQueue, urls: &ImageUrls, config: &WebhookConfig, d: Delivery) {
+    let event = match queue.get(&d.job_id) {
+        Ok(Some(job)) => crate::events::final_event(&job, urls),
+        Ok(None) => None,
+        Err(e) => {
+            tracing::warn!("reading the job: {e}");
+            let _ = queue.delivery_retry(&d.id, config.first_backoff);
             return;
         }
-        let ts = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
-        let res = client
-            .post(url)
-            .header("content-type", "application/json")
-            .header("x-easel-timestamp", ts.to_string())
-            .header("x-easel-signature", signature(&config.secret, ts, &body))
-            .header("x-easel-event", event.name())
-            .body(body.clone())
-            .send()
-            .await;
-        match res {
-            Ok(r) if r.status().is_success() => return,
-            Ok(r) => tracing::warn!(url, attempt, status = r.status().as_u16(), "webhook refused"),
-            Err(e) => tracing::warn!(url, attempt, "webhook failed: {e}"),
+    };
+    let Some(event) = event else {
+        tracing::warn!("the job is gone or not final; dropping its delivery");
+        let _ = queue.delivery_done(&d.id);
+        return;
+    };
+    let body = serde_json::to_vec(&event).unwrap_or_default();
+    let outcome = send(config, &d, event.name(), &body).await;
+    let recorded = match outcome {
+        Ok(()) => queue.delivery_done(&d.id),
+        Err(Undelivered::Never(why)) => {
+            tracing::warn!(url = %d.url, "webhook not sent: {why}");
+            queue.delivery_done(&d.id)
         }
-        tokio::time::sleep(backoff).await;
-        backoff *= 2;
+        Err(Undelivered::Retry(why)) if d.attempt >= config.max_attempts => {
+            tracing::error!(url = %d.url, "webhook gave up after {} attempts: {why}", d.attempt);
+            queue.delivery_done(&d.id)
+        }
+        Err(Undelivered::Retry(why)) => {
+            let backoff = config.first_backoff * 2u32.saturating_pow(d.attempt.saturating_sub(1));
+            tracing::warn!(url = %d.url, "webhook failed ({why}); retrying in {backoff:?}");
+            queue.delivery_retry(&d.id, backoff)
+        }
+    };
+    if let Err(e) = recorded {
+        tracing::error!("recording the delivery: {e}");
     }
-    tracing::error!(url, job = event.job_id(), "webhook gave up after {} attempts", config.max_attempts);
+}
+
+/// One attempt: resolve and check the target, connect to the checked addresses only.
+async fn send(config: &WebhookConfig, d: &Delivery, event_name: &str, body: &[u8]) -> Result<(), Undelivered> {
+    let target = match ssrf::resolve(&d.url, config.allow_private).await {
+        Ok(t) => t,
+        Err(e @ SsrfError::Dns { .. }) => return Err(Undelivered::Retry(e.to_string())),
+        Err(e) => return Err(Undelivered::Never(e.to_string())),
+    };
+    let client = reqwest::Client::builder()
+        .timeout(SEND_TIMEOUT)
+        .redirect(reqwest::redirect::Policy::none())
+        .resolve_to_addrs(target.host.trim_start_matches('[').trim_end_matches(']'), &target.addrs)
+        .build()
+        .map_err(|e| Undelivered::Retry(format!("building the HTTP client: {e}")))?;
+    let ts = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+    let res = client
+        .post(target.url)
+        .header("content-type", "application/json")
+        .header("x-easel-delivery", &d.id)
+        .header("x-easel-timestamp", ts.to_string())
+        .header("x-easel-signature", signature(&config.secret, ts, body))
+        .header("x-easel-event", event_name)
+        .body(body.to_vec())
+        .send()
+        .await;
+    match res {
+        Ok(r) if r.status().is_success() => Ok(()),
+        Ok(r) => Err(Undelivered::Retry(format!("the receiver answered {}", r.status().as_u16()))),
+        Err(e) => Err(Undelivered::Retry(e.to_string())),
+    }
 }
 
 #[cfg(test)]
@@ -132,8 +160,8 @@ mod tests {
     use super::*;
 
     #[test]
-    fn private_targets_are_refused_unless_allowed() {
-        for u in ["http://127.0.0.1:9/x", "http://localhost/x", "http://10.1.2.3/", "http://192.168.0.1/", "http://[::1]/", "http://169.254.169.254/latest"] {
+    fn private_literal_targets_are_refused_at_submission_unless_allowed() {
+        for u in ["http://127.0.0.1:9/x", "http://localhost/x", "http://10.1.2.3/", "http://192.168.0.1/", "http://[::1]/", "http://169.254.169.254/latest", "http://[::ffff:10.0.0.1]/"] {
             assert!(validate_url(u, false).is_err(), "{u}");
             assert!(validate_url(u, true).is_ok(), "{u}");
         }

@@ -1,11 +1,23 @@
 //! The worker loop: claim a batch of compatible jobs, run it on an [`Executor`], store the
-//! images, record the result, publish events. Leases are renewed while a batch runs, so a
-//! worker that dies (even by kill -9) lets its jobs run again elsewhere.
+//! images, record the result, publish events.
+//!
+//! Leases: a [`LeaseKeeper`] thread renews the batch's leases on its own timer for the whole
+//! life of the batch (model load, text encoding, steps, decode, storing), so no stage can
+//! outlive a lease however long it takes, and a worker that dies (even by kill -9) lets its
+//! jobs run again elsewhere. Fencing: a worker that learns (at a heartbeat, or at a step after
+//! it was stopped for longer than a heartbeat period) that it lost a job's lease stops that job
+//! at once: it publishes none of its events and stores none of its images, and the queue
+//! would refuse its result anyway. Images are stored under the attempt's own keys
+//! (`{job}/{attempt}_{i}.{ext}`), so even a write already under way cannot replace the files of
+//! the attempt that took over.
 
+use std::collections::HashSet;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Condvar, Mutex};
 use std::time::{Duration, Instant};
 
 use easel_api::{Event, Job, JobResult, JobStatus, ModelInfo, StoredImage, Timings};
+use easel_queue::{JobQueue, Lease};
 
 /// One encoded output image.
 #[derive(Debug, Clone)]
@@ -14,17 +26,47 @@ pub struct EncodedImage {
     pub seed: u64,
 }
 
-/// Why a batch did not produce images.
+/// Why a batch did not produce images. Unless it was refused or canceled, a job whose route
+/// has another candidate moves on to it (fallback) rather than failing.
 #[derive(Debug, thiserror::Error)]
 pub enum ExecError {
-    /// Bad input the validator could not see (e.g. a model file broke): do not retry.
+    /// This executor cannot serve it (a model file broke, a provider is down): do not retry here.
     #[error("{0}")]
     Permanent(String),
     /// A fault that may pass (out of memory, device reset): retry.
     #[error("{0}")]
     Transient(String),
+    /// A provider's content policy refused the prompt or its result: the job fails, and is not
+    /// quietly resent to another provider.
+    #[error("{CONTENT_POLICY}: {0}")]
+    Refused(String),
     #[error("canceled")]
     Canceled,
+}
+
+/// How a job refused by a content policy reads in its error (the API answers it with 400).
+pub const CONTENT_POLICY: &str = "content_policy_violation";
+
+/// What a batch produced: each job's images, the batch's timings, and, when a closed provider
+/// made them, what it charged (local images are priced from engine time instead).
+#[derive(Debug, Clone, Default)]
+pub struct BatchOutput {
+    pub images: Vec<Vec<EncodedImage>>,
+    pub timings: BatchTimings,
+    pub charge: Option<ProviderCharge>,
+}
+
+/// A closed provider's bill for a one-job batch.
+#[derive(Debug, Clone)]
+pub struct ProviderCharge {
+    pub provider: String,
+    pub model: String,
+    pub usd: f64,
+    pub vendor_id: Option<String>,
+    /// Why the router sent it there.
+    pub reason: String,
+    /// The vendor's wall time.
+    pub seconds: f64,
 }
 
 /// Stage timings of one batch, shared by its jobs.
@@ -43,7 +85,7 @@ pub trait Executor: Send + Sync {
     /// A string that changes whenever a model's weights change (for the result cache).
     fn model_identity(&self, model: &str) -> String;
     /// Runs compatible jobs as one batch; `on_step(done, total)` returns false to cancel.
-    fn run_batch(&self, jobs: &[Job], on_step: &mut dyn FnMut(usize, usize) -> bool) -> Result<(Vec<Vec<EncodedImage>>, BatchTimings), ExecError>;
+    fn run_batch(&self, jobs: &[Job], on_step: &mut dyn FnMut(usize, usize) -> bool) -> Result<BatchOutput, ExecError>;
     /// Evicts idle models; called between jobs.
     fn maintain(&self) {}
     /// Models loaded and warm right now.
@@ -108,9 +150,82 @@ impl std::ops::Deref for Worker {
     }
 }
 
-/// The URL path under which a stored image is served.
-pub fn image_path(key: &str) -> String {
-    format!("/v1/images/{key}")
+/// Renews a batch's leases on its own timer and remembers which ones were lost.
+struct LeaseKeeper<'a> {
+    queue: &'a dyn JobQueue,
+    leases: Vec<Lease>,
+    lease: Duration,
+    /// How often to renew: a third of the lease, so two renewals may fail before it lapses.
+    every: Duration,
+    state: Mutex<KeeperState>,
+    wake: Condvar,
+}
+
+struct KeeperState {
+    lost: HashSet<String>,
+    /// When the queue last confirmed the leases still held.
+    confirmed: Instant,
+    stopped: bool,
+}
+
+impl<'a> LeaseKeeper<'a> {
+    fn new(queue: &'a dyn JobQueue, leases: Vec<Lease>, lease: Duration) -> Self {
+        let every = (lease / 3).max(Duration::from_millis(50));
+        Self { queue, leases, lease, every, state: Mutex::new(KeeperState { lost: HashSet::new(), confirmed: Instant::now(), stopped: false }), wake: Condvar::new() }
+    }
+
+    fn state(&self) -> std::sync::MutexGuard<'_, KeeperState> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Renews the leases still held, noting the lost ones.
+    fn beat(&self) {
+        let held: Vec<Lease> = {
+            let st = self.state();
+            self.leases.iter().filter(|l| !st.lost.contains(&l.job_id)).cloned().collect()
+        };
+        if held.is_empty() {
+            return;
+        }
+        match self.queue.heartbeat(&held, self.lease) {
+            Ok(lost) => {
+                let mut st = self.state();
+                for id in lost {
+                    if st.lost.insert(id.clone()) {
+                        tracing::warn!(job = %id, "lost the lease of this job (another worker took it over, or it ended); stopping work on it");
+                    }
+                }
+                st.confirmed = Instant::now();
+            }
+            Err(e) => tracing::error!("renewing leases: {e}"),
+        }
+    }
+
+    /// The leases still held. When the last confirmation is older than a renewal period (this
+    /// process was stopped, or the queue was unreachable), the queue is asked first.
+    fn held(&self) -> Vec<Lease> {
+        if self.state().confirmed.elapsed() > self.every {
+            self.beat();
+        }
+        let st = self.state();
+        self.leases.iter().filter(|l| !st.lost.contains(&l.job_id)).cloned().collect()
+    }
+
+    fn holds(&self, id: &str) -> bool {
+        self.held().iter().any(|l| l.job_id == id)
+    }
+
+    /// Sleeps one renewal period; false once stopped.
+    fn wait(&self) -> bool {
+        let st = self.state();
+        let (st, _) = self.wake.wait_timeout_while(st, self.every, |s| !s.stopped).unwrap_or_else(|p| p.into_inner());
+        !st.stopped
+    }
+
+    fn stop(&self) {
+        self.state().stopped = true;
+        self.wake.notify_all();
+    }
 }
 
 impl Worker {
@@ -169,44 +284,70 @@ impl Worker {
             self.bus.publish(Event::Started { job_id: j.id.clone() });
         }
         let started = Instant::now();
-        let mut last_beat = Instant::now();
+        let keeper = LeaseKeeper::new(&*self.queue, jobs.iter().map(Lease::of).collect(), self.config.lease);
+        std::thread::scope(|scope| {
+            let keeper = &keeper;
+            scope.spawn(move || {
+                let mut last_advert = Instant::now();
+                while keeper.wait() {
+                    keeper.beat();
+                    if last_advert.elapsed() >= ADVERTISE_EVERY {
+                        self.advertise(&self.executor.models(), ADVERTISE_TTL);
+                        last_advert = Instant::now();
+                    }
+                }
+            });
+            self.run_held(&jobs, keeper, started);
+            keeper.stop();
+        });
+    }
+
+    /// Runs a claimed batch while `keeper` renews its leases, and records each job's end.
+    fn run_held(&self, jobs: &[Job], keeper: &LeaseKeeper<'_>, started: Instant) {
         let mut canceled_ids: Vec<String> = vec![];
         let mut on_step = |done: usize, total: usize| -> bool {
-            for id in &ids {
-                self.bus.publish(Event::Progress { job_id: id.clone(), step: done, total });
-            }
-            if last_beat.elapsed() > (self.config.lease / 3).min(ADVERTISE_EVERY) {
-                let _ = self.queue.heartbeat(&ids, self.config.lease);
-                self.advertise(&self.executor.models(), ADVERTISE_TTL);
-                last_beat = Instant::now();
+            let held = keeper.held();
+            for l in &held {
+                self.bus.publish(Event::Progress { job_id: l.job_id.clone(), step: done, total });
             }
             // A canceled job stops the batch between steps; its batch-mates run again.
-            canceled_ids = ids.iter().filter(|id| self.queue.cancel_requested(id).unwrap_or(false)).cloned().collect();
-            canceled_ids.is_empty()
+            canceled_ids = held.iter().filter(|l| self.queue.cancel_requested(&l.job_id).unwrap_or(false)).map(|l| l.job_id.clone()).collect();
+            !held.is_empty() && canceled_ids.is_empty()
         };
-        let outcome = self.executor.run_batch(&jobs, &mut on_step);
+        let outcome = self.executor.run_batch(jobs, &mut on_step);
+        let held = keeper.held();
+        for job in jobs.iter().filter(|j| !held.iter().any(|l| l.job_id == j.id)) {
+            tracing::warn!(job = %job.id, "not recording this job's outcome: its lease was lost");
+        }
         match outcome {
-            Ok((images, timings)) => {
-                for (job, imgs) in jobs.iter().zip(images) {
-                    self.finish(job, imgs, &timings, started.elapsed().as_secs_f64(), jobs.len());
+            Ok(out) => {
+                for (job, imgs) in jobs.iter().zip(out.images) {
+                    if let Some(lease) = held.iter().find(|l| l.job_id == job.id) {
+                        self.finish(job, lease, keeper, imgs, &out.timings, out.charge.as_ref(), started.elapsed().as_secs_f64(), jobs.len());
+                    }
                 }
             }
             Err(ExecError::Canceled) => {
-                for job in &jobs {
+                for lease in &held {
+                    let Some(job) = jobs.iter().find(|j| j.id == lease.job_id) else { continue };
                     if canceled_ids.contains(&job.id) {
-                        let _ = self.queue.mark_canceled(&job.id);
+                        let _ = self.queue.mark_canceled(lease);
                         self.bus.publish(Event::Canceled { job_id: job.id.clone() });
                         self.metrics.job_done("canceled", &job.spec.model, 0, now() - job.created_at, None);
                     } else {
-                        let _ = self.queue.fail(&job.id, "batch-mate canceled", true);
+                        let _ = self.queue.fail(lease, "batch-mate canceled", true);
                     }
                 }
             }
             Err(e) => {
                 let retry = matches!(e, ExecError::Transient(_));
-                for job in &jobs {
+                for lease in &held {
+                    let Some(job) = jobs.iter().find(|j| j.id == lease.job_id) else { continue };
                     let reason = e.to_string();
-                    match self.queue.fail(&job.id, &reason, retry) {
+                    if !matches!(e, ExecError::Refused(_)) && self.fall_back(job, lease, &reason) {
+                        continue;
+                    }
+                    match self.queue.fail(lease, &reason, retry) {
                         Ok(JobStatus::Failed) => {
                             self.metrics.error(if retry { "transient" } else { "permanent" });
                             self.metrics.job_done("failed", &job.spec.model, 0, now() - job.created_at, None);
@@ -220,35 +361,56 @@ impl Worker {
         }
     }
 
-    /// Writes an image, riding out a short store outage (with the job's lease renewed) before
-    /// giving the attempt up.
-    fn put_with_retries(&self, job_id: &str, key: &str, bytes: &[u8]) -> Result<(), crate::store::StoreError> {
+    /// Re-queues a failed job for its route's next candidate; false when there is none.
+    fn fall_back(&self, job: &Job, lease: &Lease, reason: &str) -> bool {
+        let here = job.spec.route.as_ref().and_then(|r| r.candidate()).map(|c| c.provider.clone()).unwrap_or_else(|| "local".into());
+        let Some(next) = job.spec.next_candidate(&format!("{here}: {reason}")) else { return false };
+        match self.queue.reroute(lease, &next) {
+            Ok(true) => {
+                tracing::warn!(job = %job.id, from = %job.spec.model, to = %next.model, "falling back to the next candidate: {reason}");
+                self.doorbell.ring();
+                true
+            }
+            Ok(false) => true, // no longer ours: nothing to record
+            Err(e) => {
+                tracing::error!("re-routing {}: {e}", job.id);
+                false
+            }
+        }
+    }
+
+    /// Writes an image, riding out a short store outage (the keeper renews the lease meanwhile)
+    /// before giving the attempt up; stops at once if the lease is lost.
+    fn put_with_retries(&self, keeper: &LeaseKeeper<'_>, job_id: &str, key: &str, bytes: &[u8]) -> Result<(), String> {
         let mut wait = Duration::from_millis(250);
         let deadline = Instant::now() + STORE_PATIENCE;
         loop {
+            if !keeper.holds(job_id) {
+                return Err("the lease was lost".into());
+            }
             match self.store.put(key, bytes) {
                 Ok(()) => return Ok(()),
-                Err(e) if Instant::now() + wait > deadline => return Err(e),
+                Err(e) if Instant::now() + wait > deadline => return Err(e.to_string()),
                 Err(e) => {
                     tracing::warn!("storing {key}: {e}; retrying in {wait:?}");
                     self.metrics.error("store");
                     std::thread::sleep(wait);
-                    let _ = self.queue.heartbeat(&[job_id.to_string()], self.config.lease);
                     wait = (wait * 2).min(Duration::from_secs(4));
                 }
             }
         }
     }
 
-    fn finish(&self, job: &Job, images: Vec<EncodedImage>, t: &BatchTimings, run_s: f64, batch: usize) {
+    #[allow(clippy::too_many_arguments)]
+    fn finish(&self, job: &Job, lease: &Lease, keeper: &LeaseKeeper<'_>, images: Vec<EncodedImage>, t: &BatchTimings, charge: Option<&ProviderCharge>, run_s: f64, batch: usize) {
         let ext = job.spec.output_format.extension();
         let mut stored = vec![];
         for (i, img) in images.iter().enumerate() {
-            let key = format!("{}/{i}.{ext}", job.id);
-            if let Err(e) = self.put_with_retries(&job.id, &key, &img.bytes) {
+            let key = format!("{}/{}_{i}.{ext}", job.id, lease.attempt);
+            if let Err(e) = self.put_with_retries(keeper, &job.id, &key, &img.bytes) {
                 let reason = format!("storing output: {e}");
                 self.metrics.error("store");
-                if let Ok(JobStatus::Failed) = self.queue.fail(&job.id, &reason, true) {
+                if let Ok(JobStatus::Failed) = self.queue.fail(lease, &reason, true) {
                     self.bus.publish(Event::Failed { job_id: job.id.clone(), reason });
                 }
                 return;
@@ -256,9 +418,16 @@ impl Worker {
             stored.push(StoredImage { key, seed: img.seed });
         }
         let queued_s = job.started_at.map(|s| s - job.created_at).unwrap_or(0.0);
-        // This job's share of the batch's engine time, priced at the machine's amortised rate.
+        // A closed provider's bill, or this job's share of the batch's engine time priced at
+        // the machine's amortised rate.
         let engine_s = (t.text_encode_s + t.denoise_s + t.decode_s) / batch.max(1) as f64;
-        let cost_usd = self.local_cost.image_usd(engine_s / stored.len().max(1) as f64) * stored.len() as f64;
+        let (provider, model, cost_usd, seconds) = match charge {
+            Some(c) => (c.provider.clone(), c.model.clone(), c.usd, c.seconds),
+            None => {
+                let usd = self.local_cost.image_usd(engine_s / stored.len().max(1) as f64) * stored.len() as f64;
+                ("local".to_string(), job.spec.model.clone(), usd, engine_s)
+            }
+        };
         let result = JobResult {
             images: stored.clone(),
             timings: Timings {
@@ -271,11 +440,11 @@ impl Worker {
             },
             batch_size: batch,
             cost_usd,
-            provider: "local".into(),
-            route_reason: None,
-            vendor_id: None,
+            provider: provider.clone(),
+            route_reason: charge.map(|c| c.reason.clone()).or_else(|| job.spec.route.as_ref().and_then(|r| r.candidate()).map(|c| c.reason.clone())),
+            vendor_id: charge.and_then(|c| c.vendor_id.clone()),
         };
-        match self.queue.complete(&job.id, &result) {
+        match self.queue.complete(lease, &result) {
             Ok(true) => {
                 let steps_per_s = (t.denoise_s > 0.0).then(|| job.spec.steps as f64 / t.denoise_s);
                 self.metrics.job_done("succeeded", &job.spec.model, stored.len(), now() - job.created_at, steps_per_s);
@@ -283,16 +452,16 @@ impl Worker {
                     job_id: job.id.clone(),
                     at: now(),
                     api_key: job.spec.user.clone(),
-                    provider: "local".into(),
-                    model: job.spec.model.clone(),
+                    provider,
+                    model,
                     images: stored.len() as u32,
                     cost_usd,
-                    seconds: engine_s,
+                    seconds,
                 });
-                let urls = stored.iter().map(|s| image_path(&s.key)).collect();
+                let urls = stored.iter().map(|s| self.image_urls.path(&s.key)).collect();
                 self.bus.publish(Event::Completed { job_id: job.id.clone(), urls });
             }
-            Ok(false) => tracing::warn!("job {} was no longer running when it finished (reclaimed or canceled)", job.id),
+            Ok(false) => tracing::warn!("job {} was no longer this attempt's when it finished (reclaimed or canceled); result discarded", job.id),
             Err(e) => tracing::error!("recording result of {}: {e}", job.id),
         }
     }
