@@ -4,31 +4,11 @@ Run by .ci/run after `cargo build`: pytest tests/openai_sdk
 """
 
 import base64
-import os
-import re
-import subprocess
-import tempfile
 
 import openai
 import pytest
 
-ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
-EASEL = os.environ.get("EASEL_BIN", os.path.join(ROOT, "target", "debug", "easel"))
-TINY = os.path.join(ROOT, "fixtures", "pipelines", "sd15-tiny")
-
-
-def start(extra=()):
-    data = tempfile.mkdtemp()
-    proc = subprocess.Popen(
-        [EASEL, "serve", "--listen", "127.0.0.1:0", "--data-dir", data, "--model", f"tiny={TINY}", *extra],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
-        text=True,
-    )
-    banner = proc.stdout.readline()
-    m = re.search(r"http://\S+", banner)
-    assert m, banner
-    return proc, m.group(0)
+from easel_process import start
 
 
 @pytest.fixture(scope="module")

@@ -148,6 +148,17 @@ fn aliases_tiers_fallback_privacy_and_costs() {
     // BFL fails: the request falls through to the next candidate, the peer easel.
     let (st, r) = post(&s, "/v1/images/generations", body(json!({"tier": "hero", "prompt": "fail-bfl please"})));
     assert_eq!((st, r["easel"]["provider"].as_str()), (200, Some("peer")), "{r}");
+    // The same through the async API: a closed-provider job takes the queue like any other,
+    // falls back to the next candidate, and its record says who served it and why.
+    let (st, job) = post(&s, "/v1/jobs", body(json!({"tier": "hero", "prompt": "fail-bfl once more", "seed": 8})));
+    assert_eq!(st, 202, "{job}");
+    let done = wait_done(&s, job["id"].as_str().unwrap());
+    assert_eq!((done["status"].as_str(), done["easel"]["provider"].as_str()), (Some("succeeded"), Some("peer")), "{done}");
+    assert!(done["request"]["route"]["failures"][0].as_str().unwrap().starts_with("bfl: "), "{done}");
+    let (st, job) = post(&s, "/v1/jobs", body(json!({"tier": "hero", "seed": 9})));
+    assert_eq!(st, 202, "{job}");
+    let done = wait_done(&s, job["id"].as_str().unwrap());
+    assert_eq!((done["easel"]["provider"].as_str(), done["easel"]["cost_usd"].as_f64()), (Some("bfl"), Some(0.04)), "{done}");
     // route: pick a provider explicitly.
     let (st, r) = post(&s, "/v1/images/generations", body(json!({"model": "shapes", "route": "bfl", "seed": 6})));
     assert_eq!((st, r["easel"]["provider"].as_str()), (200, Some("bfl")), "{r}");
@@ -172,7 +183,7 @@ fn aliases_tiers_fallback_privacy_and_costs() {
     let providers: std::collections::BTreeSet<&str> = usage["data"].as_array().unwrap().iter().filter_map(|r| r["provider"].as_str()).collect();
     assert_eq!(providers.into_iter().collect::<Vec<_>>(), ["bfl", "local", "peer"], "{usage}");
     let bfl_cost: f64 = usage["data"].as_array().unwrap().iter().filter(|r| r["provider"] == "bfl").map(|r| r["cost_usd"].as_f64().unwrap()).sum();
-    assert!((bfl_cost - 0.08).abs() < 1e-9, "{usage}");
+    assert!((bfl_cost - 0.12).abs() < 1e-9, "{usage}");
 }
 
 #[test]

@@ -128,6 +128,12 @@ fn bad_input_gets_4xx_in_openai_shape() {
     assert_eq!(raw.status().as_u16(), 400);
     let r: Value = raw.json().unwrap();
     assert_eq!(r["error"]["code"], "invalid_json");
+    // Paths and query strings the router cannot even decode still answer in the API's shape.
+    for (path, status) in [("/v1/jobs/%FF", 404), ("/v1/jobs/%FF/events", 404), ("/v1/images/%FF/0.png", 404), ("/v1/usage?since=2026-01-01&since=2026-01-02", 400)] {
+        let (st, r) = get(&s, path);
+        assert_eq!(st, status, "{path} -> {r}");
+        assert!(r["error"]["message"].is_string(), "{path} -> {r}");
+    }
 }
 
 #[test]

@@ -12,6 +12,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use axum::body::Bytes;
+use axum::extract::rejection::PathRejection;
 use axum::extract::{DefaultBodyLimit, Path, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
@@ -597,14 +598,21 @@ async fn create_job(State(state): State<AppState>, headers: HeaderMap, body: Res
     Ok((StatusCode::ACCEPTED, Json(job_json(&state, &job))).into_response())
 }
 
-async fn get_job(State(state): State<AppState>, headers: HeaderMap, Path(id): Path<String>) -> ApiResult<Json<serde_json::Value>> {
+/// A job id from the path; one that is not even UTF-8 names no job.
+fn job_id(path: Result<Path<String>, PathRejection>) -> Result<String, ApiError> {
+    path.map(|Path(id)| id).map_err(|_| ApiError::not_found("no such job"))
+}
+
+async fn get_job(State(state): State<AppState>, headers: HeaderMap, id: Result<Path<String>, PathRejection>) -> ApiResult<Json<serde_json::Value>> {
     let caller = state.authorize(&headers)?;
+    let id = job_id(id)?;
     let job = state.job_for(&caller, &id)?;
     Ok(Json(job_json(&state, &job)))
 }
 
-async fn cancel_job(State(state): State<AppState>, headers: HeaderMap, Path(id): Path<String>) -> ApiResult<Json<serde_json::Value>> {
+async fn cancel_job(State(state): State<AppState>, headers: HeaderMap, id: Result<Path<String>, PathRejection>) -> ApiResult<Json<serde_json::Value>> {
     let caller = state.authorize(&headers)?;
+    let id = job_id(id)?;
     state.job_for(&caller, &id)?;
     let status = state.queue.cancel(&id).map_err(queue_error)?.ok_or_else(|| ApiError::not_found(format!("no job `{id}`")))?;
     if status == JobStatus::Canceled {
@@ -618,8 +626,9 @@ fn sse(e: &Event) -> SseEvent {
     SseEvent::default().event(e.name()).data(serde_json::to_string(e).unwrap_or_default())
 }
 
-async fn job_events(State(state): State<AppState>, headers: HeaderMap, Path(id): Path<String>) -> ApiResult<Sse<impl Stream<Item = Result<SseEvent, Infallible>>>> {
+async fn job_events(State(state): State<AppState>, headers: HeaderMap, id: Result<Path<String>, PathRejection>) -> ApiResult<Sse<impl Stream<Item = Result<SseEvent, Infallible>>>> {
     let caller = state.authorize(&headers)?;
+    let id = job_id(id)?;
     let rx = state.bus.subscribe();
     let job = state.job_for(&caller, &id)?;
     let first = match (crate::events::final_event(&job, &state.image_urls), job.status) {
@@ -684,8 +693,13 @@ struct UsageQuery {
 }
 
 /// Cost and volume per day, API key, provider and model. A key sees only its own rows.
-async fn usage(State(state): State<AppState>, headers: HeaderMap, axum::extract::Query(q): axum::extract::Query<UsageQuery>) -> ApiResult<Json<serde_json::Value>> {
+async fn usage(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    query: Result<axum::extract::Query<UsageQuery>, axum::extract::rejection::QueryRejection>,
+) -> ApiResult<Json<serde_json::Value>> {
     let caller = state.authorize(&headers)?;
+    let axum::extract::Query(q) = query.map_err(|e| ApiError::invalid("since", format!("bad query string: {}", e.body_text())))?;
     if let Some(since) = &q.since {
         let ok = since.len() == 10 && since.chars().enumerate().all(|(i, c)| if i == 4 || i == 7 { c == '-' } else { c.is_ascii_digit() });
         if !ok {
@@ -709,9 +723,10 @@ struct SignedQuery {
 async fn get_image(
     State(state): State<AppState>,
     headers: HeaderMap,
-    Path((job, file)): Path<(String, String)>,
+    path: Result<Path<(String, String)>, PathRejection>,
     query: Result<axum::extract::Query<SignedQuery>, axum::extract::rejection::QueryRejection>,
 ) -> ApiResult<Response> {
+    let Path((job, file)) = path.map_err(|_| ApiError::not_found("no such image"))?;
     let key = format!("{job}/{file}");
     if !crate::store::valid_key(&key) {
         return Err(ApiError::not_found("no such image").into());

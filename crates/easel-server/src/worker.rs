@@ -444,20 +444,22 @@ impl Worker {
             route_reason: charge.map(|c| c.reason.clone()).or_else(|| job.spec.route.as_ref().and_then(|r| r.candidate()).map(|c| c.reason.clone())),
             vendor_id: charge.and_then(|c| c.vendor_id.clone()),
         };
+        // The ledger first: a worker killed between the two leaves the job to run again, and
+        // the ledger keeps one row per job (the first recorded), so it is never missing one.
+        self.record_cost(&easel_router::LedgerEntry {
+            job_id: job.id.clone(),
+            at: now(),
+            api_key: job.spec.user.clone(),
+            provider,
+            model,
+            images: stored.len() as u32,
+            cost_usd,
+            seconds,
+        });
         match self.queue.complete(lease, &result) {
             Ok(true) => {
                 let steps_per_s = (t.denoise_s > 0.0).then(|| job.spec.steps as f64 / t.denoise_s);
                 self.metrics.job_done("succeeded", &job.spec.model, stored.len(), now() - job.created_at, steps_per_s);
-                self.record_cost(&easel_router::LedgerEntry {
-                    job_id: job.id.clone(),
-                    at: now(),
-                    api_key: job.spec.user.clone(),
-                    provider,
-                    model,
-                    images: stored.len() as u32,
-                    cost_usd,
-                    seconds,
-                });
                 let urls = stored.iter().map(|s| self.image_urls.path(&s.key)).collect();
                 self.bus.publish(Event::Completed { job_id: job.id.clone(), urls });
             }

@@ -110,3 +110,62 @@ pub fn wait_for(s: &Server, path: &str, within: Duration, ok: impl Fn(&Value) ->
         std::thread::sleep(Duration::from_millis(50));
     }
 }
+
+/// A webhook receiver on loopback: answers 200 to every request (one per connection) and keeps
+/// each one's `X-Easel-Delivery` header and JSON body.
+pub struct Receiver {
+    pub url: String,
+    pub got: std::sync::Arc<std::sync::Mutex<Vec<(String, Value)>>>,
+}
+
+pub fn receiver() -> Receiver {
+    use std::io::{Read, Write};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("http://{}/hook", listener.local_addr().unwrap());
+    let got = std::sync::Arc::new(std::sync::Mutex::new(vec![]));
+    let sink = got.clone();
+    std::thread::spawn(move || {
+        for conn in listener.incoming() {
+            let Ok(mut sock) = conn else { continue };
+            let sink = sink.clone();
+            std::thread::spawn(move || {
+                sock.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+                let mut req = Vec::new();
+                let mut buf = vec![0u8; 65536];
+                loop {
+                    let n = sock.read(&mut buf).unwrap_or(0);
+                    req.extend_from_slice(&buf[..n]);
+                    let text = String::from_utf8_lossy(&req).to_string();
+                    if let Some(i) = text.find("\r\n\r\n") {
+                        let len: usize = text.lines().find_map(|l| l.to_ascii_lowercase().strip_prefix("content-length: ").map(|v| v.trim().parse().unwrap())).unwrap_or(0);
+                        if req.len() >= i + 4 + len {
+                            break;
+                        }
+                    }
+                    if n == 0 {
+                        return;
+                    }
+                }
+                let text = String::from_utf8_lossy(&req).to_string();
+                let (head, body) = text.split_once("\r\n\r\n").unwrap();
+                let id = head.lines().find_map(|l| l.to_ascii_lowercase().strip_prefix("x-easel-delivery: ").map(|v| v.trim().to_string())).unwrap_or_default();
+                sink.lock().unwrap().push((id, serde_json::from_str(body).unwrap_or(Value::Null)));
+                let _ = sock.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\nconnection: close\r\n\r\n");
+            });
+        }
+    });
+    Receiver { url, got }
+}
+
+/// Starts a process of the easel binary with its stderr in `log`, waiting for its first line.
+pub fn spawn_logged(args: &[&str], log: &Path) -> (Child, String) {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_easel"))
+        .args(args)
+        .stdout(Stdio::piped())
+        .stderr(std::fs::File::create(log).unwrap())
+        .spawn()
+        .expect("start easel");
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
+    (child, line)
+}
