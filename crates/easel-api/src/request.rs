@@ -182,10 +182,16 @@ impl MemoryEstimate {
 const MAX_PROMPT_CHARS: usize = 32_000;
 /// OpenAI's `user` is an end-user id, not text.
 const MAX_USER_CHARS: usize = 256;
+/// Names and hints (model, size, scheduler, quality, route, tier, privacy, OpenAI's style,
+/// moderation and background): longer ones are never valid, and are refused before routing.
+const MAX_NAME_CHARS: usize = 256;
+/// URLs (webhook_url).
+const MAX_URL_CHARS: usize = 2048;
 
 impl ImageRequest {
     /// Checks every field and resolves defaults; `pick_seed` supplies a seed when none is given.
     pub fn validate(&self, model: &ModelInfo, pick_seed: impl FnOnce() -> u64) -> Result<(JobSpec, ResponseFormat), ApiError> {
+        self.check_lengths()?;
         if self.prompt.trim().is_empty() {
             return Err(ApiError::invalid("prompt", "prompt must not be empty"));
         }
@@ -267,6 +273,33 @@ impl ImageRequest {
             route: None,
         };
         Ok((spec, self.response_format.unwrap_or_default()))
+    }
+}
+
+impl ImageRequest {
+    /// Every text field within its cap, naming the first one that is not.
+    pub fn check_lengths(&self) -> Result<(), ApiError> {
+        let names = [
+            ("model", &self.model),
+            ("size", &self.size),
+            ("scheduler", &self.scheduler),
+            ("quality", &self.quality),
+            ("route", &self.route),
+            ("tier", &self.tier),
+            ("privacy", &self.privacy),
+            ("style", &self.style),
+            ("moderation", &self.moderation),
+            ("background", &self.background),
+        ];
+        for (field, value) in names {
+            if value.as_ref().is_some_and(|v| v.len() > MAX_NAME_CHARS) {
+                return Err(ApiError::invalid(field, format!("{field} is longer than {MAX_NAME_CHARS} characters")));
+            }
+        }
+        if self.webhook_url.as_ref().is_some_and(|u| u.len() > MAX_URL_CHARS) {
+            return Err(ApiError::invalid("webhook_url", format!("webhook_url is longer than {MAX_URL_CHARS} characters")));
+        }
+        Ok(())
     }
 }
 

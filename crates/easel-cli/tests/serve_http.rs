@@ -115,6 +115,8 @@ fn bad_input_gets_4xx_in_openai_shape() {
         (json!({"prompt": "x", "unknown_field": 1}), 400, None),
         (json!([1, 2]), 400, None),
         (json!({"prompt": "x".repeat(5000)}), 413, None),
+        (json!({"prompt": "x", "scheduler": "e".repeat(300)}), 400, Some("scheduler")),
+        (json!({"prompt": "x", "webhook_url": format!("https://example.com/{}", "a".repeat(2100))}), 400, Some("webhook_url")),
     ];
     for (body, status, param) in cases {
         let (st, r) = post(&s, "/v1/images/generations", body.clone());

@@ -341,6 +341,7 @@ fn submit(state: &AppState, headers: &HeaderMap, body: &Bytes) -> Result<Submitt
     let caller = state.authorize(headers)?;
     let key_name = caller.name().map(str::to_owned);
     let req: ImageRequest = parse_body(body)?;
+    req.check_lengths()?;
     let hints = Hints { route: req.route.clone(), private: req.is_private()?, tier: req.tier.clone(), api_key: key_name.clone() };
     let mut local_model = req.model.clone();
     let mut route: Option<RoutePlan> = None;
@@ -424,7 +425,11 @@ fn submit(state: &AppState, headers: &HeaderMap, body: &Bytes) -> Result<Submitt
         return Err(ApiError::unavailable(format!("no worker is serving model `{}` right now; retry later", model.id)));
     }
     // Scoped to the caller's key, and tied to this exact body.
-    let idem = headers.get("idempotency-key").and_then(|v| v.to_str().ok()).map(|k| format!("{}\u{1f}{k}", key_name.as_deref().unwrap_or("")));
+    let idem = match headers.get("idempotency-key").map(|v| v.to_str()) {
+        None => None,
+        Some(Ok(k)) if !k.is_empty() && k.len() <= 256 => Some(format!("{}\u{1f}{k}", key_name.as_deref().unwrap_or(""))),
+        Some(_) => return Err(ApiError::invalid("Idempotency-Key", "Idempotency-Key must be 1-256 visible ASCII characters")),
+    };
     let fingerprint = hex::encode(Sha256::digest(body));
     let idempotency = idem.as_deref().map(|key| easel_queue::Idempotency { key, fingerprint: &fingerprint });
     let enq = state.queue.enqueue(&spec, cache_key.as_deref(), idempotency).map_err(queue_error)?;
