@@ -36,6 +36,18 @@ pub struct JobSpec {
     /// Where the job may run, in order, as the router planned it (None: the local model only).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub route: Option<RoutePlan>,
+    /// How the webhook reads (None: easel's final event).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub webhook_format: Option<WebhookFormat>,
+}
+
+/// A webhook in another API's shape, for clients that came through that API.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(tag = "kind", rename_all = "lowercase")]
+pub enum WebhookFormat {
+    /// Replicate's: the prediction, signed the Standard Webhooks way; its output URLs are
+    /// absolute under `base_url` (where the client reached easel).
+    Replicate { base_url: String },
 }
 
 /// Queue names of closed-provider executors start with this: `@bfl` is BFL's.

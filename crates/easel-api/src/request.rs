@@ -271,6 +271,7 @@ impl ImageRequest {
             loras,
             private: self.is_private()?,
             route: None,
+        webhook_format: None,
         };
         Ok((spec, self.response_format.unwrap_or_default()))
     }

@@ -284,6 +284,7 @@ fn services(args: &BackendArgs) -> Result<easel_server::Services> {
         local_cost,
         loras,
         image_urls: easel_server::image_urls::ImageUrls::new(&signing_secret(args), Duration::from_secs(if args.url_lifetime == 0 { 3600 } else { args.url_lifetime })),
+        webhook_signing: easel_server::webhooks::WebhookSigning::new(&signing_secret(args)),
     })
 }
 
@@ -304,7 +305,7 @@ fn signing_secret(args: &BackendArgs) -> String {
 /// Webhook delivery for a process that runs jobs or serves the API: both deliver from the outbox.
 fn webhook_config(args: &BackendArgs, services: &easel_server::Services) -> (Arc<dyn JobQueue>, easel_server::image_urls::ImageUrls, easel_server::webhooks::WebhookConfig) {
     let config = easel_server::webhooks::WebhookConfig {
-        secret: signing_secret(args),
+        signing: services.webhook_signing.clone(),
         allow_private: args.allow_private_webhooks,
         max_attempts: 5,
         first_backoff: Duration::from_millis(500),

@@ -29,6 +29,7 @@ pub fn spec(model: &str, priority: i32, steps: usize) -> JobSpec {
         loras: vec![],
         private: false,
         route: None,
+        webhook_format: None,
     }
 }
 

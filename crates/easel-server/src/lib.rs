@@ -38,6 +38,8 @@ pub struct Services {
     pub loras: easel_api::LoraRegistry,
     /// Signs the image URLs in responses, events and webhooks (same secret on every node).
     pub image_urls: image_urls::ImageUrls,
+    /// Signs webhooks (same secret on every node).
+    pub webhook_signing: webhooks::WebhookSigning,
 }
 
 impl Services {

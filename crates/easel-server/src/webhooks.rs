@@ -16,7 +16,8 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use easel_api::ApiError;
+use base64::Engine as _;
+use easel_api::{ApiError, WebhookFormat};
 use easel_queue::{Delivery, JobQueue};
 use hmac::{Hmac, Mac};
 use sha2::Sha256;
@@ -28,8 +29,7 @@ use crate::ssrf::{self, SsrfError};
 /// Webhook delivery settings.
 #[derive(Debug, Clone)]
 pub struct WebhookConfig {
-    /// Key of the `X-Easel-Signature: sha256=<hex>` HMAC over `<timestamp>.<body>`.
-    pub secret: String,
+    pub signing: WebhookSigning,
     /// Permit loopback and private-network targets (tests, trusted networks).
     pub allow_private: bool,
     pub max_attempts: u32,
@@ -47,6 +47,41 @@ const SEND_TIMEOUT: Duration = Duration::from_secs(10);
 /// http(s), a host, and no private IP literal or `localhost` unless allowed.
 pub fn validate_url(raw: &str, allow_private: bool) -> Result<(), ApiError> {
     ssrf::check_without_dns(raw, allow_private).map(|_| ()).map_err(|e| ApiError::invalid("webhook_url", format!("webhook_url: {e}")))
+}
+
+/// The keys webhooks are signed with, all from the deployment's signing secret: easel's own
+/// (`X-Easel-Signature`), and the Standard Webhooks key Replicate-shaped ones use (its
+/// clients fetch it as `whsec_...` from `GET /v1/webhooks/default/secret`).
+#[derive(Debug, Clone)]
+pub struct WebhookSigning {
+    secret: String,
+    replicate_key: Vec<u8>,
+}
+
+impl WebhookSigning {
+    pub fn new(secret: &str) -> Self {
+        let mut mac = <Hmac<Sha256> as Mac>::new_from_slice(secret.as_bytes()).unwrap_or_else(|_| unreachable!("HMAC takes keys of any length"));
+        mac.update(b"easel replicate webhooks v1");
+        Self { secret: secret.to_string(), replicate_key: mac.finalize().into_bytes().to_vec() }
+    }
+
+    /// `X-Easel-Signature` for a body sent at `timestamp`.
+    pub fn easel(&self, timestamp: u64, body: &[u8]) -> String {
+        signature(&self.secret, timestamp, body)
+    }
+
+    /// The Replicate-shaped webhooks' secret, as Replicate hands it out.
+    pub fn replicate_secret(&self) -> String {
+        format!("whsec_{}", base64::engine::general_purpose::STANDARD.encode(&self.replicate_key))
+    }
+
+    /// `webhook-signature`: `v1,<base64 HMAC-SHA256 of "<id>.<timestamp>.<body>">`.
+    pub fn replicate(&self, id: &str, timestamp: u64, body: &[u8]) -> String {
+        let mut mac = <Hmac<Sha256> as Mac>::new_from_slice(&self.replicate_key).unwrap_or_else(|_| unreachable!("HMAC takes keys of any length"));
+        mac.update(format!("{id}.{timestamp}.").as_bytes());
+        mac.update(body);
+        format!("v1,{}", base64::engine::general_purpose::STANDARD.encode(mac.finalize().into_bytes()))
+    }
 }
 
 /// `sha256=<hex>` of HMAC(secret, "<timestamp>.<body>").
@@ -88,7 +123,7 @@ enum Undelivered {
 
 async fn deliver_one(queue: &dyn JobQueue, urls: &ImageUrls, config: &WebhookConfig, d: Delivery) {
     let event = match queue.get(&d.job_id) {
-        Ok(Some(job)) => crate::events::final_event(&job, urls),
+        Ok(Some(job)) => crate::events::final_event(&job, urls).map(|e| (job, e)),
         Ok(None) => None,
         Err(e) => {
             tracing::warn!("reading the job: {e}");
@@ -96,13 +131,16 @@ async fn deliver_one(queue: &dyn JobQueue, urls: &ImageUrls, config: &WebhookCon
             return;
         }
     };
-    let Some(event) = event else {
+    let Some((job, event)) = event else {
         tracing::warn!("the job is gone or not final; dropping its delivery");
         let _ = queue.delivery_done(&d.id);
         return;
     };
-    let body = serde_json::to_vec(&event).unwrap_or_default();
-    let outcome = send(config, &d, event.name(), &body).await;
+    let payload = match &job.spec.webhook_format {
+        Some(WebhookFormat::Replicate { base_url }) => Payload::Replicate(serde_json::to_vec(&crate::http::replicate_prediction(&job, base_url, urls)).unwrap_or_default()),
+        None => Payload::Easel { event: event.name(), body: serde_json::to_vec(&event).unwrap_or_default() },
+    };
+    let outcome = send(config, &d, &payload).await;
     let recorded = match outcome {
         Ok(()) => queue.delivery_done(&d.id),
         Err(Undelivered::Never(why)) => {
@@ -124,8 +162,16 @@ async fn deliver_one(queue: &dyn JobQueue, urls: &ImageUrls, config: &WebhookCon
     }
 }
 
+/// A webhook's body and how it is signed.
+enum Payload {
+    /// easel's final event: `X-Easel-Signature`, `X-Easel-Event`.
+    Easel { event: &'static str, body: Vec<u8> },
+    /// A Replicate prediction: Standard Webhooks headers (`webhook-id`, `-timestamp`, `-signature`).
+    Replicate(Vec<u8>),
+}
+
 /// One attempt: resolve and check the target, connect to the checked addresses only.
-async fn send(config: &WebhookConfig, d: &Delivery, event_name: &str, body: &[u8]) -> Result<(), Undelivered> {
+async fn send(config: &WebhookConfig, d: &Delivery, payload: &Payload) -> Result<(), Undelivered> {
     let target = match ssrf::resolve(&d.url, config.allow_private).await {
         Ok(t) => t,
         Err(e @ SsrfError::Dns { .. }) => return Err(Undelivered::Retry(e.to_string())),
@@ -138,16 +184,20 @@ async fn send(config: &WebhookConfig, d: &Delivery, event_name: &str, body: &[u8
         .build()
         .map_err(|e| Undelivered::Retry(format!("building the HTTP client: {e}")))?;
     let ts = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
-    let res = client
-        .post(target.url)
-        .header("content-type", "application/json")
-        .header("x-easel-delivery", &d.id)
-        .header("x-easel-timestamp", ts.to_string())
-        .header("x-easel-signature", signature(&config.secret, ts, body))
-        .header("x-easel-event", event_name)
-        .body(body.to_vec())
-        .send()
-        .await;
+    let req = client.post(target.url).header("content-type", "application/json").header("x-easel-delivery", &d.id);
+    let req = match payload {
+        Payload::Easel { event, body } => req
+            .header("x-easel-timestamp", ts.to_string())
+            .header("x-easel-signature", config.signing.easel(ts, body))
+            .header("x-easel-event", *event)
+            .body(body.clone()),
+        Payload::Replicate(body) => req
+            .header("webhook-id", &d.id)
+            .header("webhook-timestamp", ts.to_string())
+            .header("webhook-signature", config.signing.replicate(&d.id, ts, body))
+            .body(body.clone()),
+    };
+    let res = req.send().await;
     match res {
         Ok(r) if r.status().is_success() => Ok(()),
         Ok(r) => Err(Undelivered::Retry(format!("the receiver answered {}", r.status().as_u16()))),
@@ -168,6 +218,20 @@ mod tests {
         assert!(validate_url("http://8.8.8.8/hook", false).is_ok());
         assert!(validate_url("ftp://8.8.8.8/", true).is_err());
         assert!(validate_url("not a url", true).is_err());
+    }
+
+    #[test]
+    fn replicate_shaped_webhooks_are_signed_the_standard_webhooks_way() {
+        // What replicate.webhooks.validate computes: HMAC-SHA256 keyed with the base64 after
+        // `whsec_`, over "<id>.<timestamp>.<body>", base64, prefixed `v1,`.
+        let s = WebhookSigning::new("deployment secret");
+        let secret = s.replicate_secret();
+        let key = base64::engine::general_purpose::STANDARD.decode(secret.strip_prefix("whsec_").unwrap()).unwrap();
+        let mut mac = <Hmac<Sha256> as Mac>::new_from_slice(&key).unwrap();
+        mac.update(b"dlv_1.1700000000.{}");
+        let want = format!("v1,{}", base64::engine::general_purpose::STANDARD.encode(mac.finalize().into_bytes()));
+        assert_eq!(s.replicate("dlv_1", 1_700_000_000, b"{}"), want);
+        assert_ne!(WebhookSigning::new("other").replicate_secret(), secret);
     }
 
     #[test]

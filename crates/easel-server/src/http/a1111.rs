@@ -1,0 +1,316 @@
+//! AUTOMATIC1111's WebUI API, the subset that Open WebUI, SillyTavern and most scripts use
+//! (`/sdapi/v1/...`), so they can point at easel unchanged.
+//!
+//! A txt2img request is mapped to easel's request and takes the same path as every other job
+//! (queue, worker, store, ledger); the answer is A1111's `{images, parameters, info}`. A1111's
+//! fields map as: `cfg_scale` to guidance, `batch_size x n_iter` to `n`, `seed: -1` to a random
+//! seed, `sampler_name` plus `scheduler` to easel's schedulers, and `sd_model_checkpoint` (from
+//! `override_settings` or set with `POST /options`) to the model. Fields easel has no use for
+//! (hires fix, face restoration, scripts) are accepted and ignored, as A1111 ignores unknown
+//! scripts. The current model and the current job (for `/progress` and `/interrupt`) are kept
+//! per API key, since one easel serves many clients where one WebUI serves one.
+//! `/sdapi/v1/img2img` is not served yet: easel has no img2img.
+
+use std::collections::HashMap;
+
+use super::*;
+
+/// A1111's sampler names easel implements, with their aliases, and the easel scheduler each
+/// means under A1111's "Automatic" and "Karras" schedules.
+const SAMPLERS: [(&str, &[&str], &str, Option<&str>); 4] = [
+    ("Euler", &["k_euler"], "euler", None),
+    ("Euler a", &["k_euler_a", "k_euler_ancestral"], "euler-a", None),
+    ("DDIM", &["ddim"], "ddim", None),
+    ("DPM++ 2M", &["k_dpmpp_2m"], "dpmpp-2m", Some("dpmpp-2m-karras")),
+];
+
+/// Per API key: the model `POST /options` chose and the job `/progress` reports on.
+#[derive(Default)]
+pub(super) struct Sessions {
+    inner: Mutex<HashMap<String, Session>>,
+}
+
+#[derive(Default, Clone)]
+struct Session {
+    model: Option<String>,
+    job: Option<String>,
+    step: usize,
+    steps: usize,
+}
+
+impl Sessions {
+    fn with<T>(&self, who: &str, f: impl FnOnce(&mut Session) -> T) -> T {
+        let mut map = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        f(map.entry(who.to_string()).or_default())
+    }
+}
+
+fn who(caller: &Caller) -> String {
+    caller.name().unwrap_or("").to_string()
+}
+
+/// `POST /sdapi/v1/txt2img`'s body (StableDiffusionTxt2ImgProcessingAPI); unknown fields are
+/// accepted and ignored, as the WebUI does for scripts it does not have.
+#[derive(serde::Deserialize, serde::Serialize, Default)]
+struct Txt2Img {
+    #[serde(default)]
+    prompt: String,
+    #[serde(default)]
+    negative_prompt: Option<String>,
+    #[serde(default)]
+    steps: Option<i64>,
+    #[serde(default)]
+    cfg_scale: Option<f64>,
+    #[serde(default)]
+    width: Option<usize>,
+    #[serde(default)]
+    height: Option<usize>,
+    #[serde(default)]
+    seed: Option<i64>,
+    #[serde(default)]
+    sampler_name: Option<String>,
+    #[serde(default)]
+    sampler_index: Option<String>,
+    #[serde(default)]
+    scheduler: Option<String>,
+    #[serde(default)]
+    batch_size: Option<u32>,
+    #[serde(default)]
+    n_iter: Option<u32>,
+    #[serde(default)]
+    override_settings: Option<HashMap<String, serde_json::Value>>,
+}
+
+/// The easel scheduler for A1111's sampler and schedule names (None: the model's default).
+fn scheduler_for(sampler: Option<&str>, schedule: Option<&str>) -> Result<Option<&'static str>, ApiError> {
+    let Some(name) = sampler.filter(|s| !s.is_empty()) else { return Ok(None) };
+    // Before A1111 1.9, the schedule was part of the sampler's name ("DPM++ 2M Karras").
+    let (base, karras_in_name) = match name.strip_suffix(" Karras") {
+        Some(b) => (b, true),
+        None => (name, false),
+    };
+    // Schedules by id or label, as A1111 takes them; easel has Automatic (the sampler's own) and Karras.
+    let karras = match schedule.filter(|s| !s.is_empty()) {
+        None => karras_in_name,
+        Some(s) if s.eq_ignore_ascii_case("automatic") => karras_in_name,
+        Some(s) if s.eq_ignore_ascii_case("karras") => true,
+        Some(s) => return Err(ApiError::invalid("scheduler", format!("schedule `{s}` is not available; use Automatic or Karras"))),
+    };
+    let found = SAMPLERS.iter().find(|(n, aliases, _, _)| n.eq_ignore_ascii_case(base) || aliases.iter().any(|a| a.eq_ignore_ascii_case(base)));
+    match found {
+        Some((_, _, plain, with_karras)) if karras => with_karras.map(Some).ok_or_else(|| ApiError::invalid("scheduler", format!("easel has no Karras schedule for sampler `{base}`"))),
+        Some((_, _, plain, _)) => Ok(Some(plain)),
+        None => {
+            let names: Vec<&str> = SAMPLERS.iter().map(|(n, ..)| *n).collect();
+            Err(ApiError::invalid("sampler_name", format!("sampler `{name}` is not available; use one of {}", names.join(", "))))
+        }
+    }
+}
+
+/// A model named the way A1111 names checkpoints (`name.safetensors [hash]`) as easel's id.
+fn model_id(title: &str) -> String {
+    let t = title.split(" [").next().unwrap_or(title).trim();
+    t.strip_suffix(".safetensors").or_else(|| t.strip_suffix(".ckpt")).unwrap_or(t).to_string()
+}
+
+pub(super) async fn txt2img(State(state): State<AppState>, headers: HeaderMap, body: Result<Bytes, axum::extract::rejection::BytesRejection>) -> ApiResult<Json<serde_json::Value>> {
+    let body = read_body(body, state.config.max_body_bytes).await?;
+    let caller = state.authorize(&headers)?;
+    let a: Txt2Img = parse_body(&body)?;
+    let who = who(&caller);
+    let checkpoint = a.override_settings.as_ref().and_then(|o| o.get("sd_model_checkpoint")).and_then(|v| v.as_str()).map(model_id);
+    let model = checkpoint.or_else(|| state.a1111.with(&who, |s| s.model.clone()));
+    let n = a.batch_size.unwrap_or(1).max(1) as u64 * a.n_iter.unwrap_or(1).max(1) as u64;
+    let sampler = a.sampler_name.as_deref().or(a.sampler_index.as_deref());
+    let mut req = ImageRequest {
+        prompt: a.prompt.clone(),
+        model,
+        n: Some(n as i64),
+        negative_prompt: a.negative_prompt.clone().filter(|p| !p.is_empty()),
+        steps: a.steps,
+        guidance_scale: a.cfg_scale,
+        scheduler: scheduler_for(sampler, a.scheduler.as_deref())?.map(str::to_string),
+        seed: a.seed.filter(|s| *s >= 0).map(|s| s as u64),
+        ..Default::default()
+    };
+    if a.width.is_some() || a.height.is_some() {
+        let (w, h) = (a.width.unwrap_or(512), a.height.unwrap_or(512));
+        req.size = Some(format!("{w}x{h}"));
+    }
+    let Submitted { job, .. } = submit_request(&state, &caller, &req, None, &|_| {})?;
+    state.a1111.with(&who, |s| {
+        s.job = Some(job.id.clone());
+        (s.step, s.steps) = (0, job.spec.steps);
+    });
+    // Steps reach /progress from the job's events while this request waits.
+    let mut rx = state.bus.subscribe();
+    let sessions = state.a1111.clone();
+    let (id, me) = (job.id.clone(), who.clone());
+    let watcher = tokio::spawn(async move {
+        loop {
+            match rx.recv().await {
+                Ok(Event::Progress { job_id, step, total }) if job_id == id => sessions.with(&me, |s| (s.step, s.steps) = (step, total)),
+                Ok(e) if e.job_id() == id && e.is_final() => break,
+                Ok(_) | Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {}
+                Err(_) => break,
+            }
+        }
+    });
+    let done = wait_final(&state, &job.id).await;
+    watcher.abort();
+    let job = done?;
+    // Interrupted, the WebUI answers with what it has; easel has no partial images: none.
+    if !matches!(job.status, JobStatus::Succeeded | JobStatus::Canceled) {
+        return Err(unsuccessful(&job).into());
+    }
+    let stored = job.result.as_ref().map(|r| r.images.as_slice()).unwrap_or_default();
+    let mut images = vec![];
+    for img in stored {
+        images.push(b64_image(&state, &img.key)?.to_string());
+    }
+    let seeds: Vec<u64> = stored.iter().map(|i| i.seed).collect();
+    let s = &job.spec;
+    let sampler_name = SAMPLERS.iter().find(|(_, _, plain, karras)| s.scheduler.as_deref().is_some_and(|x| x == *plain || Some(x) == *karras)).map(|(n, ..)| *n).unwrap_or("Automatic");
+    let info = serde_json::json!({
+        "prompt": s.prompt, "all_prompts": vec![&s.prompt; seeds.len()],
+        "negative_prompt": s.negative_prompt.clone().unwrap_or_default(), "all_negative_prompts": vec![s.negative_prompt.clone().unwrap_or_default(); seeds.len()],
+        "seed": seeds.first().copied().unwrap_or(s.seed), "all_seeds": seeds, "subseed": -1, "all_subseeds": vec![-1; seeds.len()],
+        "width": s.width, "height": s.height, "sampler_name": sampler_name, "cfg_scale": s.guidance, "steps": s.steps,
+        "batch_size": seeds.len(), "sd_model_name": s.model, "sd_model_hash": null, "job_timestamp": job.created_at as i64,
+        "infotexts": seeds.iter().map(|seed| format!("{}\nNegative prompt: {}\nSteps: {}, Sampler: {sampler_name}, CFG scale: {}, Seed: {seed}, Size: {}x{}, Model: {}",
+            s.prompt, s.negative_prompt.clone().unwrap_or_default(), s.steps, s.guidance, s.width, s.height, s.model)).collect::<Vec<_>>(),
+        "interrupted": job.status == JobStatus::Canceled,
+        "easel": easel_object(&job, false),
+    });
+    let parameters: serde_json::Value = serde_json::from_slice(&body).unwrap_or(serde_json::Value::Null);
+    Ok(Json(serde_json::json!({ "images": images, "parameters": parameters, "info": info.to_string() })))
+}
+
+pub(super) async fn sd_models(State(state): State<AppState>, headers: HeaderMap) -> ApiResult<Json<serde_json::Value>> {
+    state.authorize(&headers)?;
+    let models: Vec<_> = state
+        .catalogue()?
+        .into_iter()
+        .map(|(m, _)| serde_json::json!({"title": m.id, "model_name": m.id, "hash": null, "sha256": null, "filename": m.id, "config": null}))
+        .collect();
+    Ok(Json(serde_json::Value::Array(models)))
+}
+
+pub(super) async fn samplers(State(state): State<AppState>, headers: HeaderMap) -> ApiResult<Json<serde_json::Value>> {
+    state.authorize(&headers)?;
+    let list: Vec<_> = SAMPLERS.iter().map(|(name, aliases, ..)| serde_json::json!({"name": name, "aliases": aliases, "options": {}})).collect();
+    Ok(Json(serde_json::Value::Array(list)))
+}
+
+pub(super) async fn schedulers(State(state): State<AppState>, headers: HeaderMap) -> ApiResult<Json<serde_json::Value>> {
+    state.authorize(&headers)?;
+    Ok(Json(serde_json::json!([
+        {"name": "automatic", "label": "Automatic", "aliases": null, "default_rho": -1, "need_inner_model": false},
+        {"name": "karras", "label": "Karras", "aliases": null, "default_rho": 7.0, "need_inner_model": false},
+    ])))
+}
+
+/// Lists easel has nothing to put in (upscalers, VAEs, embeddings...): empty, not 404, so
+/// clients that read them at start-up carry on.
+pub(super) async fn empty_list(State(state): State<AppState>, headers: HeaderMap) -> ApiResult<Json<serde_json::Value>> {
+    state.authorize(&headers)?;
+    Ok(Json(serde_json::json!([])))
+}
+
+/// The caller's current model: the one `POST /options` chose, else the default.
+fn current_model(state: &AppState, who: &str) -> Result<String, ApiError> {
+    match state.a1111.with(who, |s| s.model.clone()) {
+        Some(m) => Ok(m),
+        None => Ok(state.model(None)?.0.id),
+    }
+}
+
+pub(super) async fn get_options(State(state): State<AppState>, headers: HeaderMap) -> ApiResult<Json<serde_json::Value>> {
+    let caller = state.authorize(&headers)?;
+    let model = current_model(&state, &who(&caller))?;
+    Ok(Json(serde_json::json!({
+        "sd_model_checkpoint": model, "sd_checkpoint_hash": null, "sd_vae": "Automatic",
+        "samples_format": "png", "CLIP_stop_at_last_layers": 1, "eta_noise_seed_delta": 0,
+    })))
+}
+
+/// Switches the caller's model (`sd_model_checkpoint`); other options are accepted and ignored.
+pub(super) async fn set_options(State(state): State<AppState>, headers: HeaderMap, body: Result<Bytes, axum::extract::rejection::BytesRejection>) -> ApiResult<Json<serde_json::Value>> {
+    let body = read_body(body, state.config.max_body_bytes).await?;
+    let caller = state.authorize(&headers)?;
+    let options: HashMap<String, serde_json::Value> = parse_body(&body)?;
+    if let Some(v) = options.get("sd_model_checkpoint") {
+        let title = v.as_str().ok_or_else(|| ApiError::invalid("sd_model_checkpoint", "sd_model_checkpoint must be a string"))?;
+        let id = model_id(title);
+        state.model(Some(&id)).map_err(|_| ApiError::invalid("sd_model_checkpoint", format!("no model `{title}`; GET /sdapi/v1/sd-models lists them")))?;
+        state.a1111.with(&who(&caller), |s| s.model = Some(id));
+    }
+    Ok(Json(serde_json::Value::Null))
+}
+
+pub(super) async fn progress(State(state): State<AppState>, headers: HeaderMap) -> ApiResult<Json<serde_json::Value>> {
+    let caller = state.authorize(&headers)?;
+    let session = state.a1111.with(&who(&caller), |s| s.clone());
+    let job = match &session.job {
+        Some(id) => state.queue.get(id).map_err(queue_error)?,
+        None => None,
+    };
+    let (running, progress, eta) = match &job {
+        Some(j) if j.status == JobStatus::Running => {
+            let p = if session.steps > 0 { session.step as f64 / session.steps as f64 } else { 0.0 };
+            let elapsed = j.started_at.map(|t| crate::worker::now() - t).unwrap_or(0.0);
+            let eta = if p > 0.0 { elapsed * (1.0 - p) / p } else { 0.0 };
+            (true, p, eta)
+        }
+        Some(j) if j.status == JobStatus::Queued => (true, 0.0, 0.0),
+        _ => (false, 0.0, 0.0),
+    };
+    Ok(Json(serde_json::json!({
+        "progress": progress,
+        "eta_relative": eta,
+        "state": {
+            "skipped": false, "interrupted": job.as_ref().is_some_and(|j| j.status == JobStatus::Canceled),
+            "job": if running { job.as_ref().map(|j| j.id.clone()).unwrap_or_default() } else { String::new() },
+            "job_count": running as u32, "job_timestamp": job.as_ref().map(|j| (j.created_at as i64).to_string()).unwrap_or_else(|| "0".into()),
+            "job_no": 0, "sampling_step": if running { session.step } else { 0 }, "sampling_steps": if running { session.steps } else { 0 },
+        },
+        // easel sends no step previews yet.
+        "current_image": null,
+        "textinfo": null,
+    })))
+}
+
+/// Stops the caller's current job (between steps, as the WebUI does).
+pub(super) async fn interrupt(State(state): State<AppState>, headers: HeaderMap) -> ApiResult<Json<serde_json::Value>> {
+    let caller = state.authorize(&headers)?;
+    if let Some(id) = state.a1111.with(&who(&caller), |s| s.job.clone()) {
+        if state.queue.cancel(&id).map_err(queue_error)? == Some(JobStatus::Canceled) {
+            state.bus.publish(Event::Canceled { job_id: id });
+        }
+    }
+    Ok(Json(serde_json::json!({})))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a1111_sampler_and_schedule_names_map_to_easel_schedulers() {
+        assert_eq!(scheduler_for(Some("Euler a"), None).unwrap(), Some("euler-a"));
+        assert_eq!(scheduler_for(Some("k_euler"), Some("Automatic")).unwrap(), Some("euler"));
+        assert_eq!(scheduler_for(Some("DPM++ 2M"), Some("Karras")).unwrap(), Some("dpmpp-2m-karras"));
+        assert_eq!(scheduler_for(Some("DPM++ 2M Karras"), None).unwrap(), Some("dpmpp-2m-karras"), "the pre-1.9 name");
+        assert_eq!(scheduler_for(None, Some("Karras")).unwrap(), None, "no sampler: the model's default");
+        assert_eq!(scheduler_for(Some("DPM++ SDE"), None).unwrap_err().body.param.as_deref(), Some("sampler_name"));
+        assert_eq!(scheduler_for(Some("Euler"), Some("karras")).unwrap_err().body.param.as_deref(), Some("scheduler"));
+        assert_eq!(scheduler_for(Some("Euler"), Some("Exponential")).unwrap_err().body.param.as_deref(), Some("scheduler"));
+    }
+
+    #[test]
+    fn a1111_checkpoint_titles_name_easel_models() {
+        assert_eq!(model_id("sd15.safetensors [6ce0161689]"), "sd15");
+        assert_eq!(model_id("tiny"), "tiny");
+        assert_eq!(model_id("v1-5.ckpt"), "v1-5");
+    }
+}

@@ -1,0 +1,108 @@
+//! Async jobs: create (202), read, cancel, and follow over SSE, each visible only to the key
+//! that made it.
+
+use super::*;
+
+pub(super) fn job_json(state: &AppState, job: &Job) -> serde_json::Value {
+    let position = if job.status == JobStatus::Queued { state.queue.position(&job.id).ok().flatten() } else { None };
+    serde_json::json!({
+        "id": job.id,
+        "object": "easel.job",
+        "status": job.status,
+        "queue_position": position,
+        "error": job.error.as_ref().filter(|_| job.status == JobStatus::Failed).map(|e| {
+            let code = if e.starts_with(easel_queue::WORKER_CRASHED) { easel_queue::WORKER_CRASHED } else { "generation_failed" };
+            serde_json::json!({"message": e, "code": code})
+        }),
+        "attempts": job.attempts,
+        "created_at": job.created_at,
+        "started_at": job.started_at,
+        "finished_at": job.finished_at,
+        "request": &job.spec,
+        "images": job.result.as_ref().map(|r| r.images.iter().map(|i| serde_json::json!({"url": state.image_urls.path(&i.key), "seed": i.seed})).collect::<Vec<_>>()),
+        "urls": {
+            "self": format!("/v1/jobs/{}", job.id),
+            "events": format!("/v1/jobs/{}/events", job.id),
+            "cancel": format!("/v1/jobs/{}/cancel", job.id),
+        },
+        "easel": easel_object(job, job.cache_hit),
+    })
+}
+
+pub(super) async fn create_job(State(state): State<AppState>, headers: HeaderMap, body: Result<Bytes, axum::extract::rejection::BytesRejection>) -> ApiResult<Response> {
+    let body = read_body(body, state.config.max_body_bytes).await?;
+    let job = submit(&state, &headers, &body).inspect_err(|e| state.metrics.error(&format!("http_{}", e.status)))?.job;
+    Ok((StatusCode::ACCEPTED, Json(job_json(&state, &job))).into_response())
+}
+
+/// A job id from the path; one that is not even UTF-8 names no job.
+pub(super) fn job_id(path: Result<Path<String>, PathRejection>) -> Result<String, ApiError> {
+    path.map(|Path(id)| id).map_err(|_| ApiError::not_found("no such job"))
+}
+
+pub(super) async fn get_job(State(state): State<AppState>, headers: HeaderMap, id: Result<Path<String>, PathRejection>) -> ApiResult<Json<serde_json::Value>> {
+    let caller = state.authorize(&headers)?;
+    let id = job_id(id)?;
+    let job = state.job_for(&caller, &id)?;
+    Ok(Json(job_json(&state, &job)))
+}
+
+pub(super) async fn cancel_job(State(state): State<AppState>, headers: HeaderMap, id: Result<Path<String>, PathRejection>) -> ApiResult<Json<serde_json::Value>> {
+    let caller = state.authorize(&headers)?;
+    let id = job_id(id)?;
+    state.job_for(&caller, &id)?;
+    let status = state.queue.cancel(&id).map_err(queue_error)?.ok_or_else(|| ApiError::not_found(format!("no job `{id}`")))?;
+    if status == JobStatus::Canceled {
+        state.bus.publish(Event::Canceled { job_id: id.clone() });
+    }
+    let job = state.job_for(&caller, &id)?;
+    Ok(Json(job_json(&state, &job)))
+}
+
+pub(super) fn sse(e: &Event) -> SseEvent {
+    SseEvent::default().event(e.name()).data(serde_json::to_string(e).unwrap_or_default())
+}
+
+pub(super) async fn job_events(State(state): State<AppState>, headers: HeaderMap, id: Result<Path<String>, PathRejection>) -> ApiResult<Sse<impl Stream<Item = Result<SseEvent, Infallible>>>> {
+    let caller = state.authorize(&headers)?;
+    let id = job_id(id)?;
+    let rx = state.bus.subscribe();
+    let job = state.job_for(&caller, &id)?;
+    let first = match (crate::events::final_event(&job, &state.image_urls), job.status) {
+        (Some(e), _) => e,
+        (None, JobStatus::Queued) => Event::Queued { job_id: id.clone(), position: state.queue.position(&id).ok().flatten().unwrap_or(0) },
+        (None, _) => Event::Started { job_id: id.clone() },
+    };
+    let done = first.is_final();
+    let head = stream::iter(vec![Ok(sse(&first))]);
+    let queue = state.queue.clone();
+    let urls = state.image_urls.clone();
+    let tail = stream::unfold((rx, done, id), move |(mut rx, done, id)| {
+        let queue = queue.clone();
+        let urls = urls.clone();
+        async move {
+            if done {
+                return None;
+            }
+            loop {
+                match tokio::time::timeout(Duration::from_secs(1), rx.recv()).await {
+                    Ok(Ok(e)) if e.job_id() == id => {
+                        let fin = e.is_final();
+                        return Some((Ok(sse(&e)), (rx, fin, id)));
+                    }
+                    Ok(Ok(_)) => continue,
+                    // Lagged, closed or quiet: consult the queue, which is the record.
+                    _ => {
+                        if let Ok(Some(job)) = queue.get(&id) {
+                            if let Some(e) = crate::events::final_event(&job, &urls) {
+                                return Some((Ok(sse(&e)), (rx, true, id)));
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    });
+    Ok(Sse::new(head.chain(tail)).keep_alive(KeepAlive::default()))
+}
+

@@ -1,0 +1,108 @@
+//! What the API serves besides jobs: the model and LoRA lists, usage, stored images (signed
+//! URLs or the owner's key), health, readiness and metrics.
+
+use super::*;
+
+pub(super) async fn list_models(State(state): State<AppState>, headers: HeaderMap) -> ApiResult<Json<serde_json::Value>> {
+    state.authorize(&headers)?;
+    let data: Vec<_> = state
+        .catalogue()?
+        .into_iter()
+        .map(|(m, live)| serde_json::json!({"id": m.id, "object": "model", "created": 0, "owned_by": "easel", "easel": m, "ready": live}))
+        .collect();
+    Ok(Json(serde_json::json!({"object": "list", "data": data})))
+}
+
+/// The LoRA registry's names, for `loras` in requests.
+pub(super) async fn list_loras(State(state): State<AppState>, headers: HeaderMap) -> ApiResult<Json<serde_json::Value>> {
+    state.authorize(&headers)?;
+    let data: Vec<_> = state.loras.names().into_iter().map(|name| serde_json::json!({"name": name, "object": "lora"})).collect();
+    Ok(Json(serde_json::json!({"object": "list", "data": data})))
+}
+
+#[derive(serde::Deserialize)]
+pub(super) struct UsageQuery {
+    /// First UTC day (YYYY-MM-DD) to include.
+    since: Option<String>,
+}
+
+/// Cost and volume per day, API key, provider and model. A key sees only its own rows.
+pub(super) async fn usage(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    query: Result<axum::extract::Query<UsageQuery>, axum::extract::rejection::QueryRejection>,
+) -> ApiResult<Json<serde_json::Value>> {
+    let caller = state.authorize(&headers)?;
+    let axum::extract::Query(q) = query.map_err(|e| ApiError::invalid("since", format!("bad query string: {}", e.body_text())))?;
+    if let Some(since) = &q.since {
+        let ok = since.len() == 10 && since.chars().enumerate().all(|(i, c)| if i == 4 || i == 7 { c == '-' } else { c.is_ascii_digit() });
+        if !ok {
+            return Err(ApiError::invalid("since", "since must be a UTC day, YYYY-MM-DD").into());
+        }
+    }
+    let Some(ledger) = &state.ledger else { return Ok(Json(serde_json::json!({"object": "list", "data": []}))) };
+    let rows = ledger.usage(q.since.as_deref(), caller.usage_scope()).map_err(|e| ApiError::unavailable(format!("the ledger is unavailable: {e}")))?;
+    let total: f64 = rows.iter().map(|r| r.cost_usd).sum();
+    Ok(Json(serde_json::json!({"object": "list", "data": rows, "total_cost_usd": total})))
+}
+
+#[derive(serde::Deserialize)]
+pub(super) struct SignedQuery {
+    expires: Option<u64>,
+    sig: Option<String>,
+}
+
+/// A stored image: with a valid signature (from a response, event or webhook), or with the key
+/// that owns the job; without keys configured, to anyone.
+pub(super) async fn get_image(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    path: Result<Path<(String, String)>, PathRejection>,
+    query: Result<axum::extract::Query<SignedQuery>, axum::extract::rejection::QueryRejection>,
+) -> ApiResult<Response> {
+    let Path((job, file)) = path.map_err(|_| ApiError::not_found("no such image"))?;
+    let key = format!("{job}/{file}");
+    if !crate::store::valid_key(&key) {
+        return Err(ApiError::not_found("no such image").into());
+    }
+    let signed = query.ok().and_then(|q| Some((q.0.expires?, q.0.sig?)));
+    match signed {
+        Some((expires, sig)) => state.image_urls.verify(&key, expires, &sig).map_err(|e| ApiError::forbidden(e.to_string()))?,
+        None if state.config.api_keys.is_some() => {
+            let caller = state.authorize(&headers)?;
+            state.job_for(&caller, &job).map_err(|_| ApiError::not_found("no such image"))?;
+        }
+        None => {}
+    }
+    let bytes = state.store.get(&key).map_err(|e| match e {
+        crate::store::StoreError::NotFound => ApiError::not_found("no such image"),
+        other => ApiError::unavailable(format!("the image store is unavailable: {other}")),
+    })?;
+    let mime = match file.rsplit('.').next() {
+        Some("png") => "image/png",
+        Some("jpeg") | Some("jpg") => "image/jpeg",
+        Some("webp") => "image/webp",
+        _ => "application/octet-stream",
+    };
+    Ok(([(header::CONTENT_TYPE, mime)], bytes).into_response())
+}
+
+pub(super) async fn readyz(State(state): State<AppState>) -> ApiResult<&'static str> {
+    state.queue.depth().map_err(queue_error)?;
+    if !state.catalogue()?.iter().any(|(_, live)| *live) {
+        return Err(ApiError::unavailable("no worker is serving any model").into());
+    }
+    Ok("ready")
+}
+
+pub(super) async fn metrics(State(state): State<AppState>, headers: HeaderMap) -> ApiResult<Response> {
+    if state.config.metrics_need_admin && state.config.api_keys.is_some() {
+        match state.authorize(&headers)? {
+            Caller::Key { admin: true, .. } => {}
+            _ => return Err(ApiError::unauthorized("/metrics needs an admin key").into()),
+        }
+    }
+    let depth = state.queue.depth().unwrap_or(0);
+    Ok(([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], state.metrics.render(depth, &state.executor.warm_models())).into_response())
+}
+
