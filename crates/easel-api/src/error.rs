@@ -56,6 +56,11 @@ impl ApiError {
         Self::new(403, "invalid_request_error", message, None, Some("forbidden"))
     }
 
+    /// 409: the job a synchronous request waited for was canceled (by its owner).
+    pub fn canceled(job_id: &str) -> Self {
+        Self::new(409, "invalid_request_error", format!("job {job_id} was canceled before it finished"), None, Some("job_canceled"))
+    }
+
     /// 409: an idempotency key sent again with a different request.
     pub fn idempotency_key_reused(job_id: &str) -> Self {
         Self::new(

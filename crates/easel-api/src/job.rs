@@ -36,17 +36,24 @@ pub struct JobSpec {
     /// Where the job may run, in order, as the router planned it (None: the local model only).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub route: Option<RoutePlan>,
+    /// Send a `preview` event every this many steps (None: no previews).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub preview_every: Option<usize>,
     /// How the webhook reads (None: easel's final event).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub webhook_format: Option<WebhookFormat>,
 }
 
-/// A webhook in another API's shape, for clients that came through that API.
+/// How a job's webhook reads: easel's own event, or another API's shape for clients that came
+/// through that API.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(tag = "kind", rename_all = "lowercase")]
 pub enum WebhookFormat {
+    /// easel's final event, its image URLs absolute under `base_url` (where the client
+    /// reached easel), so the receiver can open them.
+    Easel { base_url: String },
     /// Replicate's: the prediction, signed the Standard Webhooks way; its output URLs are
-    /// absolute under `base_url` (where the client reached easel).
+    /// absolute under `base_url`.
     Replicate { base_url: String },
 }
 
@@ -81,6 +88,9 @@ pub struct RoutePlan {
     /// The OpenAI-style `quality` the request asked for (priced per quality).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub quality: Option<String>,
+    /// The `style` the request asked for, for closed providers that have styles.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub style: Option<String>,
 }
 
 impl RoutePlan {
@@ -249,6 +259,9 @@ pub enum Event {
     Queued { job_id: String, position: usize },
     Started { job_id: String },
     Progress { job_id: String, step: usize, total: usize },
+    /// A rough picture of the first image so far (a `data:image/png;base64,` URL), sent every
+    /// `preview_every` steps to requests that ask for it.
+    Preview { job_id: String, step: usize, total: usize, image: String },
     Completed { job_id: String, urls: Vec<String> },
     Failed { job_id: String, reason: String },
     Canceled { job_id: String },
@@ -260,6 +273,7 @@ impl Event {
             Event::Queued { job_id, .. }
             | Event::Started { job_id }
             | Event::Progress { job_id, .. }
+            | Event::Preview { job_id, .. }
             | Event::Completed { job_id, .. }
             | Event::Failed { job_id, .. }
             | Event::Canceled { job_id } => job_id,
@@ -272,6 +286,7 @@ impl Event {
             Event::Queued { .. } => "queued",
             Event::Started { .. } => "started",
             Event::Progress { .. } => "progress",
+            Event::Preview { .. } => "preview",
             Event::Completed { .. } => "completed",
             Event::Failed { .. } => "failed",
             Event::Canceled { .. } => "canceled",

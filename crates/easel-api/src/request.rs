@@ -95,6 +95,9 @@ pub struct ImageRequest {
     /// A routing tier from the config (e.g. hero, standard, draft).
     #[serde(default)]
     pub tier: Option<String>,
+    /// Send a `preview` event (a small picture of the image so far) every this many steps.
+    #[serde(default)]
+    pub preview_every: Option<i64>,
     /// A LoRA stack: `[{"name": REGISTRY_NAME, "scale": 0.8}, ...]`, applied in order.
     #[serde(default)]
     pub loras: Option<Vec<crate::LoraRef>>,
@@ -128,6 +131,9 @@ pub struct ModelInfo {
     /// providers (their memory is not ours).
     #[serde(default)]
     pub memory: Option<MemoryEstimate>,
+    /// Served by a closed provider: `quality` and `style` are the vendor's words, passed on.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub closed: bool,
 }
 
 fn default_size_multiple() -> usize {
@@ -219,6 +225,7 @@ impl ImageRequest {
             None | Some("auto") | Some("standard") | Some("medium") => model.default_steps,
             Some("low") => model.default_steps.div_ceil(2),
             Some("high") | Some("hd") => (model.default_steps * 3).div_ceil(2),
+            Some(_) if model.closed => model.default_steps,
             Some(q) => return Err(ApiError::invalid("quality", format!("quality must be low, medium, high or auto, got `{q}`"))),
         };
         let steps = match self.steps {
@@ -249,6 +256,11 @@ impl ImageRequest {
                 return Err(ApiError::invalid("seed", "seed must be below 2^53"));
             }
         }
+        let preview_every = match self.preview_every {
+            None | Some(0) => None,
+            Some(k) if (1..=1000).contains(&k) => Some(k as usize),
+            Some(k) => return Err(ApiError::invalid("preview_every", format!("preview_every must be between 0 (none) and 1000 steps, got {k}"))),
+        };
         let loras = self.loras.clone().unwrap_or_default();
         crate::validate_loras(&loras)?;
         let spec = JobSpec {
@@ -271,7 +283,8 @@ impl ImageRequest {
             loras,
             private: self.is_private()?,
             route: None,
-        webhook_format: None,
+            preview_every,
+            webhook_format: None,
         };
         Ok((spec, self.response_format.unwrap_or_default()))
     }
@@ -319,7 +332,7 @@ mod tests {
     use super::*;
 
     fn model() -> ModelInfo {
-        ModelInfo { id: "m".into(), default_steps: 20, default_guidance: 4.0, default_size: 64, max_side: 1024, size_multiple: 8, schedulers: vec!["euler".into()], memory: None }
+        ModelInfo { id: "m".into(), default_steps: 20, default_guidance: 4.0, default_size: 64, max_side: 1024, size_multiple: 8, schedulers: vec!["euler".into()], memory: None, closed: false }
     }
 
     fn req(v: serde_json::Value) -> Result<ImageRequest, serde_json::Error> {

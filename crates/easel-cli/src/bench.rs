@@ -442,7 +442,7 @@ fn shapes_quality(
                 init_latents: None,
             };
             let t = Instant::now();
-            let out = pipe.generate(&params, None, &mut |_, _| true)?;
+            let out = pipe.generate(&params, None, &mut |_| true)?;
             gen_time += t.elapsed().as_secs_f64();
             let got = spec.classify(&out.images[0]);
             tallies[which].add(got.grade(combo));

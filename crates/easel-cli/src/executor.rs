@@ -11,7 +11,7 @@ use easel_engine::pipeline::ModelDefaults;
 use easel_engine::lora::LoraSpec;
 use easel_engine::{EngineError, GenerateParams, LoadOptions, Pipeline, SchedulerKind};
 use easel_server::worker::BatchTimings;
-use easel_server::{BatchOutput, EncodedImage, ExecError, Executor};
+use easel_server::{BatchOutput, EncodedImage, ExecError, Executor, StepProgress};
 
 /// A model the server offers.
 pub struct ServedModel {
@@ -97,6 +97,7 @@ impl EngineExecutor {
                 size_multiple: pipe.size_multiple(),
                 schedulers: pipe.schedulers().iter().map(|k| k.name().to_string()).collect(),
                 memory: Some(memory_estimate(&pipe, weight_bytes, request_memory)),
+                closed: false,
             };
             let in_pool: u64 = pool.keys().filter_map(|k: &String| served.iter().find(|m: &&ServedModel| &m.info.id == k)).map(|m| m.weight_bytes).sum();
             if in_pool + weight_bytes <= memory_budget {
@@ -181,6 +182,25 @@ impl EngineExecutor {
     }
 }
 
+/// An engine step as the worker sees it: steps, and previews of each job's first image.
+struct EngineStep<'a, 'b> {
+    step: &'a easel_engine::preview::Step<'b>,
+    first_rows: &'a [usize],
+}
+
+impl StepProgress for EngineStep<'_, '_> {
+    fn done(&self) -> usize {
+        self.step.done
+    }
+    fn total(&self) -> usize {
+        self.step.total
+    }
+    fn preview_png(&self, job: usize) -> Option<Vec<u8>> {
+        let png = self.step.preview(*self.first_rows.get(job)?).and_then(|p| p.png());
+        png.map_err(|e| tracing::warn!("drawing a preview: {e}")).ok()
+    }
+}
+
 fn format_of(f: OutputFormat) -> ImageFormat {
     match f {
         OutputFormat::Png => ImageFormat::Png,
@@ -201,7 +221,7 @@ impl Executor for EngineExecutor {
         }
     }
 
-    fn run_batch(&self, jobs: &[Job], on_step: &mut dyn FnMut(usize, usize) -> bool) -> Result<BatchOutput, ExecError> {
+    fn run_batch(&self, jobs: &[Job], on_step: &mut dyn FnMut(&dyn StepProgress) -> bool) -> Result<BatchOutput, ExecError> {
         let model = &jobs[0].spec.model;
         // Jobs in one batch share their LoRA stack (it is part of the batch key).
         let mut stack = vec![];
@@ -231,7 +251,14 @@ impl Executor for EngineExecutor {
                 init_latents: None,
             });
         }
-        let outs = pipe.generate_batch(&params, None, on_step).map_err(|e| match e {
+        // Each job's first image is the batch row after the images of the jobs before it.
+        let first_rows: Vec<usize> = jobs.iter().scan(0, |row, j| {
+            let first = *row;
+            *row += j.spec.n;
+            Some(first)
+        }).collect();
+        let mut engine_step = |step: &easel_engine::preview::Step<'_>| on_step(&EngineStep { step, first_rows: &first_rows });
+        let outs = pipe.generate_batch(&params, None, &mut engine_step).map_err(|e| match e {
             EngineError::Canceled => ExecError::Canceled,
             EngineError::Tensor(t) => ExecError::Transient(t.to_string()),
             other => ExecError::Permanent(other.to_string()),

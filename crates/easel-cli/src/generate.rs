@@ -161,8 +161,8 @@ pub fn run(args: GenerateArgs) -> Result<()> {
     let span = tracing::info_span!("generate", model = %model_spec, seed, steps = params.steps);
     let _enter = span.enter();
     let gen_start = Instant::now();
-    let out = pipe.generate(&params, None, &mut |done, _| {
-        bar.set_position(done as u64);
+    let out = pipe.generate(&params, None, &mut |step| {
+        bar.set_position(step.done as u64);
         true
     })?;
     bar.finish_and_clear();

@@ -307,7 +307,8 @@ fn webhook_config(args: &BackendArgs, services: &easel_server::Services) -> (Arc
     let config = easel_server::webhooks::WebhookConfig {
         signing: services.webhook_signing.clone(),
         allow_private: args.allow_private_webhooks,
-        max_attempts: 5,
+        // 0.5 s doubling to 15 min between tries: about 4 hours before a delivery is given up.
+        max_attempts: 25,
         first_backoff: Duration::from_millis(500),
     };
     (services.queue.clone(), services.image_urls.clone(), config)

@@ -124,8 +124,9 @@ fn sillytavern_pings_lists_switches_models_generates_and_interrupts_as_its_sd_pr
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
         let (_, p) = call(&s, "GET", "/sdapi/v1/progress", &auth, None);
-        if p["state"]["sampling_step"].as_u64().unwrap_or(0) > 0 {
+        if p["state"]["sampling_step"].as_u64().unwrap_or(0) > 0 && p["current_image"].is_string() {
             assert!(p["progress"].as_f64().unwrap() > 0.0 && p["state"]["job_count"] == 1, "{p}");
+            assert_eq!(&decode_png(p["current_image"].as_str().unwrap())[..4], b"\x89PNG", "the step preview, base64 PNG");
             break;
         }
         assert!(Instant::now() < deadline, "no progress: {p}");

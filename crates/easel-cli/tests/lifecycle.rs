@@ -118,6 +118,9 @@ fn each_webhook_is_delivered_once_with_two_api_nodes_and_a_worker_on_redis() {
     deliveries.dedup();
     assert_eq!(deliveries.len(), ids.len(), "a delivery id per job: {got:?}");
     assert!(got.iter().all(|(_, e)| e["type"] == "completed"));
+    let url = got[0].1["urls"][0].as_str().unwrap().to_string();
+    assert!(url.starts_with("http://127.0.0.1:"), "absolute, where the client reached easel: {url}");
+    assert_eq!(client().get(&url).send().unwrap().status().as_u16(), 200, "and it opens (signed)");
     flush();
 }
 
@@ -182,7 +185,7 @@ fn tenants_see_only_their_own_jobs_events_images_and_usage() {
     assert_ne!(bobs["id"], job["id"], "Bob's k1 is not Alice's k1");
     assert_ne!(bobs["easel"]["cache_hit"], json!(true), "nor is Alice's cached result handed to Bob: {bobs}");
     // /metrics needs an admin key here.
-    assert_eq!(status("/metrics", Some("a-secret")), 401);
+    assert_eq!(status("/metrics", Some("a-secret")), 403);
     assert_eq!(status("/metrics", Some("r-secret")), 200);
 }
 

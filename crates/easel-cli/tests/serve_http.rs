@@ -6,6 +6,7 @@ use std::io::Read;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
+use base64::Engine as _;
 use serde_json::{json, Value};
 
 mod common;
@@ -69,7 +70,29 @@ fn async_jobs_events_cancel_and_idempotency() {
     resp.read_to_string(&mut text).unwrap();
     let events: Vec<&str> = text.lines().filter_map(|l| l.strip_prefix("event: ")).collect();
     assert_eq!(events.last(), Some(&"completed"), "{text}");
+    assert!(!events.contains(&"preview"), "previews are opt-in: {text}");
     assert_eq!(wait_done(&s, &id)["status"], "succeeded");
+
+    // preview_every: `preview` events carry a small PNG of the image so far, every N steps.
+    let mut body = SMALL();
+    body["steps"] = json!(4);
+    body["preview_every"] = json!(2);
+    body["seed"] = json!(77);
+    let (_, pj) = post(&s, "/v1/jobs", body);
+    let mut resp = client().get(format!("{}/v1/jobs/{}/events", s.base, pj["id"].as_str().unwrap())).send().unwrap();
+    let mut text = String::new();
+    resp.read_to_string(&mut text).unwrap();
+    let previews: Vec<Value> = text.split("\n\n").filter(|e| e.contains("event: preview")).filter_map(|e| e.lines().find_map(|l| l.strip_prefix("data: ")).and_then(|d| serde_json::from_str(d).ok())).collect();
+    let steps: Vec<u64> = previews.iter().map(|p| p["step"].as_u64().unwrap()).collect();
+    if !steps.is_empty() {
+        // The stream may start after the first step; the ones it saw are every 2nd step.
+        assert!(steps.iter().all(|s| s % 2 == 0), "{steps:?}");
+        let b64 = previews[0]["image"].as_str().unwrap().strip_prefix("data:image/png;base64,").unwrap();
+        assert_eq!(&base64::engine::general_purpose::STANDARD.decode(b64).unwrap()[1..4], b"PNG");
+    }
+    assert!(steps.contains(&4), "the last step always has one: {text}");
+    let (st, err) = post(&s, "/v1/jobs", json!({"prompt": "x", "preview_every": -1}));
+    assert_eq!((st, err["error"]["param"].as_str()), (400, Some("preview_every")));
 
     // Idempotency-Key returns the same job.
     let c = client();

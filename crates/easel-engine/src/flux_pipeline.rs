@@ -336,7 +336,7 @@ impl FluxPipeline {
             let inputs = FluxInputs { img: &latents, img_ids: &img_ids, txt: &states, txt_ids: &txt_ids, timesteps: &ts, pooled: &pooled, guidance: guidance.as_ref() };
             let pred = self.transformer.forward(&inputs)?;
             latents = scheduler.step(&pred, i, &latents, &mut no_noise as &mut dyn NoiseSource)?;
-            if !on_step(i + 1, timesteps.len()) {
+            if !on_step(&crate::preview::Step::packed(i + 1, timesteps.len(), &latents, (lh / 2, lw / 2))) {
                 return Err(EngineError::Canceled);
             }
         }

@@ -20,6 +20,7 @@ pub mod models;
 pub mod output;
 pub mod parity;
 pub mod pipeline;
+pub mod preview;
 pub mod quant;
 pub mod scheduler;
 pub mod source;

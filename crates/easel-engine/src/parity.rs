@@ -66,7 +66,7 @@ impl Reference {
     /// and measures the agreement.
     pub fn check(&self, pipe: &Pipeline) -> Result<Agreement> {
         let mut replay = self.tensors.get("noise").map(ReplayNoise::new).transpose()?;
-        let out = pipe.generate(&self.params()?, replay.as_mut().map(|r| r as &mut dyn NoiseSource), &mut |_, _| true)?;
+        let out = pipe.generate(&self.params()?, replay.as_mut().map(|r| r as &mut dyn NoiseSource), &mut |_| true)?;
         Ok(Agreement { latents_rel_l2: rel_l2(&out.latents, self.tensor("latents")?)?, image_psnr_db: psnr(&out.decoded, self.tensor("image")?)? })
     }
 }

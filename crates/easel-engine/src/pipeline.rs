@@ -196,8 +196,9 @@ impl NoiseSource for BatchNoise {
     }
 }
 
-/// Called after each denoising step with (steps done, total); return `false` to cancel.
-pub type StepCallback<'a> = &'a mut dyn FnMut(usize, usize) -> bool;
+/// Called after each denoising step with where it stands (and the latents, for previews);
+/// return `false` to cancel.
+pub type StepCallback<'a> = &'a mut dyn FnMut(&crate::preview::Step<'_>) -> bool;
 
 /// Weight names and shapes of a tensor map.
 pub(crate) fn shapes(map: &HashMap<String, Tensor>) -> HashMap<String, Vec<usize>> {
@@ -535,7 +536,8 @@ impl StableDiffusionPipeline {
                 pred
             };
             latents = scheduler.step(&pred, i, &latents, noise)?;
-            if !on_step(i + 1, timesteps.len()) {
+            let format = if self.family == Family::StableDiffusionXl { &crate::preview::SDXL } else { &crate::preview::SD15 };
+            if !on_step(&crate::preview::Step::new(i + 1, timesteps.len(), &latents, format)) {
                 return Err(EngineError::Canceled);
             }
         }

@@ -26,15 +26,15 @@ fn batched_requests_match_solo_runs() {
     for name in ["sd15-tiny", "sdxl-tiny"] {
         let pipe = StableDiffusionPipeline::load(&fixtures().join("pipelines").join(name), &LoadOptions::default()).unwrap();
         let reqs = [params("a red circle", 1, 1), params("a blue square on white", 2, 2)];
-        let solo: Vec<_> = reqs.iter().map(|p| pipe.generate(p, None, &mut |_, _| true).unwrap()).collect();
-        let batched = pipe.generate_batch(&reqs, None, &mut |_, _| true).unwrap();
+        let solo: Vec<_> = reqs.iter().map(|p| pipe.generate(p, None, &mut |_| true).unwrap()).collect();
+        let batched = pipe.generate_batch(&reqs, None, &mut |_| true).unwrap();
         for (a, b) in solo.iter().zip(&batched) {
             assert_eq!(a.images.len(), b.images.len());
             let e = rel_l2(&b.latents, &a.latents);
             assert!(e < 1e-5, "{name}: batched latents differ from solo by {e:.2e}");
         }
         // A different seed gives a different image.
-        let other = pipe.generate(&params("a red circle", 9, 1), None, &mut |_, _| true).unwrap();
+        let other = pipe.generate(&params("a red circle", 9, 1), None, &mut |_| true).unwrap();
         assert!(rel_l2(&other.latents, &solo[0].latents) > 1e-2);
     }
 }

@@ -40,7 +40,7 @@ fn run_case(pipe: &easel_engine::FluxPipeline, reference_name: &str) -> (Generat
         scheduler: None,
         init_latents: Some(t["init_latents"].clone()),
     };
-    (pipe.generate(&params, &mut |_, _| true).expect("generate"), t)
+    (pipe.generate(&params, &mut |_| true).expect("generate"), t)
 }
 
 fn assert_matches(label: &str, out: &Generated, t: &std::collections::HashMap<String, Tensor>) {

@@ -40,7 +40,7 @@ fn case(pipeline: &str, case: &str) -> (GenerateParams, std::collections::HashMa
 /// Runs the reference case with `stack` and returns the rel L2 error of the final latents.
 fn error_against_reference(pipe: &Pipeline, pipeline: &str, name: &str, stack: &[LoraSpec]) -> f64 {
     let (params, t) = case(pipeline, name);
-    let out = pipe.with_loras(stack).expect("apply the stack").generate(&params, None, &mut |_, _| true).expect("generate");
+    let out = pipe.with_loras(stack).expect("apply the stack").generate(&params, None, &mut |_| true).expect("generate");
     rel_l2(&out.latents, &t["latents"])
 }
 
@@ -63,7 +63,7 @@ fn check(pipeline: &str, transformer: Option<PathBuf>) {
     }
     // The base weights are never changed: an empty stack gives the LoRA-free output again.
     let (params, t) = case(pipeline, "one");
-    let out = pipe.with_loras(&[]).unwrap().generate(&params, None, &mut |_, _| true).unwrap();
+    let out = pipe.with_loras(&[]).unwrap().generate(&params, None, &mut |_| true).unwrap();
     let err = rel_l2(&out.latents, &t["base_latents"]);
     assert!(err < 1e-3, "{pipeline}: without LoRAs: {err:.2e}");
     assert!(failures.is_empty(), "{pipeline} differs from diffusers: {failures:?}");

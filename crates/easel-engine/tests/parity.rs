@@ -31,7 +31,7 @@ fn check_pipeline(name: &str) {
         };
         let mut replay = t.get("noise").map(|n| ReplayNoise::new(n).unwrap());
         let out = pipe
-            .generate(&params, replay.as_mut().map(|r| r as &mut dyn easel_engine::scheduler::NoiseSource), &mut |_, _| true)
+            .generate(&params, replay.as_mut().map(|r| r as &mut dyn easel_engine::scheduler::NoiseSource), &mut |_| true)
             .expect("generate");
         let err = rel_l2(&out.latents, &t["latents"]);
         let db = psnr(&out.decoded, &t["image"]);
@@ -79,7 +79,7 @@ fn bundled_model_matches_diffusers() {
             scheduler: Some(SchedulerKind::Euler),
             init_latents: Some(t["init_latents"].narrow(0, i, 1).unwrap()),
         };
-        let out = pipe.generate(&params, None, &mut |_, _| true).unwrap();
+        let out = pipe.generate(&params, None, &mut |_| true).unwrap();
         let err = rel_l2(&out.latents, &t["latents"].narrow(0, i, 1).unwrap());
         let db = psnr(&out.decoded, &t["image"].narrow(0, i, 1).unwrap());
         println!("easel-shapes `{prompt}`: latents rel L2 {err:.2e}, image PSNR {db:.1} dB");

@@ -29,6 +29,7 @@ pub fn spec(model: &str, priority: i32, steps: usize) -> JobSpec {
         loras: vec![],
         private: false,
         route: None,
+        preview_every: None,
         webhook_format: None,
     }
 }
@@ -63,7 +64,9 @@ fn claim_one(q: &dyn JobQueue, lease: Duration) -> Lease {
 }
 
 pub fn a_stale_lease_cannot_finish_renew_or_cancel_the_job(q: &dyn JobQueue) {
-    let j = q.enqueue(&spec("m", 0, 20), None, None).unwrap().job;
+    let mut hooked = spec("m", 0, 20);
+    hooked.webhook_url = Some("http://hooks.example/x".into());
+    let j = q.enqueue(&hooked, None, None).unwrap().job;
     let first = claim_one(q, Duration::from_millis(0));
     std::thread::sleep(Duration::from_millis(5));
     q.recover_expired().unwrap();
@@ -75,7 +78,16 @@ pub fn a_stale_lease_cannot_finish_renew_or_cancel_the_job(q: &dyn JobQueue) {
     q.mark_canceled(&first).unwrap();
     assert_eq!(q.get(&j.id).unwrap().unwrap().status, JobStatus::Running, "nor cancel it");
     assert!(q.complete(&second, &result()).unwrap(), "the current holder can");
-    assert_eq!(q.heartbeat(std::slice::from_ref(&second), MINUTE).unwrap(), vec![j.id], "a finished job's lease is gone too");
+    assert_eq!(q.heartbeat(std::slice::from_ref(&second), MINUTE).unwrap(), vec![j.id.clone()], "a finished job's lease is gone too");
+    // Its webhook is queued once; a stale holder's late attempts do not queue it again.
+    let sent = q.claim_deliveries(10, MINUTE).unwrap();
+    assert_eq!(sent.len(), 1);
+    q.delivery_done(&sent[0].id).unwrap();
+    assert!(!q.complete(&first, &result()).unwrap());
+    q.mark_canceled(&first).unwrap();
+    assert!(q.claim_deliveries(10, Duration::ZERO).unwrap().is_empty(), "no second delivery");
+    assert_eq!(q.cancel(&j.id).unwrap(), Some(JobStatus::Succeeded));
+    assert!(q.claim_deliveries(10, Duration::ZERO).unwrap().is_empty());
 }
 
 pub fn a_job_whose_worker_dies_twice_fails_as_worker_crashed(q: &dyn JobQueue) {
@@ -148,6 +160,7 @@ pub fn rerouted_jobs_wait_for_the_next_candidates_executor(q: &dyn JobQueue) {
         current: 0,
         failures: vec![],
         quality: None,
+        style: None,
     });
     let j = q.enqueue(&s, None, None).unwrap().job;
     assert!(q.claim("w", &["m".into(), "bfl:flux-pro-1.1".into()], &[], 1, MINUTE).unwrap().is_empty(), "queued under @bfl");
@@ -264,7 +277,7 @@ pub fn warm_models_first_within_a_priority(q: &dyn JobQueue) {
 
 pub fn advertised_models_expire(q: &dyn JobQueue) {
     assert!(q.live_models().unwrap().is_empty());
-    let info = |id: &str| ModelInfo { id: id.into(), default_steps: 20, default_guidance: 4.0, default_size: 64, max_side: 2048, size_multiple: 8, schedulers: vec![], memory: None };
+    let info = |id: &str| ModelInfo { id: id.into(), default_steps: 20, default_guidance: 4.0, default_size: 64, max_side: 2048, size_multiple: 8, schedulers: vec![], memory: None, closed: false };
     q.advertise("w1", &[info("a"), info("b")], &["a".into()], Duration::from_millis(300)).unwrap();
     q.advertise("w2", &[info("b")], &[], MINUTE).unwrap();
     let mut live: Vec<String> = q.live_models().unwrap().into_iter().map(|m| m.id).collect();

@@ -240,7 +240,11 @@ impl JobQueue for SqliteQueue {
             "UPDATE jobs SET status = 'succeeded', result = ?3, finished_at = ?4, lease_until = NULL WHERE id = ?1 AND attempts = ?2 AND status = 'running'",
             params![lease.job_id, lease.attempt, json(result)?, now()],
         )?;
-        Self::queue_delivery(&tx, &lease.job_id)?;
+        // Only the transition itself queues the webhook: a stale holder's refused completion
+        // must not re-queue a delivery that was already sent and removed.
+        if n == 1 {
+            Self::queue_delivery(&tx, &lease.job_id)?;
+        }
         tx.commit()?;
         Ok(n == 1)
     }
@@ -273,8 +277,9 @@ impl JobQueue for SqliteQueue {
         let Some(job) = Self::get_with(&conn, id)? else { return Ok(None) };
         match job.status {
             JobStatus::Queued => {
-                conn.execute("UPDATE jobs SET status = 'canceled', finished_at = ?2 WHERE id = ?1 AND status = 'queued'", params![id, now()])?;
-                Self::queue_delivery(&conn, id)?;
+                if conn.execute("UPDATE jobs SET status = 'canceled', finished_at = ?2 WHERE id = ?1 AND status = 'queued'", params![id, now()])? == 1 {
+                    Self::queue_delivery(&conn, id)?;
+                }
                 Ok(Some(JobStatus::Canceled))
             }
             JobStatus::Running => {
@@ -293,11 +298,13 @@ impl JobQueue for SqliteQueue {
     fn mark_canceled(&self, lease: &Lease) -> Result<()> {
         let mut conn = self.conn();
         let tx = conn.transaction()?;
-        tx.execute(
+        let n = tx.execute(
             "UPDATE jobs SET status = 'canceled', finished_at = ?3, lease_until = NULL WHERE id = ?1 AND attempts = ?2 AND status = 'running'",
             params![lease.job_id, lease.attempt, now()],
         )?;
-        Self::queue_delivery(&tx, &lease.job_id)?;
+        if n == 1 {
+            Self::queue_delivery(&tx, &lease.job_id)?;
+        }
         tx.commit()?;
         Ok(())
     }

@@ -44,6 +44,19 @@ pub struct UsageRow {
     pub seconds: f64,
 }
 
+/// A closed-provider job's claim on today's budget.
+#[derive(Debug, Clone, Copy)]
+pub struct Reservation<'a> {
+    pub job_id: &'a str,
+    pub api_key: Option<&'a str>,
+    /// The job's list price (all its images).
+    pub usd: f64,
+    /// One image's list price: the most a cap may be passed by.
+    pub image_usd: f64,
+    pub cap_all: Option<f64>,
+    pub cap_key: Option<f64>,
+}
+
 /// The persistent ledger.
 pub struct Ledger {
     conn: Mutex<Connection>,
@@ -115,20 +128,26 @@ impl Ledger {
         Ok(paid_spend(&conn, day, api_key)?)
     }
 
-    /// Reserves `usd` of today's paid spending for `job_id` before a closed provider is called;
-    /// false (nothing reserved) when the spend so far already reaches `cap_all` or, for this
-    /// key, `cap_key`.
-    pub fn reserve(&self, job_id: &str, api_key: Option<&str>, usd: f64, cap_all: Option<f64>, cap_key: Option<f64>) -> Result<bool, RouterError> {
+    /// Reserves a closed-provider job's price out of today's paid spending, before the call;
+    /// false (nothing reserved) when the spend so far, with this job, would pass a cap by more
+    /// than one image, so that concurrent requests overshoot a cap by at most one image.
+    pub fn reserve(&self, r: &Reservation<'_>) -> Result<bool, RouterError> {
         let mut conn = self.conn.lock().unwrap_or_else(|p| p.into_inner());
         let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
-        if cap_all.is_some_and(|cap| paid_spend(&tx, None, None).is_ok_and(|s| s >= cap))
-            || cap_key.is_some_and(|cap| api_key.is_some() && paid_spend(&tx, None, api_key).is_ok_and(|s| s >= cap))
-        {
-            return Ok(false);
+        let over = |spent: f64, cap: f64| spent >= cap || spent + r.usd > cap + r.image_usd + 1e-9;
+        if let Some(cap) = r.cap_all {
+            if over(paid_spend(&tx, None, None)?, cap) {
+                return Ok(false);
+            }
+        }
+        if let (Some(cap), Some(key)) = (r.cap_key, r.api_key) {
+            if over(paid_spend(&tx, None, Some(key))?, cap) {
+                return Ok(false);
+            }
         }
         tx.execute(
             "INSERT OR REPLACE INTO reservations (job_id, day, api_key, cost_usd) VALUES (?1, date('now'), ?2, ?3)",
-            params![job_id, api_key, usd],
+            params![r.job_id, r.api_key, r.usd],
         )?;
         tx.commit()?;
         Ok(true)
@@ -215,7 +234,7 @@ mod tests {
         let threads: Vec<_> = (0..16)
             .map(|i| {
                 let l = l.clone();
-                std::thread::spawn(move || l.reserve(&format!("j{i}"), Some("alice"), 0.04, Some(0.10), None).expect("reserve"))
+                std::thread::spawn(move || l.reserve(&one_image(&format!("j{i}"), Some("alice"), Some(0.10), None)).expect("reserve"))
             })
             .collect();
         let granted: Vec<usize> = threads.into_iter().enumerate().filter_map(|(i, t)| t.join().expect("thread").then_some(i)).collect();
@@ -226,7 +245,23 @@ mod tests {
         l.settle(&entry(&format!("j{}", granted[0]), now, Some("alice"), "bfl", 0.03)).unwrap();
         l.release(&format!("j{}", granted[1])).unwrap();
         assert!((l.spent_on(None, None).unwrap() - 0.07).abs() < 1e-12);
-        assert!(l.reserve("k", None, 0.04, Some(0.10), None).unwrap(), "room again under the cap");
-        assert!(!l.reserve("k2", Some("alice"), 0.01, None, Some(0.05)).unwrap(), "alice's own cap: 0.03 + 0.04 reserved by her >= 0.05");
+        assert!(l.reserve(&one_image("k", None, Some(0.10), None)).unwrap(), "room again under the cap");
+        assert!(!l.reserve(&one_image("k2", Some("alice"), None, Some(0.05))).unwrap(), "alice's own cap: 0.03 + 0.04 reserved by her >= 0.05");
+    }
+
+    fn one_image<'a>(job_id: &'a str, api_key: Option<&'a str>, cap_all: Option<f64>, cap_key: Option<f64>) -> Reservation<'a> {
+        Reservation { job_id, api_key, usd: 0.04, image_usd: 0.04, cap_all, cap_key }
+    }
+
+    #[test]
+    fn a_request_for_several_images_is_refused_when_it_would_pass_the_cap_by_more_than_one() {
+        let d = tempfile::tempdir().expect("tempdir");
+        let l = Ledger::open(&d.path().join("ledger.db")).expect("open");
+        let four = |id| Reservation { job_id: id, api_key: None, usd: 0.16, image_usd: 0.04, cap_all: Some(0.10), cap_key: None };
+        assert!(!l.reserve(&four("a")).unwrap(), "0.16 passes 0.10 by more than one 0.04 image");
+        let two = Reservation { usd: 0.08, ..four("b") };
+        assert!(l.reserve(&two).unwrap(), "0.08 stays under");
+        assert!(l.reserve(&Reservation { usd: 0.04, ..four("c") }).unwrap(), "0.12: one image over");
+        assert!(!l.reserve(&Reservation { usd: 0.04, ..four("d") }).unwrap(), "spent reached the cap");
     }
 }

@@ -22,7 +22,7 @@ pub mod providers;
 pub mod routing;
 
 pub use cost::{BreakEven, LocalCost};
-pub use ledger::{Ledger, LedgerEntry, UsageRow};
+pub use ledger::{Ledger, LedgerEntry, Reservation, UsageRow};
 pub use price::{Price, PriceTable, Unit};
 
 /// Router failures.

@@ -9,7 +9,7 @@ use serde::{Deserialize, Serialize};
 use crate::RouterError;
 
 /// When the default prices were read from the vendors' public pages.
-pub const DEFAULTS_AS_OF: &str = "2025-06-01";
+pub const DEFAULTS_AS_OF: &str = "2025-06-01; Imagen 4, Ideogram 3, Recraft V3: 2026-11-30";
 
 /// What a price is per.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -78,6 +78,17 @@ impl Default for PriceTable {
         for (m, usd) in [("core", 0.03), ("ultra", 0.08), ("sd3.5-large", 0.065), ("sd3.5-large-turbo", 0.04), ("sd3.5-medium", 0.035)] {
             e.push(p("stability", m, Image, usd, None, None));
         }
+        // Google's Imagen 4 on the Gemini API, per image (Google marked these ids deprecated in
+        // 2026; check the Gemini pricing page before relying on them).
+        for (m, usd) in [("imagen-4.0-generate-001", 0.04), ("imagen-4.0-fast-generate-001", 0.02), ("imagen-4.0-ultra-generate-001", 0.06)] {
+            e.push(p("imagen", m, Image, usd, None, None));
+        }
+        // Ideogram 3.0, per image by rendering speed (`quality`).
+        for (q, usd) in [("turbo", 0.03), ("default", 0.06), ("quality", 0.09)] {
+            e.push(p("ideogram", "ideogram-v3", Image, usd, Some(q), None));
+        }
+        // Recraft V3 raster images (vector styles cost $0.08: override with `quality: "vector"`).
+        e.push(p("recraft", "recraftv3", Image, 0.04, None, None));
         Self { entries: e }
     }
 }

@@ -5,7 +5,7 @@ use std::collections::HashMap;
 use std::time::Duration;
 
 use easel_api::{ApiError, JobResult, JobSpec, ModelInfo, StoredImage, Timings};
-use easel_router::providers::{key_from_env, BflClient, FalClient, ImageJob, OpenAiClient, Provider, ProviderError, ReplicateClient, StabilityClient};
+use easel_router::providers::{key_from_env, BflClient, FalClient, IdeogramClient, ImageJob, ImagenClient, OpenAiClient, Provider, ProviderError, RecraftClient, ReplicateClient, StabilityClient};
 use easel_router::routing::{Candidate, Hints, RouteError, Router, RoutingConfig, Situation, LOCAL};
 use easel_router::{Price, PriceTable};
 use serde::Deserialize;
@@ -21,6 +21,10 @@ pub enum ProviderKind {
     Fal,
     Replicate,
     Stability,
+    /// Google's Imagen 4 through the Gemini API.
+    Imagen,
+    Ideogram,
+    Recraft,
 }
 
 impl ProviderKind {
@@ -32,6 +36,9 @@ impl ProviderKind {
             ProviderKind::Fal => ("https://queue.fal.run", Some("FAL_KEY")),
             ProviderKind::Replicate => ("https://api.replicate.com", Some("REPLICATE_API_TOKEN")),
             ProviderKind::Stability => ("https://api.stability.ai", Some("STABILITY_API_KEY")),
+            ProviderKind::Imagen => ("https://generativelanguage.googleapis.com", Some("GEMINI_API_KEY")),
+            ProviderKind::Ideogram => ("https://api.ideogram.ai", Some("IDEOGRAM_API_KEY")),
+            ProviderKind::Recraft => ("https://external.api.recraft.ai", Some("RECRAFT_API_KEY")),
         }
     }
 }
@@ -120,6 +127,9 @@ impl Gateway {
                 (ProviderKind::Fal, Some(k)) => Provider::Fal(FalClient::new(&p.name, &base, k, timeout)),
                 (ProviderKind::Replicate, Some(k)) => Provider::Replicate(ReplicateClient::new(&p.name, &base, k, timeout)),
                 (ProviderKind::Stability, Some(k)) => Provider::Stability(StabilityClient::new(&p.name, &base, k, timeout)),
+                (ProviderKind::Imagen, Some(k)) => Provider::Imagen(ImagenClient::new(&p.name, &base, k, timeout)),
+                (ProviderKind::Ideogram, Some(k)) => Provider::Ideogram(IdeogramClient::new(&p.name, &base, k, timeout)),
+                (ProviderKind::Recraft, Some(k)) => Provider::Recraft(RecraftClient::new(&p.name, &base, k, timeout)),
             };
             providers.insert(p.name.clone(), provider);
         }
@@ -149,7 +159,7 @@ impl Gateway {
 
 /// A request routed to a closed provider, validated like a local one.
 pub fn remote_model_info(c: &Candidate) -> ModelInfo {
-    ModelInfo { id: format!("{}:{}", c.provider, c.model), default_steps: 28, default_guidance: 3.5, default_size: 1024, max_side: 2048, size_multiple: 16, schedulers: vec![], memory: None }
+    ModelInfo { id: format!("{}:{}", c.provider, c.model), default_steps: 28, default_guidance: 3.5, default_size: 1024, max_side: 2048, size_multiple: 16, schedulers: vec![], memory: None, closed: true }
 }
 
 /// What a closed provider's answer becomes: the job record's result (images already stored).
@@ -165,8 +175,9 @@ pub fn remote_result(c: &Candidate, images: Vec<StoredImage>, seconds: f64, cost
     }
 }
 
-/// The provider-neutral job for a spec.
-pub fn image_job(c: &Candidate, spec: &JobSpec, quality: Option<&str>) -> ImageJob {
+/// The provider-neutral job for a spec (quality and style from the request, kept on its route).
+pub fn image_job(c: &Candidate, spec: &JobSpec) -> ImageJob {
+    let route = spec.route.as_ref();
     ImageJob {
         model: c.model.clone(),
         prompt: spec.prompt.clone(),
@@ -174,7 +185,8 @@ pub fn image_job(c: &Candidate, spec: &JobSpec, quality: Option<&str>) -> ImageJ
         height: spec.height as u32,
         n: spec.n as u32,
         seed: spec.seed_explicit.then_some(spec.seed),
-        quality: quality.map(str::to_string),
+        quality: route.and_then(|r| r.quality.clone()),
+        style: route.and_then(|r| r.style.clone()),
         output_format: spec.output_format.extension().to_string(),
     }
 }

@@ -55,4 +55,4 @@ impl Services {
     }
 }
 
-pub use worker::{BatchOutput, EncodedImage, ExecError, Executor, ProviderCharge, WorkerConfig};
+pub use worker::{BatchOutput, EncodedImage, ExecError, Executor, PlainStep, ProviderCharge, StepProgress, WorkerConfig};

@@ -16,7 +16,7 @@ use easel_router::providers::ProviderError;
 use easel_router::routing::Candidate;
 
 use crate::gateway::Gateway;
-use crate::worker::{BatchOutput, BatchTimings, EncodedImage, ExecError, Executor, ProviderCharge};
+use crate::worker::{BatchOutput, BatchTimings, EncodedImage, ExecError, Executor, PlainStep, ProviderCharge, StepProgress};
 
 /// Runs queued jobs on the gateway's closed providers.
 pub struct ProviderExecutor {
@@ -43,7 +43,7 @@ impl Executor for ProviderExecutor {
         model.to_string()
     }
 
-    fn run_batch(&self, jobs: &[Job], on_step: &mut dyn FnMut(usize, usize) -> bool) -> Result<BatchOutput, ExecError> {
+    fn run_batch(&self, jobs: &[Job], on_step: &mut dyn FnMut(&dyn StepProgress) -> bool) -> Result<BatchOutput, ExecError> {
         let [job] = jobs else { return Err(ExecError::Permanent("closed providers take one job per batch".into())) };
         let spec = &job.spec;
         let rc = spec.provider_candidate().ok_or_else(|| ExecError::Permanent("this job is not routed to a closed provider".into()))?;
@@ -58,16 +58,17 @@ impl Executor for ProviderExecutor {
         if let Some(ledger) = &self.ledger {
             let config = self.gateway.router.config();
             let cap_key = spec.user.as_ref().and_then(|k| config.daily_budget_per_key_usd.get(k).copied());
-            let reserved = ledger.reserve(&job.id, spec.user.as_deref(), estimate, config.daily_budget_usd, cap_key).map_err(|e| ExecError::Transient(format!("reserving budget: {e}")))?;
+            let claim = easel_router::Reservation { job_id: &job.id, api_key: spec.user.as_deref(), usd: estimate, image_usd: unit, cap_all: config.daily_budget_usd, cap_key };
+            let reserved = ledger.reserve(&claim).map_err(|e| ExecError::Transient(format!("reserving budget: {e}")))?;
             if !reserved {
                 return Err(ExecError::Permanent(format!("the daily budget for paid providers is spent ({} skipped)", candidate.provider)));
             }
         }
-        if !on_step(0, 1) {
+        if !on_step(&PlainStep { done: 0, total: 1 }) {
             self.release(&job.id);
             return Err(ExecError::Canceled);
         }
-        let request = crate::gateway::image_job(&candidate, spec, quality.as_deref());
+        let request = crate::gateway::image_job(&candidate, spec);
         match self.runtime.block_on(provider.generate(&request)) {
             Ok(out) => {
                 self.gateway.router.succeeded(&candidate.provider, out.seconds);

@@ -17,7 +17,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use base64::Engine as _;
-use easel_api::{ApiError, WebhookFormat};
+use easel_api::{ApiError, Event, WebhookFormat};
 use easel_queue::{Delivery, JobQueue};
 use hmac::{Hmac, Mac};
 use sha2::Sha256;
@@ -40,6 +40,8 @@ pub struct WebhookConfig {
 const DELIVERY_LEASE: Duration = Duration::from_secs(60);
 /// How often the outbox is checked for due deliveries.
 const OUTBOX_POLL: Duration = Duration::from_millis(200);
+/// The longest wait between two attempts: a receiver down for hours still gets its webhooks.
+const MAX_BACKOFF: Duration = Duration::from_secs(15 * 60);
 /// One POST's time limit.
 const SEND_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -138,6 +140,13 @@ async fn deliver_one(queue: &dyn JobQueue, urls: &ImageUrls, config: &WebhookCon
     };
     let payload = match &job.spec.webhook_format {
         Some(WebhookFormat::Replicate { base_url }) => Payload::Replicate(serde_json::to_vec(&crate::http::replicate_prediction(&job, base_url, urls)).unwrap_or_default()),
+        Some(WebhookFormat::Easel { base_url }) => {
+            let event = match event {
+                Event::Completed { job_id, urls } => Event::Completed { job_id, urls: urls.iter().map(|u| format!("{base_url}{u}")).collect() },
+                other => other,
+            };
+            Payload::Easel { event: event.name(), body: serde_json::to_vec(&event).unwrap_or_default() }
+        }
         None => Payload::Easel { event: event.name(), body: serde_json::to_vec(&event).unwrap_or_default() },
     };
     let outcome = send(config, &d, &payload).await;
@@ -152,7 +161,7 @@ async fn deliver_one(queue: &dyn JobQueue, urls: &ImageUrls, config: &WebhookCon
             queue.delivery_done(&d.id)
         }
         Err(Undelivered::Retry(why)) => {
-            let backoff = config.first_backoff * 2u32.saturating_pow(d.attempt.saturating_sub(1));
+            let backoff = (config.first_backoff * 2u32.saturating_pow(d.attempt.saturating_sub(1).min(20))).min(MAX_BACKOFF);
             tracing::warn!(url = %d.url, "webhook failed ({why}); retrying in {backoff:?}");
             queue.delivery_retry(&d.id, backoff)
         }

@@ -17,6 +17,7 @@ use std::sync::{Condvar, Mutex};
 use std::time::{Duration, Instant};
 
 use easel_api::{Event, Job, JobResult, JobStatus, ModelInfo, StoredImage, Timings};
+use base64::Engine as _;
 use easel_queue::{JobQueue, Lease};
 
 /// One encoded output image.
@@ -78,14 +79,41 @@ pub struct BatchTimings {
     pub decode_s: f64,
 }
 
+/// Where a batch stands after a denoising step, as an executor reports it.
+pub trait StepProgress {
+    fn done(&self) -> usize;
+    fn total(&self) -> usize;
+    /// A small PNG of the first image of the batch's `job`-th job so far, if the executor can
+    /// draw one.
+    fn preview_png(&self, job: usize) -> Option<Vec<u8>>;
+}
+
+/// A step without previews.
+pub struct PlainStep {
+    pub done: usize,
+    pub total: usize,
+}
+
+impl StepProgress for PlainStep {
+    fn done(&self) -> usize {
+        self.done
+    }
+    fn total(&self) -> usize {
+        self.total
+    }
+    fn preview_png(&self, _job: usize) -> Option<Vec<u8>> {
+        None
+    }
+}
+
 /// Runs generation: the engine behind the queue.
 pub trait Executor: Send + Sync {
     /// The models this executor serves.
     fn models(&self) -> Vec<ModelInfo>;
     /// A string that changes whenever a model's weights change (for the result cache).
     fn model_identity(&self, model: &str) -> String;
-    /// Runs compatible jobs as one batch; `on_step(done, total)` returns false to cancel.
-    fn run_batch(&self, jobs: &[Job], on_step: &mut dyn FnMut(usize, usize) -> bool) -> Result<BatchOutput, ExecError>;
+    /// Runs compatible jobs as one batch; `on_step` after each step returns false to cancel.
+    fn run_batch(&self, jobs: &[Job], on_step: &mut dyn FnMut(&dyn StepProgress) -> bool) -> Result<BatchOutput, ExecError>;
     /// Evicts idle models; called between jobs.
     fn maintain(&self) {}
     /// Models loaded and warm right now.
@@ -305,10 +333,16 @@ impl Worker {
     /// Runs a claimed batch while `keeper` renews its leases, and records each job's end.
     fn run_held(&self, jobs: &[Job], keeper: &LeaseKeeper<'_>, started: Instant) {
         let mut canceled_ids: Vec<String> = vec![];
-        let mut on_step = |done: usize, total: usize| -> bool {
+        let mut on_step = |p: &dyn StepProgress| -> bool {
             let held = keeper.held();
-            for l in &held {
-                self.bus.publish(Event::Progress { job_id: l.job_id.clone(), step: done, total });
+            let (done, total) = (p.done(), p.total());
+            for (index, job) in jobs.iter().enumerate().filter(|(_, j)| held.iter().any(|l| l.job_id == j.id)) {
+                self.bus.publish(Event::Progress { job_id: job.id.clone(), step: done, total });
+                let due = job.spec.preview_every.is_some_and(|every| done % every.max(1) == 0 || done == total);
+                if let Some(png) = p.preview_png(index).filter(|_| due) {
+                    let image = format!("data:image/png;base64,{}", base64::engine::general_purpose::STANDARD.encode(png));
+                    self.bus.publish(Event::Preview { job_id: job.id.clone(), step: done, total, image });
+                }
             }
             // A canceled job stops the batch between steps; its batch-mates run again.
             canceled_ids = held.iter().filter(|l| self.queue.cancel_requested(&l.job_id).unwrap_or(false)).map(|l| l.job_id.clone()).collect();

@@ -8,7 +8,10 @@
 
 mod bfl;
 mod fal;
+mod ideogram;
+mod imagen;
 mod openai;
+mod recraft;
 mod replicate;
 mod stability;
 
@@ -16,7 +19,10 @@ use std::time::{Duration, Instant};
 
 pub use bfl::BflClient;
 pub use fal::FalClient;
+pub use ideogram::IdeogramClient;
+pub use imagen::ImagenClient;
 pub use openai::OpenAiClient;
+pub use recraft::RecraftClient;
 pub use replicate::ReplicateClient;
 pub use stability::StabilityClient;
 
@@ -30,8 +36,11 @@ pub struct ImageJob {
     pub height: u32,
     pub n: u32,
     pub seed: Option<u64>,
-    /// Vendor quality level where it has one (OpenAI: low/medium/high, standard/hd).
+    /// Vendor quality level where it has one (OpenAI: low/medium/high, standard/hd; Ideogram's
+    /// rendering speed).
     pub quality: Option<String>,
+    /// Vendor style where it has one (Recraft's style, Ideogram's style type).
+    pub style: Option<String>,
     /// png, jpeg or webp.
     pub output_format: String,
 }
@@ -92,6 +101,12 @@ pub enum Provider {
     Replicate(ReplicateClient),
     /// Stability's v2beta stable-image.
     Stability(StabilityClient),
+    /// Google's Imagen 4 through the Gemini API.
+    Imagen(ImagenClient),
+    /// Ideogram 3.0.
+    Ideogram(IdeogramClient),
+    /// Recraft's OpenAI-compatible API with its styles.
+    Recraft(RecraftClient),
 }
 
 impl Provider {
@@ -102,6 +117,9 @@ impl Provider {
             Provider::Fal(c) => &c.name,
             Provider::Replicate(c) => &c.name,
             Provider::Stability(c) => &c.name,
+            Provider::Imagen(c) => &c.name,
+            Provider::Ideogram(c) => &c.name,
+            Provider::Recraft(c) => &c.name,
         }
     }
 
@@ -112,6 +130,9 @@ impl Provider {
             Provider::Fal(c) => c.generate(job).await,
             Provider::Replicate(c) => c.generate(job).await,
             Provider::Stability(c) => c.generate(job).await,
+            Provider::Imagen(c) => c.generate(job).await,
+            Provider::Ideogram(c) => c.generate(job).await,
+            Provider::Recraft(c) => c.generate(job).await,
         }
     }
 }
@@ -211,6 +232,13 @@ pub(crate) fn vendor_message(body: &str) -> String {
         m.truncate(300);
     }
     m
+}
+
+/// Of a vendor's fixed shapes (each with its width / height ratio), the one closest to
+/// `width` x `height` (by the ratios' logarithms, so 2:1 and 1:2 are as far from 1:1).
+pub(crate) fn nearest_shape<T: Copy>(width: u32, height: u32, shapes: &[(T, f64)]) -> Option<T> {
+    let r = (width.max(1) as f64 / height.max(1) as f64).ln();
+    shapes.iter().min_by(|a, b| (a.1.ln() - r).abs().total_cmp(&(b.1.ln() - r).abs())).map(|x| x.0)
 }
 
 /// Reads a provider's key from the named environment variable.

@@ -22,8 +22,7 @@ const RATIOS: [(&str, f64); 9] = [("21:9", 21.0 / 9.0), ("16:9", 16.0 / 9.0), ("
 
 /// The vendor's aspect ratio closest to `width` x `height`.
 pub fn aspect_ratio(width: u32, height: u32) -> &'static str {
-    let r = (width.max(1) as f64 / height.max(1) as f64).ln();
-    RATIOS.iter().min_by(|a, b| (a.1.ln() - r).abs().total_cmp(&(b.1.ln() - r).abs())).map(|x| x.0).unwrap_or("1:1")
+    super::nearest_shape(width, height, &RATIOS).unwrap_or("1:1")
 }
 
 impl StabilityClient {
@@ -125,7 +124,7 @@ mod tests {
     }
 
     fn job(model: &str, prompt: &str) -> ImageJob {
-        ImageJob { model: model.into(), prompt: prompt.into(), width: 1344, height: 768, n: 1, seed: Some(5), quality: None, output_format: "png".into() }
+        ImageJob { model: model.into(), prompt: prompt.into(), width: 1344, height: 768, n: 1, seed: Some(5), quality: None, style: None, output_format: "png".into() }
     }
 
     #[tokio::test]

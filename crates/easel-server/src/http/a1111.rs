@@ -9,7 +9,8 @@
 //! (hires fix, face restoration, scripts) are accepted and ignored, as A1111 ignores unknown
 //! scripts. The current model and the current job (for `/progress` and `/interrupt`) are kept
 //! per API key, since one easel serves many clients where one WebUI serves one.
-//! `/sdapi/v1/img2img` is not served yet: easel has no img2img.
+//! `/sdapi/v1/img2img` is not served yet: easel has no img2img. `/progress` carries a step
+//! preview (`current_image`), a linear map of the latents to RGB at latent resolution.
 
 use std::collections::HashMap;
 
@@ -36,6 +37,8 @@ struct Session {
     job: Option<String>,
     step: usize,
     steps: usize,
+    /// The latest step preview of the current job, base64 PNG as the WebUI sends it.
+    preview: Option<String>,
 }
 
 impl Sessions {
@@ -137,10 +140,11 @@ pub(super) async fn txt2img(State(state): State<AppState>, headers: HeaderMap, b
         let (w, h) = (a.width.unwrap_or(512), a.height.unwrap_or(512));
         req.size = Some(format!("{w}x{h}"));
     }
-    let Submitted { job, .. } = submit_request(&state, &caller, &req, None, &|_| {})?;
+    // Previews every step, for `/progress`'s current_image (at latent resolution: small).
+    let Submitted { job, .. } = submit_request(&state, &caller, &req, None, &|spec| spec.preview_every = Some(1))?;
     state.a1111.with(&who, |s| {
         s.job = Some(job.id.clone());
-        (s.step, s.steps) = (0, job.spec.steps);
+        (s.step, s.steps, s.preview) = (0, job.spec.steps, None);
     });
     // Steps reach /progress from the job's events while this request waits.
     let mut rx = state.bus.subscribe();
@@ -150,6 +154,10 @@ pub(super) async fn txt2img(State(state): State<AppState>, headers: HeaderMap, b
         loop {
             match rx.recv().await {
                 Ok(Event::Progress { job_id, step, total }) if job_id == id => sessions.with(&me, |s| (s.step, s.steps) = (step, total)),
+                Ok(Event::Preview { job_id, image, .. }) if job_id == id => {
+                    let b64 = image.split_once(',').map(|(_, b)| b.to_string());
+                    sessions.with(&me, |s| s.preview = b64);
+                }
                 Ok(e) if e.job_id() == id && e.is_final() => break,
                 Ok(_) | Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {}
                 Err(_) => break,
@@ -274,8 +282,8 @@ pub(super) async fn progress(State(state): State<AppState>, headers: HeaderMap) 
             "job_count": running as u32, "job_timestamp": job.as_ref().map(|j| (j.created_at as i64).to_string()).unwrap_or_else(|| "0".into()),
             "job_no": 0, "sampling_step": if running { session.step } else { 0 }, "sampling_steps": if running { session.steps } else { 0 },
         },
-        // easel sends no step previews yet.
-        "current_image": null,
+        // A linear latent-to-RGB preview at latent resolution, as the WebUI's "Approx cheap".
+        "current_image": if running { session.preview.clone() } else { None },
         "textinfo": null,
     })))
 }

@@ -91,9 +91,7 @@ fn model_for(state: &AppState, app: &str) -> String {
 
 /// Where the client reached easel's fal queue (`X-Forwarded-Proto` honoured behind TLS).
 fn queue_base(headers: &HeaderMap) -> String {
-    let host = headers.get(header::HOST).and_then(|h| h.to_str().ok()).unwrap_or("localhost");
-    let scheme = headers.get("x-forwarded-proto").and_then(|h| h.to_str().ok()).filter(|p| *p == "https").unwrap_or("http");
-    format!("{scheme}://{host}/fal")
+    format!("{}/fal", public_base(headers))
 }
 
 fn request_urls(base: &str, app: &str, id: &str) -> serde_json::Value {

@@ -44,7 +44,7 @@ use jobs::{cancel_job, create_job, get_job, job_events, job_id};
 use openai::generations;
 use resources::{get_image, list_loras, list_models, metrics, readyz, usage};
 use openai::b64_image;
-use submit::{easel_object, idempotency_key, submit, submit_request, unsuccessful, wait_final, Submitted};
+use submit::{easel_object, fingerprint, idempotency_key, submit, submit_request, unsuccessful, wait_final, Submitted};
 
 /// An API key, stored as its SHA-256.
 #[derive(Debug, Clone)]
@@ -249,6 +249,14 @@ impl AppState {
     fn job_for(&self, caller: &Caller, id: &str) -> Result<Job, ApiError> {
         self.queue.get(id).map_err(queue_error)?.filter(|j| caller.sees(j)).ok_or_else(|| ApiError::not_found(format!("no job `{id}`")))
     }
+}
+
+/// Where the client reached easel: `http(s)://HOST` from the Host header (`X-Forwarded-Proto:
+/// https` honoured behind a TLS proxy), for absolute URLs in answers and webhooks.
+fn public_base(headers: &HeaderMap) -> String {
+    let host = headers.get(header::HOST).and_then(|h| h.to_str().ok()).unwrap_or("localhost");
+    let scheme = headers.get("x-forwarded-proto").and_then(|h| h.to_str().ok()).filter(|p| *p == "https").unwrap_or("http");
+    format!("{scheme}://{host}")
 }
 
 /// The key in an Authorization header, in the schemes the clients easel speaks to use:

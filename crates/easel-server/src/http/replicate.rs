@@ -202,13 +202,6 @@ pub(crate) fn prediction(job: &Job, base: &str, urls: &crate::image_urls::ImageU
     })
 }
 
-/// Where the client reached easel (`X-Forwarded-Proto` honoured behind a TLS proxy).
-fn base_url(headers: &HeaderMap) -> String {
-    let host = headers.get(header::HOST).and_then(|h| h.to_str().ok()).unwrap_or("localhost");
-    let scheme = headers.get("x-forwarded-proto").and_then(|h| h.to_str().ok()).filter(|p| *p == "https").unwrap_or("http");
-    format!("{scheme}://{host}")
-}
-
 /// How long `Prefer: wait[=N]` asks to wait (Replicate's limit is 60 s).
 fn prefer_wait(headers: &HeaderMap) -> Option<Duration> {
     let v = headers.get("prefer")?.to_str().ok()?.trim().to_ascii_lowercase();
@@ -236,9 +229,9 @@ async fn create(state: &AppState, headers: &HeaderMap, body: &Bytes, model: Opti
         }
     }
     req.webhook_url = p.webhook.clone().filter(|_| wants_completion);
-    let base = base_url(headers);
+    let base = public_base(headers);
     let idempotency = idempotency_key(headers, &caller)?;
-    let fingerprint = hex::encode(Sha256::digest(body));
+    let fingerprint = fingerprint(body);
     let format = easel_api::WebhookFormat::Replicate { base_url: base.clone() };
     let submitted = submit_request(state, &caller, &req, idempotency.as_deref().map(|key| easel_queue::Idempotency { key, fingerprint: &fingerprint }), &|spec| {
         spec.webhook_format = Some(format.clone());
@@ -275,7 +268,7 @@ pub(super) async fn create_for_version(State(state): State<AppState>, headers: H
 pub(super) async fn get_prediction(State(state): State<AppState>, headers: HeaderMap, id: Result<Path<String>, PathRejection>) -> ProblemResult<Json<serde_json::Value>> {
     let caller = state.authorize(&headers)?;
     let job = state.job_for(&caller, &job_id(id)?)?;
-    Ok(Json(prediction(&job, &base_url(&headers), &state.image_urls)))
+    Ok(Json(prediction(&job, &public_base(&headers), &state.image_urls)))
 }
 
 pub(super) async fn cancel_prediction(State(state): State<AppState>, headers: HeaderMap, id: Result<Path<String>, PathRejection>) -> ProblemResult<Json<serde_json::Value>> {
@@ -286,7 +279,7 @@ pub(super) async fn cancel_prediction(State(state): State<AppState>, headers: He
         state.bus.publish(Event::Canceled { job_id: id.clone() });
     }
     let job = state.job_for(&caller, &id)?;
-    Ok(Json(prediction(&job, &base_url(&headers), &state.image_urls)))
+    Ok(Json(prediction(&job, &public_base(&headers), &state.image_urls)))
 }
 
 /// The key Replicate-shaped webhooks are signed with, as `whsec_<base64>`.

@@ -99,7 +99,7 @@ pub(super) async fn metrics(State(state): State<AppState>, headers: HeaderMap) -
     if state.config.metrics_need_admin && state.config.api_keys.is_some() {
         match state.authorize(&headers)? {
             Caller::Key { admin: true, .. } => {}
-            _ => return Err(ApiError::unauthorized("/metrics needs an admin key").into()),
+            _ => return Err(ApiError::forbidden("/metrics needs an admin key").into()),
         }
     }
     let depth = state.queue.depth().unwrap_or(0);

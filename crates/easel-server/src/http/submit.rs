@@ -37,8 +37,21 @@ pub(super) fn submit(state: &AppState, headers: &HeaderMap, body: &Bytes) -> Res
     let caller = state.authorize(headers)?;
     let req: ImageRequest = parse_body(body)?;
     let idempotency = idempotency_key(headers, &caller)?;
-    let fingerprint = hex::encode(Sha256::digest(body));
-    submit_request(state, &caller, &req, idempotency.as_deref().map(|key| easel_queue::Idempotency { key, fingerprint: &fingerprint }), &|_| {})
+    let fingerprint = fingerprint(body);
+    let format = easel_api::WebhookFormat::Easel { base_url: public_base(headers) };
+    let absolute_webhook_urls = |spec: &mut easel_api::JobSpec| {
+        if spec.webhook_url.is_some() {
+            spec.webhook_format = Some(format.clone());
+        }
+    };
+    submit_request(state, &caller, &req, idempotency.as_deref().map(|key| easel_queue::Idempotency { key, fingerprint: &fingerprint }), &absolute_webhook_urls)
+}
+
+/// A request body's identity for idempotency: the SHA-256 of its JSON in canonical form (keys
+/// sorted, no whitespace), so the same request reformatted is still the same request.
+pub(super) fn fingerprint(body: &[u8]) -> String {
+    let canonical = serde_json::from_slice::<serde_json::Value>(body).map(|v| v.to_string().into_bytes()).unwrap_or_else(|_| body.to_vec());
+    hex::encode(Sha256::digest(&canonical))
 }
 
 /// The request's Idempotency-Key, scoped to the caller's API key.
@@ -92,7 +105,7 @@ pub(super) fn submit_request(
                 provider_first = Some(plan[0].clone());
             }
             let candidates = plan.into_iter().map(|c| RouteCandidate { provider: c.provider, model: c.model, reason: c.reason }).collect();
-            route = Some(RoutePlan { candidates, current: 0, failures: vec![], quality: req.quality.clone() });
+            route = Some(RoutePlan { candidates, current: 0, failures: vec![], quality: req.quality.clone(), style: req.style.clone() });
         }
         None if hints.tier.is_some() || hints.route.as_deref().is_some_and(|r| r != "auto" && r != LOCAL) => {
             return Err(ApiError::invalid(if hints.tier.is_some() { "tier" } else { "route" }, "no closed providers or tiers are configured on this server"));
@@ -127,7 +140,8 @@ pub(super) fn submit_request(
         Some(name) => hex::encode(Sha256::digest(format!("{name}\u{1f}{k}").as_bytes())),
         None => k,
     });
-    if let Some(ck) = &cache_key {
+    // A webhook or an idempotency key asks for a job of the request's own, not an earlier one's.
+    if let Some(ck) = cache_key.as_ref().filter(|_| spec.webhook_url.is_none() && idempotency.is_none()) {
         let hot = state.hot.lock().unwrap_or_else(|p| p.into_inner()).jobs.get(ck).cloned();
         let hit = match hot {
             Some(j) => Some(j),
@@ -138,7 +152,7 @@ pub(super) fn submit_request(
             let mut hot = state.hot.lock().unwrap_or_else(|p| p.into_inner());
             hot.bound();
             hot.jobs.insert(ck.clone(), job.clone());
-            return Ok(Submitted { job, format, hit: true });
+            return Ok(Submitted { job: Job { cache_hit: true, ..job }, format, hit: true });
         }
     }
     if !served {
@@ -157,7 +171,7 @@ pub(super) fn submit_request(
 pub(super) fn unsuccessful(job: &Job) -> ApiError {
     let reason = job.error.clone().unwrap_or_else(|| "generation failed".into());
     if job.status == JobStatus::Canceled {
-        return ApiError::internal(format!("job {} was canceled", job.id));
+        return ApiError::canceled(&job.id);
     }
     if let Some(refusal) = reason.strip_prefix(crate::worker::CONTENT_POLICY) {
         return ApiError::content_policy(refusal.trim_start_matches(':').trim());
@@ -173,6 +187,7 @@ pub(super) fn unsuccessful(job: &Job) -> ApiError {
 }
 
 pub(super) fn easel_object(job: &Job, cache_hit: bool) -> serde_json::Value {
+    let candidate = job.spec.route.as_ref().and_then(|r| r.candidate());
     let seeds: Vec<u64> = match &job.result {
         Some(r) => r.images.iter().map(|i| i.seed).collect(),
         None => (0..job.spec.n as u64).map(|i| job.spec.seed + i).collect(),
@@ -186,8 +201,9 @@ pub(super) fn easel_object(job: &Job, cache_hit: bool) -> serde_json::Value {
         "cache_hit": cache_hit,
         "model": job.spec.model,
         "steps": job.spec.steps,
-        "provider": job.result.as_ref().map(|r| r.provider.as_str()).unwrap_or("local"),
-        "route_reason": job.result.as_ref().and_then(|r| r.route_reason.as_deref()).unwrap_or("the local engine"),
+        // Until it has a result: where its route has it now.
+        "provider": job.result.as_ref().map(|r| r.provider.as_str()).or_else(|| candidate.map(|c| c.provider.as_str())).unwrap_or("local"),
+        "route_reason": job.result.as_ref().and_then(|r| r.route_reason.as_deref()).or_else(|| candidate.map(|c| c.reason.as_str())).unwrap_or("the local engine"),
         "vendor_id": job.result.as_ref().and_then(|r| r.vendor_id.as_deref()),
         "cost_usd": job.result.as_ref().map(|r| r.cost_usd),
     })
