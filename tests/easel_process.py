@@ -11,11 +11,13 @@ EASEL = os.environ.get("EASEL_BIN", os.path.join(ROOT, "target", "debug", "easel
 TINY = os.path.join(ROOT, "fixtures", "pipelines", "sd15-tiny")
 
 
-def start(extra=()):
-    """Returns the process and its base URL (http://127.0.0.1:PORT)."""
+def start(extra=(), model=f"tiny={TINY}"):
+    """Returns the process and its base URL (http://127.0.0.1:PORT); model None serves the
+    bundled model."""
     data = tempfile.mkdtemp()
+    models = ["--model", model] if model else []
     proc = subprocess.Popen(
-        [EASEL, "serve", "--listen", "127.0.0.1:0", "--data-dir", data, "--model", f"tiny={TINY}", *extra],
+        [EASEL, "serve", "--listen", "127.0.0.1:0", "--data-dir", data, *models, *extra],
         stdout=subprocess.PIPE,
         stderr=subprocess.DEVNULL,
         text=True,

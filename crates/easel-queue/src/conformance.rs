@@ -55,6 +55,23 @@ pub fn run_all(make: &mut dyn FnMut(usize) -> Box<dyn JobQueue>) {
     a_job_whose_worker_dies_twice_fails_as_worker_crashed(&*make(10));
     idempotency_keys_refuse_a_different_request(&*make(10));
     ended_jobs_with_a_webhook_queue_one_delivery_each(&*make(10));
+    listings_are_newest_first_per_owner_and_paged(&*make(10));
+}
+
+pub fn listings_are_newest_first_per_owner_and_paged(q: &dyn JobQueue) {
+    let mut ids = vec![];
+    for (i, owner) in ["alice", "bob", "alice", "alice"].iter().enumerate() {
+        let mut s = spec("m", 0, 20 + i);
+        s.user = Some(owner.to_string());
+        ids.push(q.enqueue(&s, None, None).unwrap().job.id);
+    }
+    let names = |jobs: Vec<easel_api::Job>| jobs.into_iter().map(|j| j.id).collect::<Vec<_>>();
+    assert_eq!(names(q.list(Some("alice"), 10, None).unwrap()), [ids[3].clone(), ids[2].clone(), ids[0].clone()]);
+    assert_eq!(names(q.list(Some("alice"), 2, None).unwrap()), [ids[3].clone(), ids[2].clone()]);
+    assert_eq!(names(q.list(Some("alice"), 2, Some(&ids[2])).unwrap()), [ids[0].clone()], "the next page");
+    assert_eq!(names(q.list(None, 10, None).unwrap()).len(), 4, "everyone's");
+    assert!(q.list(Some("carol"), 10, None).unwrap().is_empty());
+    assert!(q.list(Some("alice"), 10, Some("job_nope")).unwrap().is_empty());
 }
 
 /// Claims the next job of model `m` (one), for a minute.

@@ -147,6 +147,9 @@ pub trait JobQueue: Send + Sync {
     fn depth(&self) -> Result<usize>;
     /// Queued plus running jobs submitted under this API key.
     fn active_for(&self, key: &str) -> Result<usize>;
+    /// Jobs newest first: those submitted under `owner` (None: every job), at most `limit`,
+    /// older than the job `before` when given (pages of a history).
+    fn list(&self, owner: Option<&str>, limit: usize, before: Option<&str>) -> Result<Vec<Job>>;
     /// Returns running jobs whose lease expired to the queue (the number returned); a job
     /// whose worker died [`MAX_CRASHES`] times fails as [`WORKER_CRASHED`] instead.
     fn recover_expired(&self) -> Result<usize>;

@@ -19,6 +19,8 @@
 //!   claims from `queued`. The group hands out work signals; the sorted set decides what runs,
 //!   because a consumer group delivers in arrival order and cannot skip to a higher priority,
 //!   a compatible batch or a warm model's job;
+//! - `history` and `history:{api key}`: every job, and each key's, scored by arrival, for
+//!   paged listings;
 //! - the `events` stream: job events from every node (XADD, capped), read by every API node.
 //!
 //! Times come from the Redis server's clock (TIME), so leases hold across machines whose
@@ -73,6 +75,8 @@ redis.call('HSET', P .. 'job:' .. id, 'id', id, 'status', 'queued', 'priority', 
   'webhook', webhook)
 redis.call('ZADD', P .. 'queued', score(priority, seq), id)
 if api_key ~= '' then redis.call('SADD', P .. 'active:' .. api_key, id) end
+redis.call('ZADD', P .. 'history', seq, id)
+redis.call('ZADD', P .. 'history:' .. api_key, seq, id)
 if idem ~= '' then redis.call('HSET', P .. 'idem:' .. idem, 'id', id, 'fingerprint', fingerprint) end
 redis.call('XADD', P .. 'wake', 'MAXLEN', '~', 1000, '*', 'job', id)
 return {id, 0}
@@ -543,6 +547,31 @@ impl JobQueue for RedisQueue {
     fn active_for(&self, key: &str) -> Result<usize> {
         let k = format!("{}active:{key}", self.prefix);
         Ok(self.with(|c| c.scard(&k))?)
+    }
+
+    fn list(&self, owner: Option<&str>, limit: usize, before: Option<&str>) -> Result<Vec<Job>> {
+        let key = match owner {
+            Some(o) => format!("{}history:{o}", self.prefix),
+            None => format!("{}history", self.prefix),
+        };
+        let max = match before {
+            Some(id) => {
+                let seq: Option<String> = self.with(|c| c.hget(self.job_key(id), "seq"))?;
+                match seq {
+                    Some(s) => format!("({s}"),
+                    None => return Ok(vec![]),
+                }
+            }
+            None => "+inf".to_string(),
+        };
+        let ids: Vec<String> = self.with(|c| redis::cmd("ZREVRANGEBYSCORE").arg(&key).arg(&max).arg("-inf").arg("LIMIT").arg(0).arg(limit).query(c))?;
+        let mut jobs = vec![];
+        for id in ids {
+            if let Some(j) = self.get(&id)? {
+                jobs.push(j);
+            }
+        }
+        Ok(jobs)
     }
 
     fn recover_expired(&self) -> Result<usize> {

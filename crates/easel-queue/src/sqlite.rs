@@ -332,6 +332,16 @@ impl JobQueue for SqliteQueue {
         )?)
     }
 
+    fn list(&self, owner: Option<&str>, limit: usize, before: Option<&str>) -> Result<Vec<Job>> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare(&format!(
+            "SELECT {COLUMNS} FROM jobs WHERE (?1 IS NULL OR api_key = ?1)
+             AND (?2 IS NULL OR seq < (SELECT seq FROM jobs WHERE id = ?2)) ORDER BY seq DESC LIMIT ?3"
+        ))?;
+        let rows = stmt.query_map(params![owner, before, limit as i64], row_to_job)?;
+        Ok(rows.collect::<rusqlite::Result<Vec<_>>>()?)
+    }
+
     fn recover_expired(&self) -> Result<usize> {
         let mut conn = self.conn();
         let tx = conn.transaction()?;

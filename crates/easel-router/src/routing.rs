@@ -132,6 +132,19 @@ struct Health {
     consecutive_failures: u32,
     open_until: Option<Instant>,
     latency_ewma_s: Option<f64>,
+    last_error: Option<String>,
+}
+
+/// What the router has seen of one provider, for dashboards.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct ProviderHealth {
+    pub provider: String,
+    /// The circuit breaker skips the provider until it closes again.
+    pub circuit_open: bool,
+    pub consecutive_failures: u32,
+    /// Smoothed seconds per request.
+    pub latency_s: Option<f64>,
+    pub last_error: Option<String>,
 }
 
 /// The routing policy plus what it has observed (latencies, failures).
@@ -299,10 +312,29 @@ impl Router {
         });
     }
 
-    /// Records a failure; enough in a row open the provider's circuit for the cooldown.
-    pub fn failed(&self, provider: &str) {
+    /// What the router has seen of each of `providers`.
+    pub fn health(&self, providers: &[String]) -> Vec<ProviderHealth> {
+        let health = self.health.lock().unwrap_or_else(|p| p.into_inner());
+        providers
+            .iter()
+            .map(|p| {
+                let h = health.get(p);
+                ProviderHealth {
+                    provider: p.clone(),
+                    circuit_open: h.and_then(|h| h.open_until).is_some_and(|t| Instant::now() < t),
+                    consecutive_failures: h.map(|h| h.consecutive_failures).unwrap_or(0),
+                    latency_s: h.and_then(|h| h.latency_ewma_s),
+                    last_error: h.and_then(|h| h.last_error.clone()),
+                }
+            })
+            .collect()
+    }
+
+    /// Records a failure (and why); enough in a row open the provider's circuit for the cooldown.
+    pub fn failed(&self, provider: &str, error: &str) {
         let mut health = self.health.lock().unwrap_or_else(|p| p.into_inner());
         let h = health.entry(provider.to_string()).or_default();
+        h.last_error = Some(error.to_string());
         h.consecutive_failures += 1;
         if h.consecutive_failures >= self.config.breaker_failures.max(1) {
             h.open_until = Some(Instant::now() + Duration::from_secs_f64(self.config.breaker_cooldown_s.max(0.0)));
@@ -409,13 +441,16 @@ mod tests {
         let only_bfl = vec!["bfl".to_string()];
         let h = Hints::default();
         assert_eq!(names(&r.plan("flux-dev", &h, &situation(&none, 0.0, &only_bfl, 0.0)).unwrap()), ["bfl"], "providers without keys are never planned");
-        r.failed("bfl");
-        r.failed("bfl");
+        r.failed("bfl", "HTTP 503");
+        r.failed("bfl", "HTTP 502: bad gateway");
         let e = r.plan("flux-dev", &h, &situation(&none, 0.0, &only_bfl, 0.0)).unwrap_err();
         assert!(e.to_string().contains("circuit is open"), "{e}");
+        let seen = r.health(&only_bfl);
+        assert!(seen[0].circuit_open && seen[0].consecutive_failures == 2, "{seen:?}");
+        assert_eq!(seen[0].last_error.as_deref(), Some("HTTP 502: bad gateway"));
         std::thread::sleep(Duration::from_millis(250));
         assert_eq!(names(&r.plan("flux-dev", &h, &situation(&none, 0.0, &only_bfl, 0.0)).unwrap()), ["bfl"], "half-open after the cooldown");
-        r.failed("bfl");
+        r.failed("bfl", "timed out");
         assert!(r.plan("flux-dev", &h, &situation(&none, 0.0, &only_bfl, 0.0)).is_err(), "one more failure re-opens it");
         let r = router(Strategy::Ordered);
         let e = r.plan("flux-dev", &h, &situation(&none, 0.0, &only_bfl, 10.0)).unwrap_err();

@@ -85,7 +85,7 @@ impl Executor for ProviderExecutor {
                 Err(match e {
                     ProviderError::Moderated { .. } => ExecError::Refused(e.to_string()),
                     e => {
-                        self.gateway.router.failed(&candidate.provider);
+                        self.gateway.router.failed(&candidate.provider, &e.to_string());
                         ExecError::Permanent(e.to_string())
                     }
                 })

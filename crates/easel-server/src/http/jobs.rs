@@ -35,6 +35,37 @@ pub(super) async fn create_job(State(state): State<AppState>, headers: HeaderMap
     Ok((StatusCode::ACCEPTED, Json(job_json(&state, &job))).into_response())
 }
 
+#[derive(serde::Deserialize)]
+pub(super) struct ListQuery {
+    limit: Option<usize>,
+    before: Option<String>,
+}
+
+/// `GET /v1/jobs?limit=&before=`: the caller's jobs, newest first (an admin key: everyone's),
+/// in pages: `before` is the last id of the previous page.
+pub(super) async fn list_jobs(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    query: Result<axum::extract::Query<ListQuery>, axum::extract::rejection::QueryRejection>,
+) -> ApiResult<Json<serde_json::Value>> {
+    let caller = state.authorize(&headers)?;
+    let axum::extract::Query(q) = query.map_err(|e| ApiError::invalid("limit", format!("bad query string: {}", e.body_text())))?;
+    let limit = q.limit.unwrap_or(20);
+    if !(1..=100).contains(&limit) {
+        return Err(ApiError::invalid("limit", format!("limit must be between 1 and 100, got {limit}")).into());
+    }
+    let owner = match &caller {
+        Caller::Key { name, admin: false } => Some(name.as_str()),
+        _ => None,
+    };
+    // One more than asked says whether another page follows.
+    let mut jobs = state.queue.list(owner, limit + 1, q.before.as_deref()).map_err(queue_error)?;
+    let has_more = jobs.len() > limit;
+    jobs.truncate(limit);
+    let data: Vec<_> = jobs.iter().map(|j| job_json(&state, j)).collect();
+    Ok(Json(serde_json::json!({"object": "list", "data": data, "has_more": has_more, "last_id": jobs.last().map(|j| j.id.clone())})))
+}
+
 /// A job id from the path; one that is not even UTF-8 names no job.
 pub(super) fn job_id(path: Result<Path<String>, PathRejection>) -> Result<String, ApiError> {
     path.map(|Path(id)| id).map_err(|_| ApiError::not_found("no such job"))

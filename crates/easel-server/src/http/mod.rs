@@ -38,6 +38,7 @@ mod jobs;
 mod openai;
 mod replicate;
 mod resources;
+mod studio;
 mod submit;
 
 use jobs::{cancel_job, create_job, get_job, job_events, job_id};
@@ -327,7 +328,10 @@ pub fn router(state: AppState) -> Router {
     let limit = state.config.max_body_bytes;
     Router::new()
         .route("/v1/images/generations", post(generations))
-        .route("/v1/jobs", post(create_job))
+        .route("/v1/jobs", post(create_job).get(jobs::list_jobs))
+        .route("/v1/cost", get(resources::cost))
+        .route("/", get(studio::index))
+        .route("/studio/{file}", get(studio::asset))
         .route("/v1/jobs/{id}", get(get_job))
         .route("/v1/jobs/{id}/events", get(job_events))
         .route("/v1/jobs/{id}/cancel", post(cancel_job))

@@ -20,6 +20,44 @@ pub(super) async fn list_loras(State(state): State<AppState>, headers: HeaderMap
     Ok(Json(serde_json::json!({"object": "list", "data": data})))
 }
 
+/// What an image costs here and at each configured closed provider, for the studio's
+/// break-even (the machine's price settings; the local seconds per image come from usage),
+/// with each provider's health (circuit breaker, last error) and the routing aliases and tiers.
+pub(super) async fn cost(State(state): State<AppState>, headers: HeaderMap) -> ApiResult<Json<serde_json::Value>> {
+    state.authorize(&headers)?;
+    let c = state.local_cost;
+    let closed: Vec<_> = match &state.gateway {
+        Some(g) => g
+            .prices
+            .entries()
+            .iter()
+            .filter(|p| g.providers.contains_key(&p.provider))
+            .filter_map(|p| g.prices.image_usd(&p.provider, &p.model, p.quality.as_deref(), 1024, 1024).map(|usd| serde_json::json!({"provider": p.provider, "model": p.model, "quality": p.quality, "usd_per_image": usd})))
+            .collect(),
+        None => vec![],
+    };
+    let (health, aliases, tiers) = match &state.gateway {
+        Some(g) => {
+            let mut names: Vec<String> = g.providers.keys().cloned().collect();
+            names.sort();
+            let mut aliases: Vec<&String> = g.router.config().aliases.keys().collect();
+            let mut tiers: Vec<&String> = g.router.config().tiers.keys().collect();
+            aliases.sort();
+            tiers.sort();
+            (serde_json::to_value(g.router.health(&names)).unwrap_or_default(), serde_json::json!(aliases), serde_json::json!(tiers))
+        }
+        None => (serde_json::json!([]), serde_json::json!([]), serde_json::json!([])),
+    };
+    Ok(Json(serde_json::json!({
+        "local": {"gpu_hourly_usd": c.hourly_usd, "utilisation": c.utilisation, "per_image_overhead_usd": c.per_image_overhead_usd},
+        "closed": closed,
+        "providers": health,
+        "aliases": aliases,
+        "tiers": tiers,
+        "prices_as_of": easel_router::price::DEFAULTS_AS_OF,
+    })))
+}
+
 #[derive(serde::Deserialize)]
 pub(super) struct UsageQuery {
     /// First UTC day (YYYY-MM-DD) to include.
