@@ -8,7 +8,9 @@ use std::time::{Duration, Instant};
 use easel_api::{Job, MemoryEstimate, ModelInfo, OutputFormat};
 use easel_engine::output::{encode_image, ImageFormat, ImageMetadata};
 use easel_engine::pipeline::ModelDefaults;
+use anyhow::Context as _;
 use easel_engine::lora::LoraSpec;
+use easel_engine::models::autoencoder_tiny::TinyDecoder;
 use easel_engine::{EngineError, GenerateParams, LoadOptions, Pipeline, SchedulerKind};
 use easel_server::worker::BatchTimings;
 use easel_server::{BatchOutput, EncodedImage, ExecError, Executor, StepProgress};
@@ -19,6 +21,19 @@ pub struct ServedModel {
     pub dir: PathBuf,
     /// Bytes of weights, for the memory budget.
     pub weight_bytes: u64,
+    /// The model's tiny autoencoder for step previews (`taesd/` in its folder), if it has one.
+    pub preview_decoder: Option<Arc<TinyDecoder>>,
+}
+
+/// A model folder's tiny autoencoder for previews: a diffusers `AutoencoderTiny` (TAESD for SD
+/// 1.x/2.x, TAESDXL, TAEF1) saved as `taesd/` beside `unet/` or `transformer/`.
+fn preview_decoder(dir: &std::path::Path, device: &easel_engine::Device) -> anyhow::Result<Option<Arc<TinyDecoder>>> {
+    let taesd = dir.join("taesd");
+    if !taesd.join("config.json").is_file() {
+        return Ok(None);
+    }
+    let decoder = TinyDecoder::load(&taesd, device).with_context(|| format!("loading the preview decoder {}", taesd.display()))?;
+    Ok(Some(Arc::new(decoder)))
 }
 
 struct Warm {
@@ -103,7 +118,8 @@ impl EngineExecutor {
             if in_pool + weight_bytes <= memory_budget {
                 pool.insert(info.id.clone(), Warm { pipe: Arc::new(pipe), last_used: Instant::now() });
             }
-            served.push(ServedModel { weight_bytes, info, dir });
+            let preview_decoder = preview_decoder(&dir, &load.device)?;
+            served.push(ServedModel { weight_bytes, info, dir, preview_decoder });
         }
         Ok(Self { models: served, pool: Mutex::new(pool), load, idle_timeout, memory_budget, loras, hub_loras: Default::default() })
     }
@@ -186,6 +202,7 @@ impl EngineExecutor {
 struct EngineStep<'a, 'b> {
     step: &'a easel_engine::preview::Step<'b>,
     first_rows: &'a [usize],
+    decoder: Option<&'a TinyDecoder>,
 }
 
 impl StepProgress for EngineStep<'_, '_> {
@@ -196,7 +213,7 @@ impl StepProgress for EngineStep<'_, '_> {
         self.step.total
     }
     fn preview_png(&self, job: usize) -> Option<Vec<u8>> {
-        let png = self.step.preview(*self.first_rows.get(job)?).and_then(|p| p.png());
+        let png = self.step.preview_with(*self.first_rows.get(job)?, self.decoder).and_then(|p| p.png());
         png.map_err(|e| tracing::warn!("drawing a preview: {e}")).ok()
     }
 }
@@ -257,7 +274,8 @@ impl Executor for EngineExecutor {
             *row += j.spec.n;
             Some(first)
         }).collect();
-        let mut engine_step = |step: &easel_engine::preview::Step<'_>| on_step(&EngineStep { step, first_rows: &first_rows });
+        let decoder = self.served(model).and_then(|m| m.preview_decoder.clone());
+        let mut engine_step = |step: &easel_engine::preview::Step<'_>| on_step(&EngineStep { step, first_rows: &first_rows, decoder: decoder.as_deref() });
         let outs = pipe.generate_batch(&params, None, &mut engine_step).map_err(|e| match e {
             EngineError::Canceled => ExecError::Canceled,
             EngineError::Tensor(t) => ExecError::Transient(t.to_string()),

@@ -1,9 +1,9 @@
-//! Step previews: after each denoising step, a rough RGB picture of what each image is
-//! becoming, without running the VAE. The latent channels are mapped to RGB by a fixed linear
-//! map per latent format (the "latent RGB factors" ComfyUI publishes in
-//! `comfy/latent_formats.py`, fitted to each family's VAE), at latent resolution (one pixel
-//! per 8x8 output pixels), which costs well under a millisecond, so a preview every step is
-//! cheap. Previews are approximate by design; a tiny decoder (TAESD) would be sharper.
+//! Step previews: after each denoising step, a picture of what each image is becoming,
+//! without running the VAE. With a tiny autoencoder for the model (TAESD, TAESDXL, TAEF1:
+//! [`crate::models::autoencoder_tiny`]) the preview is full size and close to the final image.
+//! Without one, the latent channels are mapped to RGB by a fixed linear map per latent format
+//! (the "latent RGB factors" ComfyUI publishes in `comfy/latent_formats.py`, fitted to each
+//! family's VAE), at latent resolution, in well under a millisecond.
 
 use candle_core::{DType, Device, Tensor};
 
@@ -80,13 +80,31 @@ impl<'a> Step<'a> {
         Self { done, total, latents, format: &FLUX, packed_grid: Some(grid) }
     }
 
-    /// A preview of batch row `row` (in the order the batch's images were asked for).
-    pub fn preview(&self, row: usize) -> Result<Preview> {
-        let latent = self.latents.get(row)?.to_device(&Device::Cpu)?.to_dtype(DType::F32)?;
-        let latent = match self.packed_grid {
-            Some((h, w)) => crate::flux_pipeline::unpack(&latent.unsqueeze(0)?, h, w)?.squeeze(0)?,
+    /// The latents of batch row `row` (in the order the batch's images were asked for) as
+    /// `[1, C, h, w]`, unpacked if the model packs them.
+    pub fn latents(&self, row: usize) -> Result<Tensor> {
+        let latent = self.latents.get(row)?.unsqueeze(0)?;
+        Ok(match self.packed_grid {
+            Some((h, w)) => crate::flux_pipeline::unpack(&latent, h, w)?,
             None => latent,
-        };
+        })
+    }
+
+    /// A preview of batch row `row`: decoded by `decoder` when there is one, else the linear map.
+    pub fn preview_with(&self, row: usize, decoder: Option<&crate::models::autoencoder_tiny::TinyDecoder>) -> Result<Preview> {
+        let Some(decoder) = decoder else { return self.preview(row) };
+        let image = decoder.decode(&self.latents(row)?)?.squeeze(0)?.to_device(&Device::Cpu)?;
+        let (c, h, w) = image.dims3()?;
+        if c != 3 {
+            return Err(crate::EngineError::param("preview", format!("the preview decoder made {c} channels, not 3")));
+        }
+        let pixels = (image.permute((1, 2, 0))? * 255.0)?.round()?.clamp(0.0, 255.0)?.to_dtype(DType::U8)?.flatten_all()?.to_vec1::<u8>()?;
+        Ok(Preview { width: w, height: h, rgb: pixels })
+    }
+
+    /// A preview of batch row `row` by the linear map, at latent resolution.
+    pub fn preview(&self, row: usize) -> Result<Preview> {
+        let latent = self.latents(row)?.squeeze(0)?.to_device(&Device::Cpu)?.to_dtype(DType::F32)?;
         let (c, h, w) = latent.dims3()?;
         let values = latent.flatten_all()?.to_vec1::<f32>()?;
         let factors = self.format.factors;

@@ -6,5 +6,6 @@ pub mod attention;
 pub mod flux;
 pub mod sdpa;
 pub mod autoencoder_kl;
+pub mod autoencoder_tiny;
 pub mod conv;
 pub mod resnet;
