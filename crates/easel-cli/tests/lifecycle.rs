@@ -268,3 +268,23 @@ fn random_kill_9_during_bursts_loses_no_accepted_job_on_redis() {
     kill_9_trials(Some(&queue), 20);
     redis::cmd("FLUSHDB").query::<()>(&mut c).unwrap();
 }
+
+#[test]
+fn an_idempotent_retry_at_the_per_key_job_cap_gets_its_job_back() {
+    let tmp = tempfile::tempdir().unwrap();
+    let s = serve(tmp.path(), &["--api-key", "alice:a-secret", "--max-jobs-per-key", "1"]);
+    let send = |key: &str, body: &Value| {
+        let r = client().post(format!("{}/v1/jobs", s.base)).header("Authorization", "Bearer a-secret").header("Idempotency-Key", key).json(body).send().unwrap();
+        (r.status().as_u16(), r.json::<Value>().unwrap())
+    };
+    let slow = json!({"prompt": "a slow one", "size": "64x64", "steps": 300});
+    let (st, first) = send("k1", &slow);
+    assert_eq!(st, 202, "{first}");
+    let (st, again) = send("k1", &slow);
+    assert_eq!((st, &again["id"]), (202, &first["id"]), "the retry is the same job, not a 429");
+    let (st, err) = send("k1", &json!({"prompt": "another", "size": "64x64"}));
+    assert_eq!((st, err["error"]["code"].as_str()), (409, Some("idempotency_key_reused")));
+    let (st, _) = send("k2", &slow);
+    assert_eq!(st, 429, "a new job over the cap is refused");
+    client().post(format!("{}/v1/jobs/{}/cancel", s.base, first["id"].as_str().unwrap())).header("Authorization", "Bearer a-secret").send().unwrap();
+}

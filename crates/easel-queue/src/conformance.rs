@@ -130,6 +130,9 @@ pub fn idempotency_keys_refuse_a_different_request(q: &dyn JobQueue) {
         Err(QueueError::IdempotencyKeyReused { job_id }) => assert_eq!(job_id, a.job.id),
         other => panic!("expected IdempotencyKeyReused, got {other:?}"),
     }
+    let found = q.find_idempotent("alice\u{1f}k1").unwrap().expect("the key's job");
+    assert_eq!((found.job.id.as_str(), found.fingerprint.as_str()), (a.job.id.as_str(), "f1"));
+    assert!(q.find_idempotent("alice\u{1f}k9").unwrap().is_none());
     let bob = q.enqueue(&spec("m", 0, 21), None, Some(Idempotency { key: "bob\u{1f}k1", fingerprint: "f2" })).unwrap();
     assert!(!bob.existing && bob.job.id != a.job.id, "keys are scoped by the caller");
 }

@@ -80,6 +80,13 @@ pub struct Idempotency<'a> {
     pub fingerprint: &'a str,
 }
 
+/// The job an idempotency key names, and the fingerprint of the request that made it.
+#[derive(Debug, Clone)]
+pub struct IdempotentJob {
+    pub job: Job,
+    pub fingerprint: String,
+}
+
 /// One pending webhook delivery: the final state of a job, for its `webhook_url`.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Delivery {
@@ -141,6 +148,8 @@ pub trait JobQueue: Send + Sync {
     fn cancel_requested(&self, id: &str) -> Result<bool>;
     /// Marks a running job canceled (the worker stopped it), if the lease is current.
     fn mark_canceled(&self, lease: &Lease) -> Result<()>;
+    /// The job an idempotency key was first used for, with that request's fingerprint.
+    fn find_idempotent(&self, key: &str) -> Result<Option<IdempotentJob>>;
     /// A succeeded job with this cache key.
     fn cached(&self, cache_key: &str) -> Result<Option<Job>>;
     /// Number of queued jobs.

@@ -32,7 +32,7 @@ use std::time::Duration;
 use easel_api::{Event, Job, JobResult, JobSpec, JobStatus, ModelInfo};
 use redis::{Commands, Script};
 
-use crate::{Delivery, Enqueued, Idempotency, JobQueue, Lease, QueueError, Result, MAX_CRASHES, WORKER_CRASHED};
+use crate::{Delivery, Enqueued, Idempotency, IdempotentJob, JobQueue, Lease, QueueError, Result, MAX_CRASHES, WORKER_CRASHED};
 
 impl From<redis::RedisError> for QueueError {
     fn from(e: redis::RedisError) -> Self {
@@ -528,6 +528,13 @@ impl JobQueue for RedisQueue {
     fn mark_canceled(&self, lease: &Lease) -> Result<()> {
         self.run::<i64>(MARK_CANCELED, &[lease.job_id.clone(), lease.attempt.to_string()])?;
         Ok(())
+    }
+
+    fn find_idempotent(&self, key: &str) -> Result<Option<IdempotentJob>> {
+        let idem = format!("{}idem:{key}", self.prefix);
+        let (id, fingerprint): (Option<String>, Option<String>) = self.with(|c| redis::cmd("HMGET").arg(&idem).arg("id").arg("fingerprint").query(c))?;
+        let Some(id) = id else { return Ok(None) };
+        Ok(self.get(&id)?.map(|job| IdempotentJob { job, fingerprint: fingerprint.unwrap_or_default() }))
     }
 
     fn cached(&self, cache_key: &str) -> Result<Option<Job>> {

@@ -7,7 +7,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use easel_api::{Job, JobResult, JobSpec, JobStatus, ModelInfo};
 use rusqlite::{params, Connection, OptionalExtension};
 
-use crate::{Delivery, Enqueued, Idempotency, JobQueue, Lease, QueueError, Result, MAX_CRASHES, WORKER_CRASHED};
+use crate::{Delivery, Enqueued, Idempotency, IdempotentJob, JobQueue, Lease, QueueError, Result, MAX_CRASHES, WORKER_CRASHED};
 
 /// SQLite-backed [`JobQueue`].
 pub struct SqliteQueue {
@@ -307,6 +307,14 @@ impl JobQueue for SqliteQueue {
         }
         tx.commit()?;
         Ok(())
+    }
+
+    fn find_idempotent(&self, key: &str) -> Result<Option<IdempotentJob>> {
+        let conn = self.conn();
+        let found: Option<(String, Option<String>)> =
+            conn.query_row("SELECT id, idempotency_fingerprint FROM jobs WHERE idempotency_key = ?1", [key], |r| Ok((r.get(0)?, r.get(1)?))).optional()?;
+        let Some((id, fingerprint)) = found else { return Ok(None) };
+        Ok(Self::get_with(&conn, &id)?.map(|job| IdempotentJob { job, fingerprint: fingerprint.unwrap_or_default() }))
     }
 
     fn cached(&self, cache_key: &str) -> Result<Option<Job>> {

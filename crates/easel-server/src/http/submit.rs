@@ -129,6 +129,15 @@ pub(super) fn submit_request(
     if let Some(name) = &key_name {
         let active = state.queue.active_for(name).map_err(queue_error)?;
         if active >= state.config.max_jobs_per_key {
+            // A retry of a request already accepted is not a new job: it gets its job back.
+            if let Some(idem) = idempotency {
+                if let Some(found) = state.queue.find_idempotent(idem.key).map_err(queue_error)? {
+                    if found.fingerprint != idem.fingerprint {
+                        return Err(ApiError::idempotency_key_reused(&found.job.id));
+                    }
+                    return Ok(Submitted { job: found.job, format, hit: false });
+                }
+            }
             return Err(ApiError::overloaded(format!("API key `{name}` has {active} jobs queued or running (limit {})", state.config.max_jobs_per_key), 2));
         }
         spec.user = Some(name.clone());
