@@ -282,6 +282,13 @@ impl FluxPipeline {
         })
     }
 
+    /// A prompt's text conditioning as the transformer gets it: T5's hidden states
+    /// `[1, max_len, d]` and CLIP's pooled output `[1, d]` (for component tests and tools).
+    pub fn encode_prompt(&self, prompt: &str) -> Result<(Tensor, Tensor)> {
+        let e = self.encode(prompt)?;
+        Ok((e.0.clone(), e.1.clone()))
+    }
+
     /// Generates images for one request.
     pub fn generate(&self, p: &GenerateParams, on_step: StepCallback) -> Result<Generated> {
         let mut out = self.generate_batch(std::slice::from_ref(p), on_step)?;
