@@ -46,6 +46,16 @@ def test_run_returns_the_images_of_an_owner_name_model(client):
         assert fetch(str(url))[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_run_with_owner_name_version_uses_the_version_easel_reports(client):
+    p = client.predictions.create(model="easel/tiny", input={"prompt": "a circle", "width": 64, "height": 64, "num_inference_steps": 1})
+    p.wait()
+    out = client.run(f"easel/tiny:{p.version}", input={"prompt": "a square", "width": 64, "height": 64, "num_inference_steps": 1})
+    assert len(out) == 1 and fetch(str(out[0]))[:4] == b"\x89PNG"
+    with pytest.raises(ReplicateError) as e:
+        client.run("easel/tiny:" + "0" * 64, input={"prompt": "x"})
+    assert e.value.status == 404
+
+
 def test_a_prediction_with_a_webhook_is_waited_for_and_its_webhook_validates(client):
     got = []
 

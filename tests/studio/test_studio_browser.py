@@ -116,7 +116,9 @@ def test_the_gallery_lists_the_image_and_recalls_its_parameters(page):
     thumb = page.locator('#grid img[alt="a red circle on a blue background"]').first
     expect(thumb).to_be_visible()
     shot(page, "gallery")
-    thumb.click()
+    # Keyboard: the thumbnail takes focus and Enter opens it.
+    thumb.focus()
+    page.keyboard.press("Enter")
     expect(page.locator("#detail")).to_be_visible()
     expect(page.locator("#detail-params")).to_contain_text('"prompt": "a red circle on a blue background"')
     href = page.locator("#download").get_attribute("href")
@@ -135,7 +137,7 @@ def test_the_cost_page_shows_the_jobs_cost_provider_health_and_break_even(page):
     expect(page.locator("#usage")).to_contain_text("local")
     expect(page.locator("#usage")).to_contain_text("easel-shapes")
     expect(page.locator("#local-per-image")).to_have_text(re.compile(r"^\$0\.\d+"))
-    expect(page.locator("#closed-per-image")).to_have_text("$0.04")
+    expect(page.locator("#closed-per-image")).to_have_text("$0.040")
     expect(page.locator("#health")).to_contain_text("peer")
     expect(page.locator("#health")).to_contain_text("closed")
     expect(page.locator('#chart path[data-series="local"]')).to_have_count(1)
@@ -161,4 +163,8 @@ def test_a_390_px_screen_fits_and_every_control_is_labelled_and_reachable_by_key
         page.keyboard.press("Tab")
     assert page.evaluate("document.activeElement.id") == "go"
     shot(page, "phone")
+    for name in ["queue", "gallery", "cost"]:
+        page.click(f'nav button[data-tab="{name}"]')
+        page.wait_for_timeout(300)
+        assert page.evaluate("document.documentElement.scrollWidth") <= 390, f"{name} fits 390 px"
     page.close()

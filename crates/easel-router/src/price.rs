@@ -122,8 +122,9 @@ impl PriceTable {
         }
         if candidates.iter().any(|e| e.quality.is_some()) {
             let want = quality.filter(|q| *q != "auto").map(str::to_string).or_else(|| {
-                // The vendor's default: "medium" for gpt-image-1, "standard" for dall-e-3.
-                ["medium", "standard"].iter().find(|q| candidates.iter().any(|e| e.quality.as_deref() == Some(**q))).map(|q| q.to_string())
+                // The vendor's default: "medium" for gpt-image-1, "standard" for dall-e-3,
+                // "default" for Ideogram's rendering speed.
+                ["medium", "standard", "default"].iter().find(|q| candidates.iter().any(|e| e.quality.as_deref() == Some(**q))).map(|q| q.to_string())
             })?;
             candidates.retain(|e| e.quality.as_deref() == Some(want.as_str()));
         }
@@ -140,6 +141,13 @@ impl PriceTable {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn ideograms_default_rendering_speed_is_priced_when_no_quality_is_asked() {
+        let t = PriceTable::default();
+        assert_eq!(t.image_usd("ideogram", "ideogram-v3", None, 1024, 1024), Some(0.06));
+        assert_eq!(t.image_usd("ideogram", "ideogram-v3", Some("turbo"), 1024, 1024), Some(0.03));
+    }
 
     #[test]
     fn defaults_price_each_kind() {

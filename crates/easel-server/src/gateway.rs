@@ -181,6 +181,7 @@ pub fn image_job(c: &Candidate, spec: &JobSpec) -> ImageJob {
     ImageJob {
         model: c.model.clone(),
         prompt: spec.prompt.clone(),
+        negative_prompt: spec.negative_prompt.clone(),
         width: spec.width as u32,
         height: spec.height as u32,
         n: spec.n as u32,

@@ -437,9 +437,11 @@ impl Worker {
 
     #[allow(clippy::too_many_arguments)]
     fn finish(&self, job: &Job, lease: &Lease, keeper: &LeaseKeeper<'_>, images: Vec<EncodedImage>, t: &BatchTimings, charge: Option<&ProviderCharge>, run_s: f64, batch: usize) {
-        let ext = job.spec.output_format.extension();
         let mut stored = vec![];
         for (i, img) in images.iter().enumerate() {
+            // A closed provider may answer in another format than asked: the file is named
+            // (and served) for what it is.
+            let ext = charge.and_then(|_| sniff_format(&img.bytes)).unwrap_or(job.spec.output_format.extension());
             let key = format!("{}/{}_{i}.{ext}", job.id, lease.attempt);
             if let Err(e) = self.put_with_retries(keeper, &job.id, &key, &img.bytes) {
                 let reason = format!("storing output: {e}");
@@ -503,6 +505,29 @@ impl Worker {
     }
 }
 
+/// The image format of encoded bytes, by their magic numbers: png, jpeg or webp.
+fn sniff_format(bytes: &[u8]) -> Option<&'static str> {
+    match bytes {
+        [0x89, b'P', b'N', b'G', ..] => Some("png"),
+        [0xff, 0xd8, 0xff, ..] => Some("jpeg"),
+        [b'R', b'I', b'F', b'F', _, _, _, _, b'W', b'E', b'B', b'P', ..] => Some("webp"),
+        _ => None,
+    }
+}
+
 pub(crate) fn now() -> f64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs_f64()).unwrap_or(0.0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::sniff_format;
+
+    #[test]
+    fn stored_files_are_named_for_the_format_the_bytes_are_in() {
+        assert_eq!(sniff_format(b"\x89PNG\r\n\x1a\n..."), Some("png"));
+        assert_eq!(sniff_format(&[0xff, 0xd8, 0xff, 0xe0, 0, 0]), Some("jpeg"));
+        assert_eq!(sniff_format(b"RIFF\x10\0\0\0WEBPVP8 "), Some("webp"));
+        assert_eq!(sniff_format(b"<svg xmlns="), None);
+    }
 }

@@ -40,9 +40,11 @@ function currentModel() {
 
 function fillSizes() {
   const m = currentModel();
+  $("size").innerHTML = "";
+  // Routed and closed models: the size is the serving model's own unless chosen by hand.
+  if (!m) $("size").add(new Option("model default", "default"));
   const side = m ? m.default_size : 1024;
   const grid = m ? m.size_multiple || 8 : 16;
-  $("size").innerHTML = "";
   for (const [name, a, b] of RATIOS) {
     const w = Math.max(grid, Math.round((side * Math.sqrt(a / b)) / grid) * grid);
     const h = Math.max(grid, Math.round((side * Math.sqrt(b / a)) / grid) * grid);
@@ -100,7 +102,7 @@ function request() {
   const size = $("size").value;
   if (size === "custom") {
     if ($("width").value && $("height").value) body.size = `${$("width").value}x${$("height").value}`;
-  } else body.size = size;
+  } else if (size !== "default") body.size = size;
   if ($("negative").value.trim()) body.negative_prompt = $("negative").value;
   if ($("steps").value) body.steps = Number($("steps").value);
   if ($("guidance").value) body.guidance_scale = Number($("guidance").value);
@@ -237,7 +239,15 @@ async function loadGallery(reset) {
       el.src = img.url;
       el.alt = j.request.prompt;
       el.dataset.job = j.id;
+      el.tabIndex = 0;
+      el.setAttribute("role", "button");
       el.onclick = () => openDetail(j, img);
+      el.onkeydown = (e) => {
+        if (e.key === "Enter" || e.key === " ") {
+          e.preventDefault();
+          openDetail(j, img);
+        }
+      };
       $("grid").append(el);
     }
   }
@@ -267,9 +277,11 @@ function useParams(job, img, focusPrompt) {
   $("steps").value = r.steps;
   $("guidance").value = r.guidance;
   $("scheduler").value = r.scheduler || "";
+  // The batch's seed and size: image i of an n-image job is reproduced by the same n.
   $("seed").value = img.seed;
   $("random-seed").checked = false;
-  $("n").value = 1;
+  $("n").value = r.n || 1;
+  $("private").checked = Boolean(r.private);
   $("loras").innerHTML = "";
   for (const l of r.loras || []) addLora(l.name, l.scale);
   $("advanced").open = true;
@@ -281,7 +293,7 @@ function useParams(job, img, focusPrompt) {
 // ---- Cost ----------------------------------------------------------------------------------
 
 function usd(x) {
-  return `$${x.toFixed(x < 0.01 ? 5 : 2)}`;
+  return `$${x.toFixed(x < 0.01 ? 5 : x < 1 ? 3 : 2)}`;
 }
 
 async function loadCost() {

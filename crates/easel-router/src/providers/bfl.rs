@@ -149,7 +149,7 @@ mod tests {
     }
 
     fn job(prompt: &str) -> ImageJob {
-        ImageJob { model: "flux-pro-1.1".into(), prompt: prompt.into(), width: 1024, height: 768, n: 1, seed: Some(3), quality: None, style: None, output_format: "png".into() }
+        ImageJob { model: "flux-pro-1.1".into(), prompt: prompt.into(), negative_prompt: None, width: 1024, height: 768, n: 1, seed: Some(3), quality: None, style: None, output_format: "png".into() }
     }
 
     #[tokio::test]

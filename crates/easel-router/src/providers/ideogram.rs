@@ -41,32 +41,40 @@ impl IdeogramClient {
             "quality" => "QUALITY",
             q => return Err(ProviderError::Rejected { provider: self.name.clone(), message: format!("quality `{q}` is not turbo, default or quality") }),
         };
-        let mut form = reqwest::multipart::Form::new()
-            .text("prompt", job.prompt.clone())
-            .text("aspect_ratio", aspect_ratio(job.width, job.height))
-            .text("rendering_speed", speed)
-            .text("num_images", job.n.clamp(1, 8).to_string());
-        if let Some(seed) = job.seed {
-            form = form.text("seed", (seed % 2_147_483_648).to_string());
-        }
-        if let Some(style) = &job.style {
-            form = form.text("style_type", style.to_ascii_uppercase());
-        }
-        let r = self.http.client.post(format!("{}/v1/ideogram-v3/generate", self.base_url)).header("Api-Key", &self.key).multipart(form).send().await.map_err(|e| self.http.transport(e))?;
-        let status = r.status();
-        let ra = retry_after(r.headers());
-        let text = r.text().await.map_err(|e| self.http.transport(e))?;
-        if !status.is_success() {
-            return Err(self.http.status_error(status, ra, &text));
-        }
-        let v: serde_json::Value = serde_json::from_str(&text).map_err(|e| self.http.malformed(format!("not JSON: {e}")))?;
-        let data = v["data"].as_array().ok_or_else(|| self.http.malformed("no `data` array"))?;
         let mut images = vec![];
-        for d in data {
-            match (d["url"].as_str(), d["is_image_safe"].as_bool()) {
-                (Some(url), Some(true) | None) => images.push(self.http.download(url).await?),
-                _ => {}
+        let mut asked = 0;
+        // At most 8 a call: more are asked for in further calls.
+        while asked < job.n.max(1) {
+            let count = (job.n.max(1) - asked).min(8);
+            let mut form = reqwest::multipart::Form::new()
+                .text("prompt", job.prompt.clone())
+                .text("aspect_ratio", aspect_ratio(job.width, job.height))
+                .text("rendering_speed", speed)
+                .text("num_images", count.to_string());
+            if let Some(seed) = job.seed {
+                form = form.text("seed", ((seed + asked as u64) % 2_147_483_648).to_string());
             }
+            if let Some(style) = &job.style {
+                form = form.text("style_type", style.to_ascii_uppercase());
+            }
+            if let Some(negative) = &job.negative_prompt {
+                form = form.text("negative_prompt", negative.clone());
+            }
+            let r = self.http.client.post(format!("{}/v1/ideogram-v3/generate", self.base_url)).header("Api-Key", &self.key).multipart(form).send().await.map_err(|e| self.http.transport(e))?;
+            let status = r.status();
+            let ra = retry_after(r.headers());
+            let text = r.text().await.map_err(|e| self.http.transport(e))?;
+            if !status.is_success() {
+                return Err(self.http.status_error(status, ra, &text));
+            }
+            let v: serde_json::Value = serde_json::from_str(&text).map_err(|e| self.http.malformed(format!("not JSON: {e}")))?;
+            let data = v["data"].as_array().ok_or_else(|| self.http.malformed("no `data` array"))?;
+            for d in data {
+                if let (Some(url), Some(true) | None) = (d["url"].as_str(), d["is_image_safe"].as_bool()) {
+                    images.push(self.http.download(url).await?);
+                }
+            }
+            asked += count;
         }
         if images.is_empty() {
             return Err(ProviderError::Moderated { provider: self.name.clone(), message: "every image was marked unsafe".into() });
@@ -126,7 +134,7 @@ mod tests {
     }
 
     fn job(prompt: &str, quality: Option<&str>) -> ImageJob {
-        ImageJob { model: "ideogram-v3".into(), prompt: prompt.into(), width: 1344, height: 768, n: 2, seed: Some(3), quality: quality.map(Into::into), style: Some("realistic".into()), output_format: "png".into() }
+        ImageJob { model: "ideogram-v3".into(), prompt: prompt.into(), negative_prompt: None, width: 1344, height: 768, n: 2, seed: Some(3), quality: quality.map(Into::into), style: Some("realistic".into()), output_format: "png".into() }
     }
 
     #[tokio::test]
@@ -135,6 +143,9 @@ mod tests {
         let c = IdeogramClient::new("ideogram", &base, "ideo-key".into(), Duration::from_secs(5));
         let out = c.generate(&job("a poster that says HELLO", None)).await.expect("generates");
         assert_eq!(out.images, vec![fake::PNG.to_vec(); 2]);
+        let mut ten = job("a poster that says HELLO", None);
+        ten.n = 10;
+        assert_eq!(c.generate(&ten).await.expect("8 + 2").images.len(), 10);
         assert_eq!(c.generate(&job("fast", Some("turbo"))).await.expect("turbo").images.len(), 2);
         assert!(matches!(c.generate(&job("unsafe", None)).await, Err(ProviderError::Moderated { .. })));
         assert!(matches!(c.generate(&job("expired", None)).await, Err(ProviderError::Expired { .. })));

@@ -35,7 +35,11 @@ impl ImagenClient {
 
     pub async fn generate(&self, job: &ImageJob) -> Result<ProviderOutput, ProviderError> {
         let t = Instant::now();
-        let mime = if job.output_format == "jpeg" { "image/jpeg" } else { "image/png" };
+        let mime = match job.output_format.as_str() {
+            "png" => "image/png",
+            "jpeg" => "image/jpeg",
+            f => return Err(ProviderError::Rejected { provider: self.name.clone(), message: format!("Imagen answers png or jpeg, not {f}") }),
+        };
         let mut images = vec![];
         let mut filtered = vec![];
         let mut left = job.n.max(1);
@@ -108,7 +112,7 @@ mod tests {
     }
 
     fn job(model: &str, prompt: &str, n: u32) -> ImageJob {
-        ImageJob { model: model.into(), prompt: prompt.into(), width: 1408, height: 768, n, seed: Some(1), quality: None, style: None, output_format: "png".into() }
+        ImageJob { model: model.into(), prompt: prompt.into(), negative_prompt: None, width: 1408, height: 768, n, seed: Some(1), quality: None, style: None, output_format: "png".into() }
     }
 
     #[tokio::test]

@@ -32,6 +32,8 @@ pub struct ImageJob {
     /// The vendor's model name (e.g. `gpt-image-1`, `flux-pro-1.1`).
     pub model: String,
     pub prompt: String,
+    /// For vendors that take one (Ideogram, Recraft); the others do not see it.
+    pub negative_prompt: Option<String>,
     pub width: u32,
     pub height: u32,
     pub n: u32,

@@ -81,7 +81,7 @@ mod tests {
     use axum::{Json, Router};
 
     fn job(model: &str, prompt: &str) -> ImageJob {
-        ImageJob { model: model.into(), prompt: prompt.into(), width: 1024, height: 1024, n: 1, seed: None, quality: None, style: None, output_format: "png".into() }
+        ImageJob { model: model.into(), prompt: prompt.into(), negative_prompt: None, width: 1024, height: 1024, n: 1, seed: None, quality: None, style: None, output_format: "png".into() }
     }
 
     /// Follows OpenAI's documented behaviour, keyed by the prompt.

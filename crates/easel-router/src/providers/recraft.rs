@@ -3,7 +3,9 @@
 //! `logo_raster`), `model` (`recraftv3`, `recraftv2`, ...), `random_seed`, and sizes from its
 //! fixed list (the nearest is sent). Answered `{"created", "credits", "data": [{"image_id",
 //! "b64_json" | "url"}]}`; easel asks for `b64_json` and downloads a URL if one comes instead.
-//! Vector styles answer SVG.
+//! Vector styles answer SVG, which easel does not store (a script in an SVG served from
+//! easel's origin would run there), so they are refused. More images than the 6 Recraft
+//! makes at once are asked for in further calls.
 
 use std::time::{Duration, Instant};
 
@@ -38,26 +40,36 @@ impl RecraftClient {
 
     pub async fn generate(&self, job: &ImageJob) -> Result<ProviderOutput, ProviderError> {
         let t = Instant::now();
+        let style = job.style.clone().unwrap_or_else(|| "realistic_image".into());
+        if style.starts_with("vector") {
+            return Err(ProviderError::Rejected { provider: self.name.clone(), message: format!("style `{style}` answers SVG, which easel does not store; use a raster style") });
+        }
         let (w, h) = size(job.width, job.height);
-        let mut body = serde_json::json!({
-            "prompt": job.prompt, "model": job.model, "n": job.n.clamp(1, 6), "size": format!("{w}x{h}"),
-            "response_format": "b64_json", "style": job.style.clone().unwrap_or_else(|| "realistic_image".into()),
-        });
-        if let Some(seed) = job.seed {
-            body["random_seed"] = (seed % 4_294_967_296).into();
-        }
-        let req = self.http.client.post(format!("{}/v1/images/generations", self.base_url)).bearer_auth(&self.key).json(&body);
-        let v = self.http.json(req).await?;
-        let data = v["data"].as_array().filter(|d| !d.is_empty()).ok_or_else(|| self.http.malformed("no `data` array"))?;
         let mut images = vec![];
-        for d in data {
-            match (d["b64_json"].as_str(), d["url"].as_str()) {
-                (Some(b64), _) => images.push(base64::engine::general_purpose::STANDARD.decode(b64).map_err(|e| self.http.malformed(format!("bad base64: {e}")))?),
-                (None, Some(url)) => images.push(self.http.download(url).await?),
-                _ => return Err(self.http.malformed("an image with neither b64_json nor url")),
+        let mut vendor_id = None;
+        while images.len() < job.n.max(1) as usize {
+            let count = (job.n.max(1) as usize - images.len()).min(6);
+            let mut body = serde_json::json!({
+                "prompt": job.prompt, "model": job.model, "n": count, "size": format!("{w}x{h}"), "response_format": "b64_json", "style": style,
+            });
+            if let Some(seed) = job.seed {
+                body["random_seed"] = ((seed + images.len() as u64) % 4_294_967_296).into();
             }
+            if let Some(negative) = &job.negative_prompt {
+                body["negative_prompt"] = negative.clone().into();
+            }
+            let req = self.http.client.post(format!("{}/v1/images/generations", self.base_url)).bearer_auth(&self.key).json(&body);
+            let v = self.http.json(req).await?;
+            let data = v["data"].as_array().filter(|d| !d.is_empty()).ok_or_else(|| self.http.malformed("no `data` array"))?;
+            for d in data {
+                match (d["b64_json"].as_str(), d["url"].as_str()) {
+                    (Some(b64), _) => images.push(base64::engine::general_purpose::STANDARD.decode(b64).map_err(|e| self.http.malformed(format!("bad base64: {e}")))?),
+                    (None, Some(url)) => images.push(self.http.download(url).await?),
+                    _ => return Err(self.http.malformed("an image with neither b64_json nor url")),
+                }
+            }
+            vendor_id = vendor_id.or_else(|| data.first().and_then(|d| d["image_id"].as_str()).map(str::to_string));
         }
-        let vendor_id = data.first().and_then(|d| d["image_id"].as_str()).map(str::to_string);
         Ok(ProviderOutput { images, seconds: t.elapsed().as_secs_f64(), vendor_id })
     }
 }
@@ -93,7 +105,7 @@ mod tests {
     }
 
     fn job(style: Option<&str>) -> ImageJob {
-        ImageJob { model: "recraftv3".into(), prompt: "a fox logo".into(), width: 1344, height: 768, n: 2, seed: Some(9), quality: None, style: style.map(Into::into), output_format: "png".into() }
+        ImageJob { model: "recraftv3".into(), prompt: "a fox logo".into(), negative_prompt: Some("blurry".into()), width: 1344, height: 768, n: 2, seed: Some(9), quality: None, style: style.map(Into::into), output_format: "png".into() }
     }
 
     #[tokio::test]
@@ -104,6 +116,10 @@ mod tests {
         assert_eq!((out.images.len(), out.vendor_id.as_deref()), (2, Some("img-0")));
         assert_eq!(out.images[0], fake::PNG);
         assert!(c.generate(&job(None)).await.is_ok(), "realistic_image by default");
+        let mut eight = job(None);
+        eight.n = 8;
+        assert_eq!(c.generate(&eight).await.expect("two calls").images.len(), 8, "6 + 2");
+        assert!(matches!(c.generate(&job(Some("vector_illustration"))).await, Err(ProviderError::Rejected { .. })), "SVG is not stored");
         match c.generate(&job(Some("watercolour"))).await {
             Err(ProviderError::Rejected { message, .. }) => assert!(message.contains("invalid style"), "{message}"),
             other => panic!("{other:?}"),

@@ -123,7 +123,7 @@ pub(super) async fn txt2img(State(state): State<AppState>, headers: HeaderMap, b
     let who = who(&caller);
     let checkpoint = a.override_settings.as_ref().and_then(|o| o.get("sd_model_checkpoint")).and_then(|v| v.as_str()).map(model_id);
     let model = checkpoint.or_else(|| state.a1111.with(&who, |s| s.model.clone()));
-    let n = a.batch_size.unwrap_or(1).max(1) as u64 * a.n_iter.unwrap_or(1).max(1) as u64;
+    let n = (a.batch_size.unwrap_or(1).max(1) as u64).saturating_mul(a.n_iter.unwrap_or(1).max(1) as u64).min(i64::MAX as u64);
     let sampler = a.sampler_name.as_deref().or(a.sampler_index.as_deref());
     let mut req = ImageRequest {
         prompt: a.prompt.clone(),

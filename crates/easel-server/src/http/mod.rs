@@ -354,6 +354,7 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/predictions", post(replicate::create_for_version))
         .route("/v1/models/{owner}/{name}/predictions", post(replicate::create_for_model))
         .route("/v1/predictions/{id}", get(replicate::get_prediction))
+        .route("/v1/models/{owner}/{name}/versions/{id}", get(replicate::get_version))
         .route("/v1/predictions/{id}/cancel", post(replicate::cancel_prediction))
         .route("/v1/webhooks/default/secret", get(replicate::webhook_secret))
         .route("/fal/{*path}", post(fal::submit_app).get(fal::get_request).put(fal::cancel_request))

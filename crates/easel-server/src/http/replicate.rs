@@ -73,6 +73,20 @@ fn scheduler(name: &str) -> Option<&'static str> {
     })
 }
 
+/// A model's version id, as Replicate's 64 hex digits (stable for the model's name).
+pub(crate) fn version_id(model: &str) -> String {
+    hex::encode(Sha256::digest(format!("easel model {model}").as_bytes()))
+}
+
+/// The model a bare version id names, among the models and aliases served here.
+fn model_of_version(state: &AppState, version: &str) -> Option<String> {
+    let mut names: Vec<String> = state.catalogue().ok()?.into_iter().map(|(m, _)| m.id).collect();
+    if let Some(g) = &state.gateway {
+        names.extend(g.router.config().aliases.keys().cloned());
+    }
+    names.into_iter().find(|m| version_id(m) == version)
+}
+
 /// The model a Replicate name means here: `owner/name` if served or aliased as such, else `name`.
 fn resolve_model(state: &AppState, name: &str) -> String {
     let known = |m: &str| state.model(Some(m)).is_ok() || state.gateway.as_ref().is_some_and(|g| g.router.knows(m));
@@ -180,7 +194,7 @@ pub(crate) fn prediction(job: &Job, base: &str, urls: &crate::image_urls::ImageU
     serde_json::json!({
         "id": job.id,
         "model": s.model,
-        "version": s.model,
+        "version": version_id(&s.model),
         "input": {
             "prompt": s.prompt, "negative_prompt": s.negative_prompt, "width": s.width, "height": s.height,
             "num_outputs": s.n, "num_inference_steps": s.steps, "guidance_scale": s.guidance, "seed": s.seed,
@@ -218,7 +232,9 @@ async fn create(state: &AppState, headers: &HeaderMap, body: &Bytes, model: Opti
     let p: CreatePrediction = parse_body(body)?;
     let name = match (model, &p.version) {
         (Some(m), _) => m,
-        (None, Some(v)) => v.split(':').next().unwrap_or(v).to_string(),
+        // `owner/name:version` and `owner/name` name the model; a bare version id is looked up.
+        (None, Some(v)) if v.contains('/') => v.split(':').next().unwrap_or(v).to_string(),
+        (None, Some(v)) => model_of_version(state, v).unwrap_or_else(|| v.clone()),
         (None, None) => return Err(ApiError::invalid("version", "version (or a model path) is required").into()),
     };
     let mut req = request(state, resolve_model(state, &name), &p.input)?;
@@ -280,6 +296,22 @@ pub(super) async fn cancel_prediction(State(state): State<AppState>, headers: He
     }
     let job = state.job_for(&caller, &id)?;
     Ok(Json(prediction(&job, &public_base(&headers), &state.image_urls)))
+}
+
+/// `GET /v1/models/{owner}/{name}/versions/{id}`: what Replicate's client reads of a version
+/// before running `owner/name:version`.
+pub(super) async fn get_version(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    path: Result<Path<(String, String, String)>, PathRejection>,
+) -> ProblemResult<Json<serde_json::Value>> {
+    state.authorize(&headers)?;
+    let Path((owner, name, id)) = path.map_err(|_| ApiError::not_found("no such version"))?;
+    let model = resolve_model(&state, &format!("{owner}/{name}"));
+    if version_id(&model) != id {
+        return Err(ApiError::not_found(format!("model {owner}/{name} has no version {id}")).into());
+    }
+    Ok(Json(serde_json::json!({"id": id, "created_at": rfc3339(0.0), "cog_version": "easel", "openapi_schema": {}})))
 }
 
 /// The key Replicate-shaped webhooks are signed with, as `whsec_<base64>`.

@@ -26,16 +26,18 @@ pub(super) async fn list_loras(State(state): State<AppState>, headers: HeaderMap
 pub(super) async fn cost(State(state): State<AppState>, headers: HeaderMap) -> ApiResult<Json<serde_json::Value>> {
     state.authorize(&headers)?;
     let c = state.local_cost;
-    let closed: Vec<_> = match &state.gateway {
-        Some(g) => g
-            .prices
-            .entries()
-            .iter()
-            .filter(|p| g.providers.contains_key(&p.provider))
-            .filter_map(|p| g.prices.image_usd(&p.provider, &p.model, p.quality.as_deref(), 1024, 1024).map(|usd| serde_json::json!({"provider": p.provider, "model": p.model, "quality": p.quality, "usd_per_image": usd})))
-            .collect(),
-        None => vec![],
-    };
+    // One entry per provider and model: a 1024x1024 image at the vendor's default quality.
+    let mut closed: Vec<serde_json::Value> = vec![];
+    if let Some(g) = &state.gateway {
+        let mut seen = std::collections::HashSet::new();
+        for p in g.prices.entries().iter().filter(|p| g.providers.contains_key(&p.provider)) {
+            if seen.insert((p.provider.clone(), p.model.clone())) {
+                if let Some(usd) = g.prices.image_usd(&p.provider, &p.model, None, 1024, 1024) {
+                    closed.push(serde_json::json!({"provider": p.provider, "model": p.model, "usd_per_image": usd}));
+                }
+            }
+        }
+    }
     let (health, aliases, tiers) = match &state.gateway {
         Some(g) => {
             let mut names: Vec<String> = g.providers.keys().cloned().collect();
