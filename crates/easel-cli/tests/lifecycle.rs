@@ -48,8 +48,9 @@ fn a_worker_stopped_past_its_lease_records_nothing_and_the_second_workers_result
     let api = api_node(tmp.path(), &[]);
     let first_log = tmp.path().join("first.log");
     let mut first = logged_worker(tmp.path(), &["--lease", "2"], &first_log);
-    // Long enough (about 0.3 s a step here) that the first worker is mid-denoise when stopped.
-    let (st, job) = post(&api, "/v1/jobs", json!({"prompt": "a red circle", "size": "64x64", "steps": 40, "seed": 11}));
+    // Long enough (about 0.3 s a step here, 24 s in all) that the first worker is mid-denoise when
+    // stopped even on a machine several times faster.
+    let (st, job) = post(&api, "/v1/jobs", json!({"prompt": "a red circle", "size": "64x64", "steps": 80, "seed": 11}));
     assert_eq!(st, 202, "{job}");
     let id = job["id"].as_str().unwrap().to_string();
     wait_for(&api, &format!("/v1/jobs/{id}"), Duration::from_secs(60), |j| j["status"] == "running");
