@@ -42,6 +42,21 @@ pub struct JobSpec {
     /// How the webhook reads (None: easel's final event).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub webhook_format: Option<WebhookFormat>,
+    /// SD 3.5's skip-layer guidance.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub skip_layer_guidance: Option<SkipLayerGuidance>,
+}
+
+/// Skip-layer guidance as diffusers' StableDiffusion3Pipeline takes it: `layers` are the
+/// transformer blocks skipped in one more evaluation on steps `i` with
+/// `steps * start < i < steps * stop`, whose difference from the conditional prediction is added
+/// at `scale`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct SkipLayerGuidance {
+    pub layers: Vec<usize>,
+    pub scale: f64,
+    pub start: f64,
+    pub stop: f64,
 }
 
 /// How a job's webhook reads: easel's own event, or another API's shape for clients that came
@@ -132,7 +147,8 @@ impl JobSpec {
     pub fn batch_key(&self) -> String {
         // Only jobs with the same LoRA stack share a batch: the stack changes the weights.
         let stack: Vec<String> = self.loras.iter().map(|l| format!("{}:{}", l.name, l.scale)).collect();
-        format!("{}|{}x{}|{}|{:?}|{}|{}", self.queue_model(), self.width, self.height, self.steps, self.scheduler, self.guidance, stack.join(","))
+        let slg = self.skip_layer_guidance.as_ref().map(|g| format!("{:?}:{}:{}:{}", g.layers, g.scale, g.start, g.stop)).unwrap_or_default();
+        format!("{}|{}x{}|{}|{:?}|{}|{}|{slg}", self.queue_model(), self.width, self.height, self.steps, self.scheduler, self.guidance, stack.join(","))
     }
 
     /// A canonical hash of everything that determines the pixels; `None` without an explicit seed.
@@ -145,7 +161,7 @@ impl JobSpec {
             "width": self.width, "height": self.height, "n": self.n, "steps": self.steps,
             "guidance": self.guidance, "seed": self.seed, "scheduler": self.scheduler,
             "output_format": self.output_format, "output_compression": self.output_compression,
-            "loras": self.loras,
+            "loras": self.loras, "skip_layer_guidance": self.skip_layer_guidance,
         });
         Some(hex::encode(Sha256::digest(canonical.to_string().as_bytes())))
     }

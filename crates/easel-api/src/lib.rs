@@ -10,6 +10,6 @@ mod lora;
 mod request;
 
 pub use error::{ApiError, ErrorBody};
-pub use job::{Event, Job, JobResult, JobSpec, JobStatus, RouteCandidate, RoutePlan, StoredImage, Timings, WebhookFormat, PROVIDER_QUEUE_PREFIX};
+pub use job::{Event, Job, JobResult, JobSpec, JobStatus, RouteCandidate, RoutePlan, SkipLayerGuidance, StoredImage, Timings, WebhookFormat, PROVIDER_QUEUE_PREFIX};
 pub use lora::{check_name as check_lora_name, validate_loras, LoraRef, LoraRegistry, LoraSource, MAX_LORAS};
 pub use request::{ImageRequest, MemoryEstimate, ModelInfo, OutputFormat, ResponseFormat};

@@ -98,6 +98,19 @@ pub struct ImageRequest {
     /// Send a `preview` event (a small picture of the image so far) every this many steps.
     #[serde(default)]
     pub preview_every: Option<i64>,
+    /// SD 3.5: skip-layer guidance over these transformer blocks (diffusers'
+    /// `skip_guidance_layers`, e.g. [7, 8, 9] for 3.5 medium).
+    #[serde(default)]
+    pub skip_guidance_layers: Option<Vec<i64>>,
+    /// Skip-layer guidance scale (default 2.8, as diffusers).
+    #[serde(default)]
+    pub skip_layer_guidance_scale: Option<f64>,
+    /// Skip-layer guidance runs on steps after this fraction of them (default 0.01)...
+    #[serde(default)]
+    pub skip_layer_guidance_start: Option<f64>,
+    /// ...and before this one (default 0.2).
+    #[serde(default)]
+    pub skip_layer_guidance_stop: Option<f64>,
     /// A LoRA stack: `[{"name": REGISTRY_NAME, "scale": 0.8}, ...]`, applied in order.
     #[serde(default)]
     pub loras: Option<Vec<crate::LoraRef>>,
@@ -134,6 +147,10 @@ pub struct ModelInfo {
     /// Served by a closed provider: `quality` and `style` are the vendor's words, passed on.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub closed: bool,
+    /// SD 3.5: the transformer's block count, which skip-layer guidance may skip; `None` for
+    /// models without skip-layer guidance.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub skippable_layers: Option<usize>,
 }
 
 fn default_size_multiple() -> usize {
@@ -263,6 +280,17 @@ impl ImageRequest {
         };
         let loras = self.loras.clone().unwrap_or_default();
         crate::validate_loras(&loras)?;
+        let skip_layer_guidance = self.skip_layer_guidance()?;
+        if let Some(g) = &skip_layer_guidance {
+            match model.skippable_layers {
+                None => return Err(ApiError::invalid("skip_guidance_layers", format!("skip-layer guidance is for SD 3.5 models; `{}` is not one", model.id))),
+                Some(n) => {
+                    if let Some(bad) = g.layers.iter().find(|&&l| l >= n) {
+                        return Err(ApiError::invalid("skip_guidance_layers", format!("layer {bad} does not exist; `{}` has layers 0 to {}", model.id, n.saturating_sub(1))));
+                    }
+                }
+            }
+        }
         let spec = JobSpec {
             model: model.id.clone(),
             prompt: self.prompt.clone(),
@@ -285,8 +313,45 @@ impl ImageRequest {
             route: None,
             preview_every,
             webhook_format: None,
+            skip_layer_guidance,
         };
         Ok((spec, self.response_format.unwrap_or_default()))
+    }
+
+    /// The skip-layer guidance fields, checked; the scale and window need the layers.
+    fn skip_layer_guidance(&self) -> Result<Option<crate::SkipLayerGuidance>, ApiError> {
+        let fraction = |name: &str, v: Option<f64>, default: f64| -> Result<f64, ApiError> {
+            match v {
+                None => Ok(default),
+                Some(f) if f.is_finite() && (0.0..=1.0).contains(&f) => Ok(f),
+                Some(f) => Err(ApiError::invalid(name, format!("{name} must be a fraction of the steps between 0 and 1, got {f}"))),
+            }
+        };
+        let Some(layers) = &self.skip_guidance_layers else {
+            for (name, set) in [
+                ("skip_layer_guidance_scale", self.skip_layer_guidance_scale.is_some()),
+                ("skip_layer_guidance_start", self.skip_layer_guidance_start.is_some()),
+                ("skip_layer_guidance_stop", self.skip_layer_guidance_stop.is_some()),
+            ] {
+                if set {
+                    return Err(ApiError::invalid(name, format!("{name} needs skip_guidance_layers (the layers to skip)")));
+                }
+            }
+            return Ok(None);
+        };
+        if layers.is_empty() || layers.len() > 100 || layers.iter().any(|l| !(0..1000).contains(l)) {
+            return Err(ApiError::invalid("skip_guidance_layers", "skip_guidance_layers must list 1 to 100 layer indices, each from 0 to 999"));
+        }
+        let scale = self.skip_layer_guidance_scale.unwrap_or(2.8);
+        if !scale.is_finite() || !(0.0..=100.0).contains(&scale) {
+            return Err(ApiError::invalid("skip_layer_guidance_scale", "skip_layer_guidance_scale must be a number between 0 and 100"));
+        }
+        Ok(Some(crate::SkipLayerGuidance {
+            layers: layers.iter().map(|&l| l as usize).collect(),
+            scale,
+            start: fraction("skip_layer_guidance_start", self.skip_layer_guidance_start, 0.01)?,
+            stop: fraction("skip_layer_guidance_stop", self.skip_layer_guidance_stop, 0.2)?,
+        }))
     }
 }
 
@@ -332,7 +397,7 @@ mod tests {
     use super::*;
 
     fn model() -> ModelInfo {
-        ModelInfo { id: "m".into(), default_steps: 20, default_guidance: 4.0, default_size: 64, max_side: 1024, size_multiple: 8, schedulers: vec!["euler".into()], memory: None, closed: false }
+        ModelInfo { id: "m".into(), default_steps: 20, default_guidance: 4.0, default_size: 64, max_side: 1024, size_multiple: 8, schedulers: vec!["euler".into()], memory: None, closed: false, skippable_layers: None }
     }
 
     fn req(v: serde_json::Value) -> Result<ImageRequest, serde_json::Error> {
@@ -348,6 +413,25 @@ mod tests {
         assert_eq!(s.steps, 10);
         let (s, _) = req(serde_json::json!({"prompt": "x", "quality": "high", "seed": 3})).unwrap().validate(&model(), || 7).unwrap();
         assert_eq!((s.steps, s.seed, s.seed_explicit), (30, 3, true));
+    }
+
+    #[test]
+    fn skip_layer_guidance_needs_an_sd35_model_layers_it_has_and_fractions() {
+        let sd35 = ModelInfo { skippable_layers: Some(24), ..model() };
+        let (s, _) = req(serde_json::json!({"prompt": "x", "skip_guidance_layers": [7, 8, 9]})).unwrap().validate(&sd35, || 1).unwrap();
+        assert_eq!(s.skip_layer_guidance, Some(crate::SkipLayerGuidance { layers: vec![7, 8, 9], scale: 2.8, start: 0.01, stop: 0.2 }), "diffusers' defaults");
+        let cases = [
+            (serde_json::json!({"prompt": "x", "skip_guidance_layers": [24]}), &sd35, "skip_guidance_layers"),
+            (serde_json::json!({"prompt": "x", "skip_guidance_layers": []}), &sd35, "skip_guidance_layers"),
+            (serde_json::json!({"prompt": "x", "skip_guidance_layers": [7], "skip_layer_guidance_stop": 1.5}), &sd35, "skip_layer_guidance_stop"),
+            (serde_json::json!({"prompt": "x", "skip_layer_guidance_scale": 3.0}), &sd35, "skip_layer_guidance_scale"),
+        ];
+        for (body, m, param) in cases {
+            let e = req(body.clone()).unwrap().validate(m, || 1).unwrap_err();
+            assert_eq!((e.status, e.body.param.as_deref()), (400, Some(param)), "{body}");
+        }
+        let e = req(serde_json::json!({"prompt": "x", "skip_guidance_layers": [1]})).unwrap().validate(&model(), || 1).unwrap_err();
+        assert!(e.body.message.contains("SD 3.5"), "{}", e.body.message);
     }
 
     #[test]

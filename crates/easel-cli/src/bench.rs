@@ -7,7 +7,7 @@ use anyhow::{Context, Result};
 use clap::{Args, Subcommand};
 use easel_engine::config::{read_json, UNetConfig};
 use easel_engine::models::unet::UNet2DConditionModel;
-use easel_engine::source::component_weights;
+use easel_engine::weights::source::component_weights;
 use easel_engine::weights::load_var_builder;
 use easel_engine::{DType, Device, Tensor};
 
@@ -137,6 +137,23 @@ enum BenchWhat {
         #[command(flatten)]
         timed: Timed,
     },
+    /// Time one SD 3.5 transformer evaluation (tools/bench/sd3_vs_diffusers.py compares it with
+    /// diffusers on the same weights and inputs).
+    Sd3 {
+        /// An SD 3.5 diffusers-layout directory (transformer/config.json, and its weights unless
+        /// --transformer is given).
+        #[arg(long)]
+        model: PathBuf,
+        /// Transformer weights to use instead (Stability-named .safetensors or .gguf).
+        #[arg(long)]
+        transformer: Option<PathBuf>,
+        /// Inputs: safetensors with `hidden_states` `[B, 16, h, w]`, `timestep` `[B]` (0-1000),
+        /// `encoder_hidden_states` and `pooled_projections`.
+        #[arg(long)]
+        inputs: PathBuf,
+        #[command(flatten)]
+        timed: Timed,
+    },
     /// Time loading a model fresh against switching its LoRA stack (the base stays in memory).
     Lora {
         /// A diffusers-layout model directory.
@@ -167,6 +184,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
         BenchWhat::Unet { model, size, batch, inputs, timed } => unet_eval(&model, size, batch, inputs, &timed)?,
         BenchWhat::Vae { model, inputs, timed } => vae_eval(&model, &inputs, &timed)?,
         BenchWhat::Flux { model, transformer, inputs, lora, timed } => flux_eval(&model, transformer, &inputs, lora, &timed)?,
+        BenchWhat::Sd3 { model, transformer, inputs, timed } => sd3_eval(&model, transformer, &inputs, &timed)?,
         BenchWhat::Lora { model, loras } => lora_switch(&model, &loras)?,
     }
     Ok(())
@@ -268,7 +286,7 @@ fn unet_eval(model: &std::path::Path, size: usize, batch: usize, inputs: Option<
 fn vae_eval(model: &std::path::Path, inputs: &std::path::Path, timed: &Timed) -> Result<()> {
     let (device, dtype) = timed.open()?;
     let t0 = Instant::now();
-    let vae = easel_engine::vae::Vae::load(model, dtype != DType::F32, dtype, &device)?;
+    let vae = easel_engine::pipelines::vae::Vae::load(model, dtype != DType::F32, dtype, &device)?;
     device.synchronize()?;
     let load_s = t0.elapsed().as_secs_f64();
     let t = inputs_on(inputs, &device, dtype)?;
@@ -317,7 +335,7 @@ fn parity(fixtures: &std::path::Path, device: &str, dtype: &str) -> Result<()> {
 }
 
 fn lora_switch(model: &std::path::Path, loras: &[PathBuf]) -> Result<()> {
-    use easel_engine::lora::LoraSpec;
+    use easel_engine::weights::lora::LoraSpec;
     let t = Instant::now();
     let pipe = easel_engine::Pipeline::load(model, &easel_engine::LoadOptions::default())?;
     let load_s = t.elapsed().as_secs_f64();
@@ -339,14 +357,14 @@ fn flux_eval(model: &std::path::Path, transformer: Option<PathBuf>, inputs: &std
     let (device, dtype) = timed.open()?;
     let t0 = Instant::now();
     let config: FluxTransformerConfig = read_json(&model.join("transformer/config.json"))?;
-    let (mut weights, source) = easel_engine::flux_pipeline::read_transformer(model, transformer.as_deref(), dtype, &device)?;
+    let (mut weights, source) = easel_engine::pipelines::flux::read_transformer(model, transformer.as_deref(), dtype, &device)?;
     // Quantized weights compute in f32, as the pipeline runs them.
-    let compute = if source == easel_engine::flux_pipeline::TransformerSource::Gguf { DType::F32 } else { dtype };
+    let compute = if source == easel_engine::pipelines::common::TransformerSource::Gguf { DType::F32 } else { dtype };
     weights.set_dtype(compute);
     if let Some(path) = lora {
-        use easel_engine::lora::{Component, LoraSpec, LoraTargets, TargetFamily};
+        use easel_engine::weights::lora::{Component, LoraSpec, LoraTargets, TargetFamily};
         let targets = LoraTargets { family: TargetFamily::flux(&config), weights: [(Component::Transformer, weights.shapes())].into() };
-        let adapters = easel_engine::lora::load_adapters(&LoraSpec { path, scale: 1.0 }, &targets)?;
+        let adapters = easel_engine::weights::lora::load_adapters(&LoraSpec { path, scale: 1.0 }, &targets)?;
         weights = weights.with_adapters(&adapters.iter().collect::<Vec<_>>())?;
     }
     let (bytes, types) = weights.memory();
@@ -365,6 +383,27 @@ fn flux_eval(model: &std::path::Path, transformer: Option<PathBuf>, inputs: &std
         pooled: get("pooled")?,
         guidance: t.get("guidance"),
     };
+    timed.run(&device, load_s, serde_json::json!({"weights_bytes": bytes, "weights": types}), || Ok(net.forward(&x)?))
+}
+
+fn sd3_eval(model: &std::path::Path, transformer: Option<PathBuf>, inputs: &std::path::Path, timed: &Timed) -> Result<()> {
+    use easel_engine::config::Sd3TransformerConfig;
+    use easel_engine::models::mmdit::{Mmdit, MmditInputs};
+    let (device, dtype) = timed.open()?;
+    let t0 = Instant::now();
+    let config: Sd3TransformerConfig = read_json(&model.join("transformer/config.json"))?;
+    let (mut weights, source) = easel_engine::pipelines::sd3::read_transformer(model, transformer.as_deref(), dtype, &device)?;
+    // Quantized weights compute in f32, as the pipeline runs them.
+    let compute = if source == easel_engine::pipelines::common::TransformerSource::Gguf { DType::F32 } else { dtype };
+    weights.set_dtype(compute);
+    let (bytes, types) = weights.memory();
+    let net = Mmdit::new(&weights, &config, compute, &device)?;
+    drop(weights);
+    device.synchronize()?;
+    let load_s = t0.elapsed().as_secs_f64();
+    let t = inputs_on(inputs, &device, compute)?;
+    let get = |k: &str| t.get(k).with_context(|| format!("inputs lack `{k}`"));
+    let x = MmditInputs { x: get("hidden_states")?, timesteps: get("timestep")?, pooled: get("pooled_projections")?, context: get("encoder_hidden_states")?, skip_layers: &[] };
     timed.run(&device, load_s, serde_json::json!({"weights_bytes": bytes, "weights": types}), || Ok(net.forward(&x)?))
 }
 
@@ -409,15 +448,14 @@ fn shapes_quality(
     seed: u64,
     save_dir: Option<PathBuf>,
 ) -> Result<()> {
-    use easel_engine::pipeline::ModelDefaults;
-    use easel_engine::{GenerateParams, LoadOptions, Pipeline, SchedulerKind};
+    use easel_engine::{GenerateParams, LoadOptions, ModelDefaults, Pipeline};
     use rand::{Rng, SeedableRng};
 
     let spec = easel_shapes::Spec::bundled();
     let pipe = Pipeline::load(dir, &LoadOptions::default())?;
     let defaults = ModelDefaults::load(dir, pipe.family())?;
-    let scheduler = scheduler.or(defaults.scheduler.clone()).as_deref().map(SchedulerKind::parse).transpose()?;
-    let guidance = guidance.or(defaults.guidance).unwrap_or(7.5);
+    let settings = easel_local::settings(&defaults, &easel_local::Requested { steps: Some(steps), guidance, scheduler, negative_prompt: None })?;
+    let (scheduler, guidance) = (settings.scheduler, settings.guidance);
     let (train, held): (Vec<_>, Vec<_>) = spec.combos().into_iter().partition(|c| !spec.is_held_out(c));
     if let Some(d) = &save_dir {
         std::fs::create_dir_all(d)?;
@@ -431,7 +469,7 @@ fn shapes_quality(
             let combo = &pool[rng.random_range(0..pool.len())];
             let params = GenerateParams {
                 prompt: spec.prompt(combo),
-                negative_prompt: None,
+                negative_prompt: settings.negative_prompt.clone(),
                 width: 64,
                 height: 64,
                 steps,
@@ -440,6 +478,7 @@ fn shapes_quality(
                 batch: 1,
                 scheduler,
                 init_latents: None,
+                skip_layer_guidance: None,
             };
             let t = Instant::now();
             let out = pipe.generate(&params, None, &mut |_| true)?;

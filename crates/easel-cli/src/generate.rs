@@ -6,9 +6,8 @@ use std::time::Instant;
 use anyhow::{Context, Result};
 use clap::Args;
 use easel_engine::output::{save_image, ImageFormat, ImageMetadata};
-use easel_engine::pipeline::ModelDefaults;
-use easel_engine::lora::LoraSpec;
-use easel_engine::{GenerateParams, LoadOptions, Pipeline, SchedulerKind};
+use easel_engine::weights::lora::LoraSpec;
+use easel_engine::{GenerateParams, LoadOptions, ModelDefaults, Pipeline};
 use indicatif::{ProgressBar, ProgressStyle};
 
 #[derive(Args, Debug)]
@@ -74,6 +73,19 @@ pub struct GenerateArgs {
     /// packed `[batch, tokens, 64]` for FLUX, as FluxPipeline takes them).
     #[arg(long)]
     init_latents: Option<PathBuf>,
+    /// SD 3.5: skip-layer guidance over these transformer layers (comma-separated, e.g. 7,8,9
+    /// for 3.5 medium), as diffusers' `skip_guidance_layers`.
+    #[arg(long, value_delimiter = ',', value_name = "LAYERS")]
+    skip_layers: Vec<usize>,
+    /// Skip-layer guidance scale (diffusers' default 2.8).
+    #[arg(long, default_value_t = 2.8)]
+    skip_layer_scale: f64,
+    /// Skip-layer guidance runs on steps after this fraction of them (default 0.01)...
+    #[arg(long, default_value_t = 0.01)]
+    skip_layer_start: f64,
+    /// ...and before this fraction (default 0.2).
+    #[arg(long, default_value_t = 0.2)]
+    skip_layer_stop: f64,
     /// Write the final latents (diffusers' output_type="latent") to this safetensors file.
     #[arg(long)]
     save_latents: Option<PathBuf>,
@@ -96,7 +108,6 @@ pub fn run(args: GenerateArgs) -> Result<()> {
     let prompt = args.prompt.clone().or(args.prompt_positional.clone()).context("a prompt is required: easel generate \"a red circle on a blue background\"")?;
     let device = easel_engine::parse_device(&args.device)?;
     let dtype = easel_engine::parse_dtype(&args.dtype)?;
-    let explicit_scheduler = args.scheduler.as_deref().map(SchedulerKind::parse).transpose()?;
     let output = args.output.clone().unwrap_or_else(|| PathBuf::from("easel.png"));
     ImageFormat::from_path(&output)?;
 
@@ -124,33 +135,36 @@ pub fn run(args: GenerateArgs) -> Result<()> {
         eprintln!("warning: --negative-prompt is ignored: FLUX runs without classifier-free guidance, as diffusers' FluxPipeline");
     }
 
-    let scheduler = match (explicit_scheduler, defaults.scheduler.as_deref()) {
-        (Some(k), _) => Some(k),
-        (None, Some(name)) => Some(SchedulerKind::parse(name)?),
-        (None, None) => {
-            if let Some(class) = pipe.substituted_scheduler() {
-                eprintln!("warning: the model's scheduler {class} is not implemented in easel; using euler");
-            }
-            None
+    let asked = easel_local::Requested { steps: args.steps, guidance: args.guidance, scheduler: args.scheduler.clone(), negative_prompt: args.negative_prompt.clone() };
+    let settings = easel_local::settings(&defaults, &asked)?;
+    if settings.scheduler.is_none() {
+        if let Some(class) = pipe.substituted_scheduler() {
+            eprintln!("warning: the model's scheduler {class} is not implemented in easel; using euler");
         }
-    };
+    }
     let size = pipe.default_size();
     let seed = args.seed.unwrap_or_else(rand_seed);
     let init_latents = args.init_latents.as_deref().map(easel_engine::read_latents).transpose()?;
     let params = GenerateParams {
         prompt: prompt.clone(),
-        negative_prompt: args.negative_prompt.clone().or(defaults.negative_prompt.clone()),
+        negative_prompt: settings.negative_prompt,
         width: args.width.unwrap_or(size),
         height: args.height.unwrap_or(size),
-        steps: args.steps.or(defaults.steps).unwrap_or(30),
-        guidance: args.guidance.or(defaults.guidance).unwrap_or(7.5),
+        steps: settings.steps,
+        guidance: settings.guidance,
         seed,
         batch: args.batch,
-        scheduler,
+        scheduler: settings.scheduler,
         init_latents,
+        skip_layer_guidance: (!args.skip_layers.is_empty()).then(|| easel_engine::SkipLayerGuidance {
+            layers: args.skip_layers.clone(),
+            scale: args.skip_layer_scale,
+            start: args.skip_layer_start,
+            stop: args.skip_layer_stop,
+        }),
     };
     pipe.validate(&params)?;
-    let estimate = crate::executor::memory_estimate(&pipe, crate::executor::dir_bytes(&dir), crate::executor::default_request_memory());
+    let estimate = easel_local::memory_estimate(&pipe, easel_local::dir_bytes(&dir), easel_local::default_request_memory());
     if let Err(e) = estimate.check(params.width, params.height, params.batch) {
         let flag = if e.body.param.as_deref() == Some("n") { "-n" } else { "--width/--height" };
         anyhow::bail!("{flag}: {}", e.body.message);

@@ -3,7 +3,6 @@
 mod bench;
 mod bundled;
 mod cost;
-mod executor;
 mod generate;
 mod hub;
 mod models;

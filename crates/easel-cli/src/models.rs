@@ -1,12 +1,12 @@
 //! `easel models`: fetch, list and remove hub models in the cache; inspect a model (what its
-//! weights need in memory); quantize FLUX transformers to GGUF.
+//! weights need in memory); quantize FLUX and SD 3.5 transformers to GGUF.
 
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
 use clap::{Args, Subcommand};
-use easel_engine::config::FluxTransformerConfig;
-use easel_engine::quant::{quantized_bytes, Weights, QUANTIZE_TYPES};
+use easel_engine::config::{FluxTransformerConfig, Sd3TransformerConfig};
+use easel_engine::weights::{gguf::{quantized_bytes, QUANTIZE_TYPES}, store::Weights};
 use easel_engine::{DType, Device};
 use easel_hub::{catalogue, Hub, Resolved, Spec};
 
@@ -30,9 +30,11 @@ enum ModelsWhat {
     List,
     /// Remove a model from the hub cache.
     Rm { model: String },
-    /// Write a FLUX transformer's weights as GGUF (BFL names, as the community publishes them).
+    /// Write a FLUX or SD 3.5 transformer's weights as GGUF (BFL's or Stability's names, as the
+    /// community publishes them).
     Quantize {
-        /// A FLUX diffusers-layout directory, or a transformer file (BFL or diffusers names).
+        /// A FLUX or SD 3.5 diffusers-layout directory, or a transformer file (reference or
+        /// diffusers names).
         #[arg(long)]
         model: String,
         /// q8_0, q5_0, q5_1, q4_0, q4_1 or q4_k.
@@ -42,10 +44,11 @@ enum ModelsWhat {
         #[arg(short, long)]
         output: PathBuf,
     },
-    /// How much memory a FLUX transformer's weights take at each type (from the tensor shapes
-    /// of a model's config; default FLUX.1-dev, 12B parameters), and which fit a GPU.
+    /// How much memory a transformer's weights take at each type (from the tensor shapes of a
+    /// model's config; default FLUX.1-dev, 12B parameters), and which fit a GPU.
     Memory {
-        /// A FLUX diffusers-layout directory (its transformer/config.json).
+        /// flux-dev, sd3.5-large or sd3.5-medium (built-in configs, no download), or a FLUX or
+        /// SD 3.5 diffusers-layout directory or hub repo (its transformer/config.json).
         #[arg(long)]
         model: Option<String>,
         /// The GPU's memory in GB: says which types fit it, with and without offloading the
@@ -65,26 +68,46 @@ pub fn run(args: ModelsArgs) -> Result<()> {
     }
 }
 
-/// The transformer weights of a model directory (or hub id), or of a single file.
-fn transformer_weights(spec: &str) -> Result<Weights> {
+/// The transformer weights of a model directory (or hub id), or of a single file, with the
+/// GGUF architecture name of its family (`flux` or `sd3`).
+fn transformer_weights(spec: &str) -> Result<(Weights, &'static str)> {
     let path = Path::new(spec);
-    let (w, _) = if path.is_file() {
-        easel_engine::flux_pipeline::read_transformer(Path::new("."), Some(path), DType::F32, &Device::Cpu)?
-    } else {
-        let dir = crate::hub::model_dir(spec, false)?;
-        easel_engine::flux_pipeline::read_transformer(&dir, None, DType::F32, &Device::Cpu)?
+    let (dir, file) = if path.is_file() { (PathBuf::from("."), Some(path)) } else { (crate::hub::model_dir(spec, false)?, None) };
+    let sd3 = match file {
+        // Stability's names, or diffusers' SD3 names (FLUX's diffusers names have single blocks).
+        Some(f) => {
+            let names = easel_engine::read_tensor_names(f)?;
+            names.iter().any(|n| n.contains("joint_blocks.")) || (names.iter().any(|n| n.contains("transformer_blocks.")) && !names.iter().any(|n| n.contains("single_transformer_blocks.")))
+        }
+        None => transformer_class(&dir)? == "SD3Transformer2DModel",
     };
-    Ok(w)
+    Ok(if sd3 {
+        (easel_engine::pipelines::sd3::read_transformer(&dir, file, DType::F32, &Device::Cpu)?.0, "sd3")
+    } else {
+        (easel_engine::pipelines::flux::read_transformer(&dir, file, DType::F32, &Device::Cpu)?.0, "flux")
+    })
+}
+
+/// The `_class_name` of a model folder's `transformer/config.json` (a folder may hold only the
+/// transformer).
+fn transformer_class(dir: &Path) -> Result<String> {
+    #[derive(serde::Deserialize)]
+    struct Class {
+        #[serde(rename = "_class_name", default)]
+        class_name: String,
+    }
+    Ok(easel_engine::config::read_json::<Class>(&dir.join("transformer").join("config.json"))?.class_name)
 }
 
 fn quantize(model: &str, quant: &str, output: &Path) -> Result<()> {
-    let t = easel_engine::quant::parse_quant_type(quant)?;
+    let t = easel_engine::weights::gguf::parse_quant_type(quant)?;
     if output.extension().and_then(|e| e.to_str()) != Some("gguf") {
         bail!("the output file must end in .gguf: {}", output.display());
     }
-    let tensors = transformer_weights(model)?.into_dense()?;
+    let (weights, architecture) = transformer_weights(model)?;
+    let tensors = weights.into_dense()?;
     let source_bytes: usize = tensors.iter().map(|(_, t)| t.elem_count() * t.dtype().size_in_bytes()).sum();
-    let written = easel_engine::quant::quantize_weights(&tensors, t, "flux", output).with_context(|| format!("writing {}", output.display()))?;
+    let written = easel_engine::weights::gguf::quantize_weights(&tensors, t, architecture, output).with_context(|| format!("writing {}", output.display()))?;
     println!("{}", output.display());
     eprintln!(
         "{} tensors: {:.1} MiB -> {:.1} MiB ({quant}; 2-D weights whose rows are whole blocks are quantized, the rest stay f32)",
@@ -95,11 +118,13 @@ fn quantize(model: &str, quant: &str, output: &Path) -> Result<()> {
     Ok(())
 }
 
-/// FLUX.1's other components, in parameters: CLIP-L's text model and T5-XXL's encoder (the
-/// text encoders), and the 16-channel VAE.
+/// The other components, in parameters: CLIP-L's and OpenCLIP bigG's text models and T5-XXL's
+/// encoder (the text encoders), and the 16-channel VAE (FLUX's and SD 3.5's differ by a few
+/// thousand).
 const CLIP_L_PARAMS: f64 = 123_060_480.0;
+const CLIP_G_PARAMS: f64 = 694_659_840.0;
 const T5_XXL_ENCODER_PARAMS: f64 = 4_762_310_656.0;
-const FLUX_VAE_PARAMS: f64 = 83_819_683.0;
+const VAE16_PARAMS: f64 = 83_819_683.0;
 /// Device memory beside the weights at 1024x1024, batch 1, in GiB: a transformer step's
 /// activations (attention included), the VAE decode (which does not overlap the steps), and
 /// the CUDA context with cuBLAS's workspace. Estimates: tools/gpu/check.sh measures the peaks.
@@ -113,23 +138,28 @@ fn memory(model: Option<&str>, vram_gb: f64) -> Result<()> {
     if !(vram_gb.is_finite() && vram_gb > CARD_RESERVE_GIB) {
         bail!("--vram {vram_gb}: give the card's memory in GB, e.g. --vram 16");
     }
-    let (name, config) = match model {
-        None => ("FLUX.1-dev".to_string(), FluxTransformerConfig::flux1_dev()),
+    let flux = |c: &FluxTransformerConfig| (easel_engine::models::flux::expected_shapes(c), CLIP_L_PARAMS + T5_XXL_ENCODER_PARAMS);
+    let sd3 = |c: &Sd3TransformerConfig| (easel_engine::models::mmdit::expected_shapes(c), CLIP_L_PARAMS + CLIP_G_PARAMS + T5_XXL_ENCODER_PARAMS);
+    let (name, (shapes, text_params)) = match model {
+        None | Some("flux-dev") => ("FLUX.1-dev".to_string(), flux(&FluxTransformerConfig::flux1_dev())),
+        Some("sd3.5-large") | Some("sd3.5-large-turbo") => ("SD 3.5 large".to_string(), sd3(&Sd3TransformerConfig::sd35_large())),
+        Some("sd3.5-medium") => ("SD 3.5 medium".to_string(), sd3(&Sd3TransformerConfig::sd35_medium())),
         Some(spec) => {
             let dir = crate::hub::model_dir(spec, false)?;
-            (spec.to_string(), easel_engine::config::read_json(&dir.join("transformer").join("config.json"))?)
+            let config = dir.join("transformer").join("config.json");
+            let plan = if transformer_class(&dir)? == "SD3Transformer2DModel" { sd3(&easel_engine::config::read_json(&config)?) } else { flux(&easel_engine::config::read_json(&config)?) };
+            (spec.to_string(), plan)
         }
     };
-    let shapes = easel_engine::models::flux::expected_shapes(&config);
     let params: usize = shapes.iter().map(|(_, s)| s.iter().product::<usize>()).sum();
     println!("{name} transformer: {} tensors, {params} parameters", shapes.len());
     let gib = |b: f64| b / (1u64 << 30) as f64;
     let budget = vram_gb - CARD_RESERVE_GIB;
-    let text_encoders = gib((CLIP_L_PARAMS + T5_XXL_ENCODER_PARAMS) * 2.0);
-    let rest = gib(FLUX_VAE_PARAMS * 2.0) + CUDA_CONTEXT_GIB + STEP_ACTIVATIONS_GIB.max(VAE_DECODE_GIB);
+    let text_encoders = gib(text_params * 2.0);
+    let rest = gib(VAE16_PARAMS * 2.0) + CUDA_CONTEXT_GIB + STEP_ACTIVATIONS_GIB.max(VAE_DECODE_GIB);
     println!(
         "device peak at 1024x1024 = transformer + VAE {:.2} + activations {:.1} + CUDA context {:.1} GiB, plus the text encoders ({text_encoders:.2} GiB in bf16) unless offloaded",
-        gib(FLUX_VAE_PARAMS * 2.0),
+        gib(VAE16_PARAMS * 2.0),
         STEP_ACTIVATIONS_GIB.max(VAE_DECODE_GIB),
         CUDA_CONTEXT_GIB
     );

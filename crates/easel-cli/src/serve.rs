@@ -18,7 +18,7 @@ use easel_server::store::{BucketStore, LocalStore, OutputStore};
 use easel_server::worker::Worker;
 use easel_server::{AppState, ServerConfig, WorkerConfig};
 
-use crate::executor::EngineExecutor;
+use easel_local::EngineExecutor;
 
 /// What a process that runs jobs needs: models, queue, store, engine knobs. Shared by
 /// `easel serve` (API plus in-process workers) and `easel worker` (workers only).
@@ -254,7 +254,7 @@ fn services(args: &BackendArgs) -> Result<easel_server::Services> {
         LoadOptions { device, dtype, transformer: None, offload_text_encoders: args.offload_text_encoders },
         Duration::from_secs(args.idle_timeout),
         args.memory_budget_mb.saturating_mul(1 << 20),
-        args.request_memory_mb.map(|mb| mb.saturating_mul(1 << 20)).unwrap_or_else(crate::executor::default_request_memory),
+        args.request_memory_mb.map(|mb| mb.saturating_mul(1 << 20)).unwrap_or_else(easel_local::default_request_memory),
         loras.clone(),
     )?);
     let (queue, bus): (Arc<dyn JobQueue>, EventBus) = match args.queue.as_deref() {

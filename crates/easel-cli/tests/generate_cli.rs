@@ -1,8 +1,11 @@
 //! Drives the real `easel` binary: successful runs on the tiny pipelines, reproducibility,
 //! latents in and out, and a one-line error with a non-zero exit for every kind of bad input.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Command, Output};
+
+mod common;
+use common::copy_dir;
 
 fn fixtures() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../fixtures/pipelines")
@@ -39,18 +42,6 @@ fn pipeline_copy(name: &str, writable: &[&str]) -> tempfile::TempDir {
         }
     }
     tmp
-}
-
-fn copy_dir(src: &Path, dst: &Path) {
-    if src.is_file() {
-        std::fs::copy(src, dst).unwrap();
-        return;
-    }
-    std::fs::create_dir_all(dst).unwrap();
-    for e in std::fs::read_dir(src).unwrap() {
-        let e = e.unwrap();
-        copy_dir(&e.path(), &dst.join(e.file_name()));
-    }
 }
 
 fn sd15() -> String {
@@ -282,6 +273,45 @@ fn flux_bad_input_gets_one_line_errors_and_schnell_warns_about_guidance() {
         &["guidance_in"],
     );
     assert_fails_with(&easel(&["generate", "x", "--model", &sd15(), "--transformer", &flux("flux-dev-tiny-q4_0.gguf"), "-o", png.to_str().unwrap()]), &["FLUX"]);
+}
+
+/// `easel generate` on the tiny SD-3.5-medium-like pipeline with skip-layer guidance flags, from
+/// diffusers' init latents, returns diffusers' final latents; quantizing its transformer writes
+/// an `sd3` GGUF that generates; SD 3.5 sizes are multiples of 16; `models memory` knows 3.5.
+#[test]
+fn sd35_generate_with_skip_layer_guidance_matches_diffusers_and_quantizes() {
+    let refs = easel_engine::read_tensors(&fixtures().join("../reference/sd35m-tiny-slg.safetensors")).unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let init = tmp.path().join("init.safetensors");
+    easel_engine::write_latents(&init, &refs["init_latents"]).unwrap();
+    let (saved, png) = (tmp.path().join("out.safetensors"), tmp.path().join("out.png"));
+    let model = flux("sd35m-tiny");
+    let out = easel(&[
+        "generate", "a red circle on a blue background, high quality", "--model", &model, "--negative-prompt", "blurry, low quality", "--width", "96", "--height", "64",
+        "--steps", "5", "--guidance", "4.5", "--skip-layers", "1", "--skip-layer-start", "0.01", "--skip-layer-stop", "0.9",
+        "--init-latents", init.to_str().unwrap(), "--save-latents", saved.to_str().unwrap(), "-o", png.to_str().unwrap(),
+    ]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let (got, want) = (easel_engine::read_latents(&saved).unwrap(), &refs["latents"]);
+    let err = ((&got - want).unwrap().sqr().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap() / want.sqr().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap()).sqrt();
+    assert!(err < 5e-6, "rel L2 {err}");
+    assert_eq!(image::open(&png).unwrap().to_rgb8().dimensions(), (96, 64));
+
+    let gguf = tmp.path().join("t.gguf");
+    let out = easel(&["models", "quantize", "--model", &model, "--type", "q8_0", "-o", gguf.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = easel(&["generate", "a red circle", "--model", &model, "--transformer", gguf.to_str().unwrap(), "--width", "64", "--height", "64", "--steps", "2", "-o", png.to_str().unwrap()]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success() && stderr.contains("q8_0"), "{stderr}");
+
+    assert_fails_with(&easel(&["generate", "x", "--model", &model, "--width", "72", "--height", "64", "-o", png.to_str().unwrap()]), &["width", "multiple of 16"]);
+    assert_fails_with(&easel(&["generate", "x", "--model", &model, "--scheduler", "euler", "-o", png.to_str().unwrap()]), &["scheduler", "flow-match-euler"]);
+    assert_fails_with(&easel(&["generate", "x", "--model", &sd15(), "--skip-layers", "1", "-o", png.to_str().unwrap()]), &["skip_layer_guidance", "SD 3.5"]);
+    for (name, title) in [("sd3.5-large", "SD 3.5 large transformer"), ("sd3.5-medium", "SD 3.5 medium transformer")] {
+        let out = easel(&["models", "memory", "--model", name]);
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(out.status.success() && stdout.contains(title) && stdout.contains("q4_k"), "{name}: {stdout}");
+    }
 }
 
 /// `easel generate --lora` (a path, or a registry name with --lora-dir; repeatable, with

@@ -403,6 +403,40 @@ fn flux_models_are_served_with_their_own_limits() {
     }
 }
 
+/// An SD 3.5 model is served with its own limits: sizes in multiples of 16, flow-matching only,
+/// skip-layer guidance over the layers it has; and its `easel.json` defaults reach the server
+/// (the same defaults `easel generate` applies).
+#[test]
+fn sd35_models_are_served_with_skip_layer_guidance_and_their_limits() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = tmp.path().join("sd35");
+    common::copy_dir(std::path::Path::new(&fixture("sd35l-tiny")), &model);
+    std::fs::write(model.join("easel.json"), r#"{"steps": 3, "guidance": 2.5, "negative_prompt": "blurry"}"#).unwrap();
+    let s = serve(tmp.path(), &["--model", &format!("sd35={}", model.display()), "--model", &format!("sd15={}", fixture("sd15-tiny"))]);
+    let body = json!({"model": "sd35", "prompt": "a red circle", "size": "48x80", "seed": 3, "skip_guidance_layers": [1], "skip_layer_guidance_stop": 0.9});
+    let (st, r) = post(&s, "/v1/images/generations", body);
+    assert_eq!(st, 200, "{r}");
+    use base64::Engine;
+    let png = base64::engine::general_purpose::STANDARD.decode(r["data"][0]["b64_json"].as_str().unwrap()).unwrap();
+    assert_eq!(image::load_from_memory(&png).unwrap().to_rgb8().dimensions(), (48, 80));
+    let text = String::from_utf8_lossy(&png).to_string();
+    assert!(text.contains("blurry") && text.contains("2.5"), "the model's default negative prompt and guidance are in the image's metadata");
+    let (_, models) = get(&s, "/v1/models");
+    let sd35 = models["data"].as_array().unwrap().iter().find(|m| m["id"] == "sd35").cloned().unwrap();
+    assert_eq!((sd35["easel"]["default_steps"].as_u64(), sd35["easel"]["skippable_layers"].as_u64()), (Some(3), Some(2)), "{sd35}");
+    for (body, param, needle) in [
+        (json!({"model": "sd35", "prompt": "x", "size": "40x80"}), "size", "16"),
+        (json!({"model": "sd35", "prompt": "x", "size": "48x80", "scheduler": "euler"}), "scheduler", "flow-match-euler"),
+        (json!({"model": "sd35", "prompt": "x", "size": "48x80", "skip_guidance_layers": [2]}), "skip_guidance_layers", "layers 0 to 1"),
+        (json!({"model": "sd15", "prompt": "x", "skip_guidance_layers": [1]}), "skip_guidance_layers", "SD 3.5"),
+    ] {
+        let (st, r) = post(&s, "/v1/images/generations", body.clone());
+        assert_eq!(st, 400, "{body} -> {r}");
+        assert_eq!(r["error"]["param"], param, "{r}");
+        assert!(r["error"]["message"].as_str().unwrap().contains(needle), "{r}");
+    }
+}
+
 fn decoded_pixels(b64: &str) -> Vec<u8> {
     use base64::Engine;
     let png = base64::engine::general_purpose::STANDARD.decode(b64).unwrap();

@@ -284,6 +284,95 @@ pub struct SchedulerConfig {
     pub max_shift: Option<f64>,
 }
 
+/// `transformer/config.json` for diffusers' `SD3Transformer2DModel` (SD 3 and 3.5).
+#[derive(Debug, Clone, Deserialize)]
+pub struct Sd3TransformerConfig {
+    /// The latent side of the default image (128 latent cells: 1024 pixels).
+    #[serde(default = "default_sd3_sample_size")]
+    pub sample_size: usize,
+    #[serde(default = "default_sd3_patch")]
+    pub patch_size: usize,
+    #[serde(default = "default_sd3_channels")]
+    pub in_channels: usize,
+    #[serde(default = "default_sd3_channels")]
+    pub out_channels: usize,
+    pub num_layers: usize,
+    #[serde(default = "default_sd3_head_dim")]
+    pub attention_head_dim: usize,
+    pub num_attention_heads: usize,
+    #[serde(default = "default_flux_joint_dim")]
+    pub joint_attention_dim: usize,
+    pub caption_projection_dim: usize,
+    #[serde(default = "default_sd3_pooled_dim")]
+    pub pooled_projection_dim: usize,
+    /// The side of the learned position table, in patches (diffusers' default 96).
+    #[serde(default = "default_sd3_pos_max")]
+    pub pos_embed_max_size: usize,
+    /// MMDiT-X layers with a second, image-only attention (3.5 medium).
+    #[serde(default)]
+    pub dual_attention_layers: Vec<usize>,
+    /// `rms_norm` in 3.5: queries and keys are RMS-normed.
+    #[serde(default)]
+    pub qk_norm: Option<String>,
+}
+
+impl Sd3TransformerConfig {
+    /// SD 3.5 large as Stability publishes it.
+    pub fn sd35_large() -> Self {
+        Self {
+            sample_size: 128,
+            patch_size: 2,
+            in_channels: 16,
+            out_channels: 16,
+            num_layers: 38,
+            attention_head_dim: 64,
+            num_attention_heads: 38,
+            joint_attention_dim: 4096,
+            caption_projection_dim: 2432,
+            pooled_projection_dim: 2048,
+            pos_embed_max_size: 192,
+            dual_attention_layers: vec![],
+            qk_norm: Some("rms_norm".into()),
+        }
+    }
+
+    /// SD 3.5 medium (MMDiT-X: dual attention in its first 13 layers).
+    pub fn sd35_medium() -> Self {
+        Self {
+            num_layers: 24,
+            num_attention_heads: 24,
+            caption_projection_dim: 1536,
+            pos_embed_max_size: 384,
+            dual_attention_layers: (0..13).collect(),
+            ..Self::sd35_large()
+        }
+    }
+
+    /// The model width: heads times head size.
+    pub fn hidden_size(&self) -> usize {
+        self.num_attention_heads * self.attention_head_dim
+    }
+}
+
+fn default_sd3_sample_size() -> usize {
+    128
+}
+fn default_sd3_patch() -> usize {
+    2
+}
+fn default_sd3_channels() -> usize {
+    16
+}
+fn default_sd3_head_dim() -> usize {
+    64
+}
+fn default_sd3_pooled_dim() -> usize {
+    2048
+}
+fn default_sd3_pos_max() -> usize {
+    96
+}
+
 /// `transformer/config.json` for diffusers' `FluxTransformer2DModel`.
 #[derive(Debug, Clone, Deserialize)]
 pub struct FluxTransformerConfig {

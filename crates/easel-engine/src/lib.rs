@@ -12,27 +12,19 @@
 
 pub mod config;
 pub mod error;
-pub mod flux_keys;
-pub mod flux_pipeline;
-pub mod lora;
-pub mod model;
 pub mod models;
 pub mod output;
 pub mod parity;
-pub mod pipeline;
+pub mod pipelines;
 pub mod preview;
-pub mod quant;
 pub mod scheduler;
-pub mod source;
 pub mod tokenizer;
-pub mod vae;
 pub mod weights;
 
 pub use candle_core::{DType, Device, Tensor};
 pub use error::{EngineError, Result};
-pub use flux_pipeline::FluxPipeline;
-pub use model::Pipeline;
-pub use pipeline::{Family, GenerateParams, Generated, LoadOptions, StableDiffusionPipeline};
+pub use pipelines::{Family, FluxPipeline, GenerateParams, Generated, LoadOptions, ModelDefaults, Pipeline, Sd3Pipeline, SkipLayerGuidance, StableDiffusionPipeline};
+pub use weights::{read_latents, read_tensor_names, read_tensors, write_latents};
 pub use scheduler::SchedulerKind;
 
 /// Parses a `--device` value: `cpu`, `cuda`, `cuda:N`, `metal` or `metal:N`, and opens it, so a
@@ -78,30 +70,4 @@ pub fn parse_dtype(name: &str) -> Result<DType> {
         "bf16" => Ok(DType::BF16),
         other => Err(EngineError::param("dtype", format!("unknown dtype `{other}`; expected f32, f16 or bf16"))),
     }
-}
-
-/// Reads every tensor of a safetensors file onto the CPU.
-pub fn read_tensors(path: &std::path::Path) -> Result<std::collections::HashMap<String, Tensor>> {
-    if !path.exists() {
-        return Err(EngineError::MissingFile { path: path.to_path_buf(), hint: "no such file".into() });
-    }
-    candle_core::safetensors::load(path, &Device::Cpu).map_err(|e| weights::bad_weights(path, &e))
-}
-
-/// Reads `--init-latents`: the tensor named `latents` in a safetensors file.
-pub fn read_latents(path: &std::path::Path) -> Result<Tensor> {
-    let tensors = read_tensors(path)?;
-    tensors.get("latents").cloned().ok_or_else(|| EngineError::BadWeights {
-        path: path.to_path_buf(),
-        message: "no tensor named `latents`".into(),
-    })
-}
-
-/// Writes `--save-latents`: `latents` as the tensor named `latents`.
-pub fn write_latents(path: &std::path::Path, latents: &Tensor) -> Result<()> {
-    let map = std::collections::HashMap::from([("latents".to_string(), latents.clone())]);
-    candle_core::safetensors::save(&map, path).map_err(|e| EngineError::Io {
-        path: path.to_path_buf(),
-        source: std::io::Error::other(e.to_string()),
-    })
 }

@@ -59,6 +59,7 @@ impl Reference {
             batch: 1,
             scheduler,
             init_latents: Some(self.tensor("init_latents")?.clone()),
+            skip_layer_guidance: None,
         })
     }
 

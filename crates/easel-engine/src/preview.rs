@@ -39,6 +39,17 @@ pub const FLUX: LatentRgb = LatentRgb {
     bias: [-0.0329, -0.0718, -0.0851],
 };
 
+/// SD 3 and 3.5 (16 channels, another VAE than FLUX's).
+pub const SD3: LatentRgb = LatentRgb {
+    factors: &[
+        [-0.0922, -0.0175, 0.0749], [0.0311, 0.0633, 0.0954], [0.1994, 0.0927, 0.0458], [0.0856, 0.0339, 0.0902],
+        [0.0587, 0.0272, -0.0496], [-0.0006, 0.1104, 0.0309], [0.0978, 0.0306, 0.0427], [-0.0042, 0.1038, 0.1358],
+        [-0.0194, 0.0020, 0.0669], [-0.0488, 0.0130, -0.0268], [0.0922, 0.0988, 0.0951], [-0.0278, 0.0524, -0.0542],
+        [0.0332, 0.0456, 0.0895], [-0.0069, -0.0030, -0.0810], [-0.0596, -0.0465, -0.0293], [-0.1448, -0.1463, -0.1189],
+    ],
+    bias: [0.2394, 0.2135, 0.1925],
+};
+
 /// An RGB picture, 8 bits a channel, row-major.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Preview {
@@ -85,7 +96,7 @@ impl<'a> Step<'a> {
     pub fn latents(&self, row: usize) -> Result<Tensor> {
         let latent = self.latents.get(row)?.unsqueeze(0)?;
         Ok(match self.packed_grid {
-            Some((h, w)) => crate::flux_pipeline::unpack(&latent, h, w)?,
+            Some((h, w)) => crate::pipelines::flux::unpack(&latent, h, w)?,
             None => latent,
         })
     }

@@ -18,6 +18,7 @@ fn params(prompt: &str, seed: u64, batch: usize) -> GenerateParams {
         batch,
         scheduler: Some(SchedulerKind::EulerAncestral),
         init_latents: None,
+        skip_layer_guidance: None,
     }
 }
 

@@ -8,7 +8,7 @@ use easel_engine::config::{read_json, ClipTextConfig, UNetConfig, VaeConfig};
 use easel_engine::models::autoencoder_kl::AutoencoderKLDecoder;
 use easel_engine::models::clip::ClipTextModel;
 use easel_engine::models::unet::{AddedCond, UNet2DConditionModel};
-use easel_engine::source::component_weights;
+use easel_engine::weights::source::component_weights;
 use easel_engine::tokenizer::PromptTokenizer;
 use easel_engine::weights::load_var_builder;
 use easel_engine::{DType, Device, Tensor};

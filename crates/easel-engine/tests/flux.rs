@@ -9,7 +9,7 @@ mod common;
 use std::path::PathBuf;
 
 use common::{fixtures, psnr, reference, rel_l2};
-use easel_engine::flux_pipeline::{latent_ids, pack, unpack};
+use easel_engine::pipelines::flux::{latent_ids, pack, unpack};
 use easel_engine::models::flux::FluxInputs;
 use easel_engine::scheduler::FlowMatchEuler;
 use easel_engine::{GenerateParams, Generated, LoadOptions, Pipeline, Tensor};
@@ -39,6 +39,7 @@ fn run_case(pipe: &easel_engine::FluxPipeline, reference_name: &str) -> (Generat
         batch: 1,
         scheduler: None,
         init_latents: Some(t["init_latents"].clone()),
+        skip_layer_guidance: None,
     };
     (pipe.generate(&params, &mut |_| true).expect("generate"), t)
 }
@@ -69,7 +70,7 @@ fn flux_schnell_matches_diffusers() {
 #[test]
 fn flux_dev_from_the_bfl_single_file_matches_diffusers() {
     let pipe = load("flux-dev-tiny", Some(pipeline("flux-dev-tiny-bfl.safetensors")));
-    assert_eq!(pipe.transformer_source(), easel_engine::flux_pipeline::TransformerSource::BflFile);
+    assert_eq!(pipe.transformer_source(), easel_engine::pipelines::common::TransformerSource::ReferenceFile);
     let (out, t) = run_case(&pipe, "flux-dev-tiny");
     assert_matches("flux-dev-tiny (BFL single file)", &out, &t);
 }
@@ -95,11 +96,11 @@ fn community_gguf_files_stay_close_to_the_unquantized_output() {
 #[test]
 fn easel_quantizer_output_loads_and_stays_close() {
     let dir = tempfile::tempdir().unwrap();
-    let (w, _) = easel_engine::flux_pipeline::read_transformer(&pipeline("flux-dev-tiny"), None, easel_engine::DType::F32, &easel_engine::Device::Cpu).unwrap();
+    let (w, _) = easel_engine::pipelines::flux::read_transformer(&pipeline("flux-dev-tiny"), None, easel_engine::DType::F32, &easel_engine::Device::Cpu).unwrap();
     let tensors = w.into_dense().unwrap();
     for (q, min_db) in [("q8_0", 55.0), ("q5_0", 40.0), ("q5_1", 40.0), ("q4_0", 35.0), ("q4_1", 35.0), ("q4_k", 35.0)] {
         let path = dir.path().join(format!("{q}.gguf"));
-        easel_engine::quant::quantize_weights(&tensors, easel_engine::quant::parse_quant_type(q).unwrap(), "flux", &path).unwrap();
+        easel_engine::weights::gguf::quantize_weights(&tensors, easel_engine::weights::gguf::parse_quant_type(q).unwrap(), "flux", &path).unwrap();
         let pipe = load("flux-dev-tiny", Some(path));
         let (out, t) = run_case(&pipe, "flux-dev-tiny");
         let db = psnr(&out.decoded, &t["image"]);
@@ -222,6 +223,7 @@ fn bad_flux_input_gets_clear_errors() {
         batch: 1,
         scheduler: None,
         init_latents: None,
+        skip_layer_guidance: None,
     };
     let e = pipe.validate(&p).unwrap_err().to_string();
     assert!(e.contains("width") && e.contains("multiple of 16"), "{e}");

@@ -8,7 +8,7 @@ mod common;
 use std::path::PathBuf;
 
 use common::{fixtures, reference, rel_l2};
-use easel_engine::lora::LoraSpec;
+use easel_engine::weights::lora::LoraSpec;
 use easel_engine::{GenerateParams, LoadOptions, Pipeline, SchedulerKind};
 
 fn load(name: &str, transformer: Option<PathBuf>) -> Pipeline {
@@ -33,6 +33,7 @@ fn case(pipeline: &str, case: &str) -> (GenerateParams, std::collections::HashMa
         batch: 1,
         scheduler: if pipeline.starts_with("flux") { None } else { Some(SchedulerKind::Euler) },
         init_latents: Some(t["init_latents"].clone()),
+        skip_layer_guidance: None,
     };
     (params, t)
 }
@@ -89,9 +90,9 @@ fn flux_lora_stacks_match_diffusers() {
 #[test]
 fn flux_lora_runs_beside_gguf_weights() {
     let dir = tempfile::tempdir().unwrap();
-    let (w, _) = easel_engine::flux_pipeline::read_transformer(&fixtures().join("pipelines/flux-dev-tiny"), None, easel_engine::DType::F32, &easel_engine::Device::Cpu).unwrap();
+    let (w, _) = easel_engine::pipelines::flux::read_transformer(&fixtures().join("pipelines/flux-dev-tiny"), None, easel_engine::DType::F32, &easel_engine::Device::Cpu).unwrap();
     let path = dir.path().join("f32.gguf");
-    easel_engine::quant::quantize_weights(&w.into_dense().unwrap(), candle_core::quantized::GgmlDType::F32, "flux", &path).unwrap();
+    easel_engine::weights::gguf::quantize_weights(&w.into_dense().unwrap(), candle_core::quantized::GgmlDType::F32, "flux", &path).unwrap();
     let pipe = load("flux-dev-tiny", Some(path));
     for (name, stack) in stacks("flux-dev-tiny", "-kohya") {
         let err = error_against_reference(&pipe, "flux-dev-tiny", name, &stack);

@@ -27,6 +27,9 @@ pub const CATALOGUE: &[KnownModel] = &[
     KnownModel { name: "sdxl", repo: "stabilityai/stable-diffusion-xl-base-1.0", licence: "openrail++", gated: false, steps: 50, guidance: 5.0, source: "StableDiffusionXLPipeline defaults, as the model card runs it" },
     KnownModel { name: "sdxl-turbo", repo: "stabilityai/sdxl-turbo", licence: "sai-nc-community", gated: false, steps: 1, guidance: 0.0, source: "model card: 1 step, guidance_scale=0.0" },
     KnownModel { name: "flux-dev", repo: "black-forest-labs/FLUX.1-dev", licence: "flux-1-dev-non-commercial-license", gated: true, steps: 28, guidance: 3.5, source: "Black Forest Labs: guidance 3.5; 28 steps as in diffusers' FLUX examples" },
+    KnownModel { name: "sd3.5-large", repo: "stabilityai/stable-diffusion-3.5-large", licence: "stabilityai-ai-community", gated: true, steps: 28, guidance: 3.5, source: "model card: num_inference_steps=28, guidance_scale=3.5" },
+    KnownModel { name: "sd3.5-large-turbo", repo: "stabilityai/stable-diffusion-3.5-large-turbo", licence: "stabilityai-ai-community", gated: true, steps: 4, guidance: 0.0, source: "model card: 4 steps, guidance_scale=0.0" },
+    KnownModel { name: "sd3.5-medium", repo: "stabilityai/stable-diffusion-3.5-medium", licence: "stabilityai-ai-community", gated: true, steps: 40, guidance: 4.5, source: "model card: num_inference_steps=40, guidance_scale=4.5" },
     KnownModel { name: "flux-schnell", repo: "black-forest-labs/FLUX.1-schnell", licence: "apache-2.0", gated: false, steps: 4, guidance: 0.0, source: "model card: 4 steps, guidance_scale=0.0" },
 ];
 

@@ -169,3 +169,16 @@ pub fn spawn_logged(args: &[&str], log: &Path) -> (Child, String) {
     BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
     (child, line)
 }
+
+/// Copies a file, or a folder tree (a model, to change a file of it).
+pub fn copy_dir(src: &Path, dst: &Path) {
+    if src.is_file() {
+        std::fs::copy(src, dst).unwrap();
+        return;
+    }
+    std::fs::create_dir_all(dst).unwrap();
+    for e in std::fs::read_dir(src).unwrap() {
+        let e = e.unwrap();
+        copy_dir(&e.path(), &dst.join(e.file_name()));
+    }
+}

@@ -1,15 +1,15 @@
 //! The FLUX.1 transformer (MMDiT: double-stream then single-stream blocks), with structs that
 //! mirror Black Forest Labs' reference module tree (`double_blocks.N.img_attn.qkv`, ...), so
 //! BFL checkpoints and the community's GGUF files map one to one. diffusers-layout weights are
-//! renamed to these names by [`crate::flux_keys`]. Weights may be full precision or quantized.
+//! renamed to these names by [`crate::weights::keys::flux`]. Weights may be full precision or quantized.
 
 use candle_core::{DType, Device, Module, Tensor, D};
 
+use super::dit::{layer_norm, modulate, rms_norm, timestep_embedding};
 use crate::config::FluxTransformerConfig;
 use crate::error::Result;
-use crate::quant::{Linear, Weights};
+use crate::weights::store::{Linear, Weights};
 
-const EPS: f64 = 1e-6;
 
 /// Every tensor the transformer needs, with its shape, in BFL names.
 pub fn expected_shapes(c: &FluxTransformerConfig) -> Vec<(String, Vec<usize>)> {
@@ -65,15 +65,6 @@ pub fn expected_shapes(c: &FluxTransformerConfig) -> Vec<(String, Vec<usize>)> {
     v
 }
 
-/// Sinusoidal embedding of `t` scaled by 1000 (`[cos, sin]`), as BFL's `timestep_embedding`.
-fn timestep_embedding(t: &Tensor, dim: usize, dtype: DType) -> Result<Tensor> {
-    let half = dim / 2;
-    let freqs: Vec<f32> = (0..half).map(|i| (-(10000f64.ln()) * i as f64 / half as f64).exp() as f32).collect();
-    let freqs = Tensor::from_vec(freqs, (1, half), t.device())?;
-    let args = (t.to_dtype(DType::F32)? * 1000.0)?.unsqueeze(1)?.broadcast_mul(&freqs)?;
-    Ok(Tensor::cat(&[args.cos()?, args.sin()?], D::Minus1)?.to_dtype(dtype)?)
-}
-
 /// Rotary tables for position ids `[L, n_axes]`: `(cos, sin)`, each `[L, head/2]`.
 fn rope(ids: &Tensor, axes_dim: &[usize], theta: f64) -> Result<(Tensor, Tensor)> {
     let mut freqs = vec![];
@@ -101,20 +92,6 @@ fn attention(q: &Tensor, k: &Tensor, v: &Tensor, pe: &(Tensor, Tensor)) -> Resul
     let x = super::sdpa::attention(&q, &k, v, scale)?;
     let (b, h, l, d) = x.dims4()?;
     Ok(x.transpose(1, 2)?.reshape((b, l, h * d))?)
-}
-
-/// LayerNorm without affine parameters, eps 1e-6 (computed in f32).
-fn layer_norm(x: &Tensor) -> Result<Tensor> {
-    let dtype = x.dtype();
-    let h = x.dim(D::Minus1)?;
-    let ones = Tensor::ones(h, DType::F32, x.device())?;
-    let zeros = Tensor::zeros(h, DType::F32, x.device())?;
-    Ok(candle_nn::ops::layer_norm(&x.to_dtype(DType::F32)?.contiguous()?, &ones, &zeros, EPS as f32)?.to_dtype(dtype)?)
-}
-
-/// `(1 + scale) * x + shift`, with `shift`/`scale` `[B, 1, H]`.
-fn modulate(x: &Tensor, shift: &Tensor, scale: &Tensor) -> Result<Tensor> {
-    Ok(x.broadcast_mul(&(scale + 1.0)?)?.broadcast_add(shift)?)
 }
 
 /// `in_layer -> SiLU -> out_layer`.
@@ -145,12 +122,7 @@ impl QkNorm {
     }
 
     fn forward(&self, q: &Tensor, k: &Tensor) -> Result<(Tensor, Tensor)> {
-        let norm = |x: &Tensor, s: &Tensor| -> Result<Tensor> {
-            let dtype = x.dtype();
-            let x32 = x.to_dtype(DType::F32)?.contiguous()?;
-            Ok(candle_nn::ops::rms_norm(&x32, &s.to_dtype(DType::F32)?, EPS as f32)?.to_dtype(dtype)?)
-        };
-        Ok((norm(q, &self.query_norm)?, norm(k, &self.key_norm)?))
+        Ok((rms_norm(q, &self.query_norm)?, rms_norm(k, &self.key_norm)?))
     }
 }
 
@@ -373,9 +345,9 @@ impl FluxTransformer {
         let dtype = self.dtype;
         let img = self.img_in.forward(&x.img.to_dtype(dtype)?)?;
         let txt = self.txt_in.forward(&x.txt.to_dtype(dtype)?)?;
-        let mut vec = self.time_in.forward(&timestep_embedding(x.timesteps, 256, dtype)?)?;
+        let mut vec = self.time_in.forward(&timestep_embedding(x.timesteps, 256, 1000.0, dtype)?)?;
         if let (Some(g_in), Some(g)) = (&self.guidance_in, x.guidance) {
-            vec = (vec + g_in.forward(&timestep_embedding(g, 256, dtype)?)?)?;
+            vec = (vec + g_in.forward(&timestep_embedding(g, 256, 1000.0, dtype)?)?)?;
         }
         let vec = (vec + self.vector_in.forward(&x.pooled.to_dtype(dtype)?)?)?;
         let ids = Tensor::cat(&[x.txt_ids, x.img_ids], 0)?.to_device(&self.device)?;

@@ -3,7 +3,9 @@
 pub mod clip;
 pub mod unet;
 pub mod attention;
+pub mod dit;
 pub mod flux;
+pub mod mmdit;
 pub mod sdpa;
 pub mod autoencoder_kl;
 pub mod autoencoder_tiny;

@@ -1,19 +1,19 @@
-//! The engine behind the server: a warm pool of loaded pipelines and batch execution.
+//! The engine behind the server's workers: a warm pool of loaded pipelines and batch execution.
 
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use easel_api::{Job, MemoryEstimate, ModelInfo, OutputFormat};
-use easel_engine::output::{encode_image, ImageFormat, ImageMetadata};
-use easel_engine::pipeline::ModelDefaults;
-use anyhow::Context as _;
-use easel_engine::lora::LoraSpec;
+use easel_api::{Job, ModelInfo, OutputFormat};
 use easel_engine::models::autoencoder_tiny::TinyDecoder;
-use easel_engine::{EngineError, GenerateParams, LoadOptions, Pipeline, SchedulerKind};
+use easel_engine::output::{encode_image, ImageFormat, ImageMetadata};
+use easel_engine::weights::lora::LoraSpec;
+use easel_engine::{EngineError, GenerateParams, LoadOptions, ModelDefaults, Pipeline};
 use easel_server::worker::BatchTimings;
 use easel_server::{BatchOutput, EncodedImage, ExecError, Executor, StepProgress};
+
+use crate::{dir_bytes, model_info, settings, LocalError, Requested};
 
 /// A model the server offers.
 pub struct ServedModel {
@@ -23,17 +23,18 @@ pub struct ServedModel {
     pub weight_bytes: u64,
     /// The model's tiny autoencoder for step previews (`taesd/` in its folder), if it has one.
     pub preview_decoder: Option<Arc<TinyDecoder>>,
+    /// Its generation defaults, applied to every job by [`settings`].
+    pub defaults: ModelDefaults,
 }
 
 /// A model folder's tiny autoencoder for previews: a diffusers `AutoencoderTiny` (TAESD for SD
 /// 1.x/2.x, TAESDXL, TAEF1) saved as `taesd/` beside `unet/` or `transformer/`.
-fn preview_decoder(dir: &std::path::Path, device: &easel_engine::Device) -> anyhow::Result<Option<Arc<TinyDecoder>>> {
+fn preview_decoder(dir: &std::path::Path, device: &easel_engine::Device) -> Result<Option<Arc<TinyDecoder>>, EngineError> {
     let taesd = dir.join("taesd");
     if !taesd.join("config.json").is_file() {
         return Ok(None);
     }
-    let decoder = TinyDecoder::load(&taesd, device).with_context(|| format!("loading the preview decoder {}", taesd.display()))?;
-    Ok(Some(Arc::new(decoder)))
+    Ok(Some(Arc::new(TinyDecoder::load(&taesd, device)?)))
 }
 
 struct Warm {
@@ -59,33 +60,6 @@ pub struct EngineExecutor {
 /// LoRA stacks kept warm per model.
 const MAX_WARM_STACKS: usize = 4;
 
-/// 90% of physical memory (Linux's MemTotal), or no limit where it cannot be read. Host memory
-/// only: on a GPU the device's own memory is the tighter bound (`easel models memory --vram`).
-pub fn default_request_memory() -> u64 {
-    std::fs::read_to_string("/proc/meminfo")
-        .ok()
-        .and_then(|info| info.lines().find_map(|l| l.strip_prefix("MemTotal:").and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())))
-        .map(|kib| kib * 1024 / 10 * 9)
-        .unwrap_or(u64::MAX)
-}
-
-/// What one request for `pipe` needs: its weights plus the engine's activation estimate.
-pub fn memory_estimate(pipe: &Pipeline, weight_bytes: u64, budget_bytes: u64) -> MemoryEstimate {
-    let activations = pipe.activation_memory();
-    MemoryEstimate {
-        denoise_bytes_per_pixel: activations.denoise_bytes_per_pixel,
-        decode_bytes_per_pixel: activations.decode_bytes_per_pixel,
-        fixed_bytes: weight_bytes + activations.fixed_bytes,
-        budget_bytes,
-    }
-}
-
-pub fn dir_bytes(dir: &std::path::Path) -> u64 {
-    std::fs::read_dir(dir)
-        .map(|rd| rd.filter_map(|e| e.ok()).map(|e| if e.path().is_dir() { dir_bytes(&e.path()) } else { e.metadata().map(|m| m.len()).unwrap_or(0) }).sum())
-        .unwrap_or(0)
-}
-
 impl EngineExecutor {
     /// Describes each model directory (loading none of them yet).
     pub fn new(
@@ -95,31 +69,22 @@ impl EngineExecutor {
         memory_budget: u64,
         request_memory: u64,
         loras: easel_api::LoraRegistry,
-    ) -> anyhow::Result<Self> {
+    ) -> Result<Self, LocalError> {
         let mut served = vec![];
         let mut pool = HashMap::new();
         for (id, dir) in models {
+            let failed = |source| LocalError::Load { model: id.clone(), dir: dir.clone(), source };
             // Load once to validate the model and learn its defaults; the pool keeps it warm.
-            let pipe = Pipeline::load(&dir, &load)?;
-            let d = ModelDefaults::load(&dir, pipe.family())?;
+            let pipe = Pipeline::load(&dir, &load).map_err(failed)?;
+            let defaults = ModelDefaults::load(&dir, pipe.family()).map_err(failed)?;
             let weight_bytes = dir_bytes(&dir);
-            let info = ModelInfo {
-                id,
-                default_steps: d.steps.unwrap_or(30),
-                default_guidance: d.guidance.unwrap_or(7.5),
-                default_size: pipe.default_size(),
-                max_side: 2048,
-                size_multiple: pipe.size_multiple(),
-                schedulers: pipe.schedulers().iter().map(|k| k.name().to_string()).collect(),
-                memory: Some(memory_estimate(&pipe, weight_bytes, request_memory)),
-                closed: false,
-            };
+            let info = model_info(&id, &pipe, &defaults, weight_bytes, request_memory).map_err(failed)?;
             let in_pool: u64 = pool.keys().filter_map(|k: &String| served.iter().find(|m: &&ServedModel| &m.info.id == k)).map(|m| m.weight_bytes).sum();
             if in_pool + weight_bytes <= memory_budget {
                 pool.insert(info.id.clone(), Warm { pipe: Arc::new(pipe), last_used: Instant::now() });
             }
-            let preview_decoder = preview_decoder(&dir, &load.device)?;
-            served.push(ServedModel { weight_bytes, info, dir, preview_decoder });
+            let preview_decoder = preview_decoder(&dir, &load.device).map_err(failed)?;
+            served.push(ServedModel { weight_bytes, info, dir, preview_decoder, defaults });
         }
         Ok(Self { models: served, pool: Mutex::new(pool), load, idle_timeout, memory_budget, loras, hub_loras: Default::default() })
     }
@@ -137,7 +102,7 @@ impl EngineExecutor {
             let (p, s) = self.pipeline(id)?;
             return Ok((p, s, id.to_string()));
         }
-        let key = format!("{id}|{}", easel_engine::lora::stack_key(stack));
+        let key = format!("{id}|{}", easel_engine::weights::lora::stack_key(stack));
         if let Some(w) = self.pool.lock().unwrap_or_else(|p| p.into_inner()).get_mut(&key) {
             w.last_used = Instant::now();
             return Ok((w.pipe.clone(), 0.0, key));
@@ -166,7 +131,7 @@ impl EngineExecutor {
                 if let Some(p) = self.hub_loras.lock().unwrap_or_else(|p| p.into_inner()).get(&id) {
                     return Ok(p.clone());
                 }
-                let path = crate::hub::lora_file(&id).map_err(|e| ExecError::Permanent(format!("{e:#}")))?;
+                let path = easel_hub::resolve_lora(&easel_hub::Hub::from_env(), &id).map_err(|e| ExecError::Permanent(e.to_string()))?;
                 self.hub_loras.lock().unwrap_or_else(|p| p.into_inner()).insert(id, path.clone());
                 Ok(path)
             }
@@ -251,21 +216,24 @@ impl Executor for EngineExecutor {
                 tracing::warn!(job = %j.id, guidance = j.spec.guidance, "guidance_scale is ignored: this model (FLUX.1-schnell-like) has no guidance input");
             }
         }
+        let defaults = &self.served(model).ok_or_else(|| ExecError::Permanent(format!("model `{model}` is not served here")))?.defaults;
         let mut params = vec![];
         for j in jobs {
             let s = &j.spec;
-            let scheduler = s.scheduler.as_deref().map(SchedulerKind::parse).transpose().map_err(|e| ExecError::Permanent(e.to_string()))?;
+            let asked = Requested { steps: Some(s.steps), guidance: Some(s.guidance), scheduler: s.scheduler.clone(), negative_prompt: s.negative_prompt.clone() };
+            let settings = settings(defaults, &asked).map_err(|e| ExecError::Permanent(e.to_string()))?;
             params.push(GenerateParams {
                 prompt: s.prompt.clone(),
-                negative_prompt: s.negative_prompt.clone(),
+                negative_prompt: settings.negative_prompt,
                 width: s.width,
                 height: s.height,
-                steps: s.steps,
-                guidance: s.guidance,
+                steps: settings.steps,
+                guidance: settings.guidance,
                 seed: s.seed,
                 batch: s.n,
-                scheduler,
+                scheduler: settings.scheduler,
                 init_latents: None,
+                skip_layer_guidance: s.skip_layer_guidance.as_ref().map(|g| easel_engine::SkipLayerGuidance { layers: g.layers.clone(), scale: g.scale, start: g.start, stop: g.stop }),
             });
         }
         // Each job's first image is the batch row after the images of the jobs before it.
@@ -299,17 +267,17 @@ impl Executor for EngineExecutor {
             })
             .unwrap_or_default();
         let mut all = vec![];
-        for (job, out) in jobs.iter().zip(outs) {
+        for ((job, out), p) in jobs.iter().zip(outs).zip(&params) {
             let s = &job.spec;
             let mut images = vec![];
             for (i, img) in out.images.iter().enumerate() {
                 let meta = ImageMetadata {
                     prompt: s.prompt.clone(),
-                    negative_prompt: s.negative_prompt.clone(),
+                    negative_prompt: p.negative_prompt.clone(),
                     seed: s.seed,
-                    steps: s.steps,
+                    steps: p.steps,
                     scheduler: out.scheduler.name().to_string(),
-                    guidance: s.guidance,
+                    guidance: p.guidance,
                     width: s.width,
                     height: s.height,
                     model: s.model.clone(),

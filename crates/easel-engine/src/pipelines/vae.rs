@@ -8,7 +8,7 @@ use candle_core::{DType, Device, Tensor};
 use crate::config::{read_json, VaeConfig};
 use crate::error::Result;
 use crate::models::autoencoder_kl::AutoencoderKLDecoder;
-use crate::source::component_weights;
+use crate::weights::source::component_weights;
 use crate::weights::{bad_weights, load_var_builder};
 
 /// A loaded VAE and its config.
@@ -75,35 +75,5 @@ impl Vae {
         convs.push((reversed.last().copied().unwrap_or(0), c.out_channels as u64, 0));
         let bytes = |cin, cout| crate::models::conv::conv_bytes_per_pixel(cin, cout, self.dtype, &self.device);
         convs.iter().map(|&(cin, cout, shrink)| bytes(cin, cout) / 4u64.pow(shrink)).max().unwrap_or(0)
-    }
-}
-
-/// How many prompts' embeddings a pipeline remembers.
-const PROMPT_CACHE_SIZE: usize = 256;
-
-/// Text embeddings of recently seen prompts (a prompt repeated across jobs is encoded once).
-pub(crate) struct PromptCache<T: Clone> {
-    entries: std::sync::Mutex<std::collections::HashMap<String, T>>,
-}
-
-impl<T: Clone> Default for PromptCache<T> {
-    fn default() -> Self {
-        Self { entries: Default::default() }
-    }
-}
-
-impl<T: Clone> PromptCache<T> {
-    /// The cached value for `prompt`, or `encode(prompt)` remembered.
-    pub fn get_or_encode(&self, prompt: &str, encode: impl FnOnce(&str) -> Result<T>) -> Result<T> {
-        if let Some(hit) = self.entries.lock().unwrap_or_else(|p| p.into_inner()).get(prompt) {
-            return Ok(hit.clone());
-        }
-        let value = encode(prompt)?;
-        let mut cache = self.entries.lock().unwrap_or_else(|p| p.into_inner());
-        if cache.len() >= PROMPT_CACHE_SIZE {
-            cache.clear();
-        }
-        cache.insert(prompt.to_string(), value.clone());
-        Ok(value)
     }
 }

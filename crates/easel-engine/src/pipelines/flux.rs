@@ -8,45 +8,28 @@
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Instant;
 
 use candle_core::{DType, Device, Tensor};
-use candle_transformers::models::t5::{Config as T5Config, T5EncoderModel};
 
 use crate::config::{read_json, FluxTransformerConfig, ModelIndex, SchedulerConfig};
 use crate::error::{EngineError, Result};
-use crate::flux_keys;
-use crate::lora::{self, Component, LoraSpec, LoraTargets, TargetFamily};
+use crate::weights::keys::flux as flux_keys;
+use crate::weights::lora::{self, Component, LoraSpec, LoraTargets, TargetFamily};
 use crate::models::flux::{FluxInputs, FluxTransformer};
-use crate::pipeline::{build, component_config, split_batch, Family, GenerateParams, Generated, LoadOptions, ModelDefaults, StepCallback, TextStack, Timings};
-use crate::quant::Weights;
+use super::common::{read_transformer_weights, TransformerSource, component_config, split_batch, Family, GenerateParams, Generated, LoadOptions, ModelDefaults, StepCallback, T5Stack, TextStack, Timings, PromptCache};
+use crate::weights::store::Weights;
 use crate::scheduler::{FlowMatchEuler, NoiseSource, Scheduler, SchedulerKind, SeededNoise};
-use crate::source::component_weights;
-use crate::tokenizer::PromptTokenizer;
-use crate::vae::{PromptCache, Vae};
-use crate::weights::load_var_builder;
+use super::vae::Vae;
 
 /// Text conditioning of one prompt: (T5 states `[1, T, D]`, CLIP pooled `[1, P]`, truncated?).
 type Encoded = (Tensor, Tensor, bool);
 
-/// Where the transformer weights come from.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum TransformerSource {
-    /// `transformer/*.safetensors` in the diffusers layout.
-    Diffusers,
-    /// A single safetensors file with Black Forest Labs' names.
-    BflFile,
-    /// A GGUF file (BFL names), quantized or not.
-    Gguf,
-}
-
 /// A loaded, ready-to-run FLUX pipeline.
 pub struct FluxPipeline {
     clip: TextStack,
-    t5_tokenizer: Arc<PromptTokenizer>,
-    t5: Arc<Mutex<T5EncoderModel>>,
-    t5_dtype: DType,
+    t5: T5Stack,
     clip_dtype: DType,
     /// Where the text encoders run: the pipeline's device, or the CPU when offloaded.
     text_device: Device,
@@ -76,19 +59,7 @@ fn max_sequence_length(guidance_embeds: bool) -> usize {
 /// Reads FLUX transformer weights, renamed to BFL names: from `file` (a `.gguf`, or a BFL- or
 /// diffusers-named `.safetensors`) when given, else from `dir/transformer/`.
 pub fn read_transformer(dir: &Path, file: Option<&Path>, dtype: DType, device: &Device) -> Result<(Weights, TransformerSource)> {
-    let is_gguf = file.is_some_and(|f| f.extension().is_some_and(|e| e.eq_ignore_ascii_case("gguf")));
-    let mut w = match file {
-        Some(f) if is_gguf => Weights::read_gguf(f, device)?,
-        Some(f) => Weights::read_safetensors(&[f.to_path_buf()], dtype, device)?,
-        None => Weights::read_safetensors(&component_weights(dir, "transformer", dtype != DType::F32)?, dtype, device)?,
-    };
-    let layout = flux_keys::to_bfl(&mut w)?;
-    let source = match (is_gguf, layout) {
-        (true, _) => TransformerSource::Gguf,
-        (false, flux_keys::Layout::Bfl) => TransformerSource::BflFile,
-        (false, flux_keys::Layout::Diffusers) => TransformerSource::Diffusers,
-    };
-    Ok((w, source))
+    read_transformer_weights(dir, file, dtype, device, flux_keys::to_bfl)
 }
 
 impl FluxPipeline {
@@ -116,17 +87,7 @@ impl FluxPipeline {
         let text_device = if opts.offload_text_encoders { Device::Cpu } else { device.clone() };
         let clip_dtype = if opts.offload_text_encoders { DType::F32 } else { dtype };
         let clip = TextStack::load(dir, "text_encoder", "tokenizer", clip_dtype != DType::F32, clip_dtype, &text_device)?;
-        let t5_config: T5Config = component_config(dir, "text_encoder_2", "config.json")?;
-        let t5_tokenizer = Arc::new(PromptTokenizer::from_dir(&dir.join("tokenizer_2"), max_sequence_length(config.guidance_embeds))?);
-        // T5 overflows in f16; bf16 and f32 are safe. On a GPU f16 runs T5 in bf16 (half the
-        // memory of f32, and fast there); on a CPU in f32, where bf16 is slow.
-        let t5_dtype = match (clip_dtype, text_device.is_cuda()) {
-            (DType::F16, true) => DType::BF16,
-            (DType::F16, false) => DType::F32,
-            (other, _) => other,
-        };
-        let vb = load_var_builder(&component_weights(dir, "text_encoder_2", t5_dtype != DType::F32)?, t5_dtype, &text_device)?;
-        let t5 = build(dir, "text_encoder_2", T5EncoderModel::load(vb, &t5_config))?;
+        let t5 = T5Stack::load(dir, "text_encoder_2", "tokenizer_2", max_sequence_length(config.guidance_embeds), clip_dtype, &text_device)?;
         let vae = Arc::new(Vae::load(dir, half, dtype, device)?);
         let scheduler_config: SchedulerConfig = component_config(dir, "scheduler", "scheduler_config.json")?;
         if SchedulerKind::from_config(&scheduler_config) != Some(SchedulerKind::FlowMatchEuler) {
@@ -138,9 +99,7 @@ impl FluxPipeline {
         FlowMatchEuler::new(&scheduler_config, 1, 256)?;
         Ok(Self {
             clip,
-            t5_tokenizer,
-            t5: Arc::new(Mutex::new(t5)),
-            t5_dtype,
+            t5,
             clip_dtype,
             text_device,
             transformer,
@@ -170,19 +129,13 @@ impl FluxPipeline {
     /// weights, or run beside quantized (GGUF) ones as low-rank updates; the base weights, T5,
     /// VAE and tokenizers are shared, and nothing but the LoRA files is read from disk.
     pub fn with_loras(&self, stack: &[LoraSpec]) -> Result<Self> {
-        let targets = self.lora_targets();
-        let mut adapters = vec![];
-        for spec in stack {
-            adapters.extend(lora::load_adapters(spec, &targets)?);
-        }
-        let pick = |c: Component| adapters.iter().filter(|a| a.component == c).collect::<Vec<_>>();
+        let loaded = lora::LoadedStack::load(stack, &self.lora_targets())?;
+        let pick = |c: Component| loaded.for_component(c);
         let weights = self.base.with_adapters(&pick(Component::Transformer))?;
         let transformer = FluxTransformer::new(&weights, &self.transformer.config, self.dtype, &self.device)?;
         Ok(Self {
             clip: self.clip.with_adapters(&pick(Component::TextEncoder), self.clip_dtype, &self.text_device)?,
-            t5_tokenizer: self.t5_tokenizer.clone(),
             t5: self.t5.clone(),
-            t5_dtype: self.t5_dtype,
             clip_dtype: self.clip_dtype,
             text_device: self.text_device.clone(),
             transformer,
@@ -224,13 +177,13 @@ impl FluxPipeline {
         self.vae.scale_factor() * 2
     }
 
-    /// See [`crate::model::Pipeline::activation_memory`]: per image token (a 2x2 patch of latent
+    /// See [`super::Pipeline::activation_memory`]: per image token (a 2x2 patch of latent
     /// cells), the attention inputs and outputs and the 4x-wide MLP, about 13 hidden widths.
-    pub fn activation_memory(&self) -> crate::model::ActivationMemory {
+    pub fn activation_memory(&self) -> super::ActivationMemory {
         let c = &self.transformer.config;
         let hidden = (c.num_attention_heads * c.attention_head_dim) as u64;
         let pixels_per_token = (self.size_multiple() * self.size_multiple()) as u64;
-        crate::model::ActivationMemory {
+        super::ActivationMemory {
             denoise_bytes_per_pixel: (13 * hidden * self.dtype.size_in_bytes() as u64).div_ceil(pixels_per_token),
             decode_bytes_per_pixel: self.vae.decode_bytes_per_pixel(),
             fixed_bytes: crate::models::sdpa::SCORE_BLOCK_BYTES,
@@ -256,6 +209,9 @@ impl FluxPipeline {
     pub fn validate(&self, p: &GenerateParams) -> Result<()> {
         let m = self.size_multiple();
         p.check_ranges(m, " for FLUX")?;
+        if p.skip_layer_guidance.is_some() {
+            return Err(EngineError::param("skip_layer_guidance", "skip-layer guidance is for SD 3.5 models, not FLUX"));
+        }
         if let Some(kind) = p.scheduler.filter(|k| !k.is_flow_matching()) {
             return Err(EngineError::param("scheduler", format!("`{}` is not for FLUX models; they use flow-match-euler", kind.name())));
         }
@@ -274,11 +230,9 @@ impl FluxPipeline {
     fn encode(&self, prompt: &str) -> Result<Encoded> {
         self.embeddings.get_or_encode(prompt, |p| {
             let (clip, clip_cut) = self.clip.run(p, &self.text_device)?;
-            let tokens = self.t5_tokenizer.encode(p)?;
-            let ids = Tensor::new(tokens.ids.as_slice(), &self.text_device)?.unsqueeze(0)?;
-            let states = self.t5.lock().unwrap_or_else(|e| e.into_inner()).forward_dt(&ids, Some(self.t5_dtype))?;
+            let (states, t5_cut) = self.t5.run(p)?;
             // Offloaded encoders ran on the CPU: only their outputs go to the device.
-            Ok((states.to_device(&self.device)?, clip.pooled.to_device(&self.device)?, clip_cut || tokens.truncated))
+            Ok((states.to_device(&self.device)?, clip.pooled.to_device(&self.device)?, clip_cut || t5_cut))
         })
     }
 

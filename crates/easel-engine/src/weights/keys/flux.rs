@@ -4,17 +4,9 @@
 //! q/k/v plus the MLP input in single blocks) and orders the final modulation (scale, shift)
 //! where BFL has (shift, scale).
 
-use candle_core::Tensor;
-
+use super::{fuse, move_tensor, swap_halves, Layout, RowMap};
 use crate::error::{EngineError, Result};
-use crate::quant::{Param, Weights};
-
-/// How a checkpoint names its tensors.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Layout {
-    Diffusers,
-    Bfl,
-}
+use crate::weights::store::Weights;
 
 /// Prefixes single-file checkpoints put before BFL names (ComfyUI's full checkpoints).
 const BFL_PREFIXES: [&str; 2] = ["model.diffusion_model.", "diffusion_model."];
@@ -26,7 +18,7 @@ pub fn to_bfl(w: &mut Weights) -> Result<Layout> {
     }
     let has = |w: &Weights, p: &str| w.names().any(|n| n.starts_with(p));
     if has(w, "double_blocks.") || has(w, "img_in.") {
-        return Ok(Layout::Bfl);
+        return Ok(Layout::Reference);
     }
     if !(has(w, "transformer_blocks.") || has(w, "x_embedder.")) {
         let sample: Vec<_> = w.names().take(3).cloned().collect();
@@ -65,11 +57,7 @@ pub fn to_bfl(w: &mut Weights) -> Result<Layout> {
         move_tensor(w, &format!("{d}.attn.norm_k.weight"), format!("{b}.norm.key_norm.scale"))?;
     }
     for p in ["weight", "bias"] {
-        let name = format!("norm_out.linear.{p}");
-        let t = dense(w, &name)?;
-        let half = t.dim(0)? / 2;
-        let swapped = Tensor::cat(&[t.narrow(0, half, half)?, t.narrow(0, 0, half)?], 0)?;
-        w.insert(format!("final_layer.adaLN_modulation.1.{p}"), Param::Dense(swapped));
+        swap_halves(w, &format!("norm_out.linear.{p}"), format!("final_layer.adaLN_modulation.1.{p}"))?;
     }
     Ok(Layout::Diffusers)
 }
@@ -113,9 +101,6 @@ fn renames(double: usize, single: usize) -> Vec<(String, String)> {
     }
     r
 }
-
-/// Rows of an update: `(source rows, target rows)`, each `(start, count)`; `None` is all rows.
-pub type RowMap = (Option<(usize, usize)>, Option<(usize, usize)>);
 
 /// Where a diffusers module's output rows live in BFL's weights (for LoRAs in diffusers
 /// format): the BFL module and how rows map. Split q/k/v land in row ranges of fused weights;
@@ -165,35 +150,4 @@ pub fn diffusers_module_to_bfl(module: &str, hidden: usize, mlp: usize) -> Optio
         return slice(format!("{b}.{stream}_attn.qkv"), k * hidden, hidden);
     }
     None
-}
-
-fn dense(w: &mut Weights, name: &str) -> Result<Tensor> {
-    match w.take(name) {
-        Some(Param::Dense(t)) => Ok(t),
-        Some(Param::Quantized(q)) => Ok(q.dequantize(&candle_core::Device::Cpu)?),
-        None => Err(EngineError::BadWeights { path: w.origin().to_path_buf(), message: format!("tensor `{name}` is missing") }),
-    }
-}
-
-/// Renames a tensor if present (optional ones, like the guidance embedder, may be absent).
-fn move_tensor(w: &mut Weights, from: &str, to: String) -> Result<()> {
-    if let Some(p) = w.take(from) {
-        w.insert(to, p);
-    }
-    Ok(())
-}
-
-/// Concatenates `parts` along the output dimension into one tensor.
-fn fuse(w: &mut Weights, parts: &[String], to: String) -> Result<()> {
-    let tensors = parts.iter().map(|p| dense(w, p)).collect::<Result<Vec<_>>>()?;
-    for (name, t) in parts.iter().zip(&tensors).skip(1) {
-        if t.dims()[1..] != tensors[0].dims()[1..] {
-            return Err(EngineError::BadWeights {
-                path: w.origin().to_path_buf(),
-                message: format!("tensor `{name}` has shape {:?} but `{}` has {:?}; they must share their input size", t.dims(), parts[0], tensors[0].dims()),
-            });
-        }
-    }
-    w.insert(to, Param::Dense(Tensor::cat(&tensors, 0)?));
-    Ok(())
 }

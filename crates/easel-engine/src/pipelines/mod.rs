@@ -1,38 +1,51 @@
-//! A loaded model of any family behind one interface, chosen by `model_index.json`'s class.
+//! The text-to-image pipelines, one module per model family, and [`Pipeline`]: a loaded model
+//! of any family behind one interface, chosen by `model_index.json`'s class.
 
 use std::path::Path;
 
 use crate::config::{read_json, ModelIndex};
 use crate::error::{EngineError, Result};
-use crate::flux_pipeline::FluxPipeline;
-use crate::pipeline::{Family, GenerateParams, Generated, LoadOptions, StableDiffusionPipeline, StepCallback};
+pub mod common;
+pub mod flux;
+pub mod sd;
+pub mod sd3;
+pub mod vae;
+
+pub use common::{Family, GenerateParams, Generated, LoadOptions, ModelDefaults, SkipLayerGuidance, StepCallback};
+pub use flux::FluxPipeline;
+pub use sd::StableDiffusionPipeline;
+pub use sd3::Sd3Pipeline;
 use crate::scheduler::{NoiseSource, SchedulerKind};
 
 /// Any pipeline easel runs.
 pub enum Pipeline {
     StableDiffusion(StableDiffusionPipeline),
     Flux(FluxPipeline),
+    Sd3(Sd3Pipeline),
 }
 
 impl Pipeline {
     /// Loads the pipeline `dir/model_index.json` names.
     pub fn load(dir: &Path, opts: &LoadOptions) -> Result<Self> {
         let index: ModelIndex = read_json(&dir.join("model_index.json"))?;
-        if index.class_name == "FluxPipeline" {
-            return Ok(Self::Flux(FluxPipeline::load(dir, opts)?));
+        match index.class_name.as_str() {
+            "FluxPipeline" => return Ok(Self::Flux(FluxPipeline::load(dir, opts)?)),
+            "StableDiffusion3Pipeline" => return Ok(Self::Sd3(Sd3Pipeline::load(dir, opts)?)),
+            _ => {}
         }
         if opts.transformer.is_some() {
-            return Err(EngineError::param("transformer", format!("a transformer file is for FLUX models; {} is a {}", dir.display(), index.class_name)));
+            return Err(EngineError::param("transformer", format!("a transformer file is for FLUX and SD 3.5 models; {} is a {}", dir.display(), index.class_name)));
         }
         Ok(Self::StableDiffusion(StableDiffusionPipeline::load(dir, opts)?))
     }
 
     /// This pipeline with a LoRA stack applied (an empty stack gives an unchanged copy); the
     /// base model is shared, not read again.
-    pub fn with_loras(&self, stack: &[crate::lora::LoraSpec]) -> Result<Self> {
+    pub fn with_loras(&self, stack: &[crate::weights::lora::LoraSpec]) -> Result<Self> {
         Ok(match self {
             Self::StableDiffusion(p) => Self::StableDiffusion(p.with_loras(stack)?),
             Self::Flux(p) => Self::Flux(p.with_loras(stack)?),
+            Self::Sd3(p) => Self::Sd3(p.with_loras(stack)?),
         })
     }
 
@@ -42,6 +55,7 @@ impl Pipeline {
             Self::StableDiffusion(p) => p.family(),
             Self::Flux(p) if p.uses_guidance() => Family::FluxDev,
             Self::Flux(_) => Family::FluxSchnell,
+            Self::Sd3(_) => Family::Sd3,
         }
     }
 
@@ -50,6 +64,7 @@ impl Pipeline {
         match self {
             Self::StableDiffusion(p) => p.dir(),
             Self::Flux(p) => p.dir(),
+            Self::Sd3(p) => p.dir(),
         }
     }
 
@@ -58,6 +73,7 @@ impl Pipeline {
         match self {
             Self::StableDiffusion(p) => p.default_size(),
             Self::Flux(p) => p.default_size(),
+            Self::Sd3(p) => p.default_size(),
         }
     }
 
@@ -66,6 +82,7 @@ impl Pipeline {
         match self {
             Self::StableDiffusion(_) => 8,
             Self::Flux(p) => p.size_multiple(),
+            Self::Sd3(p) => p.size_multiple(),
         }
     }
 
@@ -73,13 +90,13 @@ impl Pipeline {
     pub fn default_scheduler(&self) -> SchedulerKind {
         match self {
             Self::StableDiffusion(p) => p.default_scheduler(),
-            Self::Flux(_) => SchedulerKind::FlowMatchEuler,
+            Self::Flux(_) | Self::Sd3(_) => SchedulerKind::FlowMatchEuler,
         }
     }
 
     /// The schedulers requests may ask for.
     pub fn schedulers(&self) -> Vec<SchedulerKind> {
-        let flow = matches!(self, Self::Flux(_));
+        let flow = matches!(self, Self::Flux(_) | Self::Sd3(_));
         SchedulerKind::ALL.iter().map(|(_, k)| *k).filter(|k| k.is_flow_matching() == flow).collect()
     }
 
@@ -87,14 +104,14 @@ impl Pipeline {
     pub fn substituted_scheduler(&self) -> Option<&str> {
         match self {
             Self::StableDiffusion(p) => p.substituted_scheduler(),
-            Self::Flux(_) => None,
+            Self::Flux(_) | Self::Sd3(_) => None,
         }
     }
 
     /// Whether the guidance scale means anything to this model (not to FLUX.1-schnell).
     pub fn uses_guidance(&self) -> bool {
         match self {
-            Self::StableDiffusion(_) => true,
+            Self::StableDiffusion(_) | Self::Sd3(_) => true,
             Self::Flux(p) => p.uses_guidance(),
         }
     }
@@ -104,6 +121,7 @@ impl Pipeline {
         match self {
             Self::StableDiffusion(_) => None,
             Self::Flux(p) => Some((p.weights_memory().0, p.weights_memory().1.to_string())),
+            Self::Sd3(p) => Some((p.weights_memory().0, p.weights_memory().1.to_string())),
         }
     }
 
@@ -114,6 +132,7 @@ impl Pipeline {
         match self {
             Self::StableDiffusion(p) => p.activation_memory(),
             Self::Flux(p) => p.activation_memory(),
+            Self::Sd3(p) => p.activation_memory(),
         }
     }
 
@@ -122,6 +141,7 @@ impl Pipeline {
         match self {
             Self::StableDiffusion(s) => s.validate(p),
             Self::Flux(f) => f.validate(p),
+            Self::Sd3(f) => f.validate(p),
         }
     }
 
@@ -130,6 +150,7 @@ impl Pipeline {
         match self {
             Self::StableDiffusion(s) => s.generate(p, noise, on_step),
             Self::Flux(f) => f.generate(p, on_step),
+            Self::Sd3(f) => f.generate(p, on_step),
         }
     }
 
@@ -138,6 +159,7 @@ impl Pipeline {
         match self {
             Self::StableDiffusion(s) => s.generate_batch(items, noise, on_step),
             Self::Flux(f) => f.generate_batch(items, on_step),
+            Self::Sd3(f) => f.generate_batch(items, on_step),
         }
     }
 }

@@ -13,6 +13,7 @@ use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor};
 
+use super::store::{Param, Weights};
 use crate::error::{EngineError, Result};
 
 /// The networks a LoRA can touch.
@@ -75,6 +76,9 @@ pub enum TargetFamily {
     StableDiffusionXl,
     /// FLUX: the transformer uses BFL names; diffusers-format LoRAs are mapped onto them.
     Flux { hidden: usize, mlp: usize },
+    /// SD 3.5: the transformer uses Stability's names; diffusers-format LoRAs (diffusers' SD3
+    /// naming) are mapped onto them.
+    Sd3 { hidden: usize, blocks: usize },
 }
 
 impl TargetFamily {
@@ -88,6 +92,27 @@ const FORMATS_TRIED: &str = "diffusers/PEFT (unet.*/transformer.*/text_encoder*.
 
 fn bad(path: &Path, message: String) -> EngineError {
     EngineError::BadWeights { path: path.to_path_buf(), message }
+}
+
+/// A LoRA stack read and mapped onto one model, its adapters in stack order.
+pub struct LoadedStack {
+    adapters: Vec<Adapter>,
+}
+
+impl LoadedStack {
+    /// Reads every file of `stack` and maps it onto `targets`.
+    pub fn load(stack: &[LoraSpec], targets: &LoraTargets) -> Result<Self> {
+        let mut adapters = vec![];
+        for spec in stack {
+            adapters.extend(load_adapters(spec, targets)?);
+        }
+        Ok(Self { adapters })
+    }
+
+    /// The adapters for one component, in stack order.
+    pub fn for_component(&self, c: Component) -> Vec<&Adapter> {
+        self.adapters.iter().filter(|a| a.component == c).collect()
+    }
 }
 
 /// Reads a LoRA file and maps it onto `targets`, with the stack entry's `scale`.
@@ -259,16 +284,13 @@ impl<'a> Lookup<'a> {
             }
         }
         let rest = key.strip_prefix("transformer.")?;
-        match self.targets.family {
-            TargetFamily::Flux { hidden, mlp } => {
-                let (module, parts) = crate::flux_keys::diffusers_module_to_bfl(rest, hidden, mlp)?;
-                let w = format!("{module}.weight");
-                self.targets.weights.get(&Component::Transformer)?.contains_key(&w).then(|| {
-                    (Component::Transformer, parts.into_iter().map(|(src, dst)| (w.clone(), src, dst)).collect())
-                })
-            }
-            _ => None,
-        }
+        let (module, parts) = match self.targets.family {
+            TargetFamily::Flux { hidden, mlp } => super::keys::flux::diffusers_module_to_bfl(rest, hidden, mlp)?,
+            TargetFamily::Sd3 { hidden, blocks } => super::keys::sd3::diffusers_module_to_sai(rest, hidden, blocks)?,
+            _ => return None,
+        };
+        let w = format!("{module}.weight");
+        self.targets.weights.get(&Component::Transformer)?.contains_key(&w).then(|| (Component::Transformer, parts.into_iter().map(|(src, dst)| (w.clone(), src, dst)).collect()))
     }
 }
 
@@ -349,6 +371,34 @@ impl Adapter {
             parts.push(Tensor::zeros((rows - start - n, r), DType::F32, device)?);
         }
         Ok(Tensor::cat(&parts, 0)?)
+    }
+}
+
+impl Weights {
+    /// These weights with LoRA `adapters`: merged into copies of the affected full-precision
+    /// weights; kept beside quantized ones and applied at run time (low-rank, no dequantizing).
+    pub fn with_adapters(&self, adapters: &[&Adapter]) -> Result<Self> {
+        let mut out = self.clone();
+        let mut dense: HashMap<String, Tensor> = HashMap::new();
+        let mut dense_adapters = vec![];
+        for a in adapters {
+            match self.params.get(&a.target) {
+                Some(Param::Dense(t)) => {
+                    dense.insert(a.target.clone(), t.clone());
+                    dense_adapters.push(*a);
+                }
+                Some(Param::Quantized(q)) => {
+                    let up = a.full_up(q.shape().dims()[0], &self.device)?;
+                    let down = a.down.flatten_from(1)?.to_device(&self.device)?;
+                    out.low_rank.entry(a.target.clone()).or_default().push(super::store::LowRank { down, up, scale: a.scale });
+                }
+                None => {}
+            }
+        }
+        for (k, t) in merge(&dense, &dense_adapters)? {
+            out.params.insert(k, Param::Dense(t));
+        }
+        Ok(out)
     }
 }
 

@@ -4,96 +4,22 @@
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use candle_core::{DType, Device, Tensor, D};
 use candle_nn::VarBuilder;
 
-use crate::config::{read_json, ClipTextConfig, ModelIndex, SchedulerConfig, UNetConfig};
+use crate::config::{read_json, ModelIndex, SchedulerConfig, UNetConfig};
 use crate::error::{EngineError, Result};
-use crate::lora::{self, Adapter, Component, LoraSpec, LoraTargets, TargetFamily};
-use crate::models::clip::ClipTextModel;
+use super::common::*;
+use super::vae::Vae;
 use crate::models::unet::{AddedCond, UNet2DConditionModel};
 use crate::scheduler::{NoiseSource, SchedulerKind, SeededNoise};
-use crate::source::component_weights;
-use crate::tokenizer::PromptTokenizer;
-use crate::vae::{PromptCache, Vae};
-use crate::weights::bad_weights;
-
-/// Which conditioning scheme the pipeline uses.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Family {
-    /// SD 1.x / 2.x: one CLIP encoder, last hidden state.
-    StableDiffusion,
-    /// SDXL: two CLIP encoders, penultimate states, pooled embeddings and size conditioning.
-    StableDiffusionXl,
-    /// FLUX.1-dev-like: CLIP pooled + T5, guidance embedding.
-    FluxDev,
-    /// FLUX.1-schnell-like: CLIP pooled + T5, no guidance.
-    FluxSchnell,
-}
-
-/// Settings for loading a pipeline.
-#[derive(Debug, Clone)]
-pub struct LoadOptions {
-    pub device: Device,
-    pub dtype: DType,
-    /// FLUX: transformer weights to use instead of `transformer/` (a BFL-named `.safetensors`
-    /// file such as flux1-dev.safetensors, or a `.gguf`).
-    pub transformer: Option<PathBuf>,
-    /// FLUX: keep the text encoders (CLIP-L and T5-XXL, 9.8 GB in bf16) on the CPU and send only
-    /// their outputs to the device, so a 16 GB card holds just the transformer, the VAE and
-    /// the activations. Each new prompt then encodes on the CPU (in f32).
-    pub offload_text_encoders: bool,
-}
-
-impl Default for LoadOptions {
-    fn default() -> Self {
-        Self { device: Device::Cpu, dtype: DType::F32, transformer: None, offload_text_encoders: false }
-    }
-}
+use crate::weights::lora::{self, Component, LoraSpec, LoraTargets, TargetFamily};
+use crate::weights::source::component_weights;
 
 /// Text conditioning of one prompt: (states, pooled states for SDXL, whether it was truncated).
 type Encoded = (Tensor, Option<Tensor>, bool);
-
-/// One CLIP text encoder with its tokenizer, and the encoder's weights before any LoRA.
-pub(crate) struct TextStack {
-    pub tokenizer: Arc<PromptTokenizer>,
-    pub encoder: ClipTextModel,
-    config: ClipTextConfig,
-    base: Arc<HashMap<String, Tensor>>,
-}
-
-impl TextStack {
-    /// Loads the CLIP encoder `dir/te` and the tokenizer `dir/tok`.
-    pub fn load(dir: &Path, te: &str, tok: &str, half: bool, dtype: DType, device: &Device) -> Result<Self> {
-        let config: ClipTextConfig = component_config(dir, te, "config.json")?;
-        let tokenizer = Arc::new(PromptTokenizer::from_dir(&dir.join(tok), config.max_position_embeddings)?);
-        let base = Arc::new(load_tensors(&component_weights(dir, te, half)?, dtype, device)?);
-        let vb = VarBuilder::from_tensors((*base).clone(), dtype, device);
-        let encoder = build(dir, te, ClipTextModel::new(vb, &config))?;
-        Ok(Self { tokenizer, encoder, config, base })
-    }
-
-    /// The same encoder with `adapters` merged into a copy of the affected weights.
-    pub fn with_adapters(&self, adapters: &[&Adapter], dtype: DType, device: &Device) -> Result<Self> {
-        let vb = VarBuilder::from_tensors(lora::merge(&self.base, adapters)?, dtype, device);
-        let encoder = ClipTextModel::new(vb, &self.config)?;
-        Ok(Self { tokenizer: self.tokenizer.clone(), encoder, config: self.config.clone(), base: self.base.clone() })
-    }
-
-    /// Weight names and shapes, for mapping LoRAs.
-    pub fn shapes(&self) -> HashMap<String, Vec<usize>> {
-        shapes(&self.base)
-    }
-
-    /// Tokenizes and encodes one prompt: (encoder output, whether the prompt was cut).
-    pub fn run(&self, prompt: &str, device: &Device) -> Result<(crate::models::clip::ClipOutput, bool)> {
-        let tokens = self.tokenizer.encode(prompt)?;
-        let ids = Tensor::new(tokens.ids.as_slice(), device)?.unsqueeze(0)?;
-        Ok((self.encoder.forward(&ids)?, tokens.truncated))
-    }
-}
 
 /// A loaded, ready-to-run Stable Diffusion family pipeline.
 pub struct StableDiffusionPipeline {
@@ -109,73 +35,6 @@ pub struct StableDiffusionPipeline {
     device: Device,
     dir: PathBuf,
     embeddings: PromptCache<Encoded>,
-}
-
-/// What to generate.
-#[derive(Debug, Clone)]
-pub struct GenerateParams {
-    pub prompt: String,
-    pub negative_prompt: Option<String>,
-    pub width: usize,
-    pub height: usize,
-    pub steps: usize,
-    /// Classifier-free guidance scale; 1 or less turns guidance off.
-    pub guidance: f64,
-    pub seed: u64,
-    /// Images per prompt.
-    pub batch: usize,
-    /// `None` uses the model's own scheduler (or Euler where easel lacks it).
-    pub scheduler: Option<SchedulerKind>,
-    /// Latents with the meaning of diffusers' `latents` argument: `[batch, C, H/f, W/f]`.
-    pub init_latents: Option<Tensor>,
-}
-
-impl GenerateParams {
-    /// The checks every family shares: sizes (multiples of `multiple`), steps, guidance, batch.
-    pub(crate) fn check_ranges(&self, multiple: usize, family: &str) -> Result<()> {
-        for (name, v) in [("width", self.width), ("height", self.height)] {
-            if v == 0 || v % multiple != 0 {
-                return Err(EngineError::param(name, format!("{v} must be a positive multiple of {multiple}{family}")));
-            }
-            if v > 4096 {
-                return Err(EngineError::param(name, format!("{v} is larger than 4096")));
-            }
-        }
-        if self.steps == 0 || self.steps > 1000 {
-            return Err(EngineError::param("steps", format!("{} must be between 1 and 1000", self.steps)));
-        }
-        if !self.guidance.is_finite() || self.guidance < 0.0 {
-            return Err(EngineError::param("guidance", format!("{} must be a finite number >= 0", self.guidance)));
-        }
-        if self.batch == 0 || self.batch > 64 {
-            return Err(EngineError::param("batch", format!("{} must be between 1 and 64", self.batch)));
-        }
-        Ok(())
-    }
-}
-
-/// Wall-clock time spent in each stage.
-#[derive(Debug, Clone, Default)]
-pub struct Timings {
-    pub text_encode: Duration,
-    pub denoise: Duration,
-    pub decode: Duration,
-}
-
-/// What a generation produced.
-#[derive(Debug)]
-pub struct Generated {
-    /// RGB images, `width x height`.
-    pub images: Vec<image::RgbImage>,
-    /// The final latents (diffusers' `output_type="latent"`), on the CPU in f32.
-    pub latents: Tensor,
-    /// The decoded images in `[0, 1]`, `[batch, 3, H, W]`, f32 on the CPU.
-    pub decoded: Tensor,
-    /// The scheduler that actually ran.
-    pub scheduler: SchedulerKind,
-    pub timings: Timings,
-    /// Whether a prompt was longer than the tokenizer's limit and was cut.
-    pub truncated: bool,
 }
 
 /// Ancestral noise for a batch: each request's rows come from its own seed stream, so a
@@ -194,35 +53,6 @@ impl NoiseSource for BatchNoise {
         }
         Ok(Tensor::from_vec(data, shape, &Device::Cpu)?.to_dtype(dtype)?.to_device(device)?)
     }
-}
-
-/// Called after each denoising step with where it stands (and the latents, for previews);
-/// return `false` to cancel.
-pub type StepCallback<'a> = &'a mut dyn FnMut(&crate::preview::Step<'_>) -> bool;
-
-/// Weight names and shapes of a tensor map.
-pub(crate) fn shapes(map: &HashMap<String, Tensor>) -> HashMap<String, Vec<usize>> {
-    map.iter().map(|(k, t)| (k.clone(), t.dims().to_vec())).collect()
-}
-
-/// Reads a component's safetensors files into memory, converted to `dtype` on `device`.
-pub(crate) fn load_tensors(files: &[PathBuf], dtype: DType, device: &Device) -> Result<HashMap<String, Tensor>> {
-    let mut out = HashMap::new();
-    for f in files {
-        for (name, t) in crate::read_tensors(f)? {
-            let t = if t.dtype().is_float() { t.to_dtype(dtype)? } else { t };
-            out.insert(name, t.to_device(device)?);
-        }
-    }
-    Ok(out)
-}
-
-pub(crate) fn component_config<T: serde::de::DeserializeOwned>(dir: &Path, component: &str, file: &str) -> Result<T> {
-    read_json(&dir.join(component).join(file))
-}
-
-pub(crate) fn build<T>(dir: &Path, component: &str, r: candle_core::Result<T>) -> Result<T> {
-    r.map_err(|e| bad_weights(&dir.join(component), &e))
 }
 
 impl StableDiffusionPipeline {
@@ -310,12 +140,8 @@ impl StableDiffusionPipeline {
     /// (from the unmerged base, so changing stacks never accumulates), nothing is read again
     /// from disk but the LoRA files, and the VAE and tokenizers are shared.
     pub fn with_loras(&self, stack: &[LoraSpec]) -> Result<Self> {
-        let targets = self.lora_targets();
-        let mut adapters = vec![];
-        for spec in stack {
-            adapters.extend(lora::load_adapters(spec, &targets)?);
-        }
-        let pick = |c: Component| adapters.iter().filter(|a| a.component == c).collect::<Vec<_>>();
+        let loaded = lora::LoadedStack::load(stack, &self.lora_targets())?;
+        let pick = |c: Component| loaded.for_component(c);
         let (dtype, device) = (self.dtype, &self.device);
         let vb = VarBuilder::from_tensors(lora::merge(&self.unet_base, &pick(Component::Unet))?, dtype, device);
         Ok(Self {
@@ -340,20 +166,20 @@ impl StableDiffusionPipeline {
     }
 
     /// Pixels per latent cell along each side.
-    /// See [`crate::model::Pipeline::activation_memory`]: per latent pixel of each of the two
+    /// See [`super::Pipeline::activation_memory`]: per latent pixel of each of the two
     /// guidance rows, the widest convolution (the last up block's skip concatenation) plus what
     /// lives beside it at the top level, about 18 widths `c0`: the GEGLU feed-forward's 8x-wide
     /// projection and its 4x-wide half, and the skip residuals kept for the up blocks.
     /// Calibrated on an SD-1.5-size UNet at 1024x1024 (batch 2): about 1.0-1.5 GB of RSS beside
     /// the weights measured, 1.36 GB estimated (with the attention tiles).
-    pub fn activation_memory(&self) -> crate::model::ActivationMemory {
+    pub fn activation_memory(&self) -> super::ActivationMemory {
         let channels = &self.unet.config.block_out_channels;
         let c0 = channels.first().copied().unwrap_or(0) as u64;
         let c1 = channels.get(1).copied().unwrap_or(c0 as usize) as u64;
         let latent_pixels_per_pixel = (self.vae_scale_factor() * self.vae_scale_factor()) as u64;
         let conv = crate::models::conv::conv_bytes_per_pixel(c0 + c1, c0, self.dtype, &self.device);
         let beside = 18 * c0 * self.dtype.size_in_bytes() as u64;
-        crate::model::ActivationMemory {
+        super::ActivationMemory {
             denoise_bytes_per_pixel: (2 * (conv + beside)).div_ceil(latent_pixels_per_pixel),
             decode_bytes_per_pixel: self.vae.decode_bytes_per_pixel(),
             fixed_bytes: crate::models::sdpa::SCORE_BLOCK_BYTES,
@@ -385,6 +211,9 @@ impl StableDiffusionPipeline {
     /// Checks request parameters before any work is done.
     pub fn validate(&self, p: &GenerateParams) -> Result<()> {
         p.check_ranges(8, "")?;
+        if p.skip_layer_guidance.is_some() {
+            return Err(EngineError::param("skip_layer_guidance", "skip-layer guidance is for SD 3.5 models, not Stable Diffusion"));
+        }
         if let Some(kind) = p.scheduler.filter(|k| k.is_flow_matching()) {
             return Err(EngineError::param("scheduler", format!("`{}` is for flow-matching models (FLUX), not Stable Diffusion", kind.name())));
         }
@@ -552,82 +381,5 @@ impl StableDiffusionPipeline {
     /// Decodes final latents to images in `[0, 1]` (f32, CPU), as the diffusers pipelines do.
     pub fn decode(&self, latents: &Tensor) -> Result<Tensor> {
         self.vae.decode(latents)
-    }
-}
-
-/// Splits a batch's final latents and decoded images back into each request's output.
-pub(crate) fn split_batch(items: &[GenerateParams], truncated: &[bool], latents: &Tensor, decoded: &Tensor, scheduler: SchedulerKind, timings: &Timings) -> Result<Vec<Generated>> {
-    let latents = latents.to_device(&Device::Cpu)?.to_dtype(DType::F32)?;
-    let mut out = vec![];
-    let mut offset = 0;
-    for (p, &cut) in items.iter().zip(truncated) {
-        let decoded_i = decoded.narrow(0, offset, p.batch)?;
-        out.push(Generated {
-            images: to_images(&decoded_i)?,
-            latents: latents.narrow(0, offset, p.batch)?,
-            decoded: decoded_i,
-            scheduler,
-            timings: timings.clone(),
-            truncated: cut,
-        });
-        offset += p.batch;
-    }
-    Ok(out)
-}
-
-/// `[batch, 3, H, W]` in `[0, 1]` to RGB images, rounding as diffusers' `numpy_to_pil` does.
-pub fn to_images(decoded: &Tensor) -> Result<Vec<image::RgbImage>> {
-    let (b, c, h, w) = decoded.dims4()?;
-    if c != 3 {
-        return Err(EngineError::Unsupported(format!("VAE produced {c} channels, expected 3")));
-    }
-    let pixels = (decoded * 255.0)?.round()?.clamp(0f32, 255f32)?.to_dtype(DType::U8)?.permute((0, 2, 3, 1))?.contiguous()?;
-    (0..b)
-        .map(|i| {
-            let data = pixels.get(i)?.flatten_all()?.to_vec1::<u8>()?;
-            image::RgbImage::from_raw(w as u32, h as u32, data).ok_or_else(|| EngineError::Image("bad image buffer".into()))
-        })
-        .collect()
-}
-
-/// Per-model generation defaults: an optional `easel.json` beside `model_index.json` first,
-/// then the catalogue's entry when the folder is a known model's hub snapshot (however the
-/// cache was filled), then the family's diffusers defaults. Distilled models want few steps and
-/// no guidance; the bundled model ships its own `easel.json`.
-#[derive(Debug, Clone, serde::Deserialize)]
-pub struct ModelDefaults {
-    #[serde(default)]
-    pub steps: Option<usize>,
-    #[serde(default)]
-    pub guidance: Option<f64>,
-    #[serde(default)]
-    pub scheduler: Option<String>,
-    #[serde(default)]
-    pub negative_prompt: Option<String>,
-    /// FLUX: transformer weights (relative to the model directory) to load instead of
-    /// `transformer/`, e.g. a GGUF file; `--transformer` overrides it.
-    #[serde(default)]
-    pub transformer: Option<PathBuf>,
-}
-
-impl ModelDefaults {
-    /// Reads `dir/easel.json`, filling what it leaves out from the catalogue, then the family.
-    pub fn load(dir: &Path, family: Family) -> Result<Self> {
-        let path = dir.join("easel.json");
-        let mut d: ModelDefaults = if path.exists() {
-            read_json(&path)?
-        } else {
-            ModelDefaults { steps: None, guidance: None, scheduler: None, negative_prompt: None, transformer: None }
-        };
-        let (steps, guidance) = match (easel_hub::catalogue::for_model_dir(dir), family) {
-            (Some(known), _) => (known.steps, known.guidance),
-            (None, Family::StableDiffusion) => (30, 7.5),
-            (None, Family::StableDiffusionXl) => (30, 5.0),
-            (None, Family::FluxDev) => (28, 3.5),
-            (None, Family::FluxSchnell) => (4, 0.0),
-        };
-        d.steps.get_or_insert(steps);
-        d.guidance.get_or_insert(guidance);
-        Ok(d)
     }
 }

@@ -1,0 +1,92 @@
+//! A model's defaults applied to a request, in one place for the CLI and the server.
+//!
+//! [`easel_engine::ModelDefaults`] reads them (`easel.json`, then the catalogue, then the
+//! family); [`settings`] fills what a request left out; [`model_info`] tells the server the
+//! same defaults, so the gateway's validation and the worker agree.
+
+use easel_api::ModelInfo;
+use easel_engine::{EngineError, ModelDefaults, Pipeline, SchedulerKind};
+
+/// What a request asked for; `None` takes the model's default.
+#[derive(Debug, Clone, Default)]
+pub struct Requested {
+    pub steps: Option<usize>,
+    pub guidance: Option<f64>,
+    pub scheduler: Option<String>,
+    pub negative_prompt: Option<String>,
+}
+
+/// What a request runs with.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub steps: usize,
+    pub guidance: f64,
+    /// `None`: the pipeline's own scheduler (from its `scheduler/` config).
+    pub scheduler: Option<SchedulerKind>,
+    pub negative_prompt: Option<String>,
+}
+
+/// Steps when neither the request nor any default says (diffusers' default).
+const FALLBACK_STEPS: usize = 30;
+/// Guidance when neither the request nor any default says (diffusers' SD default).
+const FALLBACK_GUIDANCE: f64 = 7.5;
+
+/// The request's values, else the model's defaults.
+pub fn settings(defaults: &ModelDefaults, requested: &Requested) -> Result<Settings, EngineError> {
+    let scheduler = requested.scheduler.as_deref().or(defaults.scheduler.as_deref()).map(SchedulerKind::parse).transpose()?;
+    Ok(Settings {
+        steps: requested.steps.or(defaults.steps).unwrap_or(FALLBACK_STEPS),
+        guidance: requested.guidance.or(defaults.guidance).unwrap_or(FALLBACK_GUIDANCE),
+        scheduler,
+        negative_prompt: requested.negative_prompt.clone().or(defaults.negative_prompt.clone()),
+    })
+}
+
+/// What the server advertises for a loaded model: its defaults, sizes, schedulers and memory.
+pub fn model_info(id: &str, pipe: &Pipeline, defaults: &ModelDefaults, weight_bytes: u64, request_memory: u64) -> Result<ModelInfo, EngineError> {
+    let none = settings(defaults, &Requested::default())?;
+    Ok(ModelInfo {
+        id: id.to_string(),
+        default_steps: none.steps,
+        default_guidance: none.guidance,
+        default_size: pipe.default_size(),
+        max_side: 2048,
+        size_multiple: pipe.size_multiple(),
+        schedulers: pipe.schedulers().iter().map(|k| k.name().to_string()).collect(),
+        memory: Some(crate::memory_estimate(pipe, weight_bytes, request_memory)),
+        closed: false,
+        skippable_layers: match pipe {
+            Pipeline::Sd3(p) => Some(p.transformer().config.num_layers),
+            _ => None,
+        },
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn defaults() -> ModelDefaults {
+        ModelDefaults { steps: Some(20), guidance: Some(4.0), scheduler: Some("euler-a".into()), negative_prompt: Some("blurry".into()), transformer: None, max_sequence_length: None }
+    }
+
+    #[test]
+    fn a_request_without_values_gets_every_default() {
+        let s = settings(&defaults(), &Requested::default()).unwrap();
+        assert_eq!((s.steps, s.guidance, s.scheduler, s.negative_prompt.as_deref()), (20, 4.0, Some(SchedulerKind::EulerAncestral), Some("blurry")));
+    }
+
+    #[test]
+    fn a_request_s_own_values_win() {
+        let asked = Requested { steps: Some(3), guidance: Some(1.0), scheduler: Some("ddim".into()), negative_prompt: Some("dark".into()) };
+        let s = settings(&defaults(), &asked).unwrap();
+        assert_eq!((s.steps, s.guidance, s.scheduler, s.negative_prompt.as_deref()), (3, 1.0, Some(SchedulerKind::Ddim), Some("dark")));
+    }
+
+    #[test]
+    fn an_unknown_default_scheduler_names_the_parameter() {
+        let d = ModelDefaults { scheduler: Some("nope".into()), ..defaults() };
+        let e = settings(&d, &Requested::default()).unwrap_err().to_string();
+        assert!(e.contains("scheduler") && e.contains("nope"), "{e}");
+    }
+}
