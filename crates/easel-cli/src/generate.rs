@@ -62,6 +62,16 @@ pub struct GenerateArgs {
     /// a path or a file on the hub (owner/name/file.gguf).
     #[arg(long)]
     transformer: Option<String>,
+    /// CLIP-L weights from a single file (ComfyUI's clip_l.safetensors) instead of the model's
+    /// text_encoder/ (its config and tokenizer stay the folder's).
+    #[arg(long, value_name = "FILE")]
+    clip_l: Option<PathBuf>,
+    /// CLIP-G weights from a single file (clip_g.safetensors): SDXL's and SD 3.5's text_encoder_2/.
+    #[arg(long, value_name = "FILE")]
+    clip_g: Option<PathBuf>,
+    /// T5-XXL weights from a single file (t5xxl_fp16.safetensors): FLUX's and SD 3.5's T5.
+    #[arg(long, value_name = "FILE")]
+    t5: Option<PathBuf>,
     /// A LoRA to apply, as PATH or registry NAME, with an optional :SCALE (default 1);
     /// repeatable: the LoRAs stack in order.
     #[arg(long = "lora", value_name = "PATH_OR_NAME[:SCALE]")]
@@ -119,7 +129,13 @@ pub fn run(args: GenerateArgs) -> Result<()> {
     let dir = crate::hub::model_dir(&model_spec, dtype != easel_engine::DType::F32)?;
     let transformer = args.transformer.as_deref().map(crate::hub::weights_file).transpose()?;
     let stack = args.loras.iter().map(|l| parse_lora(l, args.lora_dir.as_deref())).collect::<Result<Vec<_>>>()?;
-    let mut pipe = Pipeline::load(&dir, &LoadOptions { device, dtype, transformer, offload_text_encoders: args.offload_text_encoders })?;
+    let mut pipe = Pipeline::load(&dir, &LoadOptions {
+        device,
+        dtype,
+        transformer,
+        offload_text_encoders: args.offload_text_encoders,
+        text_encoders: easel_engine::TextEncoderFiles { clip_l: args.clip_l.clone(), clip_g: args.clip_g.clone(), t5: args.t5.clone() },
+    })?;
     if !stack.is_empty() {
         pipe = pipe.with_loras(&stack)?;
     }

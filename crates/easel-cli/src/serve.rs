@@ -251,7 +251,7 @@ fn services(args: &BackendArgs) -> Result<easel_server::Services> {
     let loras = easel_api::LoraRegistry::new(args.lora_dir.clone()).with_hub(args.lora_hub);
     let executor = Arc::new(EngineExecutor::new(
         models,
-        LoadOptions { device, dtype, transformer: None, offload_text_encoders: args.offload_text_encoders },
+        LoadOptions { device, dtype, offload_text_encoders: args.offload_text_encoders, ..Default::default() },
         Duration::from_secs(args.idle_timeout),
         args.memory_budget_mb.saturating_mul(1 << 20),
         args.request_memory_mb.map(|mb| mb.saturating_mul(1 << 20)).unwrap_or_else(easel_local::default_request_memory),

@@ -49,6 +49,9 @@ fn tokenizers_and_text_encoders_match_transformers() {
     check_text("sd21v-tiny", "text_encoder", "tokenizer", "");
     check_text("sdxl-tiny", "text_encoder", "tokenizer", "");
     check_text("sdxl-tiny", "text_encoder_2", "tokenizer_2", "_2");
+    check_text("sd15-var-tiny", "text_encoder", "tokenizer", "");
+    check_text("sdxl-var-tiny", "text_encoder", "tokenizer", "");
+    check_text("sdxl-var-tiny", "text_encoder_2", "tokenizer_2", "_2");
 }
 
 #[test]
@@ -88,6 +91,8 @@ fn unet_and_vae_match_diffusers() {
     check_unet_and_vae("sd15-tiny");
     check_unet_and_vae("sd21v-tiny");
     check_unet_and_vae("sdxl-tiny");
+    check_unet_and_vae("sd15-var-tiny");
+    check_unet_and_vae("sdxl-var-tiny");
 }
 
 /// The tiled, online-softmax form (used beyond the score budget) against the direct form, with

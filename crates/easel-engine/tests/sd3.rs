@@ -12,7 +12,7 @@ mod common;
 use std::collections::HashMap;
 use std::path::PathBuf;
 
-use common::{fixtures, psnr, reference, rel_l2};
+use common::{copy_dir, fixtures, psnr, reference, rel_l2};
 use easel_engine::models::mmdit::MmditInputs;
 use easel_engine::pipelines::common::TransformerSource;
 use easel_engine::scheduler::{FlowMatchEuler, Scheduler};
@@ -105,6 +105,34 @@ fn medium_from_stability_single_file_matches_diffusers() {
     assert_eq!(pipe.transformer_source(), TransformerSource::ReferenceFile);
     let (out, t) = run_case(&pipe, "sd35m-tiny-slg");
     assert_matches("sd35m-tiny from sd35m-tiny-sai.safetensors", &out, &t);
+}
+
+/// A ComfyUI-style setup: the transformer from Stability's single file and the three text
+/// encoders from their own files (clip_l, clip_g, t5xxl), named in `easel.json`, with the
+/// folder holding only configs, tokenizers, the VAE and the scheduler.
+#[test]
+fn medium_from_single_files_for_transformer_and_text_encoders_matches_diffusers() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("sd35m");
+    copy_dir(&pipeline("sd35m-tiny"), &dir);
+    for (component, file) in [("text_encoder", "clip_l.safetensors"), ("text_encoder_2", "clip_g.safetensors"), ("text_encoder_3", "t5xxl.safetensors")] {
+        std::fs::rename(dir.join(component).join("model.safetensors"), dir.join(file)).unwrap();
+    }
+    std::fs::remove_file(dir.join("transformer/diffusion_pytorch_model.safetensors")).unwrap();
+    std::fs::copy(pipeline("sd35m-tiny-sai.safetensors"), dir.join("sd3.5_medium.safetensors")).unwrap();
+    let easel_json = r#"{"max_sequence_length": 24, "transformer": "sd3.5_medium.safetensors", "clip_l": "clip_l.safetensors", "clip_g": "clip_g.safetensors", "t5": "t5xxl.safetensors"}"#;
+    std::fs::write(dir.join("easel.json"), easel_json).unwrap();
+    let pipe = match Pipeline::load(&dir, &LoadOptions::default()).expect("load") {
+        Pipeline::Sd3(p) => p,
+        _ => panic!("not SD 3.5"),
+    };
+    assert_eq!(pipe.transformer_source(), TransformerSource::ReferenceFile);
+    let (out, t) = run_case(&pipe, "sd35m-tiny-cfg");
+    assert_matches("sd35m-tiny from single files", &out, &t);
+    // A named file that is not there is one clear error naming it.
+    std::fs::remove_file(dir.join("clip_g.safetensors")).unwrap();
+    let e = Pipeline::load(&dir, &LoadOptions::default()).err().expect("refused").to_string();
+    assert!(e.contains("clip_g.safetensors") && e.contains("text_encoder_2"), "{e}");
 }
 
 /// PSNR of the decoded image against the unquantized reference, per community GGUF type

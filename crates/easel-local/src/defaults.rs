@@ -67,7 +67,7 @@ mod tests {
     use super::*;
 
     fn defaults() -> ModelDefaults {
-        ModelDefaults { steps: Some(20), guidance: Some(4.0), scheduler: Some("euler-a".into()), negative_prompt: Some("blurry".into()), transformer: None, max_sequence_length: None }
+        ModelDefaults { steps: Some(20), guidance: Some(4.0), scheduler: Some("euler-a".into()), negative_prompt: Some("blurry".into()), transformer: None, max_sequence_length: None, text_encoders: Default::default() }
     }
 
     #[test]

@@ -49,11 +49,46 @@ pub struct LoadOptions {
     /// their outputs to the device, so a 16 GB card holds just the transformer, the VAE and
     /// the activations. Each new prompt then encodes on the CPU (in f32).
     pub offload_text_encoders: bool,
+    /// Text-encoder weights from single files (ComfyUI's); `easel.json` may name them too.
+    pub text_encoders: TextEncoderFiles,
 }
 
 impl Default for LoadOptions {
     fn default() -> Self {
-        Self { device: Device::Cpu, dtype: DType::F32, transformer: None, offload_text_encoders: false }
+        Self { device: Device::Cpu, dtype: DType::F32, transformer: None, offload_text_encoders: false, text_encoders: TextEncoderFiles::default() }
+    }
+}
+
+/// Text-encoder weights from single files instead of the folder's `text_encoder*/`, as ComfyUI
+/// ships them (`clip_l.safetensors`, `clip_g.safetensors`, `t5xxl_fp16.safetensors`, in
+/// transformers' names); each encoder's config and tokenizer still come from the folder. CLIP-L
+/// is `text_encoder` (SD 1.x, SDXL, FLUX, SD 3.5), CLIP-G `text_encoder_2` (SDXL, SD 3.5), T5
+/// FLUX's `text_encoder_2` and SD 3.5's `text_encoder_3`.
+#[derive(Debug, Clone, Default, PartialEq, serde::Deserialize)]
+pub struct TextEncoderFiles {
+    #[serde(default)]
+    pub clip_l: Option<PathBuf>,
+    #[serde(default)]
+    pub clip_g: Option<PathBuf>,
+    #[serde(default)]
+    pub t5: Option<PathBuf>,
+}
+
+impl TextEncoderFiles {
+    /// Each file given here, else the one `easel.json` names (relative to the model folder).
+    pub fn or_defaults(&self, dir: &Path, defaults: &ModelDefaults) -> Self {
+        let pick = |given: &Option<PathBuf>, default: &Option<PathBuf>| given.clone().or_else(|| default.as_ref().map(|f| dir.join(f)));
+        let d = &defaults.text_encoders;
+        Self { clip_l: pick(&self.clip_l, &d.clip_l), clip_g: pick(&self.clip_g, &d.clip_g), t5: pick(&self.t5, &d.t5) }
+    }
+}
+
+/// A component's weight files: `file` when given, else the folder's.
+fn weight_files(dir: &Path, component: &str, file: Option<&Path>, half: bool) -> Result<Vec<PathBuf>> {
+    match file {
+        Some(f) if f.is_file() => Ok(vec![f.to_path_buf()]),
+        Some(f) => Err(EngineError::MissingFile { path: f.to_path_buf(), hint: format!("the weights given for `{component}` are not there") }),
+        None => component_weights(dir, component, half),
     }
 }
 
@@ -66,11 +101,12 @@ pub(crate) struct TextStack {
 }
 
 impl TextStack {
-    /// Loads the CLIP encoder `dir/te` and the tokenizer `dir/tok`.
-    pub fn load(dir: &Path, te: &str, tok: &str, half: bool, dtype: DType, device: &Device) -> Result<Self> {
+    /// Loads the CLIP encoder `dir/te` (its weights from `file` when given) and the tokenizer
+    /// `dir/tok`.
+    pub fn load(dir: &Path, te: &str, tok: &str, file: Option<&Path>, half: bool, dtype: DType, device: &Device) -> Result<Self> {
         let config: ClipTextConfig = component_config(dir, te, "config.json")?;
         let tokenizer = Arc::new(PromptTokenizer::from_dir(&dir.join(tok), config.max_position_embeddings)?);
-        let base = Arc::new(load_tensors(&component_weights(dir, te, half)?, dtype, device)?);
+        let base = Arc::new(load_tensors(&weight_files(dir, te, file, half)?, dtype, device)?);
         let vb = VarBuilder::from_tensors((*base).clone(), dtype, device);
         let encoder = build(dir, te, ClipTextModel::new(vb, &config))?;
         Ok(Self { tokenizer, encoder, config, base })
@@ -107,9 +143,10 @@ pub(crate) struct T5Stack {
 }
 
 impl T5Stack {
-    /// Loads the T5 encoder `dir/te` and the tokenizer `dir/tok` (prompts padded or cut to
-    /// `max_len` tokens), for text encoders computing in `text_dtype` on `device`.
-    pub fn load(dir: &Path, te: &str, tok: &str, max_len: usize, text_dtype: DType, device: &Device) -> Result<Self> {
+    /// Loads the T5 encoder `dir/te` (its weights from `file` when given) and the tokenizer
+    /// `dir/tok` (prompts padded or cut to `max_len` tokens), for text encoders computing in
+    /// `text_dtype` on `device`.
+    pub fn load(dir: &Path, te: &str, tok: &str, file: Option<&Path>, max_len: usize, text_dtype: DType, device: &Device) -> Result<Self> {
         let config: T5Config = component_config(dir, te, "config.json")?;
         let tokenizer = Arc::new(PromptTokenizer::from_dir(&dir.join(tok), max_len)?);
         // T5 overflows in f16; bf16 and f32 are safe. On a GPU f16 runs T5 in bf16 (half the
@@ -119,7 +156,7 @@ impl T5Stack {
             (DType::F16, false) => DType::F32,
             (other, _) => other,
         };
-        let vb = load_var_builder(&component_weights(dir, te, dtype != DType::F32)?, dtype, device)?;
+        let vb = load_var_builder(&weight_files(dir, te, file, dtype != DType::F32)?, dtype, device)?;
         let model = build(dir, te, T5EncoderModel::load(vb, &config))?;
         Ok(Self { tokenizer, model: Arc::new(Mutex::new(model)), dtype, device: device.clone() })
     }
@@ -168,6 +205,33 @@ pub(crate) fn read_transformer_weights(
         (false, Layout::Diffusers) => TransformerSource::Diffusers,
     };
     Ok((w, source))
+}
+
+/// A transformer's weights as loaded (FLUX, SD 3.5): the store before any LoRA, the type it
+/// computes in, its memory and where it came from. LoRA stacks build from `base`.
+#[derive(Clone)]
+pub(crate) struct TransformerWeights {
+    pub base: Arc<Weights>,
+    pub compute: DType,
+    pub bytes: usize,
+    pub summary: String,
+    pub source: TransformerSource,
+}
+
+impl TransformerWeights {
+    /// Reads `opts.transformer`, else `easel.json`'s `transformer`, else `dir/transformer/`
+    /// with `read` (the family's reader).
+    pub fn load(dir: &Path, opts: &LoadOptions, defaults: &ModelDefaults, read: fn(&Path, Option<&Path>, DType, &Device) -> Result<(Weights, TransformerSource)>) -> Result<Self> {
+        let from_defaults = defaults.transformer.as_ref().map(|f| dir.join(f));
+        let file = opts.transformer.as_ref().or(from_defaults.as_ref());
+        let (mut weights, source) = read(dir, file.map(PathBuf::as_path), opts.dtype, &opts.device)?;
+        // Quantized weights compute in f32 (candle's quantized matmul takes f32 activations).
+        let compute = if source == TransformerSource::Gguf { DType::F32 } else { opts.dtype };
+        weights.set_dtype(compute);
+        let (bytes, summary) = weights.memory();
+        tracing::info!(dir = %dir.display(), bytes, %summary, ?source, "transformer weights loaded");
+        Ok(Self { base: Arc::new(weights), compute, bytes, summary, source })
+    }
 }
 
 /// What to generate.
@@ -346,9 +410,13 @@ pub struct ModelDefaults {
     /// of `transformer/`, e.g. a GGUF file; `--transformer` overrides it.
     #[serde(default)]
     pub transformer: Option<PathBuf>,
-    /// SD 3.5: T5's prompt length in tokens (diffusers' `max_sequence_length`, default 256).
+    /// T5's prompt length in tokens (diffusers' `max_sequence_length`; defaults: FLUX.1-dev 512,
+    /// schnell and SD 3.5 256).
     #[serde(default)]
     pub max_sequence_length: Option<usize>,
+    /// Text-encoder single files (`clip_l`, `clip_g`, `t5`, relative to the model directory).
+    #[serde(default, flatten)]
+    pub text_encoders: TextEncoderFiles,
 }
 
 impl ModelDefaults {
@@ -358,7 +426,7 @@ impl ModelDefaults {
         let mut d: ModelDefaults = if path.exists() {
             read_json(&path)?
         } else {
-            ModelDefaults { steps: None, guidance: None, scheduler: None, negative_prompt: None, transformer: None, max_sequence_length: None }
+            ModelDefaults { steps: None, guidance: None, scheduler: None, negative_prompt: None, transformer: None, max_sequence_length: None, text_encoders: TextEncoderFiles::default() }
         };
         let (steps, guidance) = match (easel_hub::catalogue::for_model_dir(dir), family) {
             (Some(known), _) => (known.steps, known.guidance),

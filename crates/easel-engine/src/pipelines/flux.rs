@@ -18,7 +18,7 @@ use crate::error::{EngineError, Result};
 use crate::weights::keys::flux as flux_keys;
 use crate::weights::lora::{self, Component, LoraSpec, LoraTargets, TargetFamily};
 use crate::models::flux::{FluxInputs, FluxTransformer};
-use super::common::{read_transformer_weights, TransformerSource, component_config, split_batch, Family, GenerateParams, Generated, LoadOptions, ModelDefaults, StepCallback, T5Stack, TextStack, Timings, PromptCache};
+use super::common::{read_transformer_weights, TransformerSource, TransformerWeights, component_config, split_batch, Family, GenerateParams, Generated, LoadOptions, ModelDefaults, StepCallback, T5Stack, TextStack, Timings, PromptCache};
 use crate::weights::store::Weights;
 use crate::scheduler::{FlowMatchEuler, NoiseSource, Scheduler, SchedulerKind, SeededNoise};
 use super::vae::Vae;
@@ -35,15 +35,12 @@ pub struct FluxPipeline {
     text_device: Device,
     transformer: FluxTransformer,
     /// The transformer's weights before any LoRA.
-    base: Arc<Weights>,
+    weights: TransformerWeights,
     vae: Arc<Vae>,
     scheduler_config: SchedulerConfig,
     dtype: DType,
     device: Device,
     dir: PathBuf,
-    weights_bytes: usize,
-    weights_summary: String,
-    source: TransformerSource,
     embeddings: PromptCache<Encoded>,
 }
 
@@ -74,20 +71,16 @@ impl FluxPipeline {
         if config.patch_size != 1 {
             return Err(EngineError::BadConfig { path: dir.join("transformer/config.json"), message: "field `patch_size`: easel runs FLUX with patch_size 1".into() });
         }
-        let from_defaults = ModelDefaults::load(dir, Family::FluxDev)?.transformer.map(|f| dir.join(f));
-        let file = opts.transformer.as_ref().or(from_defaults.as_ref());
-        let (mut weights, source) = read_transformer(dir, file.map(PathBuf::as_path), dtype, device)?;
-        // Quantized weights compute in f32 (candle's quantized matmul takes f32 activations).
-        let compute = if source == TransformerSource::Gguf { DType::F32 } else { dtype };
-        weights.set_dtype(compute);
-        let (weights_bytes, weights_summary) = weights.memory();
-        let transformer = FluxTransformer::new(&weights, &config, compute, device)?;
-        tracing::info!(dir = %dir.display(), weights_bytes, %weights_summary, "FLUX transformer loaded");
+        let defaults = ModelDefaults::load(dir, Family::FluxDev)?;
+        let weights = TransformerWeights::load(dir, opts, &defaults, read_transformer)?;
+        let files = opts.text_encoders.or_defaults(dir, &defaults);
+        let weights_compute = weights.compute;
+        let transformer = FluxTransformer::new(&weights.base, &config, weights_compute, device)?;
 
         let text_device = if opts.offload_text_encoders { Device::Cpu } else { device.clone() };
         let clip_dtype = if opts.offload_text_encoders { DType::F32 } else { dtype };
-        let clip = TextStack::load(dir, "text_encoder", "tokenizer", clip_dtype != DType::F32, clip_dtype, &text_device)?;
-        let t5 = T5Stack::load(dir, "text_encoder_2", "tokenizer_2", max_sequence_length(config.guidance_embeds), clip_dtype, &text_device)?;
+        let clip = TextStack::load(dir, "text_encoder", "tokenizer", files.clip_l.as_deref(), clip_dtype != DType::F32, clip_dtype, &text_device)?;
+        let t5 = T5Stack::load(dir, "text_encoder_2", "tokenizer_2", files.t5.as_deref(), defaults.max_sequence_length.unwrap_or(max_sequence_length(config.guidance_embeds)), clip_dtype, &text_device)?;
         let vae = Arc::new(Vae::load(dir, half, dtype, device)?);
         let scheduler_config: SchedulerConfig = component_config(dir, "scheduler", "scheduler_config.json")?;
         if SchedulerKind::from_config(&scheduler_config) != Some(SchedulerKind::FlowMatchEuler) {
@@ -103,15 +96,12 @@ impl FluxPipeline {
             clip_dtype,
             text_device,
             transformer,
-            base: Arc::new(weights),
+            weights,
             vae,
             scheduler_config,
-            dtype: compute,
+            dtype: weights_compute,
             device: device.clone(),
             dir: dir.to_path_buf(),
-            weights_bytes,
-            weights_summary,
-            source,
             embeddings: Default::default(),
         })
     }
@@ -121,7 +111,7 @@ impl FluxPipeline {
         let c = &self.transformer.config;
         LoraTargets {
             family: TargetFamily::flux(c),
-            weights: HashMap::from([(Component::Transformer, self.base.shapes()), (Component::TextEncoder, self.clip.shapes())]),
+            weights: HashMap::from([(Component::Transformer, self.weights.base.shapes()), (Component::TextEncoder, self.clip.shapes())]),
         }
     }
 
@@ -131,23 +121,20 @@ impl FluxPipeline {
     pub fn with_loras(&self, stack: &[LoraSpec]) -> Result<Self> {
         let loaded = lora::LoadedStack::load(stack, &self.lora_targets())?;
         let pick = |c: Component| loaded.for_component(c);
-        let weights = self.base.with_adapters(&pick(Component::Transformer))?;
-        let transformer = FluxTransformer::new(&weights, &self.transformer.config, self.dtype, &self.device)?;
+        let merged = self.weights.base.with_adapters(&pick(Component::Transformer))?;
+        let transformer = FluxTransformer::new(&merged, &self.transformer.config, self.dtype, &self.device)?;
         Ok(Self {
             clip: self.clip.with_adapters(&pick(Component::TextEncoder), self.clip_dtype, &self.text_device)?,
             t5: self.t5.clone(),
             clip_dtype: self.clip_dtype,
             text_device: self.text_device.clone(),
             transformer,
-            base: self.base.clone(),
+            weights: self.weights.clone(),
             vae: self.vae.clone(),
             scheduler_config: self.scheduler_config.clone(),
             dtype: self.dtype,
             device: self.device.clone(),
             dir: self.dir.clone(),
-            weights_bytes: self.weights_bytes,
-            weights_summary: self.weights_summary.clone(),
-            source: self.source,
             embeddings: Default::default(),
         })
     }
@@ -164,12 +151,12 @@ impl FluxPipeline {
 
     /// Where the transformer weights came from.
     pub fn transformer_source(&self) -> TransformerSource {
-        self.source
+        self.weights.source
     }
 
     /// The transformer weights' memory in bytes, and a summary of their types.
     pub fn weights_memory(&self) -> (usize, &str) {
-        (self.weights_bytes, &self.weights_summary)
+        (self.weights.bytes, &self.weights.summary)
     }
 
     /// Width and height must be multiples of this (VAE factor times the 2x2 packing).

@@ -11,7 +11,7 @@ pub mod sd;
 pub mod sd3;
 pub mod vae;
 
-pub use common::{Family, GenerateParams, Generated, LoadOptions, ModelDefaults, SkipLayerGuidance, StepCallback};
+pub use common::{Family, GenerateParams, Generated, LoadOptions, ModelDefaults, SkipLayerGuidance, StepCallback, TextEncoderFiles};
 pub use flux::FluxPipeline;
 pub use sd::StableDiffusionPipeline;
 pub use sd3::Sd3Pipeline;

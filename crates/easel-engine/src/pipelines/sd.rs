@@ -64,7 +64,7 @@ impl StableDiffusionPipeline {
             "StableDiffusionXLPipeline" => Family::StableDiffusionXl,
             other => {
                 return Err(EngineError::Unsupported(format!(
-                    "pipeline class `{other}` in {} (easel loads StableDiffusionPipeline, StableDiffusionXLPipeline and FluxPipeline)",
+                    "pipeline class `{other}` in {} (easel loads StableDiffusionPipeline, StableDiffusionXLPipeline, FluxPipeline and StableDiffusion3Pipeline)",
                     dir.join("model_index.json").display()
                 )))
             }
@@ -73,14 +73,15 @@ impl StableDiffusionPipeline {
         let half = opts.dtype != DType::F32;
         let (dtype, device) = (opts.dtype, &opts.device);
 
-        let load_text = |te: &str, tok: &str| -> Result<Option<TextStack>> {
+        let files = opts.text_encoders.or_defaults(dir, &ModelDefaults::load(dir, family)?);
+        let load_text = |te: &str, tok: &str, file: Option<&Path>| -> Result<Option<TextStack>> {
             if !index.has(te) {
                 return Ok(None);
             }
-            TextStack::load(dir, te, tok, half, dtype, device).map(Some)
+            TextStack::load(dir, te, tok, file, half, dtype, device).map(Some)
         };
-        let text = load_text("text_encoder", "tokenizer")?;
-        let text_2 = load_text("text_encoder_2", "tokenizer_2")?;
+        let text = load_text("text_encoder", "tokenizer", files.clip_l.as_deref())?;
+        let text_2 = load_text("text_encoder_2", "tokenizer_2", files.clip_g.as_deref())?;
         if text.is_none() && text_2.is_none() {
             return Err(EngineError::BadConfig {
                 path: dir.join("model_index.json"),

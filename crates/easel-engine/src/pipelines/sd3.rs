@@ -16,7 +16,7 @@ use std::time::Instant;
 
 use candle_core::{DType, Device, Tensor, D};
 
-use super::common::{read_transformer_weights, TransformerSource, component_config, split_batch, Family, GenerateParams, Generated, LoadOptions, ModelDefaults, PromptCache, StepCallback, T5Stack, TextStack, Timings};
+use super::common::{read_transformer_weights, TransformerSource, TransformerWeights, component_config, split_batch, Family, GenerateParams, Generated, LoadOptions, ModelDefaults, PromptCache, StepCallback, T5Stack, TextStack, Timings};
 use super::vae::Vae;
 use crate::config::{read_json, ModelIndex, SchedulerConfig, Sd3TransformerConfig};
 use crate::error::{EngineError, Result};
@@ -44,15 +44,12 @@ pub struct Sd3Pipeline {
     text_device: Device,
     transformer: Mmdit,
     /// The transformer's weights before any LoRA.
-    base: Arc<Weights>,
+    weights: TransformerWeights,
     vae: Arc<Vae>,
     scheduler_config: SchedulerConfig,
     dtype: DType,
     device: Device,
     dir: PathBuf,
-    weights_bytes: usize,
-    weights_summary: String,
-    source: TransformerSource,
     embeddings: PromptCache<Encoded>,
 }
 
@@ -69,7 +66,7 @@ pub fn read_transformer(dir: &Path, file: Option<&Path>, dtype: DType, device: &
 }
 
 fn is_transformer_key(name: &str) -> bool {
-    const ROOTS: [&str; 8] = ["x_embedder.", "pos_embed", "t_embedder.", "y_embedder.", "context_embedder.", "joint_blocks.", "final_layer.", "context_processor."];
+    const ROOTS: [&str; 7] = ["x_embedder.", "pos_embed", "t_embedder.", "y_embedder.", "context_embedder.", "joint_blocks.", "final_layer."];
     ROOTS.iter().any(|r| name.starts_with(r))
 }
 
@@ -83,24 +80,19 @@ impl Sd3Pipeline {
         let (dtype, device) = (opts.dtype, &opts.device);
         let config: Sd3TransformerConfig = component_config(dir, "transformer", "config.json")?;
         let defaults = ModelDefaults::load(dir, Family::Sd3)?;
-        let from_defaults = defaults.transformer.as_ref().map(|f| dir.join(f));
-        let file = opts.transformer.as_ref().or(from_defaults.as_ref());
-        let (mut weights, source) = read_transformer(dir, file.map(PathBuf::as_path), dtype, device)?;
-        // Quantized weights compute in f32 (candle's quantized matmul takes f32 activations).
-        let compute = if source == TransformerSource::Gguf { DType::F32 } else { dtype };
-        weights.set_dtype(compute);
-        let (weights_bytes, weights_summary) = weights.memory();
-        let transformer = Mmdit::new(&weights, &config, compute, device)?;
-        tracing::info!(dir = %dir.display(), weights_bytes, %weights_summary, "SD3 transformer loaded");
+        let weights = TransformerWeights::load(dir, opts, &defaults, read_transformer)?;
+        let weights_compute = weights.compute;
+        let transformer = Mmdit::new(&weights.base, &config, weights_compute, device)?;
 
         let text_device = if opts.offload_text_encoders { Device::Cpu } else { device.clone() };
         let text_dtype = if opts.offload_text_encoders { DType::F32 } else { dtype };
         let text_half = text_dtype != DType::F32;
-        let clip_l = TextStack::load(dir, "text_encoder", "tokenizer", text_half, text_dtype, &text_device)?;
-        let clip_g = TextStack::load(dir, "text_encoder_2", "tokenizer_2", text_half, text_dtype, &text_device)?;
+        let files = opts.text_encoders.or_defaults(dir, &defaults);
+        let clip_l = TextStack::load(dir, "text_encoder", "tokenizer", files.clip_l.as_deref(), text_half, text_dtype, &text_device)?;
+        let clip_g = TextStack::load(dir, "text_encoder_2", "tokenizer_2", files.clip_g.as_deref(), text_half, text_dtype, &text_device)?;
         let t5 = if index.has("text_encoder_3") {
             let tokens = defaults.max_sequence_length.unwrap_or(T5_TOKENS);
-            Some(T5Stack::load(dir, "text_encoder_3", "tokenizer_3", tokens, text_dtype, &text_device)?)
+            Some(T5Stack::load(dir, "text_encoder_3", "tokenizer_3", files.t5.as_deref(), tokens, text_dtype, &text_device)?)
         } else {
             None
         };
@@ -120,15 +112,12 @@ impl Sd3Pipeline {
             text_dtype,
             text_device,
             transformer,
-            base: Arc::new(weights),
+            weights,
             vae,
             scheduler_config,
-            dtype: compute,
+            dtype: weights_compute,
             device: device.clone(),
             dir: dir.to_path_buf(),
-            weights_bytes,
-            weights_summary,
-            source,
             embeddings: Default::default(),
         })
     }
@@ -139,7 +128,7 @@ impl Sd3Pipeline {
         LoraTargets {
             family: TargetFamily::Sd3 { hidden: c.hidden_size(), blocks: c.num_layers },
             weights: HashMap::from([
-                (Component::Transformer, self.base.shapes()),
+                (Component::Transformer, self.weights.base.shapes()),
                 (Component::TextEncoder, self.clip_l.shapes()),
                 (Component::TextEncoder2, self.clip_g.shapes()),
             ]),
@@ -150,8 +139,8 @@ impl Sd3Pipeline {
     pub fn with_loras(&self, stack: &[LoraSpec]) -> Result<Self> {
         let loaded = lora::LoadedStack::load(stack, &self.lora_targets())?;
         let pick = |c: Component| loaded.for_component(c);
-        let weights = self.base.with_adapters(&pick(Component::Transformer))?;
-        let transformer = Mmdit::new(&weights, &self.transformer.config, self.dtype, &self.device)?;
+        let merged = self.weights.base.with_adapters(&pick(Component::Transformer))?;
+        let transformer = Mmdit::new(&merged, &self.transformer.config, self.dtype, &self.device)?;
         Ok(Self {
             clip_l: self.clip_l.with_adapters(&pick(Component::TextEncoder), self.text_dtype, &self.text_device)?,
             clip_g: self.clip_g.with_adapters(&pick(Component::TextEncoder2), self.text_dtype, &self.text_device)?,
@@ -159,15 +148,12 @@ impl Sd3Pipeline {
             text_dtype: self.text_dtype,
             text_device: self.text_device.clone(),
             transformer,
-            base: self.base.clone(),
+            weights: self.weights.clone(),
             vae: self.vae.clone(),
             scheduler_config: self.scheduler_config.clone(),
             dtype: self.dtype,
             device: self.device.clone(),
             dir: self.dir.clone(),
-            weights_bytes: self.weights_bytes,
-            weights_summary: self.weights_summary.clone(),
-            source: self.source,
             embeddings: Default::default(),
         })
     }
@@ -179,7 +165,7 @@ impl Sd3Pipeline {
 
     /// Where the transformer weights came from.
     pub fn transformer_source(&self) -> TransformerSource {
-        self.source
+        self.weights.source
     }
 
     /// Whether the model has a T5 encoder.
@@ -189,7 +175,7 @@ impl Sd3Pipeline {
 
     /// The transformer weights' memory in bytes, and a summary of their types.
     pub fn weights_memory(&self) -> (usize, &str) {
-        (self.weights_bytes, &self.weights_summary)
+        (self.weights.bytes, &self.weights.summary)
     }
 
     /// Width and height must be multiples of this (VAE factor times the 2x2 patches): 16.

@@ -26,3 +26,17 @@ pub fn rel_l2(a: &Tensor, b: &Tensor) -> f64 {
 pub fn psnr(a: &Tensor, b: &Tensor) -> f64 {
     easel_engine::parity::psnr(a, b).unwrap()
 }
+
+/// Copies a folder tree (a model, to change a file of it).
+pub fn copy_dir(src: &std::path::Path, dst: &std::path::Path) {
+    std::fs::create_dir_all(dst).unwrap();
+    for e in std::fs::read_dir(src).unwrap() {
+        let e = e.unwrap();
+        let to = dst.join(e.file_name());
+        if e.path().is_dir() {
+            copy_dir(&e.path(), &to);
+        } else {
+            std::fs::copy(e.path(), to).unwrap();
+        }
+    }
+}
