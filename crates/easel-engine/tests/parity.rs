@@ -1,8 +1,8 @@
 //! End-to-end parity with diffusers: the same tiny pipelines, the same init latents (and,
 //! for ancestral sampling, the same recorded noise) must give the same final latents and
 //! decoded images, for every scheduler. Measured on the 2026-11-30 fixtures: DDIM at most
-//! 1.34e-4 and 90 dB (sd15-tiny, whose schedule amplifies rounding most; bound 1.5e-3, 80 dB);
-//! every other case at most 1.9e-6 and at least 122 dB (bound 2e-5, 110 dB).
+//! 4.2e-5 and 101.9 dB (sd15-tiny, whose schedule amplifies rounding most; bound 4e-4, 90 dB);
+//! every other case at most 2.3e-6 and at least 125 dB (bound 2e-5, 110 dB).
 
 mod common;
 
@@ -37,7 +37,7 @@ fn check_pipeline(name: &str) {
         let err = rel_l2(&out.latents, &t["latents"]);
         let db = psnr(&out.decoded, &t["image"]);
         println!("{name} {case}: latents rel L2 {err:.2e}, image PSNR {db:.1} dB");
-        let (bound, min_db) = if case == "ddim" { (1.5e-3, 80.0) } else { (2e-5, 110.0) };
+        let (bound, min_db) = if case == "ddim" { (4e-4, 90.0) } else { (2e-5, 110.0) };
         if !(err < bound && db >= min_db) {
             failures.push(format!("{case}: rel L2 {err:.2e}, PSNR {db:.1}"));
         }
