@@ -45,6 +45,12 @@ if [ "${device%%:*}" = cuda ]; then
   # The CUDA libraries the binary links: the driver's, and PyTorch's nvidia wheels (or a CUDA install).
   nv=$(python3 -c "import nvidia, os; print(os.path.join(list(nvidia.__path__)[0], 'cu13', 'lib'))" 2>/dev/null || true)
   export LD_LIBRARY_PATH="${nv:+$nv:}/usr/local/cuda/lib64:${LD_LIBRARY_PATH:-}"
+  # Any library still unresolved is looked for where Python environments and CUDA installs keep them.
+  for lib in $(ldd "$easel" | awk '/not found/ {print $1}'); do
+    found=$(find /opt /usr /root -name "$lib" 2>/dev/null | head -1)
+    [ -n "$found" ] && export LD_LIBRARY_PATH="$(dirname "$found"):$LD_LIBRARY_PATH"
+  done
+  ldd "$easel" | grep "not found" && echo "the CUDA build lacks the libraries above"
   # Wheels carried in .whl (diffusers and what it needs that the image lacks).
   if ls .whl/*.whl >/dev/null 2>&1; then
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site

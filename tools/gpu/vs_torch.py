@@ -14,6 +14,7 @@ What each side does (so no figure flatters easel):
 - Peak device memory: PyTorch's torch.cuda.max_memory_reserved() (its allocator, without the
   CUDA context) against the easel process's peak in nvidia-smi (with its context, ~0.5 GiB), so
   memory comparisons lean in PyTorch's favour.
+- SD 3.5: one medium-shaped transformer step (`easel bench sd3`), as the UNet and FLUX steps.
 - GGUF: diffusers has no GGUF kernels of its own here, so easel's q8_0/q4_k steps are set
   against PyTorch's bf16 step.
 
@@ -23,6 +24,7 @@ What each side does (so no figure flatters easel):
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -63,6 +65,11 @@ FLUX_VAE = dict(in_channels=3, out_channels=3, latent_channels=16, block_out_cha
                 scaling_factor=0.3611, shift_factor=0.1159, use_quant_conv=False, use_post_quant_conv=False)
 FLUX_VAE_TINY = dict(FLUX_VAE, block_out_channels=(32, 64), layers_per_block=1, norm_num_groups=8,
                      down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2)
+SD35_MEDIUM = dict(sample_size=128, patch_size=2, in_channels=16, out_channels=16, num_layers=24, attention_head_dim=64,
+                  num_attention_heads=24, joint_attention_dim=4096, caption_projection_dim=1536, pooled_projection_dim=2048,
+                  pos_embed_max_size=384, dual_attention_layers=tuple(range(13)), qk_norm="rms_norm")
+SD35_TINY = dict(SD35_MEDIUM, sample_size=8, num_layers=2, attention_head_dim=8, num_attention_heads=2, joint_attention_dim=32,
+                 caption_projection_dim=16, pooled_projection_dim=32, pos_embed_max_size=16, dual_attention_layers=(0,))
 CLIP_L = dict(hidden_size=768, intermediate_size=3072, num_attention_heads=12, num_hidden_layers=12, projection_dim=768,
               vocab_size=49408, max_position_embeddings=77, hidden_act="quick_gelu")
 T5_XXL = dict(d_model=4096, d_ff=10240, d_kv=64, num_heads=64, num_layers=24, vocab_size=32128,
@@ -171,6 +178,7 @@ class Harness:
         r, peak = self.easel(["bench", "unet", "--model", folder, "--inputs", path, "--iters", str(self.args.iters), "--save-output", out,
                               "--device", self.args.device, "--dtype", DTYPE_NAMES[dtype]])
         self.row(f"SDXL UNet step {size}px b2 {DTYPE_NAMES[dtype]}", r["eval_s_median"], sec, self.rel(out, ref), peak, mib)
+        shutil.rmtree(folder, ignore_errors=True)  # the disk holds one real-size model at a time
 
     def flux_inputs(self, cfg, size, text):
         tokens, side = (size // 16) ** 2, size // 16
@@ -215,6 +223,35 @@ class Harness:
             self.row(f"  GGUF {q} step (vs torch {name})", qr["eval_s_median"], sec, self.rel(out, ref), qpeak, mib,
                      f"weights {qr['weights_bytes'] / 2**30:.2f} GiB")
             os.remove(gguf)
+        shutil.rmtree(folder, ignore_errors=True)
+
+    def sd3(self):
+        """One SD 3.5 medium-shaped transformer step (MMDiT-X, qk RMS norm), batch 2 as CFG runs it."""
+        from diffusers import SD3Transformer2DModel
+
+        cfg = SD35_TINY if self.args.tiny else SD35_MEDIUM
+        size, text = (64, 16) if self.args.tiny else (1024, 77 + 256)
+        dtype = torch.float32 if self.dev.type == "cpu" else torch.bfloat16
+        with torch.device(self.dev):
+            model = SD3Transformer2DModel(**cfg).to(dtype).eval()
+        folder = os.path.join(self.tmp, "sd3")
+        self.save_model(model, os.path.join("sd3", "transformer"))
+        inputs = dict(hidden_states=torch.randn(2, 16, size // 8, size // 8), timestep=torch.tensor([700.0, 700.0]),
+                      encoder_hidden_states=torch.randn(2, text, cfg["joint_attention_dim"]),
+                      pooled_projections=torch.randn(2, cfg["pooled_projection_dim"]))
+        path = os.path.join(self.tmp, "sd3-inputs.safetensors")
+        save_file(inputs, path)
+        x = {k: v.to(self.dev, torch.float32 if k == "timestep" else dtype) for k, v in inputs.items()}
+        sec, ref, mib = self.torch_time(lambda: model(**x, return_dict=False)[0])
+        del model
+        if self.dev.type == "cuda":
+            torch.cuda.empty_cache()
+        out = os.path.join(self.tmp, "sd3-out.safetensors")
+        name = DTYPE_NAMES[dtype]
+        r, peak = self.easel(["bench", "sd3", "--model", folder, "--inputs", path, "--iters", str(self.args.iters), "--save-output", out,
+                              "--device", self.args.device, "--dtype", name])
+        self.row(f"SD3.5-medium step {size}px b2 {name}", r["eval_s_median"], sec, self.rel(out, ref), peak, mib)
+        shutil.rmtree(folder, ignore_errors=True)
 
     def vae(self):
         from diffusers import AutoencoderKL
@@ -238,6 +275,7 @@ class Harness:
         r, peak = self.easel(["bench", "vae", "--model", folder, "--inputs", path, "--iters", str(self.args.iters), "--save-output", out,
                               "--device", self.args.device, "--dtype", name])
         self.row(f"VAE decode {size}px {name}", r["eval_s_median"], sec, self.rel(out, ref), peak, mib)
+        shutil.rmtree(folder, ignore_errors=True)
 
     def pipeline(self):
         """FLUX.1-dev-shaped pipeline end to end: the tiny fixture's tokenizers, real-size (or
@@ -291,7 +329,7 @@ def main():
     ap.add_argument("--iters", type=int, default=5)
     ap.add_argument("--steps", type=int, default=28)
     ap.add_argument("--quantize", default="q8_0,q4_k")
-    ap.add_argument("--only", default="unet,flux,vae,pipeline")
+    ap.add_argument("--only", default="unet,sd3,vae,flux,pipeline")
     ap.add_argument("--json", help="also write the rows here")
     args = ap.parse_args()
     torch.manual_seed(0)

@@ -45,6 +45,34 @@ pub struct JobSpec {
     /// SD 3.5's skip-layer guidance.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub skip_layer_guidance: Option<SkipLayerGuidance>,
+    /// Image-to-image: the picture to start from, already at the job's size.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub init_image: Option<InitImageSpec>,
+}
+
+/// Image-to-image's input as a job carries it through the queue: the picture checked and resized
+/// by the gateway (so a worker never meets a bad one), and diffusers' `strength`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct InitImageSpec {
+    /// PNG bytes, base64, at the job's width and height.
+    pub png_base64: String,
+    pub strength: f64,
+    /// Inpainting: the mask as PNG, base64, at the job's size (white repaints).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mask_png_base64: Option<String>,
+}
+
+impl InitImageSpec {
+    /// A short digest of the picture, for batch and cache keys.
+    pub fn digest(&self) -> String {
+        let mut h = Sha256::new();
+        h.update(self.png_base64.as_bytes());
+        if let Some(mask) = &self.mask_png_base64 {
+            h.update(b"\x1fmask\x1f");
+            h.update(mask.as_bytes());
+        }
+        hex::encode(&h.finalize()[..12])
+    }
 }
 
 /// Skip-layer guidance as diffusers' StableDiffusion3Pipeline takes it: `layers` are the
@@ -148,7 +176,10 @@ impl JobSpec {
         // Only jobs with the same LoRA stack share a batch: the stack changes the weights.
         let stack: Vec<String> = self.loras.iter().map(|l| format!("{}:{}", l.name, l.scale)).collect();
         let slg = self.skip_layer_guidance.as_ref().map(|g| format!("{:?}:{}:{}:{}", g.layers, g.scale, g.start, g.stop)).unwrap_or_default();
-        format!("{}|{}x{}|{}|{:?}|{}|{}|{slg}", self.queue_model(), self.width, self.height, self.steps, self.scheduler, self.guidance, stack.join(","))
+        // Image-to-image jobs batch with others of the same strength (it sets the first step);
+        // each keeps its own picture.
+        let strength = self.init_image.as_ref().map(|i| format!("{}{}", i.strength, if i.mask_png_base64.is_some() { "+mask" } else { "" })).unwrap_or_default();
+        format!("{}|{}x{}|{}|{:?}|{}|{}|{slg}|{strength}", self.queue_model(), self.width, self.height, self.steps, self.scheduler, self.guidance, stack.join(","))
     }
 
     /// A canonical hash of everything that determines the pixels; `None` without an explicit seed.
@@ -162,6 +193,7 @@ impl JobSpec {
             "guidance": self.guidance, "seed": self.seed, "scheduler": self.scheduler,
             "output_format": self.output_format, "output_compression": self.output_compression,
             "loras": self.loras, "skip_layer_guidance": self.skip_layer_guidance,
+            "init_image": self.init_image.as_ref().map(|i| (i.digest(), i.strength)),
         });
         Some(hex::encode(Sha256::digest(canonical.to_string().as_bytes())))
     }

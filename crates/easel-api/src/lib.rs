@@ -5,11 +5,13 @@
 //! turns a request into a [`JobSpec`] or an [`ApiError`] that names the bad parameter.
 
 mod error;
+mod image_input;
 mod job;
 mod lora;
 mod request;
 
 pub use error::{ApiError, ErrorBody};
-pub use job::{Event, Job, JobResult, JobSpec, JobStatus, RouteCandidate, RoutePlan, SkipLayerGuidance, StoredImage, Timings, WebhookFormat, PROVIDER_QUEUE_PREFIX};
+pub use image_input::{decode_base64_image, decode_image, InputImage, MAX_INPUT_SIDE};
+pub use job::{Event, InitImageSpec, Job, JobResult, JobSpec, JobStatus, RouteCandidate, RoutePlan, SkipLayerGuidance, StoredImage, Timings, WebhookFormat, PROVIDER_QUEUE_PREFIX};
 pub use lora::{check_name as check_lora_name, validate_loras, LoraRef, LoraRegistry, LoraSource, MAX_LORAS};
-pub use request::{ImageRequest, MemoryEstimate, ModelInfo, OutputFormat, ResponseFormat};
+pub use request::{ImageInputs, ImageRequest, MemoryEstimate, ModelInfo, OutputFormat, ResponseFormat};

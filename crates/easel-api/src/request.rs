@@ -114,6 +114,19 @@ pub struct ImageRequest {
     /// A LoRA stack: `[{"name": REGISTRY_NAME, "scale": 0.8}, ...]`, applied in order.
     #[serde(default)]
     pub loras: Option<Vec<crate::LoraRef>>,
+    /// Image-to-image: the picture to start from, base64 or a `data:image/...;base64,` URL
+    /// (PNG, JPEG or WebP, at most 4096x4096). The result has its size unless `size` is given,
+    /// in which case it is resized to that.
+    #[serde(default)]
+    pub image: Option<String>,
+    /// Image-to-image: how much of the picture is repainted, 0 to 1 (default 0.8), as diffusers'
+    /// `strength`.
+    #[serde(default)]
+    pub strength: Option<f64>,
+    /// Inpainting: a mask the picture's size, base64 or a data URL; white is repainted, black
+    /// kept (as diffusers).
+    #[serde(default)]
+    pub mask: Option<String>,
 }
 
 impl ImageRequest {
@@ -139,6 +152,9 @@ pub struct ModelInfo {
     /// Width and height must be multiples of this (8 for SD, 16 for FLUX).
     #[serde(default = "default_size_multiple")]
     pub size_multiple: usize,
+    /// The pictures the model takes besides the prompt.
+    #[serde(default, skip_serializing_if = "ImageInputs::is_none")]
+    pub image_inputs: ImageInputs,
     pub schedulers: Vec<String>,
     /// What one request needs in memory on the workers serving this model; `None` for closed
     /// providers (their memory is not ours).
@@ -151,6 +167,27 @@ pub struct ModelInfo {
     /// models without skip-layer guidance.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub skippable_layers: Option<usize>,
+}
+
+/// What pictures a model takes besides the prompt.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum ImageInputs {
+    /// The prompt only (closed providers, as easel routes them).
+    #[default]
+    None,
+    /// A picture to start from (image-to-image).
+    Image,
+    /// A picture, and a mask to inpaint within (Stable Diffusion).
+    ImageAndMask,
+    /// An inpainting model: a picture and a mask, always.
+    MaskRequired,
+}
+
+impl ImageInputs {
+    pub fn is_none(&self) -> bool {
+        *self == Self::None
+    }
 }
 
 fn default_size_multiple() -> usize {
@@ -231,9 +268,12 @@ impl ImageRequest {
         if !(1..=10).contains(&n) {
             return Err(ApiError::invalid("n", format!("n must be between 1 and 10, got {n}")));
         }
-        let (width, height) = match self.size.as_deref() {
-            None | Some("auto") => (model.default_size, model.default_size),
-            Some(s) => parse_size(s, model.max_side, model.size_multiple.max(1))?,
+        let image = self.image.as_deref().map(|text| crate::decode_base64_image("image", text)).transpose()?;
+        let multiple = model.size_multiple.max(1);
+        let (width, height) = match (self.size.as_deref(), &image) {
+            (None | Some("auto"), Some(image)) => image_size(image, model)?,
+            (None | Some("auto"), None) => (model.default_size, model.default_size),
+            (Some(s), _) => parse_size(s, model.max_side, multiple)?,
         };
         if let Some(memory) = &model.memory {
             memory.check(width, height, n as usize)?;
@@ -291,6 +331,38 @@ impl ImageRequest {
                 }
             }
         }
+        let mask = self.mask.as_deref().map(|text| crate::decode_base64_image("mask", text)).transpose()?;
+        let init_image = match image {
+            Some(image) => {
+                match (model.image_inputs, &mask) {
+                    (ImageInputs::None, _) => return Err(ApiError::invalid("image", format!("`{}` does not take an input image", model.id))),
+                    (ImageInputs::Image, Some(_)) => return Err(ApiError::invalid("mask", format!("`{}` does not inpaint; send the image without a mask", model.id))),
+                    (ImageInputs::MaskRequired, None) => return Err(ApiError::invalid("mask", format!("`{}` is an inpainting model: send a mask with the image", model.id))),
+                    _ => {}
+                }
+                if let Some(m) = &mask {
+                    if (m.width(), m.height()) != (image.width(), image.height()) {
+                        return Err(ApiError::invalid("mask", format!("mask is {}x{}, the image {}x{}: they must be the same size", m.width(), m.height(), image.width(), image.height())));
+                    }
+                }
+                let strength = self.strength.unwrap_or(DEFAULT_STRENGTH);
+                if !strength.is_finite() || !(0.0..=1.0).contains(&strength) {
+                    return Err(ApiError::invalid("strength", format!("strength must be between 0 and 1, got {strength}")));
+                }
+                // At least one whole step must run, however the model's family rounds.
+                if (steps as f64 * strength) < 1.0 {
+                    return Err(ApiError::invalid("strength", format!("strength {strength} with {steps} steps leaves no step to run; raise strength or steps")));
+                }
+                let mask_png_base64 = mask.map(|m| m.resized(width as u32, height as u32).to_base64_png());
+                Some(crate::InitImageSpec { png_base64: image.resized(width as u32, height as u32).to_base64_png(), strength, mask_png_base64 })
+            }
+            None if self.strength.is_some() => return Err(ApiError::invalid("strength", "strength needs an image to start from")),
+            None if self.mask.is_some() => return Err(ApiError::invalid("mask", "a mask needs the image it masks")),
+            None if model.image_inputs == ImageInputs::MaskRequired => {
+                return Err(ApiError::invalid("image", format!("`{}` is an inpainting model: send an image and a mask", model.id)))
+            }
+            None => None,
+        };
         let spec = JobSpec {
             model: model.id.clone(),
             prompt: self.prompt.clone(),
@@ -314,6 +386,7 @@ impl ImageRequest {
             preview_every,
             webhook_format: None,
             skip_layer_guidance,
+            init_image,
         };
         Ok((spec, self.response_format.unwrap_or_default()))
     }
@@ -382,6 +455,23 @@ impl ImageRequest {
     }
 }
 
+/// diffusers' StableDiffusionImg2ImgPipeline's default `strength`.
+const DEFAULT_STRENGTH: f64 = 0.8;
+
+/// The size an input image gives a request without `size`: its own, rounded down to the model's
+/// multiple, as diffusers' image processor does.
+fn image_size(image: &crate::InputImage, model: &ModelInfo) -> Result<(usize, usize), ApiError> {
+    let multiple = model.size_multiple.max(1);
+    let (w, h) = (image.width() as usize / multiple * multiple, image.height() as usize / multiple * multiple);
+    if w == 0 || h == 0 || w > model.max_side || h > model.max_side {
+        return Err(ApiError::invalid(
+            "image",
+            format!("image is {}x{}; without `size` it must be {multiple} to {} pixels on each side for this model (give `size` to resize it)", image.width(), image.height(), model.max_side),
+        ));
+    }
+    Ok((w, h))
+}
+
 fn parse_size(s: &str, max_side: usize, multiple: usize) -> Result<(usize, usize), ApiError> {
     let bad = || ApiError::invalid("size", format!("size must be WIDTHxHEIGHT with multiples of {multiple} up to {max_side} for this model, got `{s}`"));
     let (w, h) = s.split_once('x').ok_or_else(bad)?;
@@ -397,7 +487,7 @@ mod tests {
     use super::*;
 
     fn model() -> ModelInfo {
-        ModelInfo { id: "m".into(), default_steps: 20, default_guidance: 4.0, default_size: 64, max_side: 1024, size_multiple: 8, schedulers: vec!["euler".into()], memory: None, closed: false, skippable_layers: None }
+        ModelInfo { id: "m".into(), default_steps: 20, default_guidance: 4.0, default_size: 64, max_side: 1024, size_multiple: 8, schedulers: vec!["euler".into()], memory: None, closed: false, skippable_layers: None, image_inputs: ImageInputs::None }
     }
 
     fn req(v: serde_json::Value) -> Result<ImageRequest, serde_json::Error> {

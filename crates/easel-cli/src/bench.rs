@@ -295,8 +295,14 @@ fn vae_eval(model: &std::path::Path, inputs: &std::path::Path, timed: &Timed) ->
 }
 
 /// The reference cases `easel bench parity` runs: (pipeline, reference file).
-const PARITY_CASES: &[(&str, &str)] =
-    &[("sd15-tiny", "sd15-tiny-euler"), ("sd21v-tiny", "sd21v-tiny-euler"), ("sdxl-tiny", "sdxl-tiny-euler"), ("flux-dev-tiny", "flux-dev-tiny")];
+const PARITY_CASES: &[(&str, &str)] = &[
+    ("sd15-tiny", "sd15-tiny-euler"),
+    ("sd21v-tiny", "sd21v-tiny-euler"),
+    ("sdxl-tiny", "sdxl-tiny-euler"),
+    ("flux-dev-tiny", "flux-dev-tiny"),
+    ("sd35m-tiny", "sd35m-tiny-slg"),
+    ("sd35l-tiny", "sd35l-tiny-cfg"),
+];
 /// Bounds (latents relative L2 below, image PSNR in dB at least) per compute type. f32: the CPU
 /// parity tests'. f16: 10x the worst latents error measured on the CPU (4.1e-3, sd21v-tiny;
 /// 2026-11-30 fixtures) and 20 dB under the worst PSNR (60.7 dB). bf16 (no CPU matmul in candle, so not
@@ -479,6 +485,7 @@ fn shapes_quality(
                 scheduler,
                 init_latents: None,
                 skip_layer_guidance: None,
+                init_image: None,
             };
             let t = Instant::now();
             let out = pipe.generate(&params, None, &mut |_| true)?;

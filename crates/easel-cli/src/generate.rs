@@ -83,6 +83,19 @@ pub struct GenerateArgs {
     /// packed `[batch, tokens, 64]` for FLUX, as FluxPipeline takes them).
     #[arg(long)]
     init_latents: Option<PathBuf>,
+    /// Image-to-image: start from this picture (PNG, JPEG or WebP). The output has its size
+    /// (rounded down to the model's multiple) unless --width/--height say otherwise, in which
+    /// case it is resized to fit (Lanczos, as diffusers).
+    #[arg(long, value_name = "PATH")]
+    init_image: Option<PathBuf>,
+    /// Image-to-image: how much of the picture is repainted, from 0 (none) to 1 (all), as
+    /// diffusers' `strength`: the last strength x steps steps run.
+    #[arg(long, value_name = "S")]
+    strength: Option<f64>,
+    /// Inpainting (Stable Diffusion): a mask the --init-image's size; white is repainted, black
+    /// kept, as diffusers. Inpainting models (9-channel UNets) need one.
+    #[arg(long, value_name = "PATH")]
+    mask: Option<PathBuf>,
     /// SD 3.5: skip-layer guidance over these transformer layers (comma-separated, e.g. 7,8,9
     /// for 3.5 medium), as diffusers' `skip_guidance_layers`.
     #[arg(long, value_delimiter = ',', value_name = "LAYERS")]
@@ -102,6 +115,25 @@ pub struct GenerateArgs {
     /// Also print the stage timings as one JSON line on stdout (for benchmark harnesses).
     #[arg(long)]
     timings_json: bool,
+}
+
+/// diffusers' StableDiffusionImg2ImgPipeline's default `strength`.
+const DEFAULT_STRENGTH: f64 = 0.8;
+
+/// Reads `--init-image` under the API's rules (format, at most 4096x4096, no decompression
+/// bomb), checking that it is at least one size multiple on each side.
+fn read_init_image(path: &Path, multiple: usize) -> Result<easel_api::InputImage> {
+    let image = read_picture("--init-image", path)?;
+    if (image.width() as usize) < multiple || (image.height() as usize) < multiple {
+        anyhow::bail!("--init-image {}: {}x{} is smaller than the model's {multiple}-pixel size step", path.display(), image.width(), image.height());
+    }
+    Ok(image)
+}
+
+/// Reads a picture given by `flag` under the API's rules.
+fn read_picture(flag: &str, path: &Path) -> Result<easel_api::InputImage> {
+    let bytes = std::fs::read(path).with_context(|| format!("{flag} {}", path.display()))?;
+    easel_api::decode_image(flag.trim_start_matches('-'), &bytes).map_err(|e| anyhow::anyhow!("{flag} {}: {}", path.display(), e.body.message))
 }
 
 /// The path of image `i` of `n` for a requested output path.
@@ -161,11 +193,36 @@ pub fn run(args: GenerateArgs) -> Result<()> {
     let size = pipe.default_size();
     let seed = args.seed.unwrap_or_else(rand_seed);
     let init_latents = args.init_latents.as_deref().map(easel_engine::read_latents).transpose()?;
+    let init = args.init_image.as_deref().map(|path| read_init_image(path, pipe.size_multiple())).transpose()?;
+    let (width, height) = match &init {
+        Some(image) => (args.width.unwrap_or(image.width() as usize / pipe.size_multiple() * pipe.size_multiple()), args.height.unwrap_or(image.height() as usize / pipe.size_multiple() * pipe.size_multiple())),
+        None => (args.width.unwrap_or(size), args.height.unwrap_or(size)),
+    };
+    let init_image = match init {
+        Some(image) => {
+            let (image_w, image_h) = (image.width(), image.height());
+            let image = image.resized(width as u32, height as u32);
+            let init = easel_engine::InitImage::from_rgb(width, height, image.rgb(), args.strength.unwrap_or(DEFAULT_STRENGTH))?;
+            match &args.mask {
+                Some(path) => {
+                    let mask = read_picture("--mask", path)?;
+                    if (mask.width(), mask.height()) != (image_w, image_h) {
+                        anyhow::bail!("--mask {}: {}x{}, but --init-image is {image_w}x{image_h}; they must be the same size", path.display(), mask.width(), mask.height());
+                    }
+                    Some(init.with_mask(width, height, &mask.resized(width as u32, height as u32).luma())?)
+                }
+                None => Some(init),
+            }
+        }
+        None if args.strength.is_some() => anyhow::bail!("--strength: needs --init-image (the picture to start from)"),
+        None if args.mask.is_some() => anyhow::bail!("--mask: needs --init-image (the picture it masks)"),
+        None => None,
+    };
     let params = GenerateParams {
         prompt: prompt.clone(),
         negative_prompt: settings.negative_prompt,
-        width: args.width.unwrap_or(size),
-        height: args.height.unwrap_or(size),
+        width,
+        height,
         steps: settings.steps,
         guidance: settings.guidance,
         seed,
@@ -178,15 +235,20 @@ pub fn run(args: GenerateArgs) -> Result<()> {
             start: args.skip_layer_start,
             stop: args.skip_layer_stop,
         }),
+        init_image,
     };
     pipe.validate(&params)?;
+    let steps_to_run = match &params.init_image {
+        Some(image) => params.steps - image.first_step(params.steps, pipe.strength_rounding())?,
+        None => params.steps,
+    };
     let estimate = easel_local::memory_estimate(&pipe, easel_local::dir_bytes(&dir), easel_local::default_request_memory());
     if let Err(e) = estimate.check(params.width, params.height, params.batch) {
         let flag = if e.body.param.as_deref() == Some("n") { "-n" } else { "--width/--height" };
         anyhow::bail!("{flag}: {}", e.body.message);
     }
 
-    let bar = ProgressBar::new(params.steps as u64);
+    let bar = ProgressBar::new(steps_to_run as u64);
     bar.set_style(ProgressStyle::with_template("denoising {bar:30} {pos}/{len} [{elapsed_precise}<{eta_precise}]").unwrap_or_else(|_| ProgressStyle::default_bar()));
     let span = tracing::info_span!("generate", model = %model_spec, seed, steps = params.steps);
     let _enter = span.enter();

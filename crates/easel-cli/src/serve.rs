@@ -105,8 +105,8 @@ pub struct ServeArgs {
     /// In-process workers; 0 makes this an API node that leaves jobs to `easel worker` processes.
     #[arg(long, default_value_t = 1)]
     workers: usize,
-    /// Largest request body, in bytes.
-    #[arg(long, default_value_t = 1 << 20)]
+    /// Largest request body, in bytes (32 MiB: room for a base64 input image).
+    #[arg(long, default_value_t = 32 << 20)]
     max_body_bytes: usize,
     /// A JSON config file: {"api_keys": [{"name", "sha256" (hex of the secret) or "secret", "rate_per_minute"}]}.
     #[arg(long)]

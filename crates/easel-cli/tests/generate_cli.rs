@@ -348,3 +348,26 @@ fn lora_stacks_on_the_cli_match_diffusers() {
     );
     assert_fails_with(&easel(&["generate", "x", "--model", &sd15(), "--lora", &format!("{}:inf", a.display()), "-o", png.to_str().unwrap()]), &["finite"]);
 }
+
+/// `--init-image` and `--strength`: a FLUX image-to-image run keeps the picture's size, and bad
+/// pictures and strengths are one-line errors naming the flag.
+#[test]
+fn init_image_keeps_its_size_and_bad_images_and_strengths_are_one_line_errors() {
+    let tmp = tempfile::tempdir().unwrap();
+    let picture = tmp.path().join("in.png");
+    image::RgbImage::from_fn(80, 48, |x, y| image::Rgb([(3 * x) as u8, (5 * y) as u8, 128])).save(&picture).unwrap();
+    let out = tmp.path().join("out.png");
+    let flux = fixtures().join("flux-dev-tiny").display().to_string();
+    let ok = easel(&["generate", "--model", &flux, "a lighthouse", "--init-image", picture.to_str().unwrap(), "--strength", "0.6", "--steps", "5", "-o", out.to_str().unwrap()]);
+    assert!(ok.status.success(), "{}", String::from_utf8_lossy(&ok.stderr));
+    assert_eq!(image::image_dimensions(&out).unwrap(), (80, 48));
+
+    let junk = tmp.path().join("junk.png");
+    std::fs::write(&junk, b"not a picture").unwrap();
+    let sd = fixtures().join("sd15-tiny").display().to_string();
+    let o = out.to_str().unwrap();
+    assert_fails_with(&easel(&["generate", "--model", &sd, "x", "--strength", "0.5", "-o", o]), &["--strength", "--init-image"]);
+    assert_fails_with(&easel(&["generate", "--model", &sd, "x", "--init-image", junk.to_str().unwrap(), "-o", o]), &["--init-image", "not a PNG"]);
+    assert_fails_with(&easel(&["generate", "--model", &sd, "x", "--init-image", picture.to_str().unwrap(), "--strength", "2", "-o", o]), &["strength"]);
+    assert_fails_with(&easel(&["generate", "--model", &sd, "x", "--init-image", picture.to_str().unwrap(), "--strength", "0.1", "--steps", "4", "-o", o]), &["strength", "no step"]);
+}

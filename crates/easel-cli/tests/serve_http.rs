@@ -496,3 +496,100 @@ fn lora_stacks_by_name_each_job_gets_its_own() {
         assert!(r["error"]["param"].as_str().unwrap_or("").starts_with("loras"), "{r}");
     }
 }
+
+/// A drawn RGB picture as PNG bytes: ramps in two channels, so resizing and encoding show.
+fn test_png(width: u32, height: u32) -> Vec<u8> {
+    // The green channel is a hash of the position, so the PNG does not compress to nothing.
+    let img = image::RgbImage::from_fn(width, height, |x, y| {
+        image::Rgb([(255 * x / width.max(1)) as u8, ((x.wrapping_mul(2654435761) ^ y.wrapping_mul(40503)) >> 13) as u8, (255 * y / height.max(1)) as u8])
+    });
+    let mut out = std::io::Cursor::new(Vec::new());
+    img.write_to(&mut out, image::ImageFormat::Png).unwrap();
+    out.into_inner()
+}
+
+/// Image-to-image over HTTP: `image` (base64 or a data URL) and `strength` on generations and
+/// jobs; the result has the input's size unless `size` asks otherwise; the server and
+/// `easel generate --init-image` give the same pixels; inpainting with `mask`, on ordinary and
+/// inpainting models; bad images, masks and strengths are 400s naming the field, and an
+/// oversized body is a 413.
+#[test]
+fn img2img_and_inpainting_over_http_match_the_cli_and_refuse_bad_input() {
+    let tmp = tempfile::tempdir().unwrap();
+    let s = serve(tmp.path(), &[]);
+    let png = test_png(48, 32);
+    let b64 = base64::engine::general_purpose::STANDARD.encode(&png);
+    let body = json!({"prompt": "a red circle", "image": format!("data:image/png;base64,{b64}"), "strength": 0.5, "steps": 4, "seed": 3});
+    let (st, r) = post(&s, "/v1/images/generations", body);
+    assert_eq!(st, 200, "{r}");
+    let out = base64::engine::general_purpose::STANDARD.decode(r["data"][0]["b64_json"].as_str().unwrap()).unwrap();
+    let served = image::load_from_memory(&out).unwrap().to_rgb8();
+    assert_eq!(served.dimensions(), (48, 32), "the input's size");
+
+    // The CLI on the same picture, seed, steps and strength gives the same pixels.
+    let input = tmp.path().join("in.png");
+    std::fs::write(&input, &png).unwrap();
+    let cli_out = tmp.path().join("cli.png");
+    let cli = Command::new(env!("CARGO_BIN_EXE_easel"))
+        .args(["generate", "--model", &fixture("sd15-tiny"), "a red circle", "--init-image", input.to_str().unwrap(), "--strength", "0.5", "--steps", "4", "--seed", "3", "-o", cli_out.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(cli.status.success(), "{}", String::from_utf8_lossy(&cli.stderr));
+    assert_eq!(image::open(&cli_out).unwrap().to_rgb8().into_raw(), served.into_raw(), "server and CLI agree");
+
+    // Jobs take it too, with a size to resize to.
+    let (st, job) = post(&s, "/v1/jobs", json!({"prompt": "a red circle", "image": b64, "strength": 0.75, "steps": 4, "size": "64x64"}));
+    assert_eq!(st, 202, "{job}");
+    let done = wait_done(&s, job["id"].as_str().unwrap());
+    assert_eq!(done["status"], "succeeded", "{done}");
+
+    let junk = base64::engine::general_purpose::STANDARD.encode(b"not an image at all");
+    let huge = base64::engine::general_purpose::STANDARD.encode(test_png(4104, 8));
+    for (body, param) in [
+        (json!({"prompt": "x", "image": "%%%"}), "image"),
+        (json!({"prompt": "x", "image": junk}), "image"),
+        (json!({"prompt": "x", "image": huge}), "image"),
+        (json!({"prompt": "x", "image": b64, "strength": 1.5}), "strength"),
+        (json!({"prompt": "x", "image": b64, "strength": 0.1, "steps": 4}), "strength"),
+        (json!({"prompt": "x", "strength": 0.5}), "strength"),
+        (json!({"prompt": "x", "image": base64::engine::general_purpose::STANDARD.encode(test_png(4, 4))}), "image"),
+    ] {
+        let (st, r) = post(&s, "/v1/images/generations", body.clone());
+        assert_eq!((st, r["error"]["param"].as_str()), (400, Some(param)), "{r}");
+    }
+    // Inpainting: a mask (white repaints) the picture's size; an inpainting model needs both.
+    let mask_png = {
+        let m = image::GrayImage::from_fn(48, 32, |x, _| image::Luma([if x >= 24 { 255 } else { 0 }]));
+        let mut out = std::io::Cursor::new(Vec::new());
+        m.write_to(&mut out, image::ImageFormat::Png).unwrap();
+        base64::engine::general_purpose::STANDARD.encode(out.into_inner())
+    };
+    let (st, r) = post(&s, "/v1/images/generations", json!({"prompt": "x", "image": b64, "mask": mask_png, "strength": 1.0, "steps": 3, "seed": 1}));
+    assert_eq!(st, 200, "{r}");
+    for (body, param) in [
+        (json!({"prompt": "x", "mask": mask_png}), "mask"),
+        (json!({"prompt": "x", "image": base64::engine::general_purpose::STANDARD.encode(test_png(64, 32)), "mask": mask_png}), "mask"),
+    ] {
+        let (st, r) = post(&s, "/v1/images/generations", body.clone());
+        assert_eq!((st, r["error"]["param"].as_str()), (400, Some(param)), "{r}");
+    }
+    drop(s);
+    let inpainting = serve(tmp.path(), &["--model", &format!("inpaint={}", fixture("sd15-var-inpaint-tiny"))]);
+    let (st, r) = post(&inpainting, "/v1/images/generations", json!({"model": "inpaint", "prompt": "x"}));
+    assert_eq!((st, r["error"]["param"].as_str()), (400, Some("image")), "{r}");
+    let wide = base64::engine::general_purpose::STANDARD.encode(test_png(96, 32));
+    let (st, r) = post(&inpainting, "/v1/images/generations", json!({"model": "inpaint", "prompt": "x", "image": wide}));
+    assert_eq!((st, r["error"]["param"].as_str()), (400, Some("mask")), "{r}");
+    let wide_mask = {
+        let m = image::GrayImage::from_fn(96, 32, |x, _| image::Luma([if x >= 40 { 255 } else { 0 }]));
+        let mut out = std::io::Cursor::new(Vec::new());
+        m.write_to(&mut out, image::ImageFormat::Png).unwrap();
+        base64::engine::general_purpose::STANDARD.encode(out.into_inner())
+    };
+    let (st, r) = post(&inpainting, "/v1/images/generations", json!({"model": "inpaint", "prompt": "x", "image": wide, "mask": wide_mask, "steps": 3}));
+    assert_eq!(st, 200, "{r}");
+    drop(inpainting);
+    let small = serve(tmp.path(), &["--max-body-bytes", "2048"]);
+    let (st, _) = post(&small, "/v1/images/generations", json!({"prompt": "x", "image": base64::engine::general_purpose::STANDARD.encode(test_png(256, 256))}));
+    assert_eq!(st, 413);
+}

@@ -1,6 +1,6 @@
 //! Agreement with a diffusers reference: a reference file (written by tools/fixtures) holds the
-//! init latents, any recorded noise, the final latents and the decoded image of one diffusers
-//! run, with its parameters as metadata. The parity tests and `easel bench parity` (which runs
+//! init latents, any recorded noise, the init image of an image-to-image run, the final latents
+//! and the decoded image of one diffusers run, with its parameters as metadata. The parity tests and `easel bench parity` (which runs
 //! them on any device and dtype, for tools/gpu/check.sh) both measure through here.
 
 use std::collections::HashMap;
@@ -10,7 +10,7 @@ use candle_core::{DType, Device, Tensor};
 
 use crate::error::{EngineError, Result};
 use crate::scheduler::{NoiseSource, ReplayNoise};
-use crate::{GenerateParams, Pipeline, SchedulerKind};
+use crate::{GenerateParams, InitImage, Pipeline, SchedulerKind, SkipLayerGuidance};
 
 /// One diffusers run: its tensors and its string metadata.
 pub struct Reference {
@@ -45,21 +45,44 @@ impl Reference {
         raw.parse().map_err(|_| EngineError::param(key, format!("reference value `{raw}`")))
     }
 
+    /// Skip-layer guidance as the reference ran it (SD 3.5), if it did.
+    fn skip_layer_guidance(&self) -> Result<Option<SkipLayerGuidance>> {
+        let Some(layers) = self.meta.get("skip_guidance_layers").filter(|l| !l.is_empty()) else { return Ok(None) };
+        let layers = layers
+            .split(',')
+            .map(|l| l.trim().parse().map_err(|_| EngineError::param("skip_guidance_layers", format!("reference value `{layers}`"))))
+            .collect::<Result<Vec<usize>>>()?;
+        Ok(Some(SkipLayerGuidance {
+            layers,
+            scale: self.field("skip_layer_guidance_scale")?,
+            start: self.field("skip_layer_guidance_start")?,
+            stop: self.field("skip_layer_guidance_stop")?,
+        }))
+    }
+
     /// The request diffusers ran, starting from its init latents.
     pub fn params(&self) -> Result<GenerateParams> {
         let scheduler = self.meta.get("scheduler").map(|s| SchedulerKind::parse(s)).transpose()?;
+        let batch = match self.meta.get("num_images_per_prompt") {
+            Some(_) => self.field("num_images_per_prompt")?,
+            None => 1,
+        };
         Ok(GenerateParams {
             prompt: self.meta.get("prompt").cloned().unwrap_or_default(),
-            negative_prompt: self.meta.get("negative_prompt").cloned(),
+            negative_prompt: self.meta.get("negative_prompt").filter(|n| !n.is_empty()).cloned(),
             width: self.field("width")?,
             height: self.field("height")?,
             steps: self.field("steps")?,
             guidance: self.field("guidance")?,
             seed: 0,
-            batch: 1,
+            batch,
             scheduler,
             init_latents: Some(self.tensor("init_latents")?.clone()),
-            skip_layer_guidance: None,
+            skip_layer_guidance: self.skip_layer_guidance()?,
+            init_image: match self.tensors.get("init_image") {
+                Some(pixels) => Some(InitImage { pixels: pixels.clone(), strength: self.field("strength")?, mask: self.tensors.get("mask").cloned() }),
+                None => None,
+            },
         })
     }
 

@@ -16,6 +16,7 @@ use common::{copy_dir, fixtures, psnr, reference, rel_l2};
 use easel_engine::models::mmdit::MmditInputs;
 use easel_engine::pipelines::common::TransformerSource;
 use easel_engine::scheduler::{FlowMatchEuler, Scheduler};
+use easel_engine::parity::Reference;
 use easel_engine::{GenerateParams, Generated, LoadOptions, Pipeline, Sd3Pipeline, SkipLayerGuidance, Tensor};
 
 /// Relative L2 bound for latents, transformer outputs and embeddings: the largest measured
@@ -35,27 +36,9 @@ fn load(name: &str, transformer: Option<PathBuf>) -> Sd3Pipeline {
 
 /// Runs the reference case `case` and returns (output, reference tensors).
 fn run_case(pipe: &Sd3Pipeline, case: &str) -> (Generated, HashMap<String, Tensor>) {
-    let (t, meta) = reference(&format!("{case}.safetensors"));
-    let skip_layer_guidance = (!meta["skip_guidance_layers"].is_empty()).then(|| SkipLayerGuidance {
-        layers: meta["skip_guidance_layers"].split(',').map(|l| l.parse().unwrap()).collect(),
-        scale: meta["skip_layer_guidance_scale"].parse().unwrap(),
-        start: meta["skip_layer_guidance_start"].parse().unwrap(),
-        stop: meta["skip_layer_guidance_stop"].parse().unwrap(),
-    });
-    let params = GenerateParams {
-        prompt: meta["prompt"].clone(),
-        negative_prompt: Some(meta["negative_prompt"].clone()).filter(|n| !n.is_empty()),
-        width: meta["width"].parse().unwrap(),
-        height: meta["height"].parse().unwrap(),
-        steps: meta["steps"].parse().unwrap(),
-        guidance: meta["guidance"].parse().unwrap(),
-        seed: 0,
-        batch: meta["num_images_per_prompt"].parse().unwrap(),
-        scheduler: None,
-        init_latents: Some(t["init_latents"].clone()),
-        skip_layer_guidance,
-    };
-    (pipe.generate(&params, &mut |_| true).expect("generate"), t)
+    let reference = Reference::load(&fixtures().join("reference").join(format!("{case}.safetensors"))).expect("reference");
+    let params = reference.params().expect("reference parameters");
+    (pipe.generate(&params, &mut |_| true).expect("generate"), reference.tensors)
 }
 
 fn assert_matches(label: &str, out: &Generated, t: &HashMap<String, Tensor>) {
@@ -213,6 +196,7 @@ fn sizes_must_be_multiples_of_16_and_other_schedulers_are_refused() {
         scheduler: None,
         init_latents: None,
         skip_layer_guidance: None,
+        init_image: None,
     };
     let e = pipe.validate(&GenerateParams { width: 40, ..base.clone() }).unwrap_err().to_string();
     assert!(e.contains("width") && e.contains("16"), "{e}");

@@ -4,7 +4,7 @@
 //! family); [`settings`] fills what a request left out; [`model_info`] tells the server the
 //! same defaults, so the gateway's validation and the worker agree.
 
-use easel_api::ModelInfo;
+use easel_api::{ImageInputs, ModelInfo};
 use easel_engine::{EngineError, ModelDefaults, Pipeline, SchedulerKind};
 
 /// What a request asked for; `None` takes the model's default.
@@ -58,6 +58,11 @@ pub fn model_info(id: &str, pipe: &Pipeline, defaults: &ModelDefaults, weight_by
         skippable_layers: match pipe {
             Pipeline::Sd3(p) => Some(p.transformer().config.num_layers),
             _ => None,
+        },
+        image_inputs: match pipe {
+            Pipeline::StableDiffusion(p) if p.is_inpainting_unet() => ImageInputs::MaskRequired,
+            Pipeline::StableDiffusion(_) => ImageInputs::ImageAndMask,
+            Pipeline::Flux(_) | Pipeline::Sd3(_) => ImageInputs::Image,
         },
     })
 }

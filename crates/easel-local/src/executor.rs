@@ -222,6 +222,19 @@ impl Executor for EngineExecutor {
             let s = &j.spec;
             let asked = Requested { steps: Some(s.steps), guidance: Some(s.guidance), scheduler: s.scheduler.clone(), negative_prompt: s.negative_prompt.clone() };
             let settings = settings(defaults, &asked).map_err(|e| ExecError::Permanent(e.to_string()))?;
+            let init_image = match &s.init_image {
+                Some(image) => {
+                    let pixels = easel_api::decode_base64_image("image", &image.png_base64).map_err(|e| ExecError::Permanent(e.body.message))?;
+                    let (w, h) = (pixels.width() as usize, pixels.height() as usize);
+                    let mut init = easel_engine::InitImage::from_rgb(w, h, pixels.rgb(), image.strength).map_err(|e| ExecError::Permanent(e.to_string()))?;
+                    if let Some(mask) = &image.mask_png_base64 {
+                        let mask = easel_api::decode_base64_image("mask", mask).map_err(|e| ExecError::Permanent(e.body.message))?;
+                        init = init.with_mask(mask.width() as usize, mask.height() as usize, &mask.luma()).map_err(|e| ExecError::Permanent(e.to_string()))?;
+                    }
+                    Some(init)
+                }
+                None => None,
+            };
             params.push(GenerateParams {
                 prompt: s.prompt.clone(),
                 negative_prompt: settings.negative_prompt,
@@ -234,6 +247,7 @@ impl Executor for EngineExecutor {
                 scheduler: settings.scheduler,
                 init_latents: None,
                 skip_layer_guidance: s.skip_layer_guidance.as_ref().map(|g| easel_engine::SkipLayerGuidance { layers: g.layers.clone(), scale: g.scale, start: g.start, stop: g.stop }),
+                init_image,
             });
         }
         // Each job's first image is the batch row after the images of the jobs before it.

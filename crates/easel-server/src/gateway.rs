@@ -159,7 +159,7 @@ impl Gateway {
 
 /// A request routed to a closed provider, validated like a local one.
 pub fn remote_model_info(c: &Candidate) -> ModelInfo {
-    ModelInfo { id: format!("{}:{}", c.provider, c.model), default_steps: 28, default_guidance: 3.5, default_size: 1024, max_side: 2048, size_multiple: 16, schedulers: vec![], memory: None, closed: true, skippable_layers: None }
+    ModelInfo { id: format!("{}:{}", c.provider, c.model), default_steps: 28, default_guidance: 3.5, default_size: 1024, max_side: 2048, size_multiple: 16, schedulers: vec![], memory: None, closed: true, skippable_layers: None, image_inputs: easel_api::ImageInputs::None }
 }
 
 /// What a closed provider's answer becomes: the job record's result (images already stored).

@@ -18,7 +18,7 @@ use crate::error::{EngineError, Result};
 use crate::weights::keys::flux as flux_keys;
 use crate::weights::lora::{self, Component, LoraSpec, LoraTargets, TargetFamily};
 use crate::models::flux::{FluxInputs, FluxTransformer};
-use super::common::{read_transformer_weights, TransformerSource, TransformerWeights, component_config, split_batch, Family, GenerateParams, Generated, LoadOptions, ModelDefaults, StepCallback, T5Stack, TextStack, Timings, PromptCache};
+use super::common::{read_transformer_weights, TransformerSource, TransformerWeights, component_config, split_batch, Family, GenerateParams, Generated, LoadOptions, ModelDefaults, StepCallback, StrengthRounding, T5Stack, TextStack, Timings, PromptCache};
 use crate::weights::store::Weights;
 use crate::scheduler::{FlowMatchEuler, NoiseSource, Scheduler, SchedulerKind, SeededNoise};
 use super::vae::Vae;
@@ -194,6 +194,9 @@ impl FluxPipeline {
 
     /// Checks request parameters before any work is done.
     pub fn validate(&self, p: &GenerateParams) -> Result<()> {
+        if p.init_image.as_ref().is_some_and(|i| i.mask.is_some()) {
+            return Err(EngineError::param("mask", "inpainting runs on Stable Diffusion models; FLUX takes an image without a mask (image-to-image)"));
+        }
         let m = self.size_multiple();
         p.check_ranges(m, " for FLUX")?;
         if p.skip_layer_guidance.is_some() {
@@ -238,23 +241,50 @@ impl FluxPipeline {
 
     /// Runs several requests as one batch; they must share size, steps and guidance.
     pub fn generate_batch(&self, items: &[GenerateParams], on_step: StepCallback) -> Result<Vec<Generated>> {
+        self.generate_batch_with_noise(items, None, on_step)
+    }
+
+    /// [`Self::generate_batch`], with image-to-image's latent sample noise drawn from `noise`
+    /// when given (parity tests replay diffusers' draws) rather than each request's seed.
+    pub fn generate_batch_with_noise(&self, items: &[GenerateParams], mut noise: Option<&mut dyn NoiseSource>, on_step: StepCallback) -> Result<Vec<Generated>> {
         let first = items.first().ok_or_else(|| EngineError::param("batch", "no requests"))?;
         for p in items {
             self.validate(p)?;
-            if (p.width, p.height, p.steps) != (first.width, first.height, first.steps) || p.guidance != first.guidance {
-                return Err(EngineError::param("batch", "batched requests must share size, steps and guidance"));
+            if (p.width, p.height, p.steps) != (first.width, first.height, first.steps)
+                || p.guidance != first.guidance
+                || p.init_image.as_ref().map(|i| i.strength) != first.init_image.as_ref().map(|i| i.strength)
+            {
+                return Err(EngineError::param("batch", "batched requests must share size, steps, guidance and strength"));
             }
         }
         let m = self.size_multiple();
         let (lh, lw) = (first.height / m * 2, first.width / m * 2);
         let c = self.latent_channels();
         let mut timings = Timings::default();
+        let mut scheduler = FlowMatchEuler::new(&self.scheduler_config, first.steps, (lh / 2) * (lw / 2))?;
+        let start = match &first.init_image {
+            Some(image) => image.first_step(first.steps, StrengthRounding::FlowMatch)?,
+            None => 0,
+        };
 
+        // The init noise from each request's seed (or its init latents); for image-to-image,
+        // the encoded image noised to the first step's level (FluxImg2ImgPipeline's scale_noise).
         let mut latents = vec![];
         for p in items {
-            latents.push(match &p.init_latents {
+            let mut rng = SeededNoise::new(p.seed);
+            let init = match &p.init_latents {
                 Some(l) => l.to_device(&self.device)?.to_dtype(self.dtype)?,
-                None => pack(&SeededNoise::new(p.seed).randn(&[p.batch, c, lh, lw], self.dtype, &self.device)?)?,
+                None => pack(&rng.randn(&[p.batch, c, lh, lw], self.dtype, &self.device)?)?,
+            };
+            latents.push(match &p.init_image {
+                Some(image) => {
+                    let source: &mut dyn NoiseSource = match noise.as_mut() {
+                        Some(n) => &mut **n,
+                        None => &mut rng,
+                    };
+                    image.start_latents(&self.vae, source, pack, p.batch, &init, &scheduler, start)?
+                }
+                None => init,
             });
         }
         let mut latents = Tensor::cat(&latents, 0)?;
@@ -275,16 +305,15 @@ impl FluxPipeline {
         timings.text_encode = t0.elapsed();
 
         let t1 = Instant::now();
-        let mut scheduler = FlowMatchEuler::new(&self.scheduler_config, first.steps, latents.dim(1)?)?;
         let guidance = if self.uses_guidance() { Some(Tensor::full(first.guidance as f32, rows, &self.device)?) } else { None };
         let timesteps = scheduler.timesteps().to_vec();
         let mut no_noise = SeededNoise::new(0);
-        for (i, &t) in timesteps.iter().enumerate() {
+        for (i, &t) in timesteps.iter().enumerate().skip(start) {
             let ts = Tensor::full((t / 1000.0) as f32, rows, &self.device)?;
             let inputs = FluxInputs { img: &latents, img_ids: &img_ids, txt: &states, txt_ids: &txt_ids, timesteps: &ts, pooled: &pooled, guidance: guidance.as_ref() };
             let pred = self.transformer.forward(&inputs)?;
             latents = scheduler.step(&pred, i, &latents, &mut no_noise as &mut dyn NoiseSource)?;
-            if !on_step(&crate::preview::Step::packed(i + 1, timesteps.len(), &latents, (lh / 2, lw / 2))) {
+            if !on_step(&crate::preview::Step::packed(i + 1 - start, timesteps.len() - start, &latents, (lh / 2, lw / 2))) {
                 return Err(EngineError::Canceled);
             }
         }

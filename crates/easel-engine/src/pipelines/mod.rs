@@ -11,7 +11,7 @@ pub mod sd;
 pub mod sd3;
 pub mod vae;
 
-pub use common::{Family, GenerateParams, Generated, LoadOptions, ModelDefaults, SkipLayerGuidance, StepCallback, TextEncoderFiles};
+pub use common::{Family, GenerateParams, Generated, InitImage, LoadOptions, ModelDefaults, SkipLayerGuidance, StepCallback, TextEncoderFiles};
 pub use flux::FluxPipeline;
 pub use sd::StableDiffusionPipeline;
 pub use sd3::Sd3Pipeline;
@@ -86,6 +86,14 @@ impl Pipeline {
         }
     }
 
+    /// How this family's diffusers image-to-image pipeline turns `strength` into a first step.
+    pub fn strength_rounding(&self) -> common::StrengthRounding {
+        match self {
+            Self::StableDiffusion(_) => common::StrengthRounding::WholeSteps,
+            Self::Flux(_) | Self::Sd3(_) => common::StrengthRounding::FlowMatch,
+        }
+    }
+
     /// The scheduler a request without one gets.
     pub fn default_scheduler(&self) -> SchedulerKind {
         match self {
@@ -145,12 +153,13 @@ impl Pipeline {
         }
     }
 
-    /// Generates images for one request (`noise` feeds ancestral SD schedulers).
+    /// Generates images for one request (`noise`, when given, feeds ancestral SD schedulers and
+    /// image-to-image's latent sample, in diffusers' order).
     pub fn generate(&self, p: &GenerateParams, noise: Option<&mut dyn NoiseSource>, on_step: StepCallback) -> Result<Generated> {
         match self {
             Self::StableDiffusion(s) => s.generate(p, noise, on_step),
-            Self::Flux(f) => f.generate(p, on_step),
-            Self::Sd3(f) => f.generate(p, on_step),
+            Self::Flux(f) => f.generate_batch_with_noise(std::slice::from_ref(p), noise, on_step)?.pop().ok_or_else(|| EngineError::Unsupported("empty batch".into())),
+            Self::Sd3(f) => f.generate_batch_with_noise(std::slice::from_ref(p), noise, on_step)?.pop().ok_or_else(|| EngineError::Unsupported("empty batch".into())),
         }
     }
 
@@ -158,8 +167,8 @@ impl Pipeline {
     pub fn generate_batch(&self, items: &[GenerateParams], noise: Option<&mut dyn NoiseSource>, on_step: StepCallback) -> Result<Vec<Generated>> {
         match self {
             Self::StableDiffusion(s) => s.generate_batch(items, noise, on_step),
-            Self::Flux(f) => f.generate_batch(items, on_step),
-            Self::Sd3(f) => f.generate_batch(items, on_step),
+            Self::Flux(f) => f.generate_batch_with_noise(items, noise, on_step),
+            Self::Sd3(f) => f.generate_batch_with_noise(items, noise, on_step),
         }
     }
 }

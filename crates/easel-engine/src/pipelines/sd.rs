@@ -37,6 +37,59 @@ pub struct StableDiffusionPipeline {
     embeddings: PromptCache<Encoded>,
 }
 
+/// What the denoising loop of an inpainting batch adds, joined over its requests: the extra
+/// UNet input channels (9-channel UNets), or the blend with the picture (4-channel UNets).
+struct Inpainting {
+    /// `[mask, masked picture latents]` along channels, doubled for classifier-free guidance.
+    unet_extra: Option<Tensor>,
+    blend: Option<Blend>,
+}
+
+/// StableDiffusionInpaintPipeline's latent blending for 4-channel UNets: after step `i`, the
+/// region outside the mask is replaced by the picture's latents noised to step `i + 1`'s level
+/// (clean after the last step).
+struct Blend {
+    mask: Tensor,
+    image_latents: Tensor,
+    noise: Tensor,
+}
+
+impl Blend {
+    fn apply(&self, latents: &Tensor, scheduler: &dyn crate::scheduler::Scheduler, next: usize, steps: usize) -> Result<Tensor> {
+        let proper = if next < steps { scheduler.add_noise(&self.image_latents, &self.noise, next)? } else { self.image_latents.clone() };
+        let keep = (1.0 - &self.mask)?;
+        Ok((proper.broadcast_mul(&keep)? + latents.broadcast_mul(&self.mask)?)?)
+    }
+}
+
+impl Inpainting {
+    fn join(parts: &[InpaintStart], guided: bool) -> Result<Option<Self>> {
+        if parts.is_empty() {
+            return Ok(None);
+        }
+        let cat = |f: &dyn Fn(&InpaintStart) -> Option<&Tensor>| -> Result<Option<Tensor>> {
+            let all: Option<Vec<&Tensor>> = parts.iter().map(f).collect();
+            Ok(match all {
+                Some(all) => Some(Tensor::cat(&all, 0)?),
+                None => None,
+            })
+        };
+        let mask = cat(&|x| Some(&x.mask))?.ok_or_else(|| EngineError::param("mask", "no mask"))?;
+        let unet_extra = match cat(&|x| x.masked_image_latents.as_ref())? {
+            Some(masked) => {
+                let extra = Tensor::cat(&[&mask, &masked], 1)?;
+                Some(if guided { Tensor::cat(&[&extra, &extra], 0)? } else { extra })
+            }
+            None => None,
+        };
+        let blend = match (cat(&|x| x.image_latents.as_ref())?, unet_extra.is_none()) {
+            (Some(image_latents), true) => Some(Blend { mask, image_latents, noise: cat(&|x| Some(&x.noise))?.ok_or_else(|| EngineError::param("mask", "no noise"))? }),
+            _ => None,
+        };
+        Ok(Some(Self { unet_extra, blend }))
+    }
+}
+
 /// Ancestral noise for a batch: each request's rows come from its own seed stream, so a
 /// request gets the same image in a batch as alone.
 struct BatchNoise {
@@ -60,8 +113,9 @@ impl StableDiffusionPipeline {
     pub fn load(dir: &Path, opts: &LoadOptions) -> Result<Self> {
         let index: ModelIndex = read_json(&dir.join("model_index.json"))?;
         let family = match index.class_name.as_str() {
-            "StableDiffusionPipeline" => Family::StableDiffusion,
-            "StableDiffusionXLPipeline" => Family::StableDiffusionXl,
+            // The image-to-image and inpainting classes name the same components.
+            "StableDiffusionPipeline" | "StableDiffusionImg2ImgPipeline" | "StableDiffusionInpaintPipeline" => Family::StableDiffusion,
+            "StableDiffusionXLPipeline" | "StableDiffusionXLInpaintPipeline" => Family::StableDiffusionXl,
             other => {
                 return Err(EngineError::Unsupported(format!(
                     "pipeline class `{other}` in {} (easel loads StableDiffusionPipeline, StableDiffusionXLPipeline, FluxPipeline and StableDiffusion3Pipeline)",
@@ -218,6 +272,10 @@ impl StableDiffusionPipeline {
         if let Some(kind) = p.scheduler.filter(|k| k.is_flow_matching()) {
             return Err(EngineError::param("scheduler", format!("`{}` is for flow-matching models (FLUX), not Stable Diffusion", kind.name())));
         }
+        let inpainting = p.init_image.as_ref().is_some_and(|i| i.mask.is_some());
+        if self.is_inpainting_unet() && !inpainting {
+            return Err(EngineError::param("mask", "this is an inpainting model: give it a picture and a mask"));
+        }
         if let Some(l) = &p.init_latents {
             let want = self.latent_shape(p);
             if l.dims() != want {
@@ -232,7 +290,13 @@ impl StableDiffusionPipeline {
 
     fn latent_shape(&self, p: &GenerateParams) -> [usize; 4] {
         let f = self.vae_scale_factor();
-        [p.batch, self.unet.config.in_channels, p.height / f, p.width / f]
+        [p.batch, self.vae.config.latent_channels, p.height / f, p.width / f]
+    }
+
+    /// Whether the UNet is an inpainting one (SD 1.5/2 and SDXL inpainting: 9 input channels,
+    /// the latents, the mask and the masked picture's latents).
+    pub fn is_inpainting_unet(&self) -> bool {
+        self.unet.config.in_channels == 2 * self.vae.config.latent_channels + 1
     }
 
     /// Encodes one prompt, reusing the embeddings of recently seen prompts.
@@ -291,8 +355,11 @@ impl StableDiffusionPipeline {
         let first = items.first().ok_or_else(|| EngineError::param("batch", "no requests"))?;
         for p in items {
             self.validate(p)?;
-            if (p.width, p.height, p.steps, p.scheduler) != (first.width, first.height, first.steps, first.scheduler) || p.guidance != first.guidance {
-                return Err(EngineError::param("batch", "batched requests must share size, steps, scheduler and guidance"));
+            if (p.width, p.height, p.steps, p.scheduler) != (first.width, first.height, first.steps, first.scheduler)
+                || p.guidance != first.guidance
+                || p.init_image.as_ref().map(|i| (i.strength, i.mask.is_some())) != first.init_image.as_ref().map(|i| (i.strength, i.mask.is_some()))
+            {
+                return Err(EngineError::param("batch", "batched requests must share size, steps, scheduler, guidance, strength and whether they inpaint"));
             }
         }
         let kind = first.scheduler.unwrap_or_else(|| self.default_scheduler());
@@ -300,16 +367,41 @@ impl StableDiffusionPipeline {
         let guided = first.guidance > 1.0;
         let mut timings = Timings::default();
 
-        // Per-request latents from each request's own seed stream (or its init latents).
+        // Image-to-image starts part-way down the schedule.
+        let start = match &first.init_image {
+            Some(image) => image.first_step(first.steps, StrengthRounding::WholeSteps)?,
+            None => 0,
+        };
+        // Per-request latents from each request's own seed stream (or its init latents): the
+        // init noise, or for image-to-image the encoded image noised to the first step's level
+        // (the latent sample's noise drawn after the init noise, or from `noise` when given).
+        let mut noise = noise;
         let mut seeded: Vec<SeededNoise> = items.iter().map(|p| SeededNoise::new(p.seed)).collect();
+        let unet_sees_mask = self.is_inpainting_unet();
         let mut latents = vec![];
+        let mut inpaints = vec![];
         for (p, rng) in items.iter().zip(seeded.iter_mut()) {
-            latents.push(match &p.init_latents {
+            let init = match &p.init_latents {
                 Some(l) => l.to_device(&self.device)?.to_dtype(self.dtype)?,
                 None => self.random_latents(p, rng)?,
+            };
+            let source: &mut dyn NoiseSource = match noise.as_mut() {
+                Some(n) => &mut **n,
+                None => rng,
+            };
+            latents.push(match &p.init_image {
+                Some(image) if image.mask.is_some() => {
+                    let inpaint = image.inpaint_start(&self.vae, source, p.batch, &init, scheduler.as_ref(), start, unet_sees_mask)?;
+                    let start_latents = inpaint.latents.clone();
+                    inpaints.push(inpaint);
+                    start_latents
+                }
+                Some(image) => image.start_latents(&self.vae, source, |t| Ok(t.clone()), p.batch, &init, scheduler.as_ref(), start)?,
+                None => (init * scheduler.init_noise_sigma())?,
             });
         }
         let latents = Tensor::cat(&latents, 0)?;
+        let inpaint = Inpainting::join(&inpaints, guided)?;
         let mut batch_noise = BatchNoise { sources: seeded, counts: items.iter().map(|p| p.batch).collect() };
         let noise: &mut dyn NoiseSource = match noise {
             Some(n) => n,
@@ -352,11 +444,15 @@ impl StableDiffusionPipeline {
         timings.text_encode = t0.elapsed();
 
         let t1 = Instant::now();
-        let mut latents = (latents * scheduler.init_noise_sigma())?;
+        let mut latents = latents;
         let timesteps = scheduler.timesteps().to_vec();
-        for (i, &t) in timesteps.iter().enumerate() {
+        for (i, &t) in timesteps.iter().enumerate().skip(start) {
             let input = if guided { Tensor::cat(&[&latents, &latents], 0)? } else { latents.clone() };
             let input = scheduler.scale_model_input(&input, i)?;
+            let input = match inpaint.as_ref().and_then(|x| x.unet_extra.as_ref()) {
+                Some(extra) => Tensor::cat(&[&input, extra], 1)?,
+                None => input,
+            };
             let pred = self.unet.forward(&input, t, &context, added.as_ref())?;
             let pred = if guided {
                 let chunks = pred.chunk(2, 0)?;
@@ -366,8 +462,11 @@ impl StableDiffusionPipeline {
                 pred
             };
             latents = scheduler.step(&pred, i, &latents, noise)?;
+            if let Some(blend) = inpaint.as_ref().and_then(|x| x.blend.as_ref()) {
+                latents = blend.apply(&latents, scheduler.as_ref(), i + 1, timesteps.len())?;
+            }
             let format = if self.family == Family::StableDiffusionXl { &crate::preview::SDXL } else { &crate::preview::SD15 };
-            if !on_step(&crate::preview::Step::new(i + 1, timesteps.len(), &latents, format)) {
+            if !on_step(&crate::preview::Step::new(i + 1 - start, timesteps.len() - start, &latents, format)) {
                 return Err(EngineError::Canceled);
             }
         }

@@ -16,7 +16,7 @@ use std::time::Instant;
 
 use candle_core::{DType, Device, Tensor, D};
 
-use super::common::{read_transformer_weights, TransformerSource, TransformerWeights, component_config, split_batch, Family, GenerateParams, Generated, LoadOptions, ModelDefaults, PromptCache, StepCallback, T5Stack, TextStack, Timings};
+use super::common::{read_transformer_weights, TransformerSource, TransformerWeights, component_config, split_batch, Family, GenerateParams, Generated, LoadOptions, ModelDefaults, PromptCache, StepCallback, StrengthRounding, T5Stack, TextStack, Timings};
 use super::vae::Vae;
 use crate::config::{read_json, ModelIndex, SchedulerConfig, Sd3TransformerConfig};
 use crate::error::{EngineError, Result};
@@ -208,6 +208,9 @@ impl Sd3Pipeline {
 
     /// Checks request parameters before any work is done.
     pub fn validate(&self, p: &GenerateParams) -> Result<()> {
+        if p.init_image.as_ref().is_some_and(|i| i.mask.is_some()) {
+            return Err(EngineError::param("mask", "inpainting runs on Stable Diffusion models; SD 3.5 takes an image without a mask (image-to-image)"));
+        }
         let m = self.size_multiple();
         p.check_ranges(m, " for SD 3.5")?;
         let max = self.transformer.max_latent_side() * self.vae.scale_factor();
@@ -272,22 +275,50 @@ impl Sd3Pipeline {
         out.pop().ok_or_else(|| EngineError::Unsupported("empty batch".into()))
     }
 
+    /// Runs several requests as one batch; they must share size, steps and guidance.
+    pub fn generate_batch(&self, items: &[GenerateParams], on_step: StepCallback) -> Result<Vec<Generated>> {
+        self.generate_batch_with_noise(items, None, on_step)
+    }
+
     /// Runs several requests as one batch; they must share size, steps, guidance and skip-layer
     /// guidance.
-    pub fn generate_batch(&self, items: &[GenerateParams], on_step: StepCallback) -> Result<Vec<Generated>> {
+    /// [`Self::generate_batch`], with image-to-image's latent sample noise drawn from `noise`
+    /// when given (parity tests replay diffusers' draws) rather than each request's seed.
+    pub fn generate_batch_with_noise(&self, items: &[GenerateParams], mut noise: Option<&mut dyn NoiseSource>, on_step: StepCallback) -> Result<Vec<Generated>> {
         let first = items.first().ok_or_else(|| EngineError::param("batch", "no requests"))?;
         for p in items {
             self.validate(p)?;
-            if (p.width, p.height, p.steps) != (first.width, first.height, first.steps) || p.guidance != first.guidance || p.skip_layer_guidance != first.skip_layer_guidance {
-                return Err(EngineError::param("batch", "batched requests must share size, steps, guidance and skip-layer guidance"));
+            if (p.width, p.height, p.steps) != (first.width, first.height, first.steps)
+                || p.guidance != first.guidance
+                || p.skip_layer_guidance != first.skip_layer_guidance
+                || p.init_image.as_ref().map(|i| i.strength) != first.init_image.as_ref().map(|i| i.strength)
+            {
+                return Err(EngineError::param("batch", "batched requests must share size, steps, guidance, skip-layer guidance and strength"));
             }
         }
         let mut timings = Timings::default();
+        let mut scheduler = FlowMatchEuler::sd3(&self.scheduler_config, first.steps)?;
+        // StableDiffusion3Img2ImgPipeline rounds strength as FluxImg2ImgPipeline does.
+        let start = match &first.init_image {
+            Some(image) => image.first_step(first.steps, StrengthRounding::FlowMatch)?,
+            None => 0,
+        };
         let mut latents = vec![];
         for p in items {
-            latents.push(match &p.init_latents {
+            let mut rng = SeededNoise::new(p.seed);
+            let init = match &p.init_latents {
                 Some(l) => l.to_device(&self.device)?.to_dtype(self.dtype)?,
-                None => SeededNoise::new(p.seed).randn(&self.latent_shape(p), self.dtype, &self.device)?,
+                None => rng.randn(&self.latent_shape(p), self.dtype, &self.device)?,
+            };
+            latents.push(match &p.init_image {
+                Some(image) => {
+                    let source: &mut dyn NoiseSource = match noise.as_mut() {
+                        Some(n) => &mut **n,
+                        None => &mut rng,
+                    };
+                    image.start_latents(&self.vae, source, |t| Ok(t.clone()), p.batch, &init, &scheduler, start)?
+                }
+                None => init,
             });
         }
         let mut latents = Tensor::cat(&latents, 0)?;
@@ -317,10 +348,9 @@ impl Sd3Pipeline {
         timings.text_encode = t0.elapsed();
 
         let t1 = Instant::now();
-        let mut scheduler = FlowMatchEuler::sd3(&self.scheduler_config, first.steps)?;
         let timesteps = scheduler.timesteps().to_vec();
         let mut no_noise = SeededNoise::new(0);
-        for (i, &t) in timesteps.iter().enumerate() {
+        for (i, &t) in timesteps.iter().enumerate().skip(start) {
             let input = if guided { Tensor::cat(&[&latents, &latents], 0)? } else { latents.clone() };
             let ts = Tensor::full(t as f32, input.dim(0)?, &self.device)?;
             let pred = self.transformer.forward(&MmditInputs { x: &input, timesteps: &ts, pooled: &all_pooled, context: &all_states, skip_layers: &[] })?;
@@ -337,7 +367,7 @@ impl Sd3Pipeline {
                 pred
             };
             latents = scheduler.step(&pred, i, &latents, &mut no_noise as &mut dyn NoiseSource)?;
-            if !on_step(&crate::preview::Step::new(i + 1, timesteps.len(), &latents, &crate::preview::SD3)) {
+            if !on_step(&crate::preview::Step::new(i + 1 - start, timesteps.len() - start, &latents, &crate::preview::SD3)) {
                 return Err(EngineError::Canceled);
             }
         }

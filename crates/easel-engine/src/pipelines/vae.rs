@@ -1,20 +1,26 @@
-//! The `AutoencoderKL` decoder every pipeline family shares (4-channel SD, 16-channel FLUX),
-//! with diffusers' latent scaling and shift.
+//! The `AutoencoderKL` every pipeline family shares (4-channel SD, 16-channel FLUX and SD 3.5),
+//! with diffusers' latent scaling and shift. The decoder is loaded with the pipeline; the encoder
+//! only when the first image-to-image request needs it, so text-to-image never holds it.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
 
 use candle_core::{DType, Device, Tensor};
 
 use crate::config::{read_json, VaeConfig};
 use crate::error::Result;
-use crate::models::autoencoder_kl::AutoencoderKLDecoder;
+use crate::models::autoencoder_kl::{AutoencoderKLDecoder, AutoencoderKLEncoder};
+use crate::scheduler::NoiseSource;
 use crate::weights::source::component_weights;
 use crate::weights::{bad_weights, load_var_builder};
 
 /// A loaded VAE and its config.
 pub struct Vae {
     model: AutoencoderKLDecoder,
+    encoder: OnceLock<AutoencoderKLEncoder>,
     pub config: VaeConfig,
+    dir: PathBuf,
+    files: Vec<PathBuf>,
     dtype: DType,
     device: Device,
 }
@@ -23,9 +29,44 @@ impl Vae {
     /// Loads `dir/vae`.
     pub fn load(dir: &Path, half: bool, dtype: DType, device: &Device) -> Result<Self> {
         let config: VaeConfig = read_json(&dir.join("vae").join("config.json"))?;
-        let vb = load_var_builder(&component_weights(dir, "vae", half)?, dtype, device)?;
+        let files = component_weights(dir, "vae", half)?;
+        let vb = load_var_builder(&files, dtype, device)?;
         let model = AutoencoderKLDecoder::new(vb, &config).map_err(|e| bad_weights(&dir.join("vae"), &e))?;
-        Ok(Self { model, config, dtype, device: device.clone() })
+        Ok(Self { model, encoder: OnceLock::new(), config, dir: dir.join("vae"), files, dtype, device: device.clone() })
+    }
+
+    fn encoder(&self) -> Result<&AutoencoderKLEncoder> {
+        if let Some(encoder) = self.encoder.get() {
+            return Ok(encoder);
+        }
+        let vb = load_var_builder(&self.files, self.dtype, &self.device)?;
+        let encoder = AutoencoderKLEncoder::new(vb, &self.config).map_err(|e| bad_weights(&self.dir, &e))?;
+        // A concurrent first use may have set it meanwhile; either encoder is the same.
+        Ok(self.encoder.get_or_init(|| encoder))
+    }
+
+    /// Encodes images `[B, 3, H, W]` in `[0, 1]` to scaled latents as diffusers' image-to-image
+    /// pipelines do: a sample of the latent distribution (`mean + std * eps`, `eps` drawn from
+    /// `noise` with shape `[B, C, h, w]`), then `(z - shift_factor) * scaling_factor`.
+    pub fn encode(&self, images: &Tensor, noise: &mut dyn NoiseSource) -> Result<Tensor> {
+        let encoder = self.encoder()?;
+        let pixels = ((images.to_device(&self.device)?.to_dtype(self.dtype)? * 2.0)? - 1.0)?;
+        let mut moments = Vec::with_capacity(pixels.dim(0)?);
+        for i in 0..pixels.dim(0)? {
+            moments.push(encoder.encode(&pixels.narrow(0, i, 1)?)?);
+        }
+        let moments = Tensor::cat(&moments, 0)?;
+        let channels = self.config.latent_channels;
+        let mean = moments.narrow(1, 0, channels)?;
+        let log_var = moments.narrow(1, channels, channels)?.clamp(-30f32, 20f32)?;
+        let std = (log_var * 0.5)?.exp()?;
+        let eps = noise.randn(mean.dims(), mean.dtype(), mean.device())?;
+        let z = (mean + (std * eps)?)?;
+        let z = match self.config.shift_factor {
+            Some(shift) => (z - shift)?,
+            None => z,
+        };
+        Ok((z * self.config.scaling_factor)?)
     }
 
     /// The compute type (the pipeline's, for full-precision components).

@@ -38,6 +38,11 @@ impl Scheduler for Ddim {
     fn timesteps(&self) -> &[f64] {
         &self.timesteps
     }
+    fn add_noise(&self, original: &Tensor, noise: &Tensor, step: usize) -> Result<Tensor> {
+        // diffusers computes these square roots in the latents' float32.
+        let alpha = self.common.alphas_cumprod[self.timesteps[step] as usize] as f32;
+        Ok(((original * alpha.sqrt() as f64)? + (noise * (1.0 - alpha).sqrt() as f64)?)?)
+    }
     fn step(&mut self, model_output: &Tensor, step: usize, sample: &Tensor, _noise: &mut dyn NoiseSource) -> Result<Tensor> {
         let t = self.timesteps[step] as i64;
         let prev_t = t - self.step_ratio as i64;

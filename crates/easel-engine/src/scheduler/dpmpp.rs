@@ -90,6 +90,10 @@ impl Scheduler for DpmSolverPp {
     fn sigmas(&self) -> Option<&[f64]> {
         Some(&self.sigmas)
     }
+    fn add_noise(&self, original: &Tensor, noise: &Tensor, step: usize) -> Result<Tensor> {
+        let (alpha, sigma, _) = alpha_sigma_lambda(self.sigmas[step]);
+        Ok(((original * alpha)? + (noise * sigma)?)?)
+    }
     fn step(&mut self, model_output: &Tensor, step: usize, sample: &Tensor, _noise: &mut dyn NoiseSource) -> Result<Tensor> {
         let len = self.timesteps.len();
         let (alpha_s0, sigma_s0, lambda_s0) = alpha_sigma_lambda(self.sigmas[step]);

@@ -55,6 +55,11 @@ fn predict_x0(prediction: Prediction, model_output: &Tensor, sample: &Tensor, si
     })
 }
 
+/// `original + noise * sigma`, as both Euler schedulers' `add_noise`.
+fn add_sigma_noise(original: &Tensor, noise: &Tensor, sigma: f64) -> Result<Tensor> {
+    Ok((original + (noise * sigma)?)?)
+}
+
 fn scale_by_sigma(sample: &Tensor, sigma: f64) -> Result<Tensor> {
     Ok((sample / (sigma * sigma + 1.0).sqrt())?)
 }
@@ -87,6 +92,9 @@ impl Scheduler for Euler {
     }
     fn scale_model_input(&self, sample: &Tensor, step: usize) -> Result<Tensor> {
         scale_by_sigma(sample, self.sigmas[step])
+    }
+    fn add_noise(&self, original: &Tensor, noise: &Tensor, step: usize) -> Result<Tensor> {
+        add_sigma_noise(original, noise, self.sigmas[step])
     }
     fn step(&mut self, model_output: &Tensor, step: usize, sample: &Tensor, _noise: &mut dyn NoiseSource) -> Result<Tensor> {
         let (sigma, next) = (self.sigmas[step], self.sigmas[step + 1]);
@@ -123,6 +131,9 @@ impl Scheduler for EulerAncestral {
     }
     fn scale_model_input(&self, sample: &Tensor, step: usize) -> Result<Tensor> {
         scale_by_sigma(sample, self.sigmas[step])
+    }
+    fn add_noise(&self, original: &Tensor, noise: &Tensor, step: usize) -> Result<Tensor> {
+        add_sigma_noise(original, noise, self.sigmas[step])
     }
     fn step(&mut self, model_output: &Tensor, step: usize, sample: &Tensor, noise: &mut dyn NoiseSource) -> Result<Tensor> {
         let (from, to) = (self.sigmas[step], self.sigmas[step + 1]);

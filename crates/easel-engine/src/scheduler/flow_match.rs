@@ -83,6 +83,11 @@ impl Scheduler for FlowMatchEuler {
         &self.timesteps
     }
 
+    fn add_noise(&self, original: &Tensor, noise: &Tensor, step: usize) -> Result<Tensor> {
+        let sigma = self.sigmas[step];
+        Ok(((noise * sigma)? + (original * (1.0 - sigma))?)?)
+    }
+
     fn step(&mut self, model_output: &Tensor, step: usize, sample: &Tensor, _noise: &mut dyn NoiseSource) -> Result<Tensor> {
         let dt = self.sigmas[step + 1] - self.sigmas[step];
         let dtype = model_output.dtype();

@@ -106,6 +106,10 @@ pub trait Scheduler: Send {
     fn scale_model_input(&self, sample: &Tensor, _step: usize) -> Result<Tensor> {
         Ok(sample.clone())
     }
+    /// Noises clean latents to the level the schedule has at `step`, where an image-to-image run
+    /// starts (diffusers' `add_noise`, or `scale_noise` for flow matching, with the begin index
+    /// set to `step`).
+    fn add_noise(&self, original: &Tensor, noise: &Tensor, step: usize) -> Result<Tensor>;
     /// Advances `sample` from `step` to the next one given the model's prediction.
     fn step(&mut self, model_output: &Tensor, step: usize, sample: &Tensor, noise: &mut dyn NoiseSource) -> Result<Tensor>;
     /// The sigmas, where the scheduler has them (for tests and diagnostics).

@@ -117,7 +117,7 @@ pub struct ServerConfig {
 
 impl Default for ServerConfig {
     fn default() -> Self {
-        Self { max_body_bytes: 1 << 20, sync_timeout: Duration::from_secs(600), api_keys: None, allow_private_webhooks: false, max_jobs_per_key: 100, metrics_need_admin: false }
+        Self { max_body_bytes: 32 << 20, sync_timeout: Duration::from_secs(600), api_keys: None, allow_private_webhooks: false, max_jobs_per_key: 100, metrics_need_admin: false }
     }
 }
 

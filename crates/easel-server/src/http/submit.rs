@@ -91,12 +91,13 @@ pub(super) fn submit_request(
             };
             let situation = Situation { local_models: &local, local_wait_s: wait, enabled: &enabled, price: &price, spent_today_usd: all, spent_today_by_key_usd: mine };
             let mut plan = gw.plan(req.model.as_deref().unwrap_or(""), &hints, &situation)?;
-            // A LoRA stack runs on local engines only.
-            if req.loras.as_ref().is_some_and(|l| !l.is_empty()) {
+            // LoRA stacks and input images run on local engines only.
+            let local_only = [("loras", "LoRAs", req.loras.as_ref().is_some_and(|l| !l.is_empty())), ("image", "input images", req.image.is_some())];
+            if let Some((field, what, _)) = local_only.into_iter().find(|(_, _, asked)| *asked) {
                 let first = plan[0].provider.clone();
                 plan.retain(Candidate::is_local);
                 if plan.is_empty() {
-                    return Err(ApiError::invalid("loras", format!("LoRAs run on local engines; `{}` routes to {first} (use route: local)", req.model.as_deref().unwrap_or(""))));
+                    return Err(ApiError::invalid(field, format!("{what} run on local engines; `{}` routes to {first} (use route: local)", req.model.as_deref().unwrap_or(""))));
                 }
             }
             if plan[0].is_local() {
