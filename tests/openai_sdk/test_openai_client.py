@@ -71,3 +71,53 @@ def test_authentication():
     finally:
         proc.kill()
         proc.wait()
+
+
+def _png(width, height, alpha=None):
+    """A PNG made with the standard library: RGB, or RGBA with `alpha(x, y)`."""
+    import struct
+    import zlib
+
+    channels = 3 if alpha is None else 4
+    rows = b""
+    for y in range(height):
+        row = b"\x00"
+        for x in range(width):
+            px = bytes([(x * 5) % 256, 90, (y * 7) % 256])
+            row += px if alpha is None else px + bytes([alpha(x, y)])
+        rows += row
+
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 2 if alpha is None else 6, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(rows)) + chunk(b"IEND", b"")
+
+
+def test_images_edit_with_and_without_a_mask(client):
+    picture = ("photo.png", _png(48, 32), "image/png")
+    # No mask: the whole picture is reworked (image-to-image); the result keeps its size.
+    r = client.images.edit(model="tiny", image=picture, prompt="a watercolour", response_format="b64_json", extra_body={"steps": 3, "seed": 5, "strength": 0.6})
+    png = base64.b64decode(r.data[0].b64_json)
+    assert png[:8] == b"\x89PNG\r\n\x1a\n"
+    import struct
+
+    assert struct.unpack(">II", png[16:24]) == (48, 32), "the picture's size"
+    # OpenAI's mask: transparent pixels are edited.
+    mask = ("mask.png", _png(48, 32, alpha=lambda x, y: 0 if x >= 24 else 255), "image/png")
+    r = client.images.edit(model="tiny", image=picture, mask=mask, prompt="a red chair", n=2, response_format="b64_json", extra_body={"steps": 3, "seed": 5})
+    assert len(r.data) == 2
+
+
+def test_images_edit_bad_input_raises_bad_request(client):
+    picture = ("photo.png", _png(48, 32), "image/png")
+    cases = [
+        (dict(image=("junk.png", b"not a picture", "image/png")), "image"),
+        (dict(image=picture, mask=("mask.png", _png(48, 32), "image/png")), "mask"),  # no alpha channel
+        (dict(image=picture, mask=("mask.png", _png(32, 32, alpha=lambda x, y: 0), "image/png")), "mask"),  # another size
+        (dict(image=[picture, picture]), "image"),
+    ]
+    for kwargs, param in cases:
+        with pytest.raises(openai.BadRequestError) as e:
+            client.images.edit(model="tiny", prompt="x", **kwargs)
+        assert e.value.body["param"] == param, e.value.body

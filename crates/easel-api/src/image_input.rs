@@ -27,6 +27,12 @@ pub struct InputImage {
 
 /// Decodes PNG, JPEG or WebP bytes under the size and allocation limits.
 pub fn decode_image(field: &str, bytes: &[u8]) -> Result<InputImage, ApiError> {
+    // Alpha is dropped (transparent pixels keep their colour), as diffusers' convert("RGB").
+    let rgb = decode_dynamic(field, bytes)?.to_rgb8();
+    Ok(InputImage { width: rgb.width(), height: rgb.height(), rgb: rgb.into_raw() })
+}
+
+fn decode_dynamic(field: &str, bytes: &[u8]) -> Result<DynamicImage, ApiError> {
     let not_image = |why: String| ApiError::invalid(field, format!("{field} is not a PNG, JPEG or WebP image: {why}"));
     let open = || ImageReader::new(std::io::Cursor::new(bytes)).with_guessed_format().map_err(|e| not_image(e.to_string()));
     let mut reader = open()?;
@@ -43,10 +49,20 @@ pub fn decode_image(field: &str, bytes: &[u8]) -> Result<InputImage, ApiError> {
     limits.max_image_height = Some(MAX_INPUT_SIDE);
     limits.max_alloc = Some(MAX_DECODE_BYTES);
     reader.limits(limits);
-    let decoded: DynamicImage = reader.decode().map_err(|e| not_image(e.to_string()))?;
-    // Alpha is dropped (transparent pixels keep their colour), as diffusers' convert("RGB").
-    let rgb = decoded.to_rgb8();
-    Ok(InputImage { width: rgb.width(), height: rgb.height(), rgb: rgb.into_raw() })
+    reader.decode().map_err(|e| not_image(e.to_string()))
+}
+
+/// Decodes a mask as OpenAI's edits take it: a picture whose fully transparent pixels mark the
+/// region to edit, as easel's mask (white there, black elsewhere). A mask without an alpha
+/// channel marks nothing, so it is refused.
+pub fn decode_openai_mask(field: &str, bytes: &[u8]) -> Result<InputImage, ApiError> {
+    let image = decode_dynamic(field, bytes)?;
+    if !image.color().has_alpha() {
+        return Err(ApiError::invalid(field, format!("{field} must have an alpha channel: its fully transparent pixels mark where to edit")));
+    }
+    let rgba = image.to_rgba8();
+    let rgb = rgba.pixels().flat_map(|p| if p.0[3] == 0 { [255u8; 3] } else { [0u8; 3] }).collect();
+    Ok(InputImage { width: rgba.width(), height: rgba.height(), rgb })
 }
 
 /// Decodes a base64 string or a `data:image/...;base64,` URL, then the image in it.
@@ -146,6 +162,20 @@ mod tests {
         bomb.truncate(200);
         let e = decode_image("image", &bomb).unwrap_err();
         assert_eq!(e.body.param.as_deref(), Some("image"));
+    }
+
+    #[test]
+    fn openai_masks_mark_transparent_pixels_and_need_alpha() {
+        let mut rgba = image::RgbaImage::from_pixel(4, 2, image::Rgba([10, 20, 30, 255]));
+        rgba.put_pixel(1, 0, image::Rgba([10, 20, 30, 0]));
+        rgba.put_pixel(2, 1, image::Rgba([10, 20, 30, 128]));
+        let mut bytes = std::io::Cursor::new(Vec::new());
+        rgba.write_to(&mut bytes, image::ImageFormat::Png).unwrap();
+        let mask = decode_openai_mask("mask", bytes.get_ref()).unwrap();
+        let white: Vec<usize> = mask.luma().iter().enumerate().filter(|(_, &v)| v == 255).map(|(i, _)| i).collect();
+        assert_eq!(white, vec![1], "only the fully transparent pixel is edited");
+        let e = decode_openai_mask("mask", &png(4, 2)).unwrap_err();
+        assert!(e.body.message.contains("alpha"), "{}", e.body.message);
     }
 
     #[test]

@@ -328,6 +328,7 @@ pub fn router(state: AppState) -> Router {
     let limit = state.config.max_body_bytes;
     Router::new()
         .route("/v1/images/generations", post(generations))
+        .route("/v1/images/edits", post(openai::edits))
         .route("/v1/jobs", post(create_job).get(jobs::list_jobs))
         .route("/v1/cost", get(resources::cost))
         .route("/", get(studio::index))

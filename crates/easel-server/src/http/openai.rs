@@ -1,11 +1,83 @@
-//! OpenAI's images API: `POST /v1/images/generations`, waiting for the job and answering in
-//! OpenAI's shape (b64_json or signed URLs), with hot cache hits served from memory.
+//! OpenAI's images API: `POST /v1/images/generations` and `POST /v1/images/edits` (multipart),
+//! waiting for the job and answering in OpenAI's shape (b64_json or signed URLs), with hot cache
+//! hits served from memory.
+//!
+//! An edit is a generation with a picture: the multipart form becomes the same request as a
+//! JSON body (`image`, and `mask` with OpenAI's meaning turned into easel's), so it is
+//! validated, routed, queued, cached and answered by the one path.
+
+use axum::extract::Multipart;
 
 use super::*;
 
 pub(super) async fn generations(State(state): State<AppState>, headers: HeaderMap, body: Result<Bytes, axum::extract::rejection::BytesRejection>) -> ApiResult<Response> {
     let body = read_body(body, state.config.max_body_bytes).await?;
-    let Submitted { job, format, hit } = submit(&state, &headers, &body).inspect_err(|e| state.metrics.error(&format!("http_{}", e.status)))?;
+    answer(&state, &headers, &body).await
+}
+
+/// `POST /v1/images/edits`: OpenAI's multipart form (`image` or `image[]`, `mask`, `prompt`,
+/// `model`, `n`, `size`, `response_format`, and easel's own fields as text parts).
+pub(super) async fn edits(State(state): State<AppState>, headers: HeaderMap, form: Result<Multipart, axum::extract::multipart::MultipartRejection>) -> ApiResult<Response> {
+    let form = form.map_err(|e| ApiError::bad_body(format!("images/edits takes a multipart/form-data body: {}", e.body_text())))?;
+    let body = edit_request(form, state.config.max_body_bytes).await?;
+    answer(&state, &headers, &body).await
+}
+
+/// The fields of an edit form whose values are numbers in the JSON request.
+const NUMERIC_FIELDS: [&str; 8] = ["n", "seed", "steps", "guidance_scale", "strength", "output_compression", "priority", "preview_every"];
+
+/// An edit form as the JSON body of the equivalent generation request.
+async fn edit_request(mut form: Multipart, limit: usize) -> Result<Bytes, ApiError> {
+    let multipart_error = |e: axum::extract::multipart::MultipartError| {
+        if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
+            return ApiError::too_large(limit);
+        }
+        ApiError::bad_body(format!("the multipart body is malformed: {}", e.body_text()))
+    };
+    let mut body = serde_json::Map::new();
+    let mut images = 0;
+    while let Some(part) = form.next_field().await.map_err(multipart_error)? {
+        let name = part.name().unwrap_or_default().to_string();
+        let bytes = part.bytes().await.map_err(multipart_error)?;
+        match name.as_str() {
+            "image" | "image[]" => {
+                images += 1;
+                if images > 1 {
+                    return Err(ApiError::invalid("image", "local models edit one image; send one `image`"));
+                }
+                body.insert("image".into(), serde_json::Value::String(base64::engine::general_purpose::STANDARD.encode(&bytes)));
+            }
+            "mask" => {
+                let mask = easel_api::decode_openai_mask("mask", &bytes)?;
+                body.insert("mask".into(), serde_json::Value::String(mask.to_base64_png()));
+            }
+            field => {
+                let text = String::from_utf8(bytes.to_vec()).map_err(|_| ApiError::invalid(field, format!("{field} must be text")))?;
+                let value = if NUMERIC_FIELDS.contains(&field) {
+                    let number: serde_json::Number = text.trim().parse().map_err(|_| ApiError::invalid(field, format!("{field} must be a number, got `{text}`")))?;
+                    serde_json::Value::Number(number)
+                } else {
+                    serde_json::Value::String(text)
+                };
+                body.insert(field.to_string(), value);
+            }
+        }
+    }
+    if images == 0 {
+        return Err(ApiError::invalid("image", "images/edits needs an `image` to edit"));
+    }
+    // With a mask, the masked region is repainted from noise, as OpenAI's edits and diffusers'
+    // inpainting default to; without one, the whole picture is reworked at easel's default.
+    if body.contains_key("mask") && !body.contains_key("strength") {
+        body.insert("strength".into(), serde_json::json!(1.0));
+    }
+    Ok(Bytes::from(serde_json::Value::Object(body).to_string()))
+}
+
+/// Submits a request body, waits for its job and answers in OpenAI's shape.
+async fn answer(state: &AppState, headers: &HeaderMap, body: &Bytes) -> ApiResult<Response> {
+    let state = state.clone();
+    let Submitted { job, format, hit } = submit(&state, headers, body).inspect_err(|e| state.metrics.error(&format!("http_{}", e.status)))?;
     if hit && format == ResponseFormat::B64Json {
         if let Some(bytes) = state.hot.lock().unwrap_or_else(|p| p.into_inner()).responses.get(&job.id) {
             return Ok(json_bytes(bytes.clone()));
@@ -20,7 +92,7 @@ pub(super) async fn generations(State(state): State<AppState>, headers: HeaderMa
     for img in &result.images {
         data.push(match format {
             ResponseFormat::Url => {
-                let url = state.store.signed_url(&img.key).unwrap_or_else(|| absolute_url(&headers, &state.image_urls.path(&img.key)));
+                let url = state.store.signed_url(&img.key).unwrap_or_else(|| absolute_url(headers, &state.image_urls.path(&img.key)));
                 serde_json::json!({ "url": url, "revised_prompt": null })
             }
             ResponseFormat::B64Json => serde_json::json!({ "b64_json": &*b64_image(&state, &img.key)?, "revised_prompt": null }),
