@@ -41,7 +41,7 @@ pub struct GenerateArgs {
     /// Images to generate.
     #[arg(short = 'n', long, default_value_t = 1)]
     batch: usize,
-    /// euler, euler-a, ddim, dpmpp-2m, dpmpp-2m-karras; flow-match-euler for FLUX (default: the model's own).
+    /// euler, euler-a, ddim, dpmpp-2m, dpmpp-2m-karras, lcm (LCM models and LCM-LoRAs); flow-match-euler for FLUX and SD 3.5 (default: the model's own).
     #[arg(long)]
     scheduler: Option<String>,
     /// f32, f16 or bf16.

@@ -268,6 +268,12 @@ pub struct SchedulerConfig {
     pub lower_order_final: Option<bool>,
     #[serde(default)]
     pub euler_at_final: Option<bool>,
+    /// LCM: the distillation's step count, whose timesteps the schedule picks from (default 50).
+    #[serde(default)]
+    pub original_inference_steps: Option<usize>,
+    /// LCM: the timestep scale in the consistency boundary condition (default 10).
+    #[serde(default)]
+    pub timestep_scaling: Option<f64>,
     /// Flow matching (FLUX): the static sigma shift.
     #[serde(default)]
     pub shift: Option<f64>,

@@ -8,9 +8,9 @@
 //! DPM++ 2M with and without Karras sigmas, flow matching twice), the two ways diffusers rounds
 //! `strength`, VAE depths, non-square images and two images per prompt.
 //!
-//! Inpainting against StableDiffusionInpaintPipeline the same way: latent blending on ordinary
-//! 4-channel UNets, and a 9-channel inpainting UNet (latents, mask, masked picture), each at
-//! strength 1 (from pure noise, as diffusers' default) and below.
+//! Inpainting against StableDiffusionInpaintPipeline and StableDiffusionXLInpaintPipeline the
+//! same way: latent blending on ordinary 4-channel UNets, and a 9-channel inpainting UNet
+//! (latents, mask, masked picture), each at strength 1 (from pure noise) and below.
 
 mod common;
 
@@ -103,6 +103,16 @@ fn inpainting_unet_with_9_channels_from_pure_noise_two_images_matches_diffusers(
     check("sd15-var-inpaint-tiny-euler-full-batch");
 }
 
+#[test]
+fn sdxl_inpaint_blending_matches_diffusers() {
+    check("sdxl-tiny-inpaint-euler");
+}
+
+#[test]
+fn sdxl_variant_inpaint_from_pure_noise_with_ddim_on_a_tall_image_matches_diffusers() {
+    check("sdxl-var-tiny-inpaint-ddim-full");
+}
+
 /// The mask decides what changes: two 4-channel inpainting runs from different noise (the same
 /// latent sample of the picture) end with identical latents outside the mask, which blending
 /// pins to the picture's, and different ones inside it.
@@ -169,7 +179,7 @@ fn masks_are_refused_where_they_cannot_work() {
 /// the flow-matching ones start at `int(steps - steps * strength)`.
 #[test]
 fn strength_picks_the_first_step_as_each_diffusers_pipeline_does() {
-    use easel_engine::pipelines::common::StrengthRounding::{FlowMatch, WholeSteps};
+    use easel_engine::pipelines::images_in::StrengthRounding::{FlowMatch, WholeSteps};
     let image = |strength| InitImage { pixels: Tensor::zeros((1, 3, 8, 8), easel_engine::DType::F32, &easel_engine::Device::Cpu).unwrap(), strength, mask: None };
     assert_eq!(image(0.6).first_step(6, WholeSteps).unwrap(), 3, "int(3.6) = 3 steps run");
     assert_eq!(image(0.55).first_step(6, WholeSteps).unwrap(), 3);

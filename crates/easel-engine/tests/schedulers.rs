@@ -43,7 +43,7 @@ fn schedules_match_diffusers() {
             }
         }
     }
-    assert_eq!(checked, 60);
+    assert_eq!(checked, 72);
 }
 
 #[test]

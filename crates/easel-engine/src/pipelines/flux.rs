@@ -18,9 +18,10 @@ use crate::error::{EngineError, Result};
 use crate::weights::keys::flux as flux_keys;
 use crate::weights::lora::{self, Component, LoraSpec, LoraTargets, TargetFamily};
 use crate::models::flux::{FluxInputs, FluxTransformer};
-use super::common::{read_transformer_weights, TransformerSource, TransformerWeights, component_config, split_batch, Family, GenerateParams, Generated, LoadOptions, ModelDefaults, StepCallback, StrengthRounding, T5Stack, TextStack, Timings, PromptCache};
+use super::common::{read_transformer_weights, TransformerSource, TransformerWeights, component_config, split_batch, Family, GenerateParams, Generated, LoadOptions, ModelDefaults, StepCallback, T5Stack, TextStack, Timings, PromptCache};
 use crate::weights::store::Weights;
 use crate::scheduler::{FlowMatchEuler, NoiseSource, Scheduler, SchedulerKind, SeededNoise};
+use super::images_in::StrengthRounding;
 use super::vae::Vae;
 
 /// Text conditioning of one prompt: (T5 states `[1, T, D]`, CLIP pooled `[1, P]`, truncated?).

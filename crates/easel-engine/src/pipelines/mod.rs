@@ -1,5 +1,6 @@
-//! The text-to-image pipelines, one module per model family, and [`Pipeline`]: a loaded model
-//! of any family behind one interface, chosen by `model_index.json`'s class.
+//! The pipelines, one module per model family (pictures in go through [`images_in`]), and
+//! [`Pipeline`]: a loaded model of any family behind one interface, chosen by
+//! `model_index.json`'s class.
 
 use std::path::Path;
 
@@ -7,6 +8,7 @@ use crate::config::{read_json, ModelIndex};
 use crate::error::{EngineError, Result};
 pub mod common;
 pub mod flux;
+pub mod images_in;
 pub mod sd;
 pub mod sd3;
 pub mod vae;
@@ -87,10 +89,10 @@ impl Pipeline {
     }
 
     /// How this family's diffusers image-to-image pipeline turns `strength` into a first step.
-    pub fn strength_rounding(&self) -> common::StrengthRounding {
+    pub fn strength_rounding(&self) -> images_in::StrengthRounding {
         match self {
-            Self::StableDiffusion(_) => common::StrengthRounding::WholeSteps,
-            Self::Flux(_) | Self::Sd3(_) => common::StrengthRounding::FlowMatch,
+            Self::StableDiffusion(_) => images_in::StrengthRounding::WholeSteps,
+            Self::Flux(_) | Self::Sd3(_) => images_in::StrengthRounding::FlowMatch,
         }
     }
 

@@ -1,5 +1,6 @@
-//! Text-to-image pipelines of the Stable Diffusion family (SD 1.x, 2.x, SDXL, Turbo variants),
-//! assembled from a diffusers-layout directory and run as diffusers runs them.
+//! The Stable Diffusion family (SD 1.x, 2.x, SDXL, Turbo variants, inpainting UNets): text-to-image,
+//! image-to-image and inpainting, assembled from a diffusers-layout directory and run as
+//! diffusers runs them.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -12,6 +13,7 @@ use candle_nn::VarBuilder;
 use crate::config::{read_json, ModelIndex, SchedulerConfig, UNetConfig};
 use crate::error::{EngineError, Result};
 use super::common::*;
+use super::images_in::{Inpainting, StrengthRounding};
 use super::vae::Vae;
 use crate::models::unet::{AddedCond, UNet2DConditionModel};
 use crate::scheduler::{NoiseSource, SchedulerKind, SeededNoise};
@@ -35,59 +37,6 @@ pub struct StableDiffusionPipeline {
     device: Device,
     dir: PathBuf,
     embeddings: PromptCache<Encoded>,
-}
-
-/// What the denoising loop of an inpainting batch adds, joined over its requests: the extra
-/// UNet input channels (9-channel UNets), or the blend with the picture (4-channel UNets).
-struct Inpainting {
-    /// `[mask, masked picture latents]` along channels, doubled for classifier-free guidance.
-    unet_extra: Option<Tensor>,
-    blend: Option<Blend>,
-}
-
-/// StableDiffusionInpaintPipeline's latent blending for 4-channel UNets: after step `i`, the
-/// region outside the mask is replaced by the picture's latents noised to step `i + 1`'s level
-/// (clean after the last step).
-struct Blend {
-    mask: Tensor,
-    image_latents: Tensor,
-    noise: Tensor,
-}
-
-impl Blend {
-    fn apply(&self, latents: &Tensor, scheduler: &dyn crate::scheduler::Scheduler, next: usize, steps: usize) -> Result<Tensor> {
-        let proper = if next < steps { scheduler.add_noise(&self.image_latents, &self.noise, next)? } else { self.image_latents.clone() };
-        let keep = (1.0 - &self.mask)?;
-        Ok((proper.broadcast_mul(&keep)? + latents.broadcast_mul(&self.mask)?)?)
-    }
-}
-
-impl Inpainting {
-    fn join(parts: &[InpaintStart], guided: bool) -> Result<Option<Self>> {
-        if parts.is_empty() {
-            return Ok(None);
-        }
-        let cat = |f: &dyn Fn(&InpaintStart) -> Option<&Tensor>| -> Result<Option<Tensor>> {
-            let all: Option<Vec<&Tensor>> = parts.iter().map(f).collect();
-            Ok(match all {
-                Some(all) => Some(Tensor::cat(&all, 0)?),
-                None => None,
-            })
-        };
-        let mask = cat(&|x| Some(&x.mask))?.ok_or_else(|| EngineError::param("mask", "no mask"))?;
-        let unet_extra = match cat(&|x| x.masked_image_latents.as_ref())? {
-            Some(masked) => {
-                let extra = Tensor::cat(&[&mask, &masked], 1)?;
-                Some(if guided { Tensor::cat(&[&extra, &extra], 0)? } else { extra })
-            }
-            None => None,
-        };
-        let blend = match (cat(&|x| x.image_latents.as_ref())?, unet_extra.is_none()) {
-            (Some(image_latents), true) => Some(Blend { mask, image_latents, noise: cat(&|x| Some(&x.noise))?.ok_or_else(|| EngineError::param("mask", "no noise"))? }),
-            _ => None,
-        };
-        Ok(Some(Self { unet_extra, blend }))
-    }
 }
 
 /// Ancestral noise for a batch: each request's rows come from its own seed stream, so a

@@ -16,7 +16,8 @@ use std::time::Instant;
 
 use candle_core::{DType, Device, Tensor, D};
 
-use super::common::{read_transformer_weights, TransformerSource, TransformerWeights, component_config, split_batch, Family, GenerateParams, Generated, LoadOptions, ModelDefaults, PromptCache, StepCallback, StrengthRounding, T5Stack, TextStack, Timings};
+use super::common::{read_transformer_weights, TransformerSource, TransformerWeights, component_config, split_batch, Family, GenerateParams, Generated, LoadOptions, ModelDefaults, PromptCache, StepCallback, T5Stack, TextStack, Timings};
+use super::images_in::StrengthRounding;
 use super::vae::Vae;
 use crate::config::{read_json, ModelIndex, SchedulerConfig, Sd3TransformerConfig};
 use crate::error::{EngineError, Result};

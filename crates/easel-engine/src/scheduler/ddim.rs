@@ -39,9 +39,7 @@ impl Scheduler for Ddim {
         &self.timesteps
     }
     fn add_noise(&self, original: &Tensor, noise: &Tensor, step: usize) -> Result<Tensor> {
-        // diffusers computes these square roots in the latents' float32.
-        let alpha = self.common.alphas_cumprod[self.timesteps[step] as usize] as f32;
-        Ok(((original * alpha.sqrt() as f64)? + (noise * (1.0 - alpha).sqrt() as f64)?)?)
+        self.common.add_noise_at(original, noise, self.timesteps[step] as usize)
     }
     fn step(&mut self, model_output: &Tensor, step: usize, sample: &Tensor, _noise: &mut dyn NoiseSource) -> Result<Tensor> {
         let t = self.timesteps[step] as i64;

@@ -8,6 +8,7 @@ mod ddim;
 mod dpmpp;
 mod euler;
 mod flow_match;
+mod lcm;
 
 use candle_core::{DType, Device, Tensor};
 
@@ -18,6 +19,7 @@ pub use ddim::Ddim;
 pub use dpmpp::DpmSolverPp;
 pub use euler::{Euler, EulerAncestral};
 pub use flow_match::{calculate_shift, FlowMatchEuler};
+pub use lcm::Lcm;
 
 /// The schedulers easel offers under `--scheduler`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -29,17 +31,20 @@ pub enum SchedulerKind {
     DpmPp2mKarras,
     /// Flow matching (FLUX); its schedule depends on the image size.
     FlowMatchEuler,
+    /// Latent consistency (LCM-distilled UNets and LCM-LoRAs).
+    Lcm,
 }
 
 impl SchedulerKind {
     /// All kinds with their CLI names.
-    pub const ALL: [(&'static str, SchedulerKind); 6] = [
+    pub const ALL: [(&'static str, SchedulerKind); 7] = [
         ("euler", SchedulerKind::Euler),
         ("euler-a", SchedulerKind::EulerAncestral),
         ("ddim", SchedulerKind::Ddim),
         ("dpmpp-2m", SchedulerKind::DpmPp2m),
         ("dpmpp-2m-karras", SchedulerKind::DpmPp2mKarras),
         ("flow-match-euler", SchedulerKind::FlowMatchEuler),
+        ("lcm", SchedulerKind::Lcm),
     ];
 
     /// Parses a CLI/API scheduler name.
@@ -64,6 +69,7 @@ impl SchedulerKind {
             "DPMSolverMultistepScheduler" if config.use_karras_sigmas == Some(true) => Some(Self::DpmPp2mKarras),
             "DPMSolverMultistepScheduler" => Some(Self::DpmPp2m),
             "FlowMatchEulerDiscreteScheduler" => Some(Self::FlowMatchEuler),
+            "LCMScheduler" => Some(Self::Lcm),
             _ => None,
         }
     }
@@ -84,6 +90,7 @@ impl SchedulerKind {
             Self::DpmPp2m => Box::new(DpmSolverPp::new(common()?, config, steps, false)?),
             Self::DpmPp2mKarras => Box::new(DpmSolverPp::new(common()?, config, steps, true)?),
             Self::FlowMatchEuler => Box::new(FlowMatchEuler::new(config, steps, image_seq_len)?),
+            Self::Lcm => Box::new(Lcm::new(common()?, config, steps)?),
         })
     }
 }
@@ -178,6 +185,13 @@ impl Common {
             other => return Err(bad("prediction_type", &format!("`{other}` is not supported (epsilon, v_prediction)"))),
         };
         Ok(Self { num_train_timesteps: n, alphas_cumprod, prediction, steps_offset: c.steps_offset.unwrap_or(0) })
+    }
+
+    /// `sqrt(a_t) x + sqrt(1 - a_t) noise` at training timestep `t` (DDIM's and LCM's
+    /// `add_noise`; diffusers takes the square roots in the latents' float32).
+    fn add_noise_at(&self, original: &Tensor, noise: &Tensor, t: usize) -> Result<Tensor> {
+        let alpha = self.alphas_cumprod[t] as f32;
+        Ok(((original * alpha.sqrt() as f64)? + (noise * (1.0 - alpha).sqrt() as f64)?)?)
     }
 
     /// `sqrt((1 - a) / a)` for every training timestep.

@@ -18,11 +18,12 @@ use super::*;
 
 /// A1111's sampler names easel implements, with their aliases, and the easel scheduler each
 /// means under A1111's "Automatic" and "Karras" schedules.
-const SAMPLERS: [(&str, &[&str], &str, Option<&str>); 4] = [
+const SAMPLERS: [(&str, &[&str], &str, Option<&str>); 5] = [
     ("Euler", &["k_euler"], "euler", None),
     ("Euler a", &["k_euler_a", "k_euler_ancestral"], "euler-a", None),
     ("DDIM", &["ddim"], "ddim", None),
     ("DPM++ 2M", &["k_dpmpp_2m"], "dpmpp-2m", Some("dpmpp-2m-karras")),
+    ("LCM", &["k_lcm"], "lcm", None),
 ];
 
 /// Per API key: the model `POST /options` chose and the job `/progress` reports on.
