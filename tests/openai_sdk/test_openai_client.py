@@ -109,6 +109,18 @@ def test_images_edit_with_and_without_a_mask(client):
     assert len(r.data) == 2
 
 
+def test_images_edit_uses_the_pictures_transparency_without_a_mask(client):
+    # As OpenAI's dall-e-2 edits: with no mask, the fully transparent pixels are the region to edit.
+    holed = ("holed.png", _png(48, 32, alpha=lambda x, y: 0 if 8 <= x < 24 else 255), "image/png")
+    r = client.images.edit(model="tiny", image=holed, prompt="a window", response_format="b64_json", extra_body={"steps": 3, "seed": 2})
+    assert base64.b64decode(r.data[0].b64_json)[:8] == b"\x89PNG\r\n\x1a\n"
+    import json
+    import urllib.request
+
+    job = json.load(urllib.request.urlopen(f"{client.base_url}jobs/{r.model_extra['easel']['job_id']}"))
+    assert job["request"]["init_image"] == {"digest": job["request"]["init_image"]["digest"], "strength": 1.0, "mask": True}, job["request"]
+
+
 def test_images_edit_bad_input_raises_bad_request(client):
     picture = ("photo.png", _png(48, 32), "image/png")
     cases = [

@@ -7,7 +7,7 @@
 //! is queued is the image already at the request's size, re-encoded as PNG.
 
 use base64::Engine as _;
-use image::{DynamicImage, ImageReader, Limits, RgbImage};
+use image::{DynamicImage, ImageDecoder as _, ImageReader, Limits, RgbImage};
 
 
 use crate::error::ApiError;
@@ -49,7 +49,16 @@ fn decode_dynamic(field: &str, bytes: &[u8]) -> Result<DynamicImage, ApiError> {
     limits.max_image_height = Some(MAX_INPUT_SIDE);
     limits.max_alloc = Some(MAX_DECODE_BYTES);
     reader.limits(limits);
-    reader.decode().map_err(|e| not_image(e.to_string()))
+    // Phone pictures store their rotation in EXIF; diffusers' load_image applies it too.
+    let mut decoder = reader.into_decoder().map_err(|e| not_image(e.to_string()))?;
+    // The pixel buffer is allocated at once: refuse it before, as ImageReader::decode does.
+    if decoder.total_bytes() > MAX_DECODE_BYTES {
+        return Err(not_image(format!("decoding would take {} bytes, over the {MAX_DECODE_BYTES}-byte limit", decoder.total_bytes())));
+    }
+    let orientation = decoder.orientation().unwrap_or(image::metadata::Orientation::NoTransforms);
+    let mut image = DynamicImage::from_decoder(decoder).map_err(|e| not_image(e.to_string()))?;
+    image.apply_orientation(orientation);
+    Ok(image)
 }
 
 /// Decodes a mask as OpenAI's edits take it: a picture whose fully transparent pixels mark the

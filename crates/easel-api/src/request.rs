@@ -119,8 +119,8 @@ pub struct ImageRequest {
     /// in which case it is resized to that.
     #[serde(default)]
     pub image: Option<String>,
-    /// Image-to-image: how much of the picture is repainted, 0 to 1 (default 0.8), as diffusers'
-    /// `strength`.
+    /// Image-to-image: how much of the picture is repainted, 0 to 1 (default 0.8, or 1 with a
+    /// mask), as diffusers' `strength`.
     #[serde(default)]
     pub strength: Option<f64>,
     /// Inpainting: a mask the picture's size, base64 or a data URL; white is repainted, black
@@ -276,7 +276,11 @@ impl ImageRequest {
             (Some(s), _) => parse_size(s, model.max_side, multiple)?,
         };
         if let Some(memory) = &model.memory {
-            memory.check(width, height, n as usize)?;
+            memory.check(width, height, n as usize).map_err(|e| match (&image, self.size.as_deref()) {
+                // The size came from the picture: say so.
+                (Some(_), None | Some("auto")) if e.body.param.as_deref() == Some("size") => ApiError::invalid("image", e.body.message.replace("size ", "the image's size ")),
+                _ => e,
+            })?;
         }
         let quality_steps = match self.quality.as_deref() {
             None | Some("auto") | Some("standard") | Some("medium") => model.default_steps,
@@ -293,6 +297,10 @@ impl ImageRequest {
         let guidance = self.guidance_scale.unwrap_or(model.default_guidance);
         if !guidance.is_finite() || !(0.0..=100.0).contains(&guidance) {
             return Err(ApiError::invalid("guidance_scale", "guidance_scale must be a number between 0 and 100"));
+        }
+        // LCMScheduler picks its steps from the distillation's 50 (diffusers refuses more).
+        if self.scheduler.as_deref() == Some("lcm") && steps > LCM_MAX_STEPS {
+            return Err(ApiError::invalid("steps", format!("the lcm scheduler runs at most {LCM_MAX_STEPS} steps (its distillation schedule's), got {steps}")));
         }
         if let Some(s) = &self.scheduler {
             if !model.schedulers.iter().any(|k| k == s) {
@@ -345,7 +353,9 @@ impl ImageRequest {
                         return Err(ApiError::invalid("mask", format!("mask is {}x{}, the image {}x{}: they must be the same size", m.width(), m.height(), image.width(), image.height())));
                     }
                 }
-                let strength = self.strength.unwrap_or(DEFAULT_STRENGTH);
+                // diffusers' defaults: 1 for inpainting (the masked region from pure noise), 0.8
+                // for image-to-image.
+                let strength = self.strength.unwrap_or(if mask.is_some() { 1.0 } else { DEFAULT_STRENGTH });
                 if !strength.is_finite() || !(0.0..=1.0).contains(&strength) {
                     return Err(ApiError::invalid("strength", format!("strength must be between 0 and 1, got {strength}")));
                 }
@@ -457,6 +467,8 @@ impl ImageRequest {
 
 /// diffusers' StableDiffusionImg2ImgPipeline's default `strength`.
 const DEFAULT_STRENGTH: f64 = 0.8;
+/// LCMScheduler's default `original_inference_steps`: its schedule has no more steps.
+const LCM_MAX_STEPS: usize = 50;
 
 /// The size an input image gives a request without `size`: its own, rounded down to the model's
 /// multiple, as diffusers' image processor does.
@@ -587,5 +599,45 @@ mod tests {
         assert_ne!(a.cache_key("m@1"), b.cache_key("m@1"));
         assert_ne!(a.cache_key("m@1"), a.cache_key("m@2"));
         assert_eq!(c.cache_key("m@1"), None);
+    }
+
+    fn png_b64(width: u32, height: u32, value: u8) -> String {
+        crate::InputImage::new(width, height, vec![value; (width * height * 3) as usize]).unwrap().to_base64_png()
+    }
+
+    #[test]
+    fn pictures_set_size_strength_defaults_and_their_own_refusals() {
+        let sd = ModelInfo { image_inputs: ImageInputs::ImageAndMask, ..model() };
+        let image = png_b64(48, 36, 100);
+        // The size comes from the picture, rounded down to the multiple; 0.8 without a mask, 1 with one.
+        let (s, _) = req(serde_json::json!({"prompt": "x", "image": image})).unwrap().validate(&sd, || 7).unwrap();
+        let init = s.init_image.unwrap();
+        assert_eq!((s.width, s.height, init.strength, init.mask_png_base64.is_some()), (48, 32, 0.8, false));
+        let (s, _) = req(serde_json::json!({"prompt": "x", "image": image, "mask": png_b64(48, 36, 255)})).unwrap().validate(&sd, || 7).unwrap();
+        assert_eq!(s.init_image.unwrap().strength, 1.0, "inpainting defaults to 1, as diffusers");
+        // A memory refusal for a size that came from the picture names the picture.
+        let tight = ModelInfo { memory: Some(MemoryEstimate { denoise_bytes_per_pixel: 1 << 20, decode_bytes_per_pixel: 0, fixed_bytes: 0, budget_bytes: 1 << 30 }), ..sd.clone() };
+        let e = req(serde_json::json!({"prompt": "x", "image": image})).unwrap().validate(&tight, || 7).unwrap_err();
+        assert_eq!(e.body.param.as_deref(), Some("image"), "{}", e.body.message);
+        for (body, param) in [
+            (serde_json::json!({"prompt": "x", "image": image, "mask": png_b64(40, 36, 255)}), "mask"),
+            (serde_json::json!({"prompt": "x", "mask": png_b64(48, 36, 255)}), "mask"),
+            (serde_json::json!({"prompt": "x", "strength": 0.5}), "strength"),
+            (serde_json::json!({"prompt": "x", "image": image, "strength": 0.01}), "strength"),
+            (serde_json::json!({"prompt": "x", "scheduler": "lcm", "steps": 60}), "steps"),
+        ] {
+            let sd_lcm = ModelInfo { schedulers: vec!["euler".into(), "lcm".into()], ..sd.clone() };
+            let e = req(body.clone()).unwrap().validate(&sd_lcm, || 7).unwrap_err();
+            assert_eq!(e.body.param.as_deref(), Some(param), "{body}: {}", e.body.message);
+        }
+        // Models that take no picture, or no mask, or need one.
+        let e = req(serde_json::json!({"prompt": "x", "image": image})).unwrap().validate(&model(), || 7).unwrap_err();
+        assert_eq!(e.body.param.as_deref(), Some("image"));
+        let flux = ModelInfo { image_inputs: ImageInputs::Image, ..model() };
+        let e = req(serde_json::json!({"prompt": "x", "image": image, "mask": png_b64(48, 36, 255)})).unwrap().validate(&flux, || 7).unwrap_err();
+        assert_eq!(e.body.param.as_deref(), Some("mask"));
+        let inpainting = ModelInfo { image_inputs: ImageInputs::MaskRequired, ..model() };
+        let e = req(serde_json::json!({"prompt": "x"})).unwrap().validate(&inpainting, || 7).unwrap_err();
+        assert_eq!(e.body.param.as_deref(), Some("image"));
     }
 }

@@ -89,7 +89,7 @@ pub struct GenerateArgs {
     #[arg(long, value_name = "PATH")]
     init_image: Option<PathBuf>,
     /// Image-to-image: how much of the picture is repainted, from 0 (none) to 1 (all), as
-    /// diffusers' `strength`: the last strength x steps steps run.
+    /// diffusers' `strength`: the last strength x steps steps run (default 0.8, or 1 with --mask).
     #[arg(long, value_name = "S")]
     strength: Option<f64>,
     /// Inpainting (Stable Diffusion): a mask the --init-image's size; white is repainted, black
@@ -202,7 +202,9 @@ pub fn run(args: GenerateArgs) -> Result<()> {
         Some(image) => {
             let (image_w, image_h) = (image.width(), image.height());
             let image = image.resized(width as u32, height as u32);
-            let init = easel_engine::InitImage::from_rgb(width, height, image.rgb(), args.strength.unwrap_or(DEFAULT_STRENGTH))?;
+            // diffusers' defaults: 1 for inpainting, 0.8 for image-to-image.
+            let strength = args.strength.unwrap_or(if args.mask.is_some() { 1.0 } else { DEFAULT_STRENGTH });
+            let init = easel_engine::InitImage::from_rgb(width, height, image.rgb(), strength)?;
             match &args.mask {
                 Some(path) => {
                     let mask = read_picture("--mask", path)?;

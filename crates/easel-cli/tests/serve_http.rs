@@ -542,6 +542,9 @@ fn img2img_and_inpainting_over_http_match_the_cli_and_refuse_bad_input() {
     assert_eq!(st, 202, "{job}");
     let done = wait_done(&s, job["id"].as_str().unwrap());
     assert_eq!(done["status"], "succeeded", "{done}");
+    // The job's record names the picture by digest; it does not carry it.
+    assert!(done["request"]["init_image"]["digest"].is_string() && done["request"]["init_image"]["strength"] == 0.75, "{}", done["request"]);
+    assert!(!done.to_string().contains(&b64[..64]), "the picture is not repeated in the record");
 
     let junk = base64::engine::general_purpose::STANDARD.encode(b"not an image at all");
     let huge = base64::engine::general_purpose::STANDARD.encode(test_png(4104, 8));

@@ -18,7 +18,7 @@ pub(super) fn job_json(state: &AppState, job: &Job) -> serde_json::Value {
         "created_at": job.created_at,
         "started_at": job.started_at,
         "finished_at": job.finished_at,
-        "request": &job.spec,
+        "request": request_view(&job.spec),
         "images": job.result.as_ref().map(|r| r.images.iter().map(|i| serde_json::json!({"url": state.image_urls.path(&i.key), "seed": i.seed})).collect::<Vec<_>>()),
         "urls": {
             "self": format!("/v1/jobs/{}", job.id),
@@ -31,7 +31,7 @@ pub(super) fn job_json(state: &AppState, job: &Job) -> serde_json::Value {
 
 pub(super) async fn create_job(State(state): State<AppState>, headers: HeaderMap, body: Result<Bytes, axum::extract::rejection::BytesRejection>) -> ApiResult<Response> {
     let body = read_body(body, state.config.max_body_bytes).await?;
-    let job = submit(&state, &headers, &body).inspect_err(|e| state.metrics.error(&format!("http_{}", e.status)))?.job;
+    let job = submit_off_runtime(&state, &headers, &body).await.inspect_err(|e| state.metrics.error(&format!("http_{}", e.status)))?.job;
     Ok((StatusCode::ACCEPTED, Json(job_json(&state, &job))).into_response())
 }
 
@@ -137,3 +137,12 @@ pub(super) async fn job_events(State(state): State<AppState>, headers: HeaderMap
     Ok(Sse::new(head.chain(tail)).keep_alive(KeepAlive::default()))
 }
 
+/// A job's request as the API shows it: an input picture is named by its digest rather than
+/// repeated (a page of jobs would otherwise carry every picture and mask, base64).
+fn request_view(spec: &easel_api::JobSpec) -> serde_json::Value {
+    let mut view = serde_json::to_value(spec).unwrap_or(serde_json::Value::Null);
+    if let (Some(image), Some(obj)) = (&spec.init_image, view.as_object_mut()) {
+        obj.insert("init_image".into(), serde_json::json!({"digest": image.digest(), "strength": image.strength, "mask": image.mask_png_base64.is_some()}));
+    }
+    view
+}

@@ -24,7 +24,21 @@ pub(super) async fn edits(State(state): State<AppState>, headers: HeaderMap, for
 }
 
 /// The fields of an edit form whose values are numbers in the JSON request.
-const NUMERIC_FIELDS: [&str; 8] = ["n", "seed", "steps", "guidance_scale", "strength", "output_compression", "priority", "preview_every"];
+const NUMERIC_FIELDS: [&str; 11] = [
+    "n",
+    "seed",
+    "steps",
+    "guidance_scale",
+    "strength",
+    "output_compression",
+    "priority",
+    "preview_every",
+    "skip_layer_guidance_scale",
+    "skip_layer_guidance_start",
+    "skip_layer_guidance_stop",
+];
+/// The fields of an edit form whose values are JSON (arrays) in the JSON request.
+const JSON_FIELDS: [&str; 2] = ["loras", "skip_guidance_layers"];
 
 /// An edit form as the JSON body of the equivalent generation request.
 async fn edit_request(mut form: Multipart, limit: usize) -> Result<Bytes, ApiError> {
@@ -36,6 +50,7 @@ async fn edit_request(mut form: Multipart, limit: usize) -> Result<Bytes, ApiErr
     };
     let mut body = serde_json::Map::new();
     let mut images = 0;
+    let mut image_bytes = Vec::new();
     while let Some(part) = form.next_field().await.map_err(multipart_error)? {
         let name = part.name().unwrap_or_default().to_string();
         let bytes = part.bytes().await.map_err(multipart_error)?;
@@ -46,6 +61,7 @@ async fn edit_request(mut form: Multipart, limit: usize) -> Result<Bytes, ApiErr
                     return Err(ApiError::invalid("image", "local models edit one image; send one `image`"));
                 }
                 body.insert("image".into(), serde_json::Value::String(base64::engine::general_purpose::STANDARD.encode(&bytes)));
+                image_bytes = bytes.to_vec();
             }
             "mask" => {
                 let mask = easel_api::decode_openai_mask("mask", &bytes)?;
@@ -56,6 +72,8 @@ async fn edit_request(mut form: Multipart, limit: usize) -> Result<Bytes, ApiErr
                 let value = if NUMERIC_FIELDS.contains(&field) {
                     let number: serde_json::Number = text.trim().parse().map_err(|_| ApiError::invalid(field, format!("{field} must be a number, got `{text}`")))?;
                     serde_json::Value::Number(number)
+                } else if JSON_FIELDS.contains(&field) {
+                    serde_json::from_str(&text).map_err(|e| ApiError::invalid(field, format!("{field} must be JSON: {e}")))?
                 } else {
                     serde_json::Value::String(text)
                 };
@@ -66,18 +84,24 @@ async fn edit_request(mut form: Multipart, limit: usize) -> Result<Bytes, ApiErr
     if images == 0 {
         return Err(ApiError::invalid("image", "images/edits needs an `image` to edit"));
     }
-    // With a mask, the masked region is repainted from noise, as OpenAI's edits and diffusers'
-    // inpainting default to; without one, the whole picture is reworked at easel's default.
-    if body.contains_key("mask") && !body.contains_key("strength") {
-        body.insert("strength".into(), serde_json::json!(1.0));
+    // Without a mask, OpenAI edits where the picture itself is fully transparent, if anywhere.
+    if !body.contains_key("mask") {
+        if let Some(mask) = transparency_mask(&image_bytes) {
+            body.insert("mask".into(), serde_json::Value::String(mask.to_base64_png()));
+        }
     }
     Ok(Bytes::from(serde_json::Value::Object(body).to_string()))
 }
 
+/// The edit mask a picture carries in its own alpha channel: its fully transparent pixels, or
+/// `None` when it has none (or is not a picture: validation names that later).
+fn transparency_mask(image: &[u8]) -> Option<easel_api::InputImage> {
+    easel_api::decode_openai_mask("image", image).ok().filter(|mask| mask.rgb().contains(&255))
+}
+
 /// Submits a request body, waits for its job and answers in OpenAI's shape.
 async fn answer(state: &AppState, headers: &HeaderMap, body: &Bytes) -> ApiResult<Response> {
-    let state = state.clone();
-    let Submitted { job, format, hit } = submit(&state, headers, body).inspect_err(|e| state.metrics.error(&format!("http_{}", e.status)))?;
+    let Submitted { job, format, hit } = submit_off_runtime(state, headers, body).await.inspect_err(|e| state.metrics.error(&format!("http_{}", e.status)))?;
     if hit && format == ResponseFormat::B64Json {
         if let Some(bytes) = state.hot.lock().unwrap_or_else(|p| p.into_inner()).responses.get(&job.id) {
             return Ok(json_bytes(bytes.clone()));

@@ -47,6 +47,13 @@ pub(super) fn submit(state: &AppState, headers: &HeaderMap, body: &Bytes) -> Res
     submit_request(state, &caller, &req, idempotency.as_deref().map(|key| easel_queue::Idempotency { key, fingerprint: &fingerprint }), &absolute_webhook_urls)
 }
 
+/// [`submit`] off the async runtime: validating a request decodes, resizes and re-encodes its
+/// pictures, seconds of CPU for a large one, which must not stall other connections.
+pub(super) async fn submit_off_runtime(state: &AppState, headers: &HeaderMap, body: &Bytes) -> Result<Submitted, ApiError> {
+    let (state, headers, body) = (state.clone(), headers.clone(), body.clone());
+    tokio::task::spawn_blocking(move || submit(&state, &headers, &body)).await.map_err(|e| ApiError::internal(format!("request validation stopped: {e}")))?
+}
+
 /// A request body's identity for idempotency: the SHA-256 of its JSON in canonical form (keys
 /// sorted, no whitespace), so the same request reformatted is still the same request.
 pub(super) fn fingerprint(body: &[u8]) -> String {
