@@ -121,7 +121,50 @@ pub(super) async fn txt2img(State(state): State<AppState>, headers: HeaderMap, b
     let body = read_body(body, state.config.max_body_bytes).await?;
     let caller = state.authorize(&headers)?;
     let a: Txt2Img = parse_body(&body)?;
-    let who = who(&caller);
+    let req = image_request(&state, &caller, &a)?;
+    run(&state, &caller, req, &body).await
+}
+
+/// `POST /sdapi/v1/img2img`: txt2img's fields plus `init_images` (the first is used),
+/// `denoising_strength` (A1111's default 0.75), and for inpainting `mask` (white repaints) and
+/// `inpainting_mask_invert`. A1111's inpainting refinements (`mask_blur`, `inpainting_fill`,
+/// `inpaint_full_res`) are not applied: the mask is used as diffusers uses it.
+pub(super) async fn img2img(State(state): State<AppState>, headers: HeaderMap, body: Result<Bytes, axum::extract::rejection::BytesRejection>) -> ApiResult<Json<serde_json::Value>> {
+    let body = read_body(body, state.config.max_body_bytes).await?;
+    let caller = state.authorize(&headers)?;
+    let a: Img2Img = parse_body(&body)?;
+    let mut req = image_request(&state, &caller, &a.base)?;
+    let image = a.init_images.first().ok_or_else(|| ApiError::invalid("init_images", "init_images needs the picture to start from"))?;
+    req.image = Some(image.clone());
+    req.strength = Some(a.denoising_strength.unwrap_or(0.75));
+    req.mask = match &a.mask {
+        Some(mask) if a.inpainting_mask_invert == Some(1) => {
+            let m = easel_api::decode_base64_image("mask", mask)?;
+            let inverted = m.rgb().iter().map(|v| 255 - v).collect();
+            easel_api::InputImage::new(m.width(), m.height(), inverted).map(|m| m.to_base64_png())
+        }
+        other => other.clone(),
+    };
+    run(&state, &caller, req, &body).await
+}
+
+#[derive(serde::Deserialize)]
+struct Img2Img {
+    #[serde(flatten)]
+    base: Txt2Img,
+    #[serde(default)]
+    init_images: Vec<String>,
+    #[serde(default)]
+    denoising_strength: Option<f64>,
+    #[serde(default)]
+    mask: Option<String>,
+    #[serde(default)]
+    inpainting_mask_invert: Option<i64>,
+}
+
+/// The easel request for A1111's txt2img fields.
+fn image_request(state: &AppState, caller: &Caller, a: &Txt2Img) -> Result<ImageRequest, ApiError> {
+    let who = who(caller);
     let checkpoint = a.override_settings.as_ref().and_then(|o| o.get("sd_model_checkpoint")).and_then(|v| v.as_str()).map(model_id);
     let model = checkpoint.or_else(|| state.a1111.with(&who, |s| s.model.clone()));
     let n = (a.batch_size.unwrap_or(1).max(1) as u64).saturating_mul(a.n_iter.unwrap_or(1).max(1) as u64).min(i64::MAX as u64);
@@ -141,8 +184,21 @@ pub(super) async fn txt2img(State(state): State<AppState>, headers: HeaderMap, b
         let (w, h) = (a.width.unwrap_or(512), a.height.unwrap_or(512));
         req.size = Some(format!("{w}x{h}"));
     }
+    Ok(req)
+}
+
+/// Runs an A1111 request to its end, with `/progress` following it, and answers in A1111's shape.
+async fn run(state: &AppState, caller: &Caller, req: ImageRequest, body: &Bytes) -> ApiResult<Json<serde_json::Value>> {
+    let who = who(caller);
+    let state = state.clone();
+    let caller = caller.clone();
+    // Validation decodes and resizes pictures: off the async runtime.
+    let submit_state = state.clone();
+    let submitted = tokio::task::spawn_blocking(move || submit_request(&submit_state, &caller, &req, None, &|spec| spec.preview_every = Some(1)))
+        .await
+        .map_err(|e| ApiError::internal(format!("request validation stopped: {e}")))?;
     // Previews every step, for `/progress`'s current_image (at latent resolution: small).
-    let Submitted { job, .. } = submit_request(&state, &caller, &req, None, &|spec| spec.preview_every = Some(1))?;
+    let Submitted { job, .. } = submitted?;
     state.a1111.with(&who, |s| {
         s.job = Some(job.id.clone());
         (s.step, s.steps, s.preview) = (0, job.spec.steps, None);
@@ -191,7 +247,7 @@ pub(super) async fn txt2img(State(state): State<AppState>, headers: HeaderMap, b
         "interrupted": job.status == JobStatus::Canceled,
         "easel": easel_object(&job, false),
     });
-    let parameters: serde_json::Value = serde_json::from_slice(&body).unwrap_or(serde_json::Value::Null);
+    let parameters: serde_json::Value = serde_json::from_slice(body).unwrap_or(serde_json::Value::Null);
     Ok(Json(serde_json::json!({ "images": images, "parameters": parameters, "info": info.to_string() })))
 }
 

@@ -341,6 +341,7 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/usage", get(usage))
         .route("/v1/images/{job}/{file}", get(get_image))
         .route("/sdapi/v1/txt2img", post(a1111::txt2img))
+        .route("/sdapi/v1/img2img", post(a1111::img2img))
         .route("/sdapi/v1/sd-models", get(a1111::sd_models))
         .route("/sdapi/v1/samplers", get(a1111::samplers))
         .route("/sdapi/v1/schedulers", get(a1111::schedulers))
