@@ -21,8 +21,9 @@ use easel_engine::{GenerateParams, InitImage, LoadOptions, Pipeline, Tensor};
 /// Relative L2 bound on the final latents: the largest error measured over these cases, times
 /// fewer than 10 (see each case's printed figure).
 const LATENTS_BOUND: f64 = 2e-5;
-/// Decoded images must agree to at least this PSNR.
-const IMAGE_PSNR_DB: f64 = 100.0;
+/// Decoded images must agree to at least this PSNR: the lowest measured (121.6 dB) less 20 dB,
+/// which is 10x in error.
+const IMAGE_PSNR_DB: f64 = 101.0;
 
 fn check(case: &str) {
     let reference = Reference::load(&fixtures().join("reference").join(format!("{case}.safetensors"))).expect("reference");

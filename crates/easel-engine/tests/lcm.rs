@@ -1,7 +1,7 @@
 //! LCMScheduler against diffusers, on the tiny pipelines (`tools/fixtures/make_lcm_fixtures.py`):
 //! its schedule (timesteps picked from the distillation's 50), the consistency step, and the
-//! fresh noise between steps (replayed from diffusers' draws). With an LCM-LoRA through the LoRA
-//! path at guidance 1.5 (classifier-free guidance on), with v-prediction at guidance 1, and on
+//! fresh noise between steps (replayed from diffusers' draws). With a LoRA standing in for an
+//! LCM-LoRA (a random one: what is checked is the scheduler through the LoRA path) at guidance 1.5 (classifier-free guidance on), with v-prediction at guidance 1, and on
 //! SDXL at 8 steps on a tall image.
 
 mod common;
@@ -13,6 +13,8 @@ use easel_engine::{LoadOptions, Pipeline};
 
 /// The largest error measured is 6.9e-7 (2026-11-30, x86-64); under 10x it.
 const LATENTS_BOUND: f64 = 6e-6;
+/// The lowest image PSNR measured (131.5 dB) less 20 dB: 10x in error.
+const IMAGE_PSNR_DB: f64 = 111.0;
 
 fn check(case: &str) {
     let reference = Reference::load(&fixtures().join("reference").join(format!("{case}.safetensors"))).expect("reference");
@@ -24,11 +26,11 @@ fn check(case: &str) {
     }
     let a = reference.check(&pipe).expect("generate");
     println!("{case}: latents rel L2 {:.2e}, image PSNR {:.1} dB", a.latents_rel_l2, a.image_psnr_db);
-    assert!(a.latents_rel_l2 < LATENTS_BOUND && a.image_psnr_db >= 100.0, "{case}: rel L2 {:.2e}, PSNR {:.1} dB", a.latents_rel_l2, a.image_psnr_db);
+    assert!(a.latents_rel_l2 < LATENTS_BOUND && a.image_psnr_db >= IMAGE_PSNR_DB, "{case}: rel L2 {:.2e}, PSNR {:.1} dB", a.latents_rel_l2, a.image_psnr_db);
 }
 
 #[test]
-fn lcm_with_an_lcm_lora_at_guidance_one_and_a_half_matches_diffusers() {
+fn lcm_through_the_lora_path_at_guidance_one_and_a_half_matches_diffusers() {
     check("sd15-tiny-lcm-lora");
 }
 
