@@ -18,10 +18,17 @@ pub struct GenerateArgs {
     /// The prompt.
     #[arg(short, long)]
     prompt: Option<String>,
-    /// A diffusers-layout directory, a hub repo (owner/name[@revision]) or a known model's short
-    /// name (flux-dev, sdxl-turbo, ...; `easel models list` shows them) (default: the bundled model).
+    /// A diffusers-layout directory, a hub repo (owner/name[@revision]), a known model's short
+    /// name (flux-dev, sdxl-turbo, ...; `easel models list` shows them), or an SD 1.x/2.x/XL
+    /// single-file checkpoint (fine-tune.safetensors, a path or owner/name/file) (default: the
+    /// bundled model).
     #[arg(short, long)]
     model: Option<String>,
+    /// For a single-file --model: the diffusers folder or hub repo whose configs and tokenizers
+    /// it runs with (default: the reference repo of the family its tensors show, e.g.
+    /// stable-diffusion-v1-5/stable-diffusion-v1-5).
+    #[arg(long, value_name = "REPO_OR_DIR")]
+    config: Option<String>,
     #[arg(long)]
     negative_prompt: Option<String>,
     #[arg(long)]
@@ -158,7 +165,7 @@ pub fn run(args: GenerateArgs) -> Result<()> {
         None => crate::bundled::model_dir()?.display().to_string(),
     };
     let started = Instant::now();
-    let dir = crate::hub::model_dir(&model_spec, dtype != easel_engine::DType::F32)?;
+    let dir = crate::hub::model_dir(&model_spec, dtype != easel_engine::DType::F32, args.config.as_deref())?;
     let transformer = args.transformer.as_deref().map(crate::hub::weights_file).transpose()?;
     let stack = args.loras.iter().map(|l| parse_lora(l, args.lora_dir.as_deref())).collect::<Result<Vec<_>>>()?;
     let mut pipe = Pipeline::load(&dir, &LoadOptions {

@@ -4,7 +4,8 @@
 use std::path::PathBuf;
 use std::sync::Mutex;
 
-use anyhow::{bail, Result};
+use anyhow::{bail, Context, Result};
+use easel_engine::weights::single_file;
 use easel_hub::{DownloadProgress, Hub, Resolved};
 use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
 
@@ -53,12 +54,26 @@ impl DownloadProgress for DownloadBars {
     }
 }
 
-/// `--model`: a diffusers-layout folder, local or fetched from the hub (with progress bars).
-pub fn model_dir(spec: &str, prefer_fp16: bool) -> Result<PathBuf> {
-    match easel_hub::resolve_model(&Hub::from_env(), spec, prefer_fp16, &DownloadBars::default())? {
+/// `--model`: a diffusers-layout folder, local or fetched from the hub (with progress bars), or an
+/// SD single-file checkpoint (`.safetensors` in LDM names), run through a folder of configs from
+/// `config` (`--config`, a folder or hub repo), else from the reference repo of the family its
+/// tensors show.
+pub fn model_dir(spec: &str, prefer_fp16: bool, config: Option<&str>) -> Result<PathBuf> {
+    let hub = Hub::from_env();
+    match easel_hub::resolve_model(&hub, spec, prefer_fp16, &DownloadBars::default())? {
+        Resolved::Dir(dir) if config.is_some() => {
+            bail!("--config is for single-file checkpoints; {} is a diffusers pipeline with its own configs", dir.display())
+        }
         Resolved::Dir(dir) => Ok(dir),
+        Resolved::File(file) if file.extension().is_some_and(|e| e == "safetensors") => {
+            let arch = single_file::inspect(&file)?;
+            let config = config.unwrap_or(arch.reference_repo());
+            let config_dir = easel_hub::resolve_config(&hub, config, &DownloadBars::default())
+                .with_context(|| format!("the configs for {} (--config {config})", file.display()))?;
+            Ok(single_file::prepare(&file, &config_dir, &crate::bundled::data_dir().join("single-file"))?)
+        }
         Resolved::File(file) => bail!(
-            "--model {}: single-file checkpoints are not supported yet; pass a diffusers-layout folder or hub repo (a FLUX transformer file goes in --transformer)",
+            "--model {}: easel runs diffusers folders and SD single-file .safetensors checkpoints; a FLUX or SD 3.5 transformer file (.safetensors or .gguf) goes in --transformer",
             file.display()
         ),
     }

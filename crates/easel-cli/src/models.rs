@@ -72,7 +72,7 @@ pub fn run(args: ModelsArgs) -> Result<()> {
 /// GGUF architecture name of its family (`flux` or `sd3`).
 fn transformer_weights(spec: &str) -> Result<(Weights, &'static str)> {
     let path = Path::new(spec);
-    let (dir, file) = if path.is_file() { (PathBuf::from("."), Some(path)) } else { (crate::hub::model_dir(spec, false)?, None) };
+    let (dir, file) = if path.is_file() { (PathBuf::from("."), Some(path)) } else { (crate::hub::model_dir(spec, false, None)?, None) };
     let sd3 = match file {
         // Stability's names, or diffusers' SD3 names (FLUX's diffusers names have single blocks).
         Some(f) => {
@@ -145,7 +145,7 @@ fn memory(model: Option<&str>, vram_gb: f64) -> Result<()> {
         Some("sd3.5-large") | Some("sd3.5-large-turbo") => ("SD 3.5 large".to_string(), sd3(&Sd3TransformerConfig::sd35_large())),
         Some("sd3.5-medium") => ("SD 3.5 medium".to_string(), sd3(&Sd3TransformerConfig::sd35_medium())),
         Some(spec) => {
-            let dir = crate::hub::model_dir(spec, false)?;
+            let dir = crate::hub::model_dir(spec, false, None)?;
             let config = dir.join("transformer").join("config.json");
             let plan = if transformer_class(&dir)? == "SD3Transformer2DModel" { sd3(&easel_engine::config::read_json(&config)?) } else { flux(&easel_engine::config::read_json(&config)?) };
             (spec.to_string(), plan)

@@ -27,9 +27,15 @@ pub struct BackendArgs {
     /// Where the queue database and images live (default: easel's data dir).
     #[arg(long)]
     data_dir: Option<PathBuf>,
-    /// A model to serve, as NAME=DIR_OR_HUB_ID or DIR_OR_HUB_ID; repeatable (default: the bundled model).
+    /// A model to serve, as NAME=DIR_OR_HUB_ID or DIR_OR_HUB_ID; repeatable (default: the bundled
+    /// model). An SD single-file checkpoint works too: NAME=fine-tune.safetensors.
     #[arg(long = "model")]
     models: Vec<String>,
+    /// For single-file --model checkpoints: the diffusers folder or hub repo whose configs and
+    /// tokenizers they run with (`easel generate --config`; default: each file's family's
+    /// reference repo). Named apart from --config, the server's own config file.
+    #[arg(long, value_name = "REPO_OR_DIR")]
+    checkpoint_config: Option<String>,
     /// Compatible queued jobs run together, up to this many.
     #[arg(long, default_value_t = 4)]
     max_batch: usize,
@@ -240,9 +246,10 @@ fn services(args: &BackendArgs) -> Result<easel_server::Services> {
     for m in &args.models {
         let (name, spec) = match m.split_once('=') {
             Some((n, s)) => (n.to_string(), s.to_string()),
-            None => (m.trim_end_matches('/').rsplit('/').next().unwrap_or(m).to_string(), m.clone()),
+            None => (m.trim_end_matches('/').rsplit('/').next().map(|n| n.trim_end_matches(".safetensors")).unwrap_or(m).to_string(), m.clone()),
         };
-        let dir = crate::hub::model_dir(&spec, dtype != easel_engine::DType::F32)?;
+        let is_single_file = spec.ends_with(".safetensors");
+        let dir = crate::hub::model_dir(&spec, dtype != easel_engine::DType::F32, args.checkpoint_config.as_deref().filter(|_| is_single_file))?;
         models.push((name, dir));
     }
     if let Some(dir) = args.lora_dir.as_ref().filter(|d| !d.is_dir()) {

@@ -371,3 +371,26 @@ fn init_image_keeps_its_size_and_bad_images_and_strengths_are_one_line_errors() 
     assert_fails_with(&easel(&["generate", "--model", &sd, "x", "--init-image", picture.to_str().unwrap(), "--strength", "2", "-o", o]), &["strength"]);
     assert_fails_with(&easel(&["generate", "--model", &sd, "x", "--init-image", picture.to_str().unwrap(), "--strength", "0.1", "--steps", "4", "-o", o]), &["strength", "no step"]);
 }
+
+/// `--model fine-tune.safetensors`: with `--config DIR` it runs; without one it fetches the
+/// configs of the family its tensors show, so offline that is one line naming the repo and
+/// `--config`; `--config` with a diffusers folder, or a config of another family, is refused.
+#[test]
+fn single_file_checkpoints_run_with_a_config_and_say_what_they_need_without_one() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = fixtures().join("../single_file");
+    let file = dir.join("sd1-mini.safetensors").display().to_string();
+    let config = dir.join("sd1-mini").display().to_string();
+    let out = tmp.path().join("out.png");
+    let o = out.to_str().unwrap();
+    let run = |args: &[&str]| Command::new(env!("CARGO_BIN_EXE_easel")).args(args).env("HF_HUB_OFFLINE", "1").env("HF_HOME", tmp.path()).env("EASEL_DATA_DIR", tmp.path()).output().unwrap();
+    let ok = run(&["generate", "--model", &file, "--config", &config, "a blue square", "--width", "48", "--height", "32", "--steps", "3", "-o", o]);
+    assert!(ok.status.success(), "{}", String::from_utf8_lossy(&ok.stderr));
+    assert_eq!(image::image_dimensions(&out).unwrap(), (48, 32));
+
+    assert_fails_with(&run(&["generate", "--model", &file, "x", "-o", o]), &["--config stable-diffusion-v1-5/stable-diffusion-v1-5", "HF_HUB_OFFLINE"]);
+    let sd = fixtures().join("sd15-tiny").display().to_string();
+    assert_fails_with(&run(&["generate", "--model", &sd, "--config", &config, "x", "-o", o]), &["--config", "single-file"]);
+    let xl_config = dir.join("sdxl-mini").display().to_string();
+    assert_fails_with(&run(&["generate", "--model", &file, "--config", &xl_config, "x", "-o", o]), &["config", "StableDiffusionXLPipeline"]);
+}

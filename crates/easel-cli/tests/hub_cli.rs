@@ -141,3 +141,40 @@ fn hub_repo_without_a_pipeline_points_at_its_weights_file() {
     let err = text(&o);
     assert!(!o.status.success() && err.contains("acme/finetune/model.safetensors"), "{err}");
 }
+
+/// `--model owner/name/fine-tune.safetensors` without `--config`: the tensors show an SD 1.x
+/// checkpoint, so easel fetches the configs and tokenizers of SD 1.5's reference repo (and none
+/// of its weights), as diffusers' `from_single_file` does, and gives the same pixels as with
+/// `--config` pointing at those configs on disk.
+#[test]
+fn a_single_file_from_the_hub_runs_with_its_familys_configs_and_no_reference_weights() {
+    const REFERENCE: &str = "stable-diffusion-v1-5/stable-diffusion-v1-5";
+    let single = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fixtures/single_file");
+    let fake = FakeHub::start();
+    let file_repo = tempfile::tempdir().unwrap();
+    std::fs::copy(single.join("sd1-mini.safetensors"), file_repo.path().join("sd1-mini.safetensors")).unwrap();
+    fake.add_repo("acme/fine-tunes", Access::Public);
+    fake.commit_dir("acme/fine-tunes", file_repo.path()).unwrap();
+    // The reference repo: the configs, and weights a single file must not pull.
+    let reference = tempfile::tempdir().unwrap();
+    common::copy_dir(&single.join("sd1-mini"), reference.path());
+    std::fs::write(reference.path().join("unet/diffusion_pytorch_model.safetensors"), vec![0u8; 4096]).unwrap();
+    fake.add_repo(REFERENCE, Access::Public);
+    fake.commit_dir(REFERENCE, reference.path()).unwrap();
+
+    let home = tempfile::tempdir().unwrap();
+    let data = [("EASEL_DATA_DIR", home.path().to_str().unwrap())];
+    let hub_png = home.path().join("hub.png");
+    let args = ["generate", "--model", "acme/fine-tunes/sd1-mini.safetensors", "a blue square", "--width", "48", "--height", "32", "--steps", "3", "--seed", "2"];
+    let out = easel(&fake, home.path(), &data, &[&args[..], &["-o", hub_png.to_str().unwrap()]].concat());
+    assert!(out.status.success(), "{}", text(&out));
+    let pulled: Vec<String> = fake.log().iter().filter(|l| l.path.contains("stable-diffusion-v1-5") && l.path.ends_with(".safetensors")).map(|l| l.path.clone()).collect();
+    assert!(pulled.is_empty(), "no weights of the reference repo: {pulled:?}");
+
+    let local_png = home.path().join("local.png");
+    let config = single.join("sd1-mini").display().to_string();
+    let local = easel(&fake, home.path(), &data, &[&args[..], &["--config", &config, "-o", local_png.to_str().unwrap()]].concat());
+    assert!(local.status.success(), "{}", text(&local));
+    let pixels = |p: &Path| image::open(p).unwrap().to_rgb8().into_raw();
+    assert_eq!(pixels(&hub_png), pixels(&local_png));
+}

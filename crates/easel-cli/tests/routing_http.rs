@@ -106,17 +106,35 @@ fn jobs_done(s: &Server) -> u64 {
     m.lines().filter(|l| l.starts_with("easel_jobs_total{")).filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok()).sum()
 }
 
-#[test]
-fn aliases_tiers_fallback_privacy_and_costs() {
+/// Another easel serving the tiny model (an OpenAI-compatible provider) and the fake BFL, with
+/// the count of BFL's requests and the providers' config entries for both.
+struct Providers {
+    _peer_dir: tempfile::TempDir,
+    peer: Server,
+    bfl_hits: Arc<AtomicUsize>,
+    entries: [Value; 2],
+}
+
+fn peer_and_bfl() -> Providers {
     let peer_dir = tempfile::tempdir().unwrap();
     let peer = serve(peer_dir.path(), &[]);
-    let hits = Arc::new(AtomicUsize::new(0));
-    let bfl = fake_bfl(hits.clone());
+    let bfl_hits = Arc::new(AtomicUsize::new(0));
+    let bfl = fake_bfl(bfl_hits.clone());
+    let entries = [
+        json!({"name": "peer", "kind": "openai-compatible", "base_url": format!("{}/v1", peer.base)}),
+        json!({"name": "bfl", "kind": "bfl", "base_url": bfl, "api_key_env": "EASEL_TEST_BFL_KEY", "timeout_s": 20}),
+    ];
+    Providers { _peer_dir: peer_dir, peer, bfl_hits, entries }
+}
+
+#[test]
+fn aliases_tiers_fallback_privacy_and_costs() {
+    let Providers { _peer_dir: _keep, peer, bfl_hits: hits, entries: [peer_entry, bfl_entry] } = peer_and_bfl();
     let tmp = tempfile::tempdir().unwrap();
     let config = json!({
         "providers": [
-            {"name": "peer", "kind": "openai-compatible", "base_url": format!("{}/v1", peer.base)},
-            {"name": "bfl", "kind": "bfl", "base_url": bfl, "api_key_env": "EASEL_TEST_BFL_KEY", "timeout_s": 20},
+            peer_entry,
+            bfl_entry,
             {"name": "stability", "kind": "stability", "api_key_env": "EASEL_TEST_SURELY_UNSET"}
         ],
         "routing": {
@@ -225,5 +243,47 @@ fn a_spent_daily_budget_stops_paid_providers_but_not_local_engines() {
     assert_eq!(hits.load(Ordering::SeqCst), before, "no request after the cap");
     // The alias still has its local candidate.
     let (st, r) = post(&s, "/v1/images/generations", json!({"prompt": "a red circle", "model": "shapes", "size": "64x64", "steps": 2, "seed": 4}));
+    assert_eq!((st, r["easel"]["provider"].as_str()), (200, Some("local")), "{r}");
+}
+
+/// Pictures route like generations, to the candidates that take them: an edit with a mask for
+/// an OpenAI-compatible provider (here another easel) reaches its `/v1/images/edits` with the
+/// mask in OpenAI's convention (the peer's record says a mask came, so it round-tripped), a
+/// model that takes no pictures is a 400 naming `image` and never reaches its vendor, and a
+/// private edit runs locally.
+#[test]
+fn edits_route_only_to_candidates_that_take_pictures() {
+    let Providers { _peer_dir: _keep, peer, bfl_hits: hits, entries } = peer_and_bfl();
+    let tmp = tempfile::tempdir().unwrap();
+    let config = json!({
+        "providers": entries,
+        "routing": {"aliases": {"editor": ["peer:tiny"], "pro": ["bfl:flux-pro-1.1"], "either": ["peer:tiny", "local:tiny"]}}
+    });
+    let s = serve_with_config(tmp.path(), &config, &[]).expect("starts");
+    let encode = |img: image::DynamicImage| {
+        let mut out = std::io::Cursor::new(vec![]);
+        img.write_to(&mut out, image::ImageFormat::Png).unwrap();
+        base64::engine::general_purpose::STANDARD.encode(out.into_inner())
+    };
+    let picture = encode(image::DynamicImage::ImageRgb8(image::RgbImage::from_fn(64, 64, |x, y| image::Rgb([(4 * x) as u8, (4 * y) as u8, 90]))));
+    let mask = encode(image::DynamicImage::ImageLuma8(image::GrayImage::from_fn(64, 64, |x, _| image::Luma([if x < 32 { 255 } else { 0 }]))));
+    let edit = |model: &str, extra: Value| {
+        let mut b = json!({"model": model, "prompt": "a red door", "image": picture, "mask": mask, "size": "64x64", "steps": 2});
+        for (k, v) in extra.as_object().unwrap() {
+            b[k] = v.clone();
+        }
+        b
+    };
+    let (st, r) = post(&s, "/v1/images/generations", edit("editor", json!({})));
+    assert_eq!((st, r["easel"]["provider"].as_str()), (200, Some("peer")), "{r}");
+    let peer_job = get(&peer, &format!("/v1/jobs/{}", r["easel"]["vendor_id"].as_str().expect("the peer's job id"))).1;
+    assert_eq!(peer_job["request"]["init_image"]["mask"], true, "{peer_job}");
+
+    let before = hits.load(Ordering::SeqCst);
+    let (st, r) = post(&s, "/v1/images/generations", edit("pro", json!({})));
+    assert_eq!((st, r["error"]["param"].as_str()), (400, Some("image")), "{r}");
+    assert_eq!(hits.load(Ordering::SeqCst), before, "BFL never saw the picture");
+
+    let (st, r) = post(&s, "/v1/images/generations", edit("either", json!({"privacy": "private"})));
     assert_eq!((st, r["easel"]["provider"].as_str()), (200, Some("local")), "{r}");
 }

@@ -596,3 +596,30 @@ fn img2img_and_inpainting_over_http_match_the_cli_and_refuse_bad_input() {
     let (st, _) = post(&small, "/v1/images/generations", json!({"prompt": "x", "image": base64::engine::general_purpose::STANDARD.encode(test_png(256, 256))}));
     assert_eq!(st, 413);
 }
+
+/// An SD single file served under a name (`--model mini=FILE.safetensors --checkpoint-config
+/// DIR`) answers
+/// like any model and gives the CLI's pixels for the same request.
+#[test]
+fn a_single_file_checkpoint_is_served_by_name_and_matches_the_cli() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../fixtures/single_file");
+    let file = dir.join("sd1-mini.safetensors").display().to_string();
+    let config = dir.join("sd1-mini").display().to_string();
+    let s = serve(tmp.path(), &["--model", &format!("mini={file}"), "--checkpoint-config", &config]);
+    let (st, r) = post(&s, "/v1/images/generations", json!({"model": "mini", "prompt": "a blue square", "size": "48x32", "steps": 3, "seed": 5}));
+    assert_eq!(st, 200, "{r}");
+    let out = base64::engine::general_purpose::STANDARD.decode(r["data"][0]["b64_json"].as_str().unwrap()).unwrap();
+    let served = image::load_from_memory(&out).unwrap().to_rgb8();
+
+    let cli_out = tmp.path().join("cli.png");
+    let cli = Command::new(env!("CARGO_BIN_EXE_easel"))
+        .args(["generate", "--model", &file, "--config", &config, "a blue square", "--width", "48", "--height", "32", "--steps", "3", "--seed", "5", "-o", cli_out.to_str().unwrap()])
+        .env("EASEL_DATA_DIR", tmp.path())
+        .output()
+        .unwrap();
+    assert!(cli.status.success(), "{}", String::from_utf8_lossy(&cli.stderr));
+    assert_eq!(image::open(&cli_out).unwrap().to_rgb8().into_raw(), served.into_raw(), "server and CLI agree");
+    let (_, models) = get(&s, "/v1/models");
+    assert!(models["data"].as_array().unwrap().iter().any(|m| m["id"] == "mini"), "{models}");
+}

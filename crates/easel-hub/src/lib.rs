@@ -22,6 +22,6 @@ mod token;
 
 pub use client::{Hub, HubConfig, Snapshot};
 pub use error::{HubError, Result};
-pub use model::{parse_spec, pick_variant, resolve_file, resolve_lora, resolve_model, Resolved, Spec};
+pub use model::{parse_spec, pick_variant, resolve_config, resolve_file, resolve_lora, resolve_model, Resolved, Spec};
 pub use progress::{DownloadProgress, NoProgress};
 pub use token::{Token, TokenSource};

@@ -74,8 +74,20 @@ pub fn resolve_model(hub: &Hub, spec: &str, prefer_fp16: bool, progress: &dyn Do
     match parse_spec(spec)? {
         Spec::Local(p) if p.is_dir() => Ok(Resolved::Dir(p)),
         Spec::Local(p) => Ok(Resolved::File(p)),
-        Spec::Repo { repo, revision } => fetch_pipeline(hub, &repo, &revision, prefer_fp16, progress).map(Resolved::Dir),
+        Spec::Repo { repo, revision } => fetch_pipeline(hub, &repo, &revision, Some(prefer_fp16), progress).map(Resolved::Dir),
         Spec::RepoFile { repo, revision, file } => fetch_file(hub, &repo, &revision, &file, progress).map(Resolved::File),
+    }
+}
+
+/// Resolves `--config` for a single-file checkpoint: a local diffusers folder, or a hub repo of
+/// which only `model_index.json` and the components' configs and tokenizers are fetched (a few
+/// hundred kilobytes), as diffusers' `from_single_file` fetches them.
+pub fn resolve_config(hub: &Hub, spec: &str, progress: &dyn DownloadProgress) -> Result<PathBuf> {
+    match parse_spec(spec)? {
+        Spec::Local(p) if p.is_dir() => Ok(p),
+        Spec::Local(p) => Err(HubError::BadSpec(format!("`{}` is a file; the configs come from a diffusers pipeline folder or hub repo", p.display()))),
+        Spec::Repo { repo, revision } => fetch_pipeline(hub, &repo, &revision, None, progress),
+        Spec::RepoFile { repo, .. } => Err(HubError::BadSpec(format!("`{spec}` names a file; the configs come from the whole repo, `{repo}`"))),
     }
 }
 
@@ -149,18 +161,21 @@ pub fn pick_variant<T>(files: Vec<T>, is_fp16: impl Fn(&T) -> bool, prefer_fp16:
     }
 }
 
-/// The files of one component that a pipeline needs: its configs and one variant of its weights.
-fn wanted_files(files: &[String], component: &str, prefer_fp16: bool) -> Vec<String> {
+/// The files of one component that a pipeline needs: its configs and, unless `weights` is
+/// `None`, one variant of its weights (`Some(true)` prefers fp16).
+fn wanted_files(files: &[String], component: &str, weights: Option<bool>) -> Vec<String> {
     let prefix = format!("{component}/");
     let own: Vec<&String> = files.iter().filter(|s| s.starts_with(&prefix)).collect();
     let configs = own.iter().filter(|f| f.ends_with(".json") || f.ends_with(".txt") || f.ends_with(".model")).map(|f| f.to_string());
+    let Some(prefer_fp16) = weights else { return configs.collect() };
     let weights: Vec<&String> = own.iter().copied().filter(|f| f.ends_with(".safetensors")).collect();
     let chosen = pick_variant(weights, |f| f.contains(".fp16."), prefer_fp16);
     configs.chain(chosen.into_iter().cloned()).collect()
 }
 
-/// Fetches what a diffusers pipeline needs, all from one commit, and only then moves the ref.
-fn fetch_pipeline(hub: &Hub, repo: &str, revision: &str, prefer_fp16: bool, progress: &dyn DownloadProgress) -> Result<PathBuf> {
+/// Fetches what a diffusers pipeline needs, all from one commit, and only then moves the ref;
+/// `weights` as in [`wanted_files`] (`None` fetches the configs only).
+fn fetch_pipeline(hub: &Hub, repo: &str, revision: &str, weights: Option<bool>, progress: &dyn DownloadProgress) -> Result<PathBuf> {
     let snap = hub.open(repo, revision)?;
     const INDEX: &str = "model_index.json";
     if !snap.is_offline() && !snap.files().iter().any(|f| f == INDEX) {
@@ -172,8 +187,8 @@ fn fetch_pipeline(hub: &Hub, repo: &str, revision: &str, prefer_fp16: bool, prog
     let mut wanted: Vec<String> = snap.files().iter().filter(|f| *f == "easel.json").cloned().collect();
     wanted.push(INDEX.to_string());
     for component in listed_components(&snap.dir().join(INDEX))? {
-        let files = wanted_files(snap.files(), &component, prefer_fp16);
-        if snap.is_offline() && !files.iter().any(|f| f.ends_with(".safetensors")) && !["tokenizer", "tokenizer_2", "tokenizer_3", "scheduler", "feature_extractor"].contains(&component.as_str()) {
+        let files = wanted_files(snap.files(), &component, weights);
+        if weights.is_some() && snap.is_offline() && !files.iter().any(|f| f.ends_with(".safetensors")) && !["tokenizer", "tokenizer_2", "tokenizer_3", "scheduler", "feature_extractor"].contains(&component.as_str()) {
             return Err(HubError::NotCached { repo: repo.into(), cache: hub.cache_root().to_path_buf(), detail: format!(": commit {} lacks {component} weights", &snap.commit()[..8]) });
         }
         wanted.extend(files);
@@ -206,11 +221,12 @@ mod tests {
             .iter()
             .map(|s| s.to_string())
             .collect();
-        let half = wanted_files(&s, "unet", true);
+        let half = wanted_files(&s, "unet", Some(true));
         assert!(half.contains(&"unet/diffusion_pytorch_model.fp16.safetensors".to_string()));
         assert!(!half.contains(&"unet/diffusion_pytorch_model.safetensors".to_string()));
-        let full = wanted_files(&s, "unet", false);
+        let full = wanted_files(&s, "unet", Some(false));
         assert!(full.contains(&"unet/diffusion_pytorch_model.safetensors".to_string()));
         assert!(full.contains(&"unet/config.json".to_string()));
+        assert_eq!(wanted_files(&s, "unet", None), vec!["unet/config.json".to_string()]);
     }
 }

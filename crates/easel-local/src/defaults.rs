@@ -72,7 +72,7 @@ mod tests {
     use super::*;
 
     fn defaults() -> ModelDefaults {
-        ModelDefaults { steps: Some(20), guidance: Some(4.0), scheduler: Some("euler-a".into()), negative_prompt: Some("blurry".into()), transformer: None, max_sequence_length: None, text_encoders: Default::default() }
+        ModelDefaults { steps: Some(20), guidance: Some(4.0), scheduler: Some("euler-a".into()), negative_prompt: Some("blurry".into()), transformer: None, max_sequence_length: None, text_encoders: Default::default(), checkpoint: None }
     }
 
     #[test]

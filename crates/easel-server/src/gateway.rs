@@ -5,7 +5,8 @@ use std::collections::HashMap;
 use std::time::Duration;
 
 use easel_api::{ApiError, JobResult, JobSpec, ModelInfo, StoredImage, Timings};
-use easel_router::providers::{key_from_env, BflClient, FalClient, IdeogramClient, ImageJob, ImagenClient, OpenAiClient, Provider, ProviderError, RecraftClient, ReplicateClient, StabilityClient};
+use base64::Engine as _;
+use easel_router::providers::{key_from_env, BflClient, EditImage, EditSupport, FalClient, IdeogramClient, ImageJob, ImagenClient, OpenAiClient, Provider, ProviderError, RecraftClient, ReplicateClient, StabilityClient};
 use easel_router::routing::{Candidate, Hints, RouteError, Router, RoutingConfig, Situation, LOCAL};
 use easel_router::{Price, PriceTable};
 use serde::Deserialize;
@@ -151,15 +152,27 @@ impl Gateway {
         })
     }
 
+    /// Which pictures a candidate's model takes in (none at an unconfigured provider).
+    pub fn edit_support(&self, c: &Candidate) -> EditSupport {
+        self.providers.get(&c.provider).map(|p| p.edit_support(&c.model)).unwrap_or(EditSupport::None)
+    }
+
     /// The list price of one image at a closed provider.
     pub fn remote_price(&self, c: &Candidate, quality: Option<&str>, width: usize, height: usize) -> Option<f64> {
         self.prices.image_usd(&c.provider, &c.model, quality, width as u32, height as u32)
     }
 }
 
-/// A request routed to a closed provider, validated like a local one.
-pub fn remote_model_info(c: &Candidate) -> ModelInfo {
-    ModelInfo { id: format!("{}:{}", c.provider, c.model), default_steps: 28, default_guidance: 3.5, default_size: 1024, max_side: 2048, size_multiple: 16, schedulers: vec![], memory: None, closed: true, skippable_layers: None, image_inputs: easel_api::ImageInputs::None }
+/// A request routed to a closed provider, validated like a local one; `pictures` is what the
+/// provider's model takes in.
+pub fn remote_model_info(c: &Candidate, pictures: EditSupport) -> ModelInfo {
+    let image_inputs = match pictures {
+        EditSupport::None => easel_api::ImageInputs::None,
+        EditSupport::Image => easel_api::ImageInputs::Image,
+        EditSupport::ImageAndMask => easel_api::ImageInputs::ImageAndMask,
+        EditSupport::MaskRequired => easel_api::ImageInputs::MaskRequired,
+    };
+    ModelInfo { id: format!("{}:{}", c.provider, c.model), default_steps: 28, default_guidance: 3.5, default_size: 1024, max_side: 2048, size_multiple: 16, schedulers: vec![], memory: None, closed: true, skippable_layers: None, image_inputs }
 }
 
 /// What a closed provider's answer becomes: the job record's result (images already stored).
@@ -176,9 +189,13 @@ pub fn remote_result(c: &Candidate, images: Vec<StoredImage>, seconds: f64, cost
 }
 
 /// The provider-neutral job for a spec (quality and style from the request, kept on its route).
-pub fn image_job(c: &Candidate, spec: &JobSpec) -> ImageJob {
+pub fn image_job(c: &Candidate, spec: &JobSpec) -> Result<ImageJob, base64::DecodeError> {
     let route = spec.route.as_ref();
-    ImageJob {
+    let image = match &spec.init_image {
+        Some(i) => Some(EditImage { png: decode_png(&i.png_base64)?, mask_png: i.mask_png_base64.as_deref().map(decode_png).transpose()?, strength: i.strength }),
+        None => None,
+    };
+    Ok(ImageJob {
         model: c.model.clone(),
         prompt: spec.prompt.clone(),
         negative_prompt: spec.negative_prompt.clone(),
@@ -189,7 +206,12 @@ pub fn image_job(c: &Candidate, spec: &JobSpec) -> ImageJob {
         quality: route.and_then(|r| r.quality.clone()),
         style: route.and_then(|r| r.style.clone()),
         output_format: spec.output_format.extension().to_string(),
-    }
+        image,
+    })
+}
+
+fn decode_png(b64: &str) -> Result<Vec<u8>, base64::DecodeError> {
+    base64::engine::general_purpose::STANDARD.decode(b64)
 }
 
 /// The API error for a provider failure that ends the request.

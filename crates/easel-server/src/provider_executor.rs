@@ -36,7 +36,7 @@ impl Executor for ProviderExecutor {
     fn models(&self) -> Vec<ModelInfo> {
         let mut names: Vec<&String> = self.gateway.providers.keys().collect();
         names.sort();
-        names.into_iter().map(|p| ModelInfo { id: format!("{PROVIDER_QUEUE_PREFIX}{p}"), ..crate::gateway::remote_model_info(&Candidate { provider: p.clone(), model: String::new(), reason: String::new() }) }).collect()
+        names.into_iter().map(|p| ModelInfo { id: format!("{PROVIDER_QUEUE_PREFIX}{p}"), ..crate::gateway::remote_model_info(&Candidate { provider: p.clone(), model: String::new(), reason: String::new() }, easel_router::providers::EditSupport::None) }).collect()
     }
 
     fn model_identity(&self, model: &str) -> String {
@@ -52,6 +52,7 @@ impl Executor for ProviderExecutor {
         }
         let candidate = Candidate { provider: rc.provider.clone(), model: rc.model.clone(), reason: rc.reason.clone() };
         let provider = self.gateway.providers.get(&candidate.provider).ok_or_else(|| ExecError::Permanent(format!("provider `{}` is not configured here", candidate.provider)))?;
+        let request = crate::gateway::image_job(&candidate, spec).map_err(|e| ExecError::Permanent(format!("the job's picture is not base64: {e}")))?;
         let quality = spec.route.as_ref().and_then(|r| r.quality.clone());
         let unit = self.gateway.remote_price(&candidate, quality.as_deref(), spec.width, spec.height).unwrap_or(0.0);
         let estimate = unit * spec.n as f64;
@@ -68,7 +69,6 @@ impl Executor for ProviderExecutor {
             self.release(&job.id);
             return Err(ExecError::Canceled);
         }
-        let request = crate::gateway::image_job(&candidate, spec);
         match self.runtime.block_on(provider.generate(&request)) {
             Ok(out) => {
                 self.gateway.router.succeeded(&candidate.provider, out.seconds);

@@ -105,9 +105,16 @@ impl TextStack {
     /// Loads the CLIP encoder `dir/te` (its weights from `file` when given) and the tokenizer
     /// `dir/tok`.
     pub fn load(dir: &Path, te: &str, tok: &str, file: Option<&Path>, half: bool, dtype: DType, device: &Device) -> Result<Self> {
+        let base = load_tensors(&weight_files(dir, te, file, half)?, dtype, device)?;
+        Self::from_tensors(dir, te, tok, base, dtype, device)
+    }
+
+    /// The CLIP encoder with `dir/te`'s config and the given weights (from an SD single file),
+    /// and the tokenizer `dir/tok`.
+    pub fn from_tensors(dir: &Path, te: &str, tok: &str, base: HashMap<String, Tensor>, dtype: DType, device: &Device) -> Result<Self> {
         let config: ClipTextConfig = component_config(dir, te, "config.json")?;
         let tokenizer = Arc::new(PromptTokenizer::from_dir(&dir.join(tok), config.max_position_embeddings)?);
-        let base = Arc::new(load_tensors(&weight_files(dir, te, file, half)?, dtype, device)?);
+        let base = Arc::new(base);
         let vb = VarBuilder::from_tensors((*base).clone(), dtype, device);
         let encoder = build(dir, te, ClipTextModel::new(vb, &config))?;
         Ok(Self { tokenizer, encoder, config, base })
@@ -423,6 +430,11 @@ pub struct ModelDefaults {
     /// Text-encoder single files (`clip_l`, `clip_g`, `t5`, relative to the model directory).
     #[serde(default, flatten)]
     pub text_encoders: TextEncoderFiles,
+    /// SD 1.x/2.x/XL: a single-file checkpoint in LDM names holding the UNet, VAE and text
+    /// encoders; the folder then holds only configs and tokenizers (see
+    /// [`crate::weights::single_file`], which writes such folders).
+    #[serde(default)]
+    pub checkpoint: Option<PathBuf>,
 }
 
 impl ModelDefaults {
@@ -432,7 +444,7 @@ impl ModelDefaults {
         let mut d: ModelDefaults = if path.exists() {
             read_json(&path)?
         } else {
-            ModelDefaults { steps: None, guidance: None, scheduler: None, negative_prompt: None, transformer: None, max_sequence_length: None, text_encoders: TextEncoderFiles::default() }
+            ModelDefaults { steps: None, guidance: None, scheduler: None, negative_prompt: None, transformer: None, max_sequence_length: None, text_encoders: TextEncoderFiles::default(), checkpoint: None }
         };
         let (steps, guidance) = match (easel_hub::catalogue::for_model_dir(dir), family) {
             (Some(known), _) => (known.steps, known.guidance),

@@ -18,6 +18,7 @@ use super::vae::Vae;
 use crate::models::unet::{AddedCond, UNet2DConditionModel};
 use crate::scheduler::{NoiseSource, SchedulerKind, SeededNoise};
 use crate::weights::lora::{self, Component, LoraSpec, LoraTargets, TargetFamily};
+use crate::weights::single_file;
 use crate::weights::source::component_weights;
 
 /// Text conditioning of one prompt: (states, pooled states for SDXL, whether it was truncated).
@@ -76,15 +77,21 @@ impl StableDiffusionPipeline {
         let half = opts.dtype != DType::F32;
         let (dtype, device) = (opts.dtype, &opts.device);
 
-        let files = opts.text_encoders.or_defaults(dir, &ModelDefaults::load(dir, family)?);
-        let load_text = |te: &str, tok: &str, file: Option<&Path>| -> Result<Option<TextStack>> {
+        let defaults = ModelDefaults::load(dir, family)?;
+        let files = opts.text_encoders.or_defaults(dir, &defaults);
+        // A single-file checkpoint supplies every component's weights; the folder its configs.
+        let mut checkpoint = defaults.checkpoint.as_ref().map(|f| single_file::read_components(&dir.join(f), dtype, device)).transpose()?;
+        let load_text = |te: &str, tok: &str, file: Option<&Path>, from_checkpoint: Option<HashMap<String, Tensor>>| -> Result<Option<TextStack>> {
             if !index.has(te) {
                 return Ok(None);
             }
-            TextStack::load(dir, te, tok, file, half, dtype, device).map(Some)
+            match (file, from_checkpoint) {
+                (None, Some(tensors)) => TextStack::from_tensors(dir, te, tok, tensors, dtype, device).map(Some),
+                _ => TextStack::load(dir, te, tok, file, half, dtype, device).map(Some),
+            }
         };
-        let text = load_text("text_encoder", "tokenizer", files.clip_l.as_deref())?;
-        let text_2 = load_text("text_encoder_2", "tokenizer_2", files.clip_g.as_deref())?;
+        let text = load_text("text_encoder", "tokenizer", files.clip_l.as_deref(), checkpoint.as_mut().map(|c| std::mem::take(&mut c.text_encoder)))?;
+        let text_2 = load_text("text_encoder_2", "tokenizer_2", files.clip_g.as_deref(), checkpoint.as_mut().and_then(|c| c.text_encoder_2.take()))?;
         if text.is_none() && text_2.is_none() {
             return Err(EngineError::BadConfig {
                 path: dir.join("model_index.json"),
@@ -93,7 +100,10 @@ impl StableDiffusionPipeline {
         }
 
         let unet_cfg: UNetConfig = component_config(dir, "unet", "config.json")?;
-        let unet_base = Arc::new(load_tensors(&component_weights(dir, "unet", half)?, dtype, device)?);
+        let unet_base = Arc::new(match checkpoint.as_mut() {
+            Some(c) => std::mem::take(&mut c.unet),
+            None => load_tensors(&component_weights(dir, "unet", half)?, dtype, device)?,
+        });
         let vb = VarBuilder::from_tensors((*unet_base).clone(), dtype, device);
         let unet = build(dir, "unet", UNet2DConditionModel::new(vb, &unet_cfg))?;
         if family == Family::StableDiffusionXl && !unet.needs_added_cond() {
@@ -103,7 +113,10 @@ impl StableDiffusionPipeline {
             });
         }
 
-        let vae = Arc::new(Vae::load(dir, half, dtype, device)?);
+        let vae = Arc::new(match checkpoint {
+            Some(c) => Vae::from_tensors(dir, c.vae, dtype, device)?,
+            None => Vae::load(dir, half, dtype, device)?,
+        });
         let scheduler_config: SchedulerConfig = component_config(dir, "scheduler", "scheduler_config.json")?;
         // Validate the scheduler config once at load time, not at the first request.
         SchedulerKind::from_config(&scheduler_config).unwrap_or(SchedulerKind::Euler).build(&scheduler_config, 1, 0)?;

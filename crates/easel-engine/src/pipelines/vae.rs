@@ -2,10 +2,12 @@
 //! with diffusers' latent scaling and shift. The decoder is loaded with the pipeline; the encoder
 //! only when the first image-to-image request needs it, so text-to-image never holds it.
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::sync::OnceLock;
+use std::sync::{Arc, OnceLock};
 
 use candle_core::{DType, Device, Tensor};
+use candle_nn::VarBuilder;
 
 use crate::config::{read_json, VaeConfig};
 use crate::error::Result;
@@ -14,13 +16,30 @@ use crate::scheduler::NoiseSource;
 use crate::weights::source::component_weights;
 use crate::weights::{bad_weights, load_var_builder};
 
+/// Where the VAE's weights are, for building the encoder on first use.
+enum VaeWeights {
+    /// Safetensors files, memory-mapped.
+    Files(Vec<PathBuf>),
+    /// Tensors already in memory (an SD single file's `first_stage_model`).
+    Tensors(Arc<HashMap<String, Tensor>>),
+}
+
+impl VaeWeights {
+    fn var_builder(&self, dtype: DType, device: &Device) -> Result<VarBuilder<'static>> {
+        match self {
+            Self::Files(files) => load_var_builder(files, dtype, device),
+            Self::Tensors(tensors) => Ok(VarBuilder::from_tensors((**tensors).clone(), dtype, device)),
+        }
+    }
+}
+
 /// A loaded VAE and its config.
 pub struct Vae {
     model: AutoencoderKLDecoder,
     encoder: OnceLock<AutoencoderKLEncoder>,
     pub config: VaeConfig,
     dir: PathBuf,
-    files: Vec<PathBuf>,
+    weights: VaeWeights,
     dtype: DType,
     device: Device,
 }
@@ -28,18 +47,26 @@ pub struct Vae {
 impl Vae {
     /// Loads `dir/vae`.
     pub fn load(dir: &Path, half: bool, dtype: DType, device: &Device) -> Result<Self> {
+        Self::with_weights(dir, VaeWeights::Files(component_weights(dir, "vae", half)?), dtype, device)
+    }
+
+    /// The VAE with `dir/vae`'s config and the given weights (from an SD single file).
+    pub fn from_tensors(dir: &Path, tensors: HashMap<String, Tensor>, dtype: DType, device: &Device) -> Result<Self> {
+        Self::with_weights(dir, VaeWeights::Tensors(Arc::new(tensors)), dtype, device)
+    }
+
+    fn with_weights(dir: &Path, weights: VaeWeights, dtype: DType, device: &Device) -> Result<Self> {
         let config: VaeConfig = read_json(&dir.join("vae").join("config.json"))?;
-        let files = component_weights(dir, "vae", half)?;
-        let vb = load_var_builder(&files, dtype, device)?;
+        let vb = weights.var_builder(dtype, device)?;
         let model = AutoencoderKLDecoder::new(vb, &config).map_err(|e| bad_weights(&dir.join("vae"), &e))?;
-        Ok(Self { model, encoder: OnceLock::new(), config, dir: dir.join("vae"), files, dtype, device: device.clone() })
+        Ok(Self { model, encoder: OnceLock::new(), config, dir: dir.join("vae"), weights, dtype, device: device.clone() })
     }
 
     fn encoder(&self) -> Result<&AutoencoderKLEncoder> {
         if let Some(encoder) = self.encoder.get() {
             return Ok(encoder);
         }
-        let vb = load_var_builder(&self.files, self.dtype, &self.device)?;
+        let vb = self.weights.var_builder(self.dtype, &self.device)?;
         let encoder = AutoencoderKLEncoder::new(vb, &self.config).map_err(|e| bad_weights(&self.dir, &e))?;
         // A concurrent first use may have set it meanwhile; either encoder is the same.
         Ok(self.encoder.get_or_init(|| encoder))

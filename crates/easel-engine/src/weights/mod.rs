@@ -6,13 +6,15 @@
 //! - [`store`]: named dense-or-quantized weights and the linear layer over them;
 //! - [`gguf`]: GGUF files into a store, and `easel models quantize`;
 //! - [`keys`]: renaming between checkpoint layouts (diffusers, BFL, Stability's single files);
-//! - [`lora`]: LoRA files mapped onto a model's weights and merged.
+//! - [`lora`]: LoRA files mapped onto a model's weights and merged;
+//! - [`single_file`]: SD fine-tunes published as one file, run through a config folder.
 //!
 //! Dependencies run one way: `lora` -> `keys` -> `store` <- `gguf`.
 
 pub mod gguf;
 pub mod keys;
 pub mod lora;
+pub mod single_file;
 pub mod source;
 pub mod store;
 

@@ -2,10 +2,27 @@
 //! a `polling_url`; polling it reports Pending until Ready (with `result.sample`, a signed URL
 //! that expires within minutes, downloaded at once), or Error/Failed, "Request Moderated",
 //! "Content Moderated", "Task not found".
+//!
+//! Pictures in: the fill models (`flux-pro-1.0-fill`) take `image` and `mask` (base64, white =
+//! repaint) and answer at the picture's size; the Kontext models (`flux-kontext-pro`, `-max`)
+//! take `input_image` and edit it as the prompt says.
 
 use std::time::{Duration, Instant};
 
-use super::{Http, ImageJob, ProviderError, ProviderOutput};
+use base64::Engine as _;
+
+use super::{EditSupport, Http, ImageJob, ProviderError, ProviderOutput};
+
+/// What BFL's `model` takes in.
+pub(super) fn edit_support(model: &str) -> EditSupport {
+    if model.contains("fill") {
+        EditSupport::MaskRequired
+    } else if model.contains("kontext") {
+        EditSupport::Image
+    } else {
+        EditSupport::None
+    }
+}
 
 /// A client for BFL's API (or a regional endpoint of it).
 #[derive(Debug, Clone)]
@@ -39,10 +56,20 @@ impl BflClient {
         for i in 0..job.n.max(1) {
             let mut body = serde_json::json!({
                 "prompt": job.prompt,
-                "width": job.width,
-                "height": job.height,
                 "output_format": if job.output_format == "png" { "png" } else { "jpeg" },
             });
+            let b64 = |bytes: &[u8]| base64::engine::general_purpose::STANDARD.encode(bytes);
+            match (&job.image, edit_support(&job.model)) {
+                (Some(image), EditSupport::MaskRequired) => {
+                    body["image"] = b64(&image.png).into();
+                    body["mask"] = image.mask_png.as_deref().map(b64).into();
+                }
+                (Some(image), _) => body["input_image"] = b64(&image.png).into(),
+                (None, _) => {
+                    body["width"] = job.width.into();
+                    body["height"] = job.height.into();
+                }
+            }
             if let Some(seed) = job.seed {
                 body["seed"] = (seed + i as u64).into();
             }
@@ -101,9 +128,24 @@ mod tests {
         let app = Router::new()
             .route(
                 "/v1/{model}",
-                post(|State(s): State<Fake>, headers: HeaderMap, Json(body): Json<serde_json::Value>| async move {
+                post(|State(s): State<Fake>, axum::extract::Path(model): axum::extract::Path<String>, headers: HeaderMap, Json(body): Json<serde_json::Value>| async move {
                     if headers.get("x-key").and_then(|v| v.to_str().ok()) != Some("bfl-key") {
                         return (StatusCode::FORBIDDEN, r#"{"detail":"Not authenticated - Invalid Authentication"}"#.to_string());
+                    }
+                    // The edit endpoints' required fields, refused as FastAPI does (422).
+                    let required: &[&str] = match model.as_str() {
+                        "flux-pro-1.0-fill" => &["image", "mask"],
+                        m if m.starts_with("flux-kontext") => &["input_image"],
+                        _ => &["width", "height"],
+                    };
+                    for field in required {
+                        let present = body[*field].as_str().map(|b| base64::engine::general_purpose::STANDARD.decode(b).is_ok()).unwrap_or(body[*field].is_u64());
+                        if !present {
+                            return (StatusCode::UNPROCESSABLE_ENTITY, serde_json::json!({"detail": [{"loc": ["body", field], "msg": "Field required", "type": "missing"}]}).to_string());
+                        }
+                    }
+                    if model == "flux-pro-1.0-fill" && body.get("width").is_some() {
+                        return (StatusCode::UNPROCESSABLE_ENTITY, r#"{"detail":[{"loc":["body","width"],"msg":"Extra inputs are not permitted"}]}"#.into());
                     }
                     let prompt = body["prompt"].as_str().unwrap_or_default().to_string();
                     match prompt.as_str() {
@@ -149,7 +191,24 @@ mod tests {
     }
 
     fn job(prompt: &str) -> ImageJob {
-        ImageJob { model: "flux-pro-1.1".into(), prompt: prompt.into(), negative_prompt: None, width: 1024, height: 768, n: 1, seed: Some(3), quality: None, style: None, output_format: "png".into() }
+        ImageJob { model: "flux-pro-1.1".into(), prompt: prompt.into(), negative_prompt: None, width: 1024, height: 768, n: 1, seed: Some(3), quality: None, style: None, output_format: "png".into(), image: None }
+    }
+
+    #[tokio::test]
+    async fn pictures_go_to_fill_with_their_mask_and_to_kontext_alone() {
+        use super::super::{EditImage, EditSupport, Provider};
+        let base = fake_bfl().await;
+        let c = BflClient::new("bfl", &base, "bfl-key".into(), Duration::from_secs(10)).with_poll_interval(Duration::from_millis(10));
+        let picture = EditImage { png: fake::PNG.to_vec(), mask_png: Some(fake::PNG.to_vec()), strength: 1.0 };
+        let fill = ImageJob { model: "flux-pro-1.0-fill".into(), image: Some(picture.clone()), ..job("a red door") };
+        assert_eq!(c.generate(&fill).await.expect("fill").images, vec![fake::PNG.to_vec()]);
+        let kontext = ImageJob { model: "flux-kontext-pro".into(), image: Some(EditImage { mask_png: None, ..picture.clone() }), ..job("make it night") };
+        assert_eq!(c.generate(&kontext).await.expect("kontext").images, vec![fake::PNG.to_vec()]);
+        // Which models take what, and a picture the model cannot take is refused before sending.
+        let p = Provider::Bfl(c);
+        assert_eq!([p.edit_support("flux-pro-1.0-fill"), p.edit_support("flux-kontext-max"), p.edit_support("flux-pro-1.1")], [EditSupport::MaskRequired, EditSupport::Image, EditSupport::None]);
+        let e = p.generate(&ImageJob { image: Some(picture), ..job("a cat") }).await.unwrap_err();
+        assert!(matches!(e, ProviderError::Rejected { .. }) && e.to_string().contains("flux-pro-1.1"), "{e}");
     }
 
     #[tokio::test]

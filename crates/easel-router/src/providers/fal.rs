@@ -160,7 +160,7 @@ mod tests {
     }
 
     fn job(prompt: &str) -> ImageJob {
-        ImageJob { model: "fal-ai/flux/dev".into(), prompt: prompt.into(), negative_prompt: None, width: 512, height: 512, n: 1, seed: Some(1), quality: None, style: None, output_format: "png".into() }
+        ImageJob { model: "fal-ai/flux/dev".into(), prompt: prompt.into(), negative_prompt: None, width: 512, height: 512, n: 1, seed: Some(1), quality: None, style: None, output_format: "png".into(), image: None }
     }
 
     #[tokio::test]

@@ -134,7 +134,7 @@ mod tests {
     }
 
     fn job(prompt: &str, quality: Option<&str>) -> ImageJob {
-        ImageJob { model: "ideogram-v3".into(), prompt: prompt.into(), negative_prompt: None, width: 1344, height: 768, n: 2, seed: Some(3), quality: quality.map(Into::into), style: Some("realistic".into()), output_format: "png".into() }
+        ImageJob { model: "ideogram-v3".into(), prompt: prompt.into(), negative_prompt: None, width: 1344, height: 768, n: 2, seed: Some(3), quality: quality.map(Into::into), style: Some("realistic".into()), output_format: "png".into(), image: None }
     }
 
     #[tokio::test]

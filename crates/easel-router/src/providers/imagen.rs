@@ -112,7 +112,7 @@ mod tests {
     }
 
     fn job(model: &str, prompt: &str, n: u32) -> ImageJob {
-        ImageJob { model: model.into(), prompt: prompt.into(), negative_prompt: None, width: 1408, height: 768, n, seed: Some(1), quality: None, style: None, output_format: "png".into() }
+        ImageJob { model: model.into(), prompt: prompt.into(), negative_prompt: None, width: 1408, height: 768, n, seed: Some(1), quality: None, style: None, output_format: "png".into(), image: None }
     }
 
     #[tokio::test]

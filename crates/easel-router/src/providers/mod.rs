@@ -45,6 +45,45 @@ pub struct ImageJob {
     pub style: Option<String>,
     /// png, jpeg or webp.
     pub output_format: String,
+    /// A picture to edit, for the models that take one ([`Provider::edit_support`]).
+    pub image: Option<EditImage>,
+}
+
+/// A picture to start from: image-to-image, or inpainting where a mask is given.
+#[derive(Debug, Clone, PartialEq)]
+pub struct EditImage {
+    /// PNG bytes, already at the request's size.
+    pub png: Vec<u8>,
+    /// PNG bytes, white = repaint (easel's and diffusers' convention; each client converts to
+    /// its vendor's).
+    pub mask_png: Option<Vec<u8>>,
+    /// How much to change, 0-1, for vendors that take one.
+    pub strength: f64,
+}
+
+/// Which pictures a provider's model takes in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EditSupport {
+    /// Text only.
+    None,
+    /// A picture to edit, without a mask (BFL's Kontext).
+    Image,
+    /// A picture, and optionally a mask (OpenAI's edits endpoint).
+    ImageAndMask,
+    /// A picture and a mask, both required (BFL's fill).
+    MaskRequired,
+}
+
+impl EditSupport {
+    /// Whether a request with a picture (and a mask or not) can go to this model.
+    pub fn accepts(self, mask: bool) -> bool {
+        match self {
+            EditSupport::None => false,
+            EditSupport::Image => !mask,
+            EditSupport::ImageAndMask => true,
+            EditSupport::MaskRequired => mask,
+        }
+    }
 }
 
 /// What a provider returned.
@@ -125,7 +164,25 @@ impl Provider {
         }
     }
 
+    /// What `model` at this provider takes in: OpenAI-compatible servers take pictures and
+    /// masks on `/images/edits` (all but dall-e-3); BFL's fill models a picture and a mask, its
+    /// Kontext models a picture; the other clients send text only.
+    pub fn edit_support(&self, model: &str) -> EditSupport {
+        match self {
+            Provider::OpenAi(_) if model == "dall-e-3" => EditSupport::None,
+            Provider::OpenAi(_) => EditSupport::ImageAndMask,
+            Provider::Bfl(_) => bfl::edit_support(model),
+            _ => EditSupport::None,
+        }
+    }
+
     pub async fn generate(&self, job: &ImageJob) -> Result<ProviderOutput, ProviderError> {
+        if let Some(image) = &job.image {
+            if !self.edit_support(&job.model).accepts(image.mask_png.is_some()) {
+                let what = if image.mask_png.is_some() { "a picture with a mask" } else { "a picture" };
+                return Err(ProviderError::Rejected { provider: self.name().to_string(), message: format!("model `{}` does not take {what}", job.model) });
+            }
+        }
         match self {
             Provider::OpenAi(c) => c.generate(job).await,
             Provider::Bfl(c) => c.generate(job).await,

@@ -105,7 +105,7 @@ mod tests {
     }
 
     fn job(style: Option<&str>) -> ImageJob {
-        ImageJob { model: "recraftv3".into(), prompt: "a fox logo".into(), negative_prompt: Some("blurry".into()), width: 1344, height: 768, n: 2, seed: Some(9), quality: None, style: style.map(Into::into), output_format: "png".into() }
+        ImageJob { model: "recraftv3".into(), prompt: "a fox logo".into(), negative_prompt: Some("blurry".into()), width: 1344, height: 768, n: 2, seed: Some(9), quality: None, style: style.map(Into::into), output_format: "png".into(), image: None }
     }
 
     #[tokio::test]

@@ -162,7 +162,7 @@ mod tests {
     }
 
     fn job(model: &str, prompt: &str) -> ImageJob {
-        ImageJob { model: model.into(), prompt: prompt.into(), negative_prompt: None, width: 1024, height: 1024, n: 1, seed: None, quality: None, style: None, output_format: "png".into() }
+        ImageJob { model: model.into(), prompt: prompt.into(), negative_prompt: None, width: 1024, height: 1024, n: 1, seed: None, quality: None, style: None, output_format: "png".into(), image: None }
     }
 
     #[tokio::test]

@@ -124,7 +124,7 @@ mod tests {
     }
 
     fn job(model: &str, prompt: &str) -> ImageJob {
-        ImageJob { model: model.into(), prompt: prompt.into(), negative_prompt: None, width: 1344, height: 768, n: 1, seed: Some(5), quality: None, style: None, output_format: "png".into() }
+        ImageJob { model: model.into(), prompt: prompt.into(), negative_prompt: None, width: 1344, height: 768, n: 1, seed: Some(5), quality: None, style: None, output_format: "png".into(), image: None }
     }
 
     #[tokio::test]

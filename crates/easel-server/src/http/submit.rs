@@ -98,13 +98,22 @@ pub(super) fn submit_request(
             };
             let situation = Situation { local_models: &local, local_wait_s: wait, enabled: &enabled, price: &price, spent_today_usd: all, spent_today_by_key_usd: mine };
             let mut plan = gw.plan(req.model.as_deref().unwrap_or(""), &hints, &situation)?;
-            // LoRA stacks and input images run on local engines only.
-            let local_only = [("loras", "LoRAs", req.loras.as_ref().is_some_and(|l| !l.is_empty())), ("image", "input images", req.image.is_some())];
-            if let Some((field, what, _)) = local_only.into_iter().find(|(_, _, asked)| *asked) {
-                let first = plan[0].provider.clone();
+            // LoRA stacks run on local engines only; pictures on local engines and on the
+            // providers' models that take them (with a mask or not).
+            let first = plan[0].provider.clone();
+            let model_name = req.model.as_deref().unwrap_or("");
+            if req.loras.as_ref().is_some_and(|l| !l.is_empty()) {
                 plan.retain(Candidate::is_local);
                 if plan.is_empty() {
-                    return Err(ApiError::invalid(field, format!("{what} run on local engines; `{}` routes to {first} (use route: local)", req.model.as_deref().unwrap_or(""))));
+                    return Err(ApiError::invalid("loras", format!("LoRAs run on local engines; `{model_name}` routes to {first} (use route: local)")));
+                }
+            }
+            if req.image.is_some() {
+                let mask = req.mask.is_some();
+                plan.retain(|c| c.is_local() || gw.edit_support(c).accepts(mask));
+                if plan.is_empty() {
+                    let what = if mask { "a picture with a mask" } else { "a picture" };
+                    return Err(ApiError::invalid("image", format!("no candidate for `{model_name}` takes {what}: {first}'s model does not (edits run on local engines, OpenAI-compatible providers, BFL's fill and Kontext models)")));
                 }
             }
             if plan[0].is_local() {
@@ -122,7 +131,7 @@ pub(super) fn submit_request(
     }
     // The provider executor runs in every API node that has the gateway: always served.
     let (model, served) = match &provider_first {
-        Some(c) => (crate::gateway::remote_model_info(c), true),
+        Some(c) => (crate::gateway::remote_model_info(c, state.gateway.as_ref().map(|g| g.edit_support(c)).unwrap_or(easel_router::providers::EditSupport::None)), true),
         None => state.model(local_model.as_deref())?,
     };
     let (mut spec, format) = req.validate(&model, random_seed)?;

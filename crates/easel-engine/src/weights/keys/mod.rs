@@ -1,9 +1,11 @@
 //! The one place that maps weight names between checkpoint layouts, per model family. Each
 //! family's transformer mirrors its reference implementation's module tree (BFL's for FLUX,
 //! Stability's for SD 3.5), so the published single files and GGUF files load as they are and
-//! diffusers-layout folders are renamed (and fused) into those names.
+//! diffusers-layout folders are renamed (and fused) into those names. The SD family is the other
+//! way round: its models mirror diffusers, and [`ldm`] renames the single files into diffusers' names.
 
 pub mod flux;
+pub mod ldm;
 pub mod sd3;
 
 use candle_core::Tensor;
