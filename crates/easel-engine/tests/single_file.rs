@@ -58,7 +58,12 @@ fn a_config_of_another_family_is_refused_naming_config() {
 
 #[test]
 fn transformer_files_and_diffusers_components_are_not_taken_for_sd_single_files() {
-    for (file, hint) in [("pipelines/flux-dev-tiny-bfl.safetensors", "--transformer"), ("pipelines/sd15-tiny/unet/diffusion_pytorch_model.safetensors", "no `model.diffusion_model.*`")] {
+    for (file, hint) in [
+        ("pipelines/flux-dev-tiny-bfl.safetensors", "--transformer"),
+        // Stability's SD 3.5 file shares the UNet's `model.diffusion_model.` prefix.
+        ("pipelines/sd35m-tiny-sai.safetensors", "--transformer"),
+        ("pipelines/sd15-tiny/unet/diffusion_pytorch_model.safetensors", "no `model.diffusion_model.*`"),
+    ] {
         let err = single_file::inspect(&fixtures().join(file)).unwrap_err().to_string();
         assert!(err.contains(hint), "{file}: {err}");
     }

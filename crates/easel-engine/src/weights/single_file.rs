@@ -44,11 +44,18 @@ impl LdmArchitecture {
 
 /// Reads a file's architecture from its header alone (no weights are read).
 pub fn inspect(file: &Path) -> Result<LdmArchitecture> {
+    inspect_mapped(file, &map(file)?)
+}
+
+fn map(file: &Path) -> Result<candle_core::safetensors::MmapedSafetensors> {
     if !file.is_file() {
         return Err(EngineError::MissingFile { path: file.to_path_buf(), hint: "no such file".into() });
     }
     // SAFETY: read-only mapping, as in `load_var_builder`.
-    let mapped = unsafe { candle_core::safetensors::MmapedSafetensors::new(file) }.map_err(|e| bad_weights(file, &e))?;
+    unsafe { candle_core::safetensors::MmapedSafetensors::new(file) }.map_err(|e| bad_weights(file, &e))
+}
+
+fn inspect_mapped(file: &Path, mapped: &candle_core::safetensors::MmapedSafetensors) -> Result<LdmArchitecture> {
     let shapes: HashMap<String, Vec<usize>> = mapped.tensors().into_iter().map(|(name, view)| (name, view.shape().to_vec())).collect();
     ldm::detect(file, &shapes)
 }
@@ -115,24 +122,16 @@ fn fingerprint(paths: &[&Path]) -> u64 {
 }
 
 /// Reads a single file's weights into diffusers' components and names, as `dtype` on `device`.
+/// Only the components' tensors are read (not EMA copies), each converted as it is read, so the
+/// file is never held twice.
 pub fn read_components(file: &Path, dtype: DType, device: &Device) -> Result<LdmComponents> {
-    let arch = inspect(file)?;
-    let tensors = crate::weights::read_tensors(file)?;
-    let mut parts = ldm::split(file, arch.family, tensors)?;
-    let convert = |map: &mut HashMap<String, candle_core::Tensor>| -> Result<()> {
-        for t in map.values_mut() {
-            if t.dtype().is_float() && t.dtype() != dtype {
-                *t = t.to_dtype(dtype)?;
-            }
-            *t = t.to_device(device)?;
-        }
-        Ok(())
-    };
-    convert(&mut parts.unet)?;
-    convert(&mut parts.vae)?;
-    convert(&mut parts.text_encoder)?;
-    if let Some(te2) = parts.text_encoder_2.as_mut() {
-        convert(te2)?;
+    let mapped = map(file)?;
+    let arch = inspect_mapped(file, &mapped)?;
+    let mut tensors = HashMap::new();
+    for (name, _) in mapped.tensors().into_iter().filter(|(name, _)| ldm::is_component(name)) {
+        let t = mapped.load(&name, &Device::Cpu).map_err(|e| bad_weights(file, &e))?;
+        let t = if t.dtype().is_float() && t.dtype() != dtype { t.to_dtype(dtype)? } else { t };
+        tensors.insert(name, t.to_device(device)?);
     }
-    Ok(parts)
+    ldm::split(file, arch.family, tensors)
 }

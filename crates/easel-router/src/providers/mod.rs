@@ -49,7 +49,8 @@ pub struct ImageJob {
     pub image: Option<EditImage>,
 }
 
-/// A picture to start from: image-to-image, or inpainting where a mask is given.
+/// A picture to start from: image-to-image, or inpainting where a mask is given. No vendor
+/// wired here takes a strength (OpenAI's edits, BFL's fill and Kontext), so none is carried.
 #[derive(Debug, Clone, PartialEq)]
 pub struct EditImage {
     /// PNG bytes, already at the request's size.
@@ -57,8 +58,6 @@ pub struct EditImage {
     /// PNG bytes, white = repaint (easel's and diffusers' convention; each client converts to
     /// its vendor's).
     pub mask_png: Option<Vec<u8>>,
-    /// How much to change, 0-1, for vendors that take one.
-    pub strength: f64,
 }
 
 /// Which pictures a provider's model takes in.

@@ -44,18 +44,28 @@ const SD1_CLIP: &str = "cond_stage_model.transformer.";
 const SD2_CLIP: &str = "cond_stage_model.model.";
 const SDXL_CLIP_L: &str = "conditioner.embedders.0.transformer.";
 const SDXL_CLIP_G: &str = "conditioner.embedders.1.model.";
+/// Every component's prefix; other tensors (EMA copies, the noise schedule) are never read.
+const COMPONENTS: [&str; 6] = [UNET, VAE, SD1_CLIP, SD2_CLIP, SDXL_CLIP_L, SDXL_CLIP_G];
+
+/// Whether a tensor belongs to one of the components [`split`] keeps.
+pub fn is_component(name: &str) -> bool {
+    COMPONENTS.iter().any(|p| name.starts_with(p))
+}
 
 /// Reads the family off the names, or says why the file is not an SD single file.
 pub fn detect(path: &Path, shapes: &HashMap<String, Vec<usize>>) -> Result<LdmArchitecture> {
     let has = |prefix: &str| shapes.keys().any(|k| k.starts_with(prefix));
     let bad = |message: String| EngineError::BadWeights { path: path.to_path_buf(), message };
+    // FLUX's and SD 3.5's files may share the UNet's prefix (ComfyUI's, Stability's).
+    let transformer = shapes.keys().any(|k| {
+        let k = k.strip_prefix(UNET).unwrap_or(k);
+        k.starts_with("double_blocks.") || k.starts_with("joint_blocks.")
+    });
+    if transformer {
+        return Err(bad("a FLUX or SD 3.5 transformer, not a Stable Diffusion single-file checkpoint: it goes in --transformer with a diffusers folder as --model".into()));
+    }
     if !has(UNET) {
-        let hint = if has("double_blocks.") || has("joint_blocks.") || has("model.diffusion_model.joint_blocks.") {
-            "; a FLUX or SD 3.5 transformer file goes in --transformer with a diffusers folder as --model"
-        } else {
-            ""
-        };
-        return Err(bad(format!("not a Stable Diffusion single-file checkpoint: no `{UNET}*` tensors{hint}")));
+        return Err(bad(format!("not a Stable Diffusion single-file checkpoint: no `{UNET}*` tensors")));
     }
     let family = if has(SDXL_CLIP_G) && has(SDXL_CLIP_L) {
         LdmFamily::Sdxl
@@ -89,9 +99,8 @@ pub struct LdmComponents {
 /// schedule) are dropped.
 pub fn split(path: &Path, family: LdmFamily, tensors: HashMap<String, Tensor>) -> Result<LdmComponents> {
     let mut groups: HashMap<&str, HashMap<String, Tensor>> = HashMap::new();
-    let prefixes = [UNET, VAE, SD1_CLIP, SD2_CLIP, SDXL_CLIP_L, SDXL_CLIP_G];
     for (name, t) in tensors {
-        if let Some(prefix) = prefixes.iter().find(|p| name.starts_with(**p)) {
+        if let Some(prefix) = COMPONENTS.iter().find(|p| name.starts_with(**p)) {
             groups.entry(prefix).or_default().insert(name[prefix.len()..].to_string(), t);
         }
     }
