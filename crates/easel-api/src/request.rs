@@ -353,9 +353,7 @@ impl ImageRequest {
                         return Err(ApiError::invalid("mask", format!("mask is {}x{}, the image {}x{}: they must be the same size", m.width(), m.height(), image.width(), image.height())));
                     }
                 }
-                // diffusers' defaults: 1 for inpainting (the masked region from pure noise), 0.8
-                // for image-to-image.
-                let strength = self.strength.unwrap_or(if mask.is_some() { 1.0 } else { DEFAULT_STRENGTH });
+                let strength = self.strength.unwrap_or(default_strength(mask.is_some()));
                 if !strength.is_finite() || !(0.0..=1.0).contains(&strength) {
                     return Err(ApiError::invalid("strength", format!("strength must be between 0 and 1, got {strength}")));
                 }
@@ -465,8 +463,15 @@ impl ImageRequest {
     }
 }
 
-/// diffusers' StableDiffusionImg2ImgPipeline's default `strength`.
-const DEFAULT_STRENGTH: f64 = 0.8;
+/// diffusers' default `strength`: 1 for inpainting (StableDiffusionInpaintPipeline: the masked
+/// region from pure noise), 0.8 for image-to-image (StableDiffusionImg2ImgPipeline).
+pub fn default_strength(masked: bool) -> f64 {
+    if masked {
+        1.0
+    } else {
+        0.8
+    }
+}
 /// LCMScheduler's default `original_inference_steps`: its schedule has no more steps.
 const LCM_MAX_STEPS: usize = 50;
 

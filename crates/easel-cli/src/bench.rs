@@ -280,7 +280,7 @@ fn unet_eval(model: &std::path::Path, size: usize, batch: usize, inputs: Option<
         }
         None => (Tensor::zeros((batch, cfg.in_channels, size / 8, size / 8), dtype, &device)?, Tensor::zeros((batch, 77, ctx_dim), dtype, &device)?, None),
     };
-    timed.run(&device, load_s, serde_json::json!({}), || Ok(unet.forward(&sample, 500.0, &context, added.as_ref())?))
+    timed.run(&device, load_s, serde_json::json!({}), || Ok(unet.forward(&sample, 500.0, &context, added.as_ref(), None)?))
 }
 
 fn vae_eval(model: &std::path::Path, inputs: &std::path::Path, timed: &Timed) -> Result<()> {

@@ -124,9 +124,6 @@ pub struct GenerateArgs {
     timings_json: bool,
 }
 
-/// diffusers' StableDiffusionImg2ImgPipeline's default `strength`.
-const DEFAULT_STRENGTH: f64 = 0.8;
-
 /// Reads `--init-image` under the API's rules (format, at most 4096x4096, no decompression
 /// bomb), checking that it is at least one size multiple on each side.
 fn read_init_image(path: &Path, multiple: usize) -> Result<easel_api::InputImage> {
@@ -209,8 +206,7 @@ pub fn run(args: GenerateArgs) -> Result<()> {
         Some(image) => {
             let (image_w, image_h) = (image.width(), image.height());
             let image = image.resized(width as u32, height as u32);
-            // diffusers' defaults: 1 for inpainting, 0.8 for image-to-image.
-            let strength = args.strength.unwrap_or(if args.mask.is_some() { 1.0 } else { DEFAULT_STRENGTH });
+            let strength = args.strength.unwrap_or(easel_api::default_strength(args.mask.is_some()));
             let init = easel_engine::InitImage::from_rgb(width, height, image.rgb(), strength)?;
             match &args.mask {
                 Some(path) => {

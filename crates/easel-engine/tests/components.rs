@@ -75,7 +75,7 @@ fn check_unet_and_vae(pipe: &str) {
     let unet = UNet2DConditionModel::new(vb(pipe, "unet"), &cfg).unwrap();
     let added = t.get("unet_text_embeds").map(|te| AddedCond { text_embeds: te.clone(), time_ids: t["unet_time_ids"].clone() });
     let ts = t["unet_timestep"].to_vec1::<f32>().unwrap()[0] as f64;
-    let out = unet.forward(&t["unet_sample"], ts, &t["unet_context"], added.as_ref()).unwrap();
+    let out = unet.forward(&t["unet_sample"], ts, &t["unet_context"], added.as_ref(), None).unwrap();
     let e = rel_l2(&out, &t["unet_out"]);
     assert!(e < 1e-5, "{pipe}: unet rel L2 {e:.2e}");
 

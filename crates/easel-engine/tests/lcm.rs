@@ -2,7 +2,9 @@
 //! its schedule (timesteps picked from the distillation's 50), the consistency step, and the
 //! fresh noise between steps (replayed from diffusers' draws). With a LoRA standing in for an
 //! LCM-LoRA (a random one: what is checked is the scheduler through the LoRA path) at guidance 1.5 (classifier-free guidance on), with v-prediction at guidance 1, and on
-//! SDXL at 8 steps on a tall image.
+//! SDXL at 8 steps on a tall image. LCM-distilled UNets (`time_cond_proj_dim`: the guidance scale
+//! as an embedding, no classifier-free guidance) against LatentConsistencyModelPipeline on SD 1.x
+//! (a wide image) and StableDiffusionXLPipeline on SDXL, as each is published.
 
 mod common;
 
@@ -42,6 +44,16 @@ fn lcm_with_v_prediction_without_guidance_matches_diffusers() {
 #[test]
 fn lcm_on_sdxl_in_eight_steps_on_a_tall_image_matches_diffusers() {
     check("sdxl-var-tiny-lcm");
+}
+
+#[test]
+fn an_lcm_distilled_unet_takes_guidance_as_an_embedding_as_latent_consistency_model_pipeline_does() {
+    check("sd15-var-lcm-tiny-distilled");
+}
+
+#[test]
+fn an_lcm_distilled_sdxl_unet_takes_guidance_as_an_embedding_as_the_sdxl_pipeline_does() {
+    check("sdxl-var-lcm-tiny-distilled");
 }
 
 #[test]

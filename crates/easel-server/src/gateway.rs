@@ -192,7 +192,7 @@ pub fn remote_result(c: &Candidate, images: Vec<StoredImage>, seconds: f64, cost
 pub fn image_job(c: &Candidate, spec: &JobSpec) -> Result<ImageJob, base64::DecodeError> {
     let route = spec.route.as_ref();
     let image = match &spec.init_image {
-        Some(i) => Some(EditImage { png: decode_png(&i.png_base64)?, mask_png: i.mask_png_base64.as_deref().map(decode_png).transpose()? }),
+        Some(i) => Some(EditImage { png: decode_png(&i.png_base64)?, mask_png: i.mask_png_base64.as_deref().map(decode_png).transpose()?, strength: i.strength }),
         None => None,
     };
     Ok(ImageJob {

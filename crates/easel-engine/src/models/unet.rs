@@ -4,6 +4,8 @@
 //! `.downsamplers.0.conv`, `mid_block`, `up_blocks`, `add_embedding`), so checkpoint names map
 //! one to one. Per-block heads, transformer depths and layer counts come from the config, and
 //! SDXL's `text_time` additional embedding (pooled text embeddings and `add_time_ids`) is built in.
+//! LCM-distilled UNets (`time_cond_proj_dim`) take the guidance scale as an embedding added to
+//! the timestep's (`time_embedding.cond_proj`), instead of classifier-free guidance.
 
 use candle_core::{DType, Module, Result, Tensor};
 use candle_nn::{group_norm, Conv2dConfig, GroupNorm, VarBuilder};
@@ -105,6 +107,9 @@ pub struct UNet2DConditionModel {
     conv_in: Conv2d,
     time_proj: Timesteps,
     time_embedding: TimestepEmbedding,
+    /// `time_embedding.cond_proj` of LCM-distilled UNets: the guidance embedding into the
+    /// timestep embedding's input width.
+    cond_proj: Option<candle_nn::Linear>,
     text_time: Option<TextTimeEmbedding>,
     down_blocks: Vec<UNetBlock>,
     mid_block: MidBlock,
@@ -114,6 +119,20 @@ pub struct UNet2DConditionModel {
     center_input_sample: bool,
     /// The config this UNet was built from.
     pub config: UNetConfig,
+}
+
+/// diffusers' `get_guidance_scale_embedding`: `w * 1000` in sinusoids, `[sin | cos]` over
+/// `dim / 2` frequencies `10000^(-k / (dim/2 - 1))`, zero-padded to an odd `dim`; a row per
+/// sample. LCM pipelines pass `w = guidance_scale - 1`. Computed in f32, step for step as
+/// diffusers does: the arguments reach thousands of radians, where f64 would differ.
+pub fn guidance_embedding(w: f64, dim: usize, rows: usize, device: &candle_core::Device) -> Result<Tensor> {
+    let half = dim / 2;
+    let step = 10000f32.ln() / (half as f32 - 1.0);
+    let w = w as f32 * 1000.0;
+    let args: Vec<f32> = (0..half).map(|k| w * (k as f32 * -step).exp()).collect();
+    let mut row: Vec<f32> = args.iter().map(|a| a.sin()).chain(args.iter().map(|a| a.cos())).collect();
+    row.resize(dim, 0.0);
+    Tensor::from_vec(row, (1, dim), device)?.repeat((rows, 1))
 }
 
 fn unsupported(what: String) -> candle_core::Error {
@@ -130,9 +149,6 @@ impl UNet2DConditionModel {
         }
         if let Some(t) = &c.class_embed_type {
             return Err(unsupported(format!("class_embed_type `{t}`")));
-        }
-        if c.time_cond_proj_dim.is_some() {
-            return Err(unsupported("time_cond_proj_dim (LCM-distilled UNets)".into()));
         }
         if c.encoder_hid_dim.is_some() {
             return Err(unsupported("encoder_hid_dim".into()));
@@ -156,6 +172,10 @@ impl UNet2DConditionModel {
         let conv_in = conv2d(c.in_channels, ch0, 3, conv_cfg, vb.pp("conv_in"))?;
         let time_proj = Timesteps::new(ch0, c.flip_sin_to_cos, c.freq_shift);
         let time_embedding = TimestepEmbedding::new(vb.pp("time_embedding"), ch0, time_embed_dim)?;
+        let cond_proj = match c.time_cond_proj_dim {
+            Some(dim) => Some(candle_nn::linear_no_bias(dim, ch0, vb.pp("time_embedding").pp("cond_proj"))?),
+            None => None,
+        };
         let text_time = match c.addition_embed_type.as_deref() {
             None => None,
             Some("text_time") => {
@@ -256,6 +276,7 @@ impl UNet2DConditionModel {
             conv_in,
             time_proj,
             time_embedding,
+            cond_proj,
             text_time,
             down_blocks,
             mid_block,
@@ -272,14 +293,27 @@ impl UNet2DConditionModel {
         self.text_time.is_some()
     }
 
-    /// One evaluation: predicts noise (or v) for `sample` at `timestep` given the text states.
-    pub fn forward(&self, sample: &Tensor, timestep: f64, context: &Tensor, added: Option<&AddedCond>) -> Result<Tensor> {
+    /// The width of the guidance embedding an LCM-distilled UNet takes, `None` for others.
+    pub fn guidance_embedding_dim(&self) -> Option<usize> {
+        self.config.time_cond_proj_dim
+    }
+
+    /// One evaluation: predicts noise (or v) for `sample` at `timestep` given the text states,
+    /// and for LCM-distilled UNets the guidance embedding ([`guidance_embedding`], a row per
+    /// sample).
+    pub fn forward(&self, sample: &Tensor, timestep: f64, context: &Tensor, added: Option<&AddedCond>, guidance: Option<&Tensor>) -> Result<Tensor> {
         let batch = sample.dim(0)?;
         let device = sample.device();
         let xs = if self.center_input_sample { ((sample * 2.0)? - 1.0)? } else { sample.clone() };
 
         let t = Tensor::full(timestep as f32, batch, device)?;
         let emb = self.time_proj.forward(&t)?.to_dtype(sample.dtype())?;
+        // diffusers' TimestepEmbedding: `sample + cond_proj(condition)` before linear_1.
+        let emb = match (&self.cond_proj, guidance) {
+            (Some(proj), Some(g)) => (emb + proj.forward(&g.to_dtype(sample.dtype())?)?)?,
+            (Some(_), None) => return Err(candle_core::Error::Msg("an LCM-distilled UNet needs the guidance embedding".into())),
+            (None, _) => emb,
+        };
         let mut emb = self.time_embedding.forward(&emb)?;
         if let Some(tt) = &self.text_time {
             let added = added.ok_or_else(|| candle_core::Error::Msg("SDXL UNet needs text_embeds and time_ids".into()))?;

@@ -63,9 +63,9 @@ impl StableDiffusionPipeline {
     pub fn load(dir: &Path, opts: &LoadOptions) -> Result<Self> {
         let index: ModelIndex = read_json(&dir.join("model_index.json"))?;
         let family = match index.class_name.as_str() {
-            // The image-to-image and inpainting classes name the same components.
-            "StableDiffusionPipeline" | "StableDiffusionImg2ImgPipeline" | "StableDiffusionInpaintPipeline" => Family::StableDiffusion,
-            "StableDiffusionXLPipeline" | "StableDiffusionXLInpaintPipeline" => Family::StableDiffusionXl,
+            // The image-to-image, inpainting and LCM classes name the same components.
+            "StableDiffusionPipeline" | "StableDiffusionImg2ImgPipeline" | "StableDiffusionInpaintPipeline" | "LatentConsistencyModelPipeline" => Family::StableDiffusion,
+            "StableDiffusionXLPipeline" | "StableDiffusionXLImg2ImgPipeline" | "StableDiffusionXLInpaintPipeline" => Family::StableDiffusionXl,
             other => {
                 return Err(EngineError::Unsupported(format!(
                     "pipeline class `{other}` in {} (easel loads StableDiffusionPipeline, StableDiffusionXLPipeline, FluxPipeline and StableDiffusion3Pipeline)",
@@ -326,7 +326,9 @@ impl StableDiffusionPipeline {
         }
         let kind = first.scheduler.unwrap_or_else(|| self.default_scheduler());
         let mut scheduler = kind.build(&self.scheduler_config, first.steps, 0)?;
-        let guided = first.guidance > 1.0;
+        // An LCM-distilled UNet takes the guidance scale as an embedding (`w = guidance - 1`, as
+        // diffusers' pipelines pass it) and never runs classifier-free guidance.
+        let guided = first.guidance > 1.0 && self.unet.guidance_embedding_dim().is_none();
         let mut timings = Timings::default();
 
         // Image-to-image starts part-way down the schedule.
@@ -404,6 +406,10 @@ impl StableDiffusionPipeline {
             Some(AddedCond { text_embeds, time_ids: Tensor::from_vec(ids, (rows, 6), &self.device)? })
         };
         timings.text_encode = t0.elapsed();
+        let guidance_embedding = match self.unet.guidance_embedding_dim() {
+            Some(dim) => Some(crate::models::unet::guidance_embedding(first.guidance - 1.0, dim, latents.dim(0)?, &self.device)?),
+            None => None,
+        };
 
         let t1 = Instant::now();
         let mut latents = latents;
@@ -415,7 +421,7 @@ impl StableDiffusionPipeline {
                 Some(extra) => Tensor::cat(&[&input, extra], 1)?,
                 None => input,
             };
-            let pred = self.unet.forward(&input, t, &context, added.as_ref())?;
+            let pred = self.unet.forward(&input, t, &context, added.as_ref(), guidance_embedding.as_ref())?;
             let pred = if guided {
                 let chunks = pred.chunk(2, 0)?;
                 let (uncond, text) = (&chunks[0], &chunks[1]);

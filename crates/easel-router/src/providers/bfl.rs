@@ -199,7 +199,7 @@ mod tests {
         use super::super::{EditImage, EditSupport, Provider};
         let base = fake_bfl().await;
         let c = BflClient::new("bfl", &base, "bfl-key".into(), Duration::from_secs(10)).with_poll_interval(Duration::from_millis(10));
-        let picture = EditImage { png: fake::PNG.to_vec(), mask_png: Some(fake::PNG.to_vec()) };
+        let picture = EditImage { png: fake::PNG.to_vec(), mask_png: Some(fake::PNG.to_vec()), strength: 1.0 };
         let fill = ImageJob { model: "flux-pro-1.0-fill".into(), image: Some(picture.clone()), ..job("a red door") };
         assert_eq!(c.generate(&fill).await.expect("fill").images, vec![fake::PNG.to_vec()]);
         let kontext = ImageJob { model: "flux-kontext-pro".into(), image: Some(EditImage { mask_png: None, ..picture.clone() }), ..job("make it night") };

@@ -3,10 +3,39 @@
 //! (with queue_position), IN_PROGRESS, COMPLETED; the response holds image URLs (downloaded
 //! at once) and `has_nsfw_concepts`. A request abandoned at the deadline is cancelled with
 //! PUT on `cancel_url`, so it is not billed for nothing.
+//!
+//! Pictures in: fal's file inputs take data URIs, so a picture goes as `image_url` and a mask
+//! (white = repaint, as diffusers) as `mask_url`. The image-to-image apps
+//! (`fal-ai/flux/dev/image-to-image`) and the Kontext apps take a picture; the fill
+//! (`fal-ai/flux-pro/v1/fill`) and inpainting (`fal-ai/flux-lora/inpainting`) apps take a
+//! picture and a mask. Image-to-image and inpainting apps also take diffusers' `strength`.
+//! An edit answers at the picture's size, so no `image_size` is sent with one.
 
 use std::time::{Duration, Instant};
 
-use super::{Http, ImageJob, ProviderError, ProviderOutput};
+use base64::Engine as _;
+
+use super::{EditSupport, Http, ImageJob, ProviderError, ProviderOutput};
+
+/// What fal's app `model` takes in, read off its path as fal names its apps.
+pub(super) fn edit_support(model: &str) -> EditSupport {
+    if model.contains("fill") || model.contains("inpaint") {
+        EditSupport::MaskRequired
+    } else if model.contains("image-to-image") || model.contains("kontext") {
+        EditSupport::Image
+    } else {
+        EditSupport::None
+    }
+}
+
+/// Whether fal's app takes diffusers' `strength` with its picture.
+fn takes_strength(model: &str) -> bool {
+    model.contains("image-to-image") || model.contains("inpaint")
+}
+
+fn data_uri(png: &[u8]) -> String {
+    format!("data:image/png;base64,{}", base64::engine::general_purpose::STANDARD.encode(png))
+}
 
 #[derive(Debug, Clone)]
 pub struct FalClient {
@@ -37,11 +66,22 @@ impl FalClient {
         let deadline = self.http.deadline();
         let mut input = serde_json::json!({
             "prompt": job.prompt,
-            "image_size": {"width": job.width, "height": job.height},
             "num_images": job.n,
             "output_format": if job.output_format == "png" { "png" } else { "jpeg" },
             "enable_safety_checker": true,
         });
+        match &job.image {
+            Some(image) => {
+                input["image_url"] = data_uri(&image.png).into();
+                if let Some(mask) = &image.mask_png {
+                    input["mask_url"] = data_uri(mask).into();
+                }
+                if takes_strength(&job.model) {
+                    input["strength"] = image.strength.into();
+                }
+            }
+            None => input["image_size"] = serde_json::json!({"width": job.width, "height": job.height}),
+        }
         if let Some(seed) = job.seed {
             input["seed"] = seed.into();
         }
@@ -80,10 +120,10 @@ impl FalClient {
 
 #[cfg(test)]
 mod tests {
-    use super::super::fake;
+    use super::super::{fake, EditImage, Provider};
     use super::*;
     use axum::extract::{Path, State};
-    use axum::http::{HeaderMap, StatusCode};
+    use axum::http::{HeaderMap, StatusCode, Uri};
     use axum::routing::{get, post, put};
     use axum::{Json, Router};
     use std::collections::HashMap;
@@ -99,28 +139,12 @@ mod tests {
     async fn fake_fal() -> (String, Fake) {
         let st = Fake::default();
         let app = Router::new()
+            .route("/fal-ai/flux/dev", post(submit))
+            .route("/fal-ai/flux/dev/image-to-image", post(submit))
+            .route("/fal-ai/flux-pro/v1/fill", post(submit))
             .route(
-                "/fal-ai/flux/dev",
-                post(|State(s): State<Fake>, headers: HeaderMap, Json(input): Json<serde_json::Value>| async move {
-                    if headers.get("authorization").and_then(|v| v.to_str().ok()) != Some("Key fal-key") {
-                        return (StatusCode::UNAUTHORIZED, r#"{"detail":"Invalid key"}"#.to_string());
-                    }
-                    assert_eq!(input["image_size"]["width"], 512);
-                    let id = input["prompt"].as_str().unwrap_or_default().replace(' ', "-");
-                    match id.as_str() {
-                        "busy" => return (StatusCode::TOO_MANY_REQUESTS, r#"{"detail":"Too many requests"}"#.into()),
-                        "down" => return (StatusCode::BAD_GATEWAY, "upstream error".into()),
-                        "garbage" => return (StatusCode::OK, "<html>maintenance</html>".into()),
-                        _ => {}
-                    }
-                    let base = s.base.lock().unwrap().clone();
-                    let r = format!("{base}/fal-ai/flux/requests/{id}");
-                    (StatusCode::OK, serde_json::json!({"request_id": id, "status_url": format!("{r}/status"), "response_url": r, "cancel_url": format!("{r}/cancel"), "queue_position": 2}).to_string())
-                }),
-            )
-            .route(
-                "/fal-ai/flux/requests/{id}/status",
-                get(|State(s): State<Fake>, Path(id): Path<String>| async move {
+                "/fal-ai/{app}/requests/{id}/status",
+                get(|State(s): State<Fake>, Path((_app, id)): Path<(String, String)>| async move {
                     let n = {
                         let mut p = s.polls.lock().unwrap();
                         let n = p.entry(id.clone()).or_default();
@@ -136,8 +160,8 @@ mod tests {
                 }),
             )
             .route(
-                "/fal-ai/flux/requests/{id}",
-                get(|State(s): State<Fake>, Path(id): Path<String>| async move {
+                "/fal-ai/{app}/requests/{id}",
+                get(|State(s): State<Fake>, Path((_app, id)): Path<(String, String)>| async move {
                     let base = s.base.lock().unwrap().clone();
                     let nsfw = id == "naughty";
                     let file = if id == "late" { "gone.png" } else { "img.png" };
@@ -145,8 +169,8 @@ mod tests {
                 }),
             )
             .route(
-                "/fal-ai/flux/requests/{id}/cancel",
-                put(|State(s): State<Fake>, Path(id): Path<String>| async move {
+                "/fal-ai/{app}/requests/{id}/cancel",
+                put(|State(s): State<Fake>, Path((_app, id)): Path<(String, String)>| async move {
                     s.canceled.lock().unwrap().push(id);
                     (StatusCode::ACCEPTED, Json(serde_json::json!({"status": "CANCELLATION_REQUESTED"})))
                 }),
@@ -157,6 +181,44 @@ mod tests {
         let base = fake::serve(app).await;
         *st.base.lock().unwrap() = base.clone();
         (base, st)
+    }
+
+    /// fal's submission: the key, then the app's input schema (required file inputs as URLs or
+    /// data URIs, refused with 422 as its pydantic models do), then a queued request.
+    async fn submit(State(s): State<Fake>, uri: Uri, headers: HeaderMap, Json(input): Json<serde_json::Value>) -> (StatusCode, String) {
+        if headers.get("authorization").and_then(|v| v.to_str().ok()) != Some("Key fal-key") {
+            return (StatusCode::UNAUTHORIZED, r#"{"detail":"Invalid key"}"#.to_string());
+        }
+        let app = uri.path().trim_start_matches('/');
+        let (files, strength): (&[&str], bool) = match app {
+            "fal-ai/flux/dev/image-to-image" => (&["image_url"], true),
+            "fal-ai/flux-pro/v1/fill" => (&["image_url", "mask_url"], false),
+            _ => (&[], false),
+        };
+        for field in files {
+            let png = input[*field].as_str().and_then(|u| u.strip_prefix("data:image/png;base64,")).and_then(|b| base64::engine::general_purpose::STANDARD.decode(b).ok());
+            if png.as_deref() != Some(fake::PNG) {
+                return (StatusCode::UNPROCESSABLE_ENTITY, serde_json::json!({"detail": [{"loc": ["body", field], "msg": "Field required", "type": "missing"}]}).to_string());
+            }
+        }
+        if files.is_empty() {
+            assert_eq!(input["image_size"]["width"], 512);
+        } else {
+            assert!(input.get("image_size").is_none(), "an edit answers at the picture's size");
+        }
+        assert_eq!(input.get("strength").and_then(|v| v.as_f64()), strength.then_some(0.6), "{app}: strength only where the app takes it");
+        let id = input["prompt"].as_str().unwrap_or_default().replace(' ', "-");
+        match id.as_str() {
+            "busy" => return (StatusCode::TOO_MANY_REQUESTS, r#"{"detail":"Too many requests"}"#.into()),
+            "down" => return (StatusCode::BAD_GATEWAY, "upstream error".into()),
+            "garbage" => return (StatusCode::OK, "<html>maintenance</html>".into()),
+            _ => {}
+        }
+        let base = s.base.lock().unwrap().clone();
+        // fal's status and response URLs name the app's owner/name, not its sub-path.
+        let owner_name = app.split('/').take(2).collect::<Vec<_>>().join("/");
+        let r = format!("{base}/{owner_name}/requests/{id}");
+        (StatusCode::OK, serde_json::json!({"request_id": id, "status_url": format!("{r}/status"), "response_url": r, "cancel_url": format!("{r}/cancel"), "queue_position": 2}).to_string())
     }
 
     fn job(prompt: &str) -> ImageJob {
@@ -181,5 +243,23 @@ mod tests {
         let bad = FalClient::new("fal", &base, "nope-secret".into(), Duration::from_secs(5));
         let e = bad.generate(&job("a cat")).await.unwrap_err();
         assert!(matches!(e, ProviderError::Rejected { .. }) && !e.to_string().contains("nope-secret"));
+    }
+
+    #[tokio::test]
+    async fn pictures_go_as_data_uris_with_strength_only_where_the_app_takes_one() {
+        let (base, _) = fake_fal().await;
+        let c = FalClient::new("fal", &base, "fal-key".into(), Duration::from_secs(10)).with_poll_interval(Duration::from_millis(10));
+        let picture = EditImage { png: fake::PNG.to_vec(), mask_png: None, strength: 0.6 };
+        let img2img = ImageJob { model: "fal-ai/flux/dev/image-to-image".into(), image: Some(picture.clone()), ..job("make it night") };
+        assert_eq!(c.generate(&img2img).await.expect("image-to-image").images, vec![fake::PNG.to_vec()]);
+        let fill = ImageJob { model: "fal-ai/flux-pro/v1/fill".into(), image: Some(EditImage { mask_png: Some(fake::PNG.to_vec()), ..picture.clone() }), ..job("a red door") };
+        assert_eq!(c.generate(&fill).await.expect("fill").images, vec![fake::PNG.to_vec()]);
+        let no_mask = ImageJob { image: Some(picture), ..fill.clone() };
+        let e = Provider::Fal(c.clone()).generate(&no_mask).await.unwrap_err();
+        assert!(matches!(e, ProviderError::Rejected { .. }) && e.to_string().contains("fal-ai/flux-pro/v1/fill"), "{e}");
+        assert_eq!(
+            ["fal-ai/flux/dev", "fal-ai/flux/dev/image-to-image", "fal-ai/flux-pro/kontext", "fal-ai/flux-pro/v1/fill", "fal-ai/flux-lora/inpainting"].map(edit_support),
+            [EditSupport::None, EditSupport::Image, EditSupport::Image, EditSupport::MaskRequired, EditSupport::MaskRequired]
+        );
     }
 }

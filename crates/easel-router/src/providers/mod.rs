@@ -49,8 +49,7 @@ pub struct ImageJob {
     pub image: Option<EditImage>,
 }
 
-/// A picture to start from: image-to-image, or inpainting where a mask is given. No vendor
-/// wired here takes a strength (OpenAI's edits, BFL's fill and Kontext), so none is carried.
+/// A picture to start from: image-to-image, or inpainting where a mask is given.
 #[derive(Debug, Clone, PartialEq)]
 pub struct EditImage {
     /// PNG bytes, already at the request's size.
@@ -58,6 +57,9 @@ pub struct EditImage {
     /// PNG bytes, white = repaint (easel's and diffusers' convention; each client converts to
     /// its vendor's).
     pub mask_png: Option<Vec<u8>>,
+    /// How much to change, 0-1, as diffusers' `strength`. Only fal's image-to-image and
+    /// inpainting apps take one; OpenAI's edits and BFL's fill and Kontext have none.
+    pub strength: f64,
 }
 
 /// Which pictures a provider's model takes in.
@@ -65,11 +67,11 @@ pub struct EditImage {
 pub enum EditSupport {
     /// Text only.
     None,
-    /// A picture to edit, without a mask (BFL's Kontext).
+    /// A picture to edit, without a mask (BFL's Kontext, fal's image-to-image apps).
     Image,
     /// A picture, and optionally a mask (OpenAI's edits endpoint).
     ImageAndMask,
-    /// A picture and a mask, both required (BFL's fill).
+    /// A picture and a mask, both required (BFL's fill, fal's fill and inpainting apps).
     MaskRequired,
 }
 
@@ -164,13 +166,15 @@ impl Provider {
     }
 
     /// What `model` at this provider takes in: OpenAI-compatible servers take pictures and
-    /// masks on `/images/edits` (all but dall-e-3); BFL's fill models a picture and a mask, its
-    /// Kontext models a picture; the other clients send text only.
+    /// masks on `/images/edits` (all but dall-e-3); BFL's and fal's fill (and fal's inpainting)
+    /// models a picture and a mask, their Kontext (and fal's image-to-image) models a picture;
+    /// the other clients send text only.
     pub fn edit_support(&self, model: &str) -> EditSupport {
         match self {
             Provider::OpenAi(_) if model == "dall-e-3" => EditSupport::None,
             Provider::OpenAi(_) => EditSupport::ImageAndMask,
             Provider::Bfl(_) => bfl::edit_support(model),
+            Provider::Fal(_) => fal::edit_support(model),
             _ => EditSupport::None,
         }
     }

@@ -203,7 +203,7 @@ mod tests {
         let picture = png(image::DynamicImage::ImageRgb8(image::RgbImage::new(4, 2)));
         // easel's mask: white = repaint, here the left half.
         let mask = png(image::DynamicImage::ImageLuma8(image::GrayImage::from_fn(4, 2, |x, _| image::Luma([if x < 2 { 255 } else { 0 }]))));
-        let edit = |mask_png| ImageJob { width: 4, height: 2, image: Some(EditImage { png: picture.clone(), mask_png }), ..job("gpt-image-1", "a red door") };
+        let edit = |mask_png| ImageJob { width: 4, height: 2, image: Some(EditImage { png: picture.clone(), mask_png, strength: 1.0 }), ..job("gpt-image-1", "a red door") };
         let out = c.generate(&edit(Some(mask))).await.expect("edits");
         assert_eq!(out.images, vec![fake::PNG.to_vec()]);
         assert_eq!(out.vendor_id.as_deref(), Some("[true, true, false, false, true, true, false, false]"));

@@ -40,33 +40,37 @@ const NUMERIC_FIELDS: [&str; 11] = [
 /// The fields of an edit form whose values are JSON (arrays) in the JSON request.
 const JSON_FIELDS: [&str; 2] = ["loras", "skip_guidance_layers"];
 
-/// An edit form as the JSON body of the equivalent generation request.
-async fn edit_request(mut form: Multipart, limit: usize) -> Result<Bytes, ApiError> {
+/// An edit form's parts as read off the wire, before any picture is decoded.
+struct EditForm {
+    image: Bytes,
+    mask: Option<Bytes>,
+    /// The text parts, already typed as the JSON request has them.
+    fields: serde_json::Map<String, serde_json::Value>,
+}
+
+/// An edit form as the JSON body of the equivalent generation request. The parts are read on
+/// the runtime; decoding the mask (and the picture's own alpha) is CPU work and runs on the
+/// blocking pool, as request validation does.
+async fn edit_request(form: Multipart, limit: usize) -> Result<Bytes, ApiError> {
+    let form = read_edit_form(form, limit).await?;
+    tokio::task::spawn_blocking(move || edit_body(form)).await.map_err(|e| ApiError::internal(format!("reading the edit form stopped: {e}")))?
+}
+
+async fn read_edit_form(mut form: Multipart, limit: usize) -> Result<EditForm, ApiError> {
     let multipart_error = |e: axum::extract::multipart::MultipartError| {
         if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
             return ApiError::too_large(limit);
         }
         ApiError::bad_body(format!("the multipart body is malformed: {}", e.body_text()))
     };
-    let mut body = serde_json::Map::new();
-    let mut images = 0;
-    let mut image_bytes = Vec::new();
+    let (mut image, mut mask, mut fields) = (None, None, serde_json::Map::new());
     while let Some(part) = form.next_field().await.map_err(multipart_error)? {
         let name = part.name().unwrap_or_default().to_string();
         let bytes = part.bytes().await.map_err(multipart_error)?;
         match name.as_str() {
-            "image" | "image[]" => {
-                images += 1;
-                if images > 1 {
-                    return Err(ApiError::invalid("image", "local models edit one image; send one `image`"));
-                }
-                body.insert("image".into(), serde_json::Value::String(base64::engine::general_purpose::STANDARD.encode(&bytes)));
-                image_bytes = bytes.to_vec();
-            }
-            "mask" => {
-                let mask = easel_api::decode_openai_mask("mask", &bytes)?;
-                body.insert("mask".into(), serde_json::Value::String(mask.to_base64_png()));
-            }
+            "image" | "image[]" if image.is_some() => return Err(ApiError::invalid("image", "local models edit one image; send one `image`")),
+            "image" | "image[]" => image = Some(bytes),
+            "mask" => mask = Some(bytes),
             field => {
                 let text = String::from_utf8(bytes.to_vec()).map_err(|_| ApiError::invalid(field, format!("{field} must be text")))?;
                 let value = if NUMERIC_FIELDS.contains(&field) {
@@ -77,20 +81,28 @@ async fn edit_request(mut form: Multipart, limit: usize) -> Result<Bytes, ApiErr
                 } else {
                     serde_json::Value::String(text)
                 };
-                body.insert(field.to_string(), value);
+                fields.insert(field.to_string(), value);
             }
         }
     }
-    if images == 0 {
-        return Err(ApiError::invalid("image", "images/edits needs an `image` to edit"));
+    let image = image.ok_or_else(|| ApiError::invalid("image", "images/edits needs an `image` to edit"))?;
+    Ok(EditForm { image, mask, fields })
+}
+
+/// The JSON request of an edit form: the picture as base64, and the mask turned from OpenAI's
+/// meaning into easel's. Without a mask, OpenAI edits where the picture itself is fully
+/// transparent, if anywhere.
+fn edit_body(form: EditForm) -> Result<Bytes, ApiError> {
+    let EditForm { image, mask, mut fields } = form;
+    let mask = match mask {
+        Some(bytes) => Some(easel_api::decode_openai_mask("mask", &bytes)?),
+        None => transparency_mask(&image),
+    };
+    fields.insert("image".into(), serde_json::Value::String(base64::engine::general_purpose::STANDARD.encode(&image)));
+    if let Some(mask) = mask {
+        fields.insert("mask".into(), serde_json::Value::String(mask.to_base64_png()));
     }
-    // Without a mask, OpenAI edits where the picture itself is fully transparent, if anywhere.
-    if !body.contains_key("mask") {
-        if let Some(mask) = transparency_mask(&image_bytes) {
-            body.insert("mask".into(), serde_json::Value::String(mask.to_base64_png()));
-        }
-    }
-    Ok(Bytes::from(serde_json::Value::Object(body).to_string()))
+    Ok(Bytes::from(serde_json::Value::Object(fields).to_string()))
 }
 
 /// The edit mask a picture carries in its own alpha channel: its fully transparent pixels, or
