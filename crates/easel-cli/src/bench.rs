@@ -280,7 +280,12 @@ fn unet_eval(model: &std::path::Path, size: usize, batch: usize, inputs: Option<
         }
         None => (Tensor::zeros((batch, cfg.in_channels, size / 8, size / 8), dtype, &device)?, Tensor::zeros((batch, 77, ctx_dim), dtype, &device)?, None),
     };
-    timed.run(&device, load_s, serde_json::json!({}), || Ok(unet.forward(&sample, 500.0, &context, added.as_ref(), None)?))
+    // An LCM-distilled UNet also takes the guidance embedding (at LatentConsistencyModelPipeline's 8.5).
+    let guidance = match unet.guidance_embedding_dim() {
+        Some(dim) => Some(easel_engine::models::unet::guidance_embedding(8.5 - 1.0, dim, sample.dim(0)?, &device)?),
+        None => None,
+    };
+    timed.run(&device, load_s, serde_json::json!({}), || Ok(unet.forward(&sample, 500.0, &context, added.as_ref(), guidance.as_ref())?))
 }
 
 fn vae_eval(model: &std::path::Path, inputs: &std::path::Path, timed: &Timed) -> Result<()> {

@@ -57,6 +57,17 @@ fn an_lcm_distilled_sdxl_unet_takes_guidance_as_an_embedding_as_the_sdxl_pipelin
 }
 
 #[test]
+fn lcm_distilled_models_default_to_four_steps_at_latent_consistency_model_pipelines_guidance() {
+    use easel_engine::{Family, ModelDefaults};
+    for (name, family) in [("sd15-var-lcm-tiny", Family::StableDiffusion), ("sdxl-var-lcm-tiny", Family::StableDiffusionXl)] {
+        let d = ModelDefaults::load(&fixtures().join("pipelines").join(name), family).expect("defaults");
+        assert_eq!((d.steps, d.guidance), (Some(4), Some(8.5)), "{name}");
+    }
+    let base = ModelDefaults::load(&fixtures().join("pipelines").join("sd15-var-tiny"), Family::StableDiffusion).expect("defaults");
+    assert_eq!((base.steps, base.guidance), (Some(30), Some(7.5)));
+}
+
+#[test]
 fn lcm_timesteps_are_picked_from_the_distillation_schedule_as_diffusers_does() {
     use easel_engine::scheduler::SchedulerKind;
     let config: easel_engine::config::SchedulerConfig = serde_json::from_str(r#"{"num_train_timesteps": 1000}"#).unwrap();

@@ -62,6 +62,7 @@ pub fn model_info(id: &str, pipe: &Pipeline, defaults: &ModelDefaults, weight_by
         image_inputs: match pipe {
             Pipeline::StableDiffusion(p) if p.is_inpainting_unet() => ImageInputs::MaskRequired,
             Pipeline::StableDiffusion(_) => ImageInputs::ImageAndMask,
+            Pipeline::Flux(p) if p.is_fill() => ImageInputs::MaskRequired,
             Pipeline::Flux(_) | Pipeline::Sd3(_) => ImageInputs::Image,
         },
     })

@@ -437,6 +437,11 @@ pub struct ModelDefaults {
     pub checkpoint: Option<PathBuf>,
 }
 
+/// Whether `dir`'s UNet is LCM-distilled (`time_cond_proj_dim`: guidance as an embedding).
+fn is_lcm_distilled(dir: &Path) -> bool {
+    read_json::<crate::config::UNetConfig>(&dir.join("unet").join("config.json")).is_ok_and(|c| c.time_cond_proj_dim.is_some())
+}
+
 impl ModelDefaults {
     /// Reads `dir/easel.json`, filling what it leaves out from the catalogue, then the family.
     pub fn load(dir: &Path, family: Family) -> Result<Self> {
@@ -448,6 +453,9 @@ impl ModelDefaults {
         };
         let (steps, guidance) = match (easel_hub::catalogue::for_model_dir(dir), family) {
             (Some(known), _) => (known.steps, known.guidance),
+            // LCM-distilled UNets: LatentConsistencyModelPipeline's defaults (lcm-sdxl's card
+            // runs 4 steps at 8 too).
+            (None, Family::StableDiffusion | Family::StableDiffusionXl) if is_lcm_distilled(dir) => (4, 8.5),
             (None, Family::StableDiffusion) => (30, 7.5),
             (None, Family::StableDiffusionXl) => (30, 5.0),
             (None, Family::FluxDev) => (28, 3.5),

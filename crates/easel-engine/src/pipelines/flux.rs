@@ -184,19 +184,44 @@ impl FluxPipeline {
     }
 
     fn latent_channels(&self) -> usize {
-        self.transformer.config.in_channels / 4
+        self.packed_channels() / 4
+    }
+
+    /// The width of a packed latent token: what the transformer predicts.
+    fn packed_channels(&self) -> usize {
+        let c = &self.transformer.config;
+        c.out_channels.unwrap_or(c.in_channels)
+    }
+
+    /// Whether this is a FLUX Fill model (FLUX.1-Fill-dev): its transformer takes, beside the
+    /// latents, the masked picture's latents and the folded mask ([`InitImage::fill_condition`]),
+    /// so it is wider in than out, and every request needs a picture and a mask.
+    pub fn is_fill(&self) -> bool {
+        self.transformer.config.in_channels > self.packed_channels()
     }
 
     /// Packed latent shape `[batch, (H/2f)(W/2f), 4C]`, the layout FluxPipeline's `latents` takes.
     pub fn latent_shape(&self, p: &GenerateParams) -> [usize; 3] {
         let m = self.size_multiple();
-        [p.batch, (p.height / m) * (p.width / m), self.transformer.config.in_channels]
+        [p.batch, (p.height / m) * (p.width / m), self.packed_channels()]
     }
 
     /// Checks request parameters before any work is done.
     pub fn validate(&self, p: &GenerateParams) -> Result<()> {
-        if p.init_image.as_ref().is_some_and(|i| i.mask.is_some()) {
-            return Err(EngineError::param("mask", "inpainting runs on Stable Diffusion models; FLUX takes an image without a mask (image-to-image)"));
+        let masked = p.init_image.as_ref().is_some_and(|i| i.mask.is_some());
+        if self.is_fill() && !masked {
+            return Err(EngineError::param("mask", "a FLUX Fill model repaints where a mask says: send an image and a mask"));
+        }
+        if masked && !self.is_fill() {
+            return Err(EngineError::param("mask", "FLUX inpaints with a FLUX Fill model (FLUX.1-Fill-dev); this one takes an image without a mask (image-to-image)"));
+        }
+        let fill_width = self.packed_channels() + 4 * self.vae.scale_factor() * self.vae.scale_factor() + self.packed_channels();
+        if self.is_fill() && self.transformer.config.in_channels != fill_width {
+            return Err(EngineError::Unsupported(format!(
+                "a FLUX transformer {} wide in and {} out is neither FLUX nor FLUX Fill ({fill_width} in)",
+                self.transformer.config.in_channels,
+                self.packed_channels()
+            )));
         }
         let m = self.size_multiple();
         p.check_ranges(m, " for FLUX")?;
@@ -270,7 +295,10 @@ impl FluxPipeline {
 
         // The init noise from each request's seed (or its init latents); for image-to-image,
         // the encoded image noised to the first step's level (FluxImg2ImgPipeline's scale_noise).
+        // FLUX Fill also takes the masked picture and the mask beside the latents at every step
+        // (FluxFillPipeline draws their latent sample after the picture's).
         let mut latents = vec![];
+        let mut fill = vec![];
         for p in items {
             let mut rng = SeededNoise::new(p.seed);
             let init = match &p.init_latents {
@@ -283,12 +311,17 @@ impl FluxPipeline {
                         Some(n) => &mut **n,
                         None => &mut rng,
                     };
-                    image.start_latents(&self.vae, source, pack, p.batch, &init, &scheduler, start)?
+                    let start_latents = image.start_latents(&self.vae, source, pack, p.batch, &init, &scheduler, start)?;
+                    if self.is_fill() {
+                        fill.push(image.fill_condition(&self.vae, source, pack, p.batch, self.vae.scale_factor(), self.dtype)?);
+                    }
+                    start_latents
                 }
                 None => init,
             });
         }
         let mut latents = Tensor::cat(&latents, 0)?;
+        let fill = if fill.is_empty() { None } else { Some(Tensor::cat(&fill, 0)?) };
         let rows = latents.dim(0)?;
 
         let t0 = Instant::now();
@@ -311,7 +344,11 @@ impl FluxPipeline {
         let mut no_noise = SeededNoise::new(0);
         for (i, &t) in timesteps.iter().enumerate().skip(start) {
             let ts = Tensor::full((t / 1000.0) as f32, rows, &self.device)?;
-            let inputs = FluxInputs { img: &latents, img_ids: &img_ids, txt: &states, txt_ids: &txt_ids, timesteps: &ts, pooled: &pooled, guidance: guidance.as_ref() };
+            let img = match &fill {
+                Some(condition) => Tensor::cat(&[&latents, condition], 2)?,
+                None => latents.clone(),
+            };
+            let inputs = FluxInputs { img: &img, img_ids: &img_ids, txt: &states, txt_ids: &txt_ids, timesteps: &ts, pooled: &pooled, guidance: guidance.as_ref() };
             let pred = self.transformer.forward(&inputs)?;
             latents = scheduler.step(&pred, i, &latents, &mut no_noise as &mut dyn NoiseSource)?;
             if !on_step(&crate::preview::Step::packed(i + 1 - start, timesteps.len() - start, &latents, (lh / 2, lw / 2))) {

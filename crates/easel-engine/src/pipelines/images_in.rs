@@ -105,10 +105,7 @@ impl InitImage {
             (Some(clean), false) => scheduler.add_noise(clean, init, start)?,
             _ => (init * scheduler.init_noise_sigma())?,
         };
-        // diffusers zeroes the repainted region in [-1, 1]: grey, 0.5, in [0, 1].
-        let mask_cpu = mask.to_device(self.pixels.device())?.to_dtype(self.pixels.dtype())?;
-        let keep = (1.0 - &mask_cpu)?;
-        let masked = (self.pixels.broadcast_mul(&keep)? + (mask_cpu * 0.5)?.broadcast_as(self.pixels.shape())?)?;
+        let masked = self.masked_pixels(mask)?;
         let (_, _, h, w) = init.dims4()?;
         let masked_image_latents = if unet_sees_mask {
             Some(repeat(vae.encode(&masked, source)?.to_dtype(dtype)?)?)
@@ -119,6 +116,29 @@ impl InitImage {
         };
         let small = nearest_resize(mask, h, w)?.to_device(init.device())?.to_dtype(dtype)?;
         Ok(InpaintStart { latents, mask: repeat(small)?, masked_image_latents, image_latents, noise: init.clone() })
+    }
+
+    /// The picture with its repainted region grey: diffusers zeroes it in [-1, 1], which is 0.5
+    /// in [0, 1].
+    fn masked_pixels(&self, mask: &Tensor) -> Result<Tensor> {
+        let mask = mask.to_device(self.pixels.device())?.to_dtype(self.pixels.dtype())?;
+        let keep = (1.0 - &mask)?;
+        Ok((self.pixels.broadcast_mul(&keep)? + (mask * 0.5)?.broadcast_as(self.pixels.shape())?)?)
+    }
+
+    /// What FluxFillPipeline puts beside the latents at every step, for `images` rows: the
+    /// masked picture's latents (its latent sample's noise from `source`), and the mask with
+    /// each latent cell's `factor x factor` pixels folded into channels, both packed as FLUX
+    /// packs latents (`pack`), joined along channels: `[images, tokens, 4C + 4 factor²]`.
+    pub(crate) fn fill_condition(&self, vae: &Vae, source: &mut dyn NoiseSource, pack: fn(&Tensor) -> Result<Tensor>, images: usize, factor: usize, dtype: candle_core::DType) -> Result<Tensor> {
+        let mask = self.mask.as_ref().ok_or_else(|| EngineError::param("mask", "FLUX Fill models repaint where a mask says; send one"))?;
+        let masked = pack(&vae.encode(&self.masked_pixels(mask)?, source)?.to_dtype(dtype)?)?;
+        let (_, _, height, width) = mask.dims4()?;
+        let (h, w) = (height / factor, width / factor);
+        let folded = mask.reshape((1, h, factor, w, factor))?.permute((0, 2, 4, 1, 3))?.reshape((1, factor * factor, h, w))?;
+        let folded = pack(&folded.to_device(masked.device())?.to_dtype(dtype)?)?;
+        let condition = Tensor::cat(&[&masked, &folded], 2)?;
+        Ok(Tensor::cat(&vec![condition; images], 0)?)
     }
 
     /// The index of the first step that runs out of `steps`, as the family's diffusers pipeline

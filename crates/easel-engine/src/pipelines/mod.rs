@@ -31,7 +31,8 @@ impl Pipeline {
     pub fn load(dir: &Path, opts: &LoadOptions) -> Result<Self> {
         let index: ModelIndex = read_json(&dir.join("model_index.json"))?;
         match index.class_name.as_str() {
-            "FluxPipeline" => return Ok(Self::Flux(FluxPipeline::load(dir, opts)?)),
+            // FLUX Fill names the same components; its transformer is wider in.
+            "FluxPipeline" | "FluxImg2ImgPipeline" | "FluxFillPipeline" => return Ok(Self::Flux(FluxPipeline::load(dir, opts)?)),
             "StableDiffusion3Pipeline" => return Ok(Self::Sd3(Sd3Pipeline::load(dir, opts)?)),
             _ => {}
         }

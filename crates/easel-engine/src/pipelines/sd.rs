@@ -65,7 +65,7 @@ impl StableDiffusionPipeline {
         let family = match index.class_name.as_str() {
             // The image-to-image, inpainting and LCM classes name the same components.
             "StableDiffusionPipeline" | "StableDiffusionImg2ImgPipeline" | "StableDiffusionInpaintPipeline" | "LatentConsistencyModelPipeline" => Family::StableDiffusion,
-            "StableDiffusionXLPipeline" | "StableDiffusionXLImg2ImgPipeline" | "StableDiffusionXLInpaintPipeline" => Family::StableDiffusionXl,
+            "StableDiffusionXLPipeline" | "StableDiffusionXLInpaintPipeline" => Family::StableDiffusionXl,
             other => {
                 return Err(EngineError::Unsupported(format!(
                     "pipeline class `{other}` in {} (easel loads StableDiffusionPipeline, StableDiffusionXLPipeline, FluxPipeline and StableDiffusion3Pipeline)",
@@ -197,9 +197,20 @@ impl StableDiffusionPipeline {
         let conv = crate::models::conv::conv_bytes_per_pixel(c0 + c1, c0, self.dtype, &self.device);
         let beside = 18 * c0 * self.dtype.size_in_bytes() as u64;
         super::ActivationMemory {
-            denoise_bytes_per_pixel: (2 * (conv + beside)).div_ceil(latent_pixels_per_pixel),
+            // Two UNet rows per image under classifier-free guidance; one for LCM-distilled UNets.
+            denoise_bytes_per_pixel: (self.unet_rows_per_image() * (conv + beside)).div_ceil(latent_pixels_per_pixel),
             decode_bytes_per_pixel: self.vae.decode_bytes_per_pixel(),
             fixed_bytes: crate::models::sdpa::SCORE_BLOCK_BYTES,
+        }
+    }
+
+    /// UNet rows per image at most: two under classifier-free guidance, one for an LCM-distilled
+    /// UNet (guidance as an embedding).
+    fn unet_rows_per_image(&self) -> u64 {
+        if self.unet.guidance_embedding_dim().is_some() {
+            1
+        } else {
+            2
         }
     }
 

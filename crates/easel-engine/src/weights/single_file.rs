@@ -36,7 +36,7 @@ impl LdmArchitecture {
     /// The diffusers pipeline classes whose configs fit.
     fn pipeline_classes(&self) -> &'static [&'static str] {
         match self.family {
-            LdmFamily::Sd1 | LdmFamily::Sd2 => &["StableDiffusionPipeline", "StableDiffusionImg2ImgPipeline", "StableDiffusionInpaintPipeline"],
+            LdmFamily::Sd1 | LdmFamily::Sd2 => &["StableDiffusionPipeline", "StableDiffusionImg2ImgPipeline", "StableDiffusionInpaintPipeline", "LatentConsistencyModelPipeline"],
             LdmFamily::Sdxl => &["StableDiffusionXLPipeline", "StableDiffusionXLImg2ImgPipeline", "StableDiffusionXLInpaintPipeline"],
         }
     }

@@ -17,9 +17,12 @@ use base64::Engine as _;
 
 use super::{EditSupport, Http, ImageJob, ProviderError, ProviderOutput};
 
-/// What fal's app `model` takes in, read off its path as fal names its apps.
+/// What fal's app `model` takes in, read off its path as fal names its apps (a Kontext app's
+/// `text-to-image` endpoint takes no picture).
 pub(super) fn edit_support(model: &str) -> EditSupport {
-    if model.contains("fill") || model.contains("inpaint") {
+    if model.ends_with("/text-to-image") {
+        EditSupport::None
+    } else if model.contains("fill") || model.contains("inpaint") {
         EditSupport::MaskRequired
     } else if model.contains("image-to-image") || model.contains("kontext") {
         EditSupport::Image
@@ -258,8 +261,8 @@ mod tests {
         let e = Provider::Fal(c.clone()).generate(&no_mask).await.unwrap_err();
         assert!(matches!(e, ProviderError::Rejected { .. }) && e.to_string().contains("fal-ai/flux-pro/v1/fill"), "{e}");
         assert_eq!(
-            ["fal-ai/flux/dev", "fal-ai/flux/dev/image-to-image", "fal-ai/flux-pro/kontext", "fal-ai/flux-pro/v1/fill", "fal-ai/flux-lora/inpainting"].map(edit_support),
-            [EditSupport::None, EditSupport::Image, EditSupport::Image, EditSupport::MaskRequired, EditSupport::MaskRequired]
+            ["fal-ai/flux/dev", "fal-ai/flux/dev/image-to-image", "fal-ai/flux-pro/kontext", "fal-ai/flux-pro/kontext/text-to-image", "fal-ai/flux-pro/v1/fill", "fal-ai/flux-lora/inpainting"].map(edit_support),
+            [EditSupport::None, EditSupport::Image, EditSupport::Image, EditSupport::None, EditSupport::MaskRequired, EditSupport::MaskRequired]
         );
     }
 }

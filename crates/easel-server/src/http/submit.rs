@@ -113,7 +113,7 @@ pub(super) fn submit_request(
                 plan.retain(|c| c.is_local() || gw.edit_support(c).accepts(mask));
                 if plan.is_empty() {
                     let what = if mask { "a picture with a mask" } else { "a picture" };
-                    return Err(ApiError::invalid("image", format!("no candidate for `{model_name}` takes {what}: {first}'s model does not (edits run on local engines, OpenAI-compatible providers, BFL's fill and Kontext models)")));
+                    return Err(ApiError::invalid("image", format!("no candidate for `{model_name}` takes {what}: {first}'s model does not (edits run on local engines, OpenAI-compatible providers, BFL's and fal's fill and Kontext models, fal's image-to-image and inpainting apps)")));
                 }
             }
             if plan[0].is_local() {
