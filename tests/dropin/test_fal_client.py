@@ -128,3 +128,22 @@ def test_bad_arguments_are_fal_errors(fal):
     with pytest.raises(fal_client.client.FalClientHTTPError) as e:
         fal.submit("easel/tiny", arguments={"image_size": "square"})
     assert e.value.status_code == 400 and "prompt" in str(e.value)
+
+
+def test_pictures_go_in_as_data_uris_for_image_to_image_and_inpainting(fal):
+    import fal_client
+    from PIL import Image
+
+    picture = Image.new("RGB", (48, 32), (200, 40, 40))
+    mask = Image.new("L", (48, 32), 0)
+    mask.paste(255, (16, 8, 40, 24))
+    image_url = fal_client.encode_image(picture, format="png")
+    assert image_url.startswith("data:image/png;base64,")
+    edited = fal.subscribe("easel/tiny", arguments={"prompt": "a red door", "image_url": image_url, "strength": 0.5, "num_inference_steps": 4, "seed": 3})
+    # The result has the picture's size, as fal's image-to-image apps answer.
+    assert [(i["width"], i["height"]) for i in edited["images"]] == [(48, 32)]
+    filled = fal.subscribe("easel/tiny", arguments={"prompt": "a red door", "image_url": image_url, "mask_url": fal_client.encode_image(mask, format="png"), "num_inference_steps": 4, "seed": 3})
+    assert [(i["width"], i["height"]) for i in filled["images"]] == [(48, 32)]
+    with pytest.raises(fal_client.client.FalClientHTTPError) as e:
+        fal.submit("easel/tiny", arguments={"prompt": "a red door", "image_url": "https://example.com/door.png"})
+    assert e.value.status_code == 400 and "image_url" in str(e.value)

@@ -10,7 +10,9 @@
 //! `timings`, `has_nsfw_concepts`, `prompt`). Status and result also answer under
 //! `/fal/{owner}/{alias}/requests/{id}`, the path fal's client builds from a request id. The
 //! app names the model: the whole app id if easel serves it (or aliases it), else its last
-//! part (`easel/tiny` is `tiny`). fal's `fal_webhook` is not implemented.
+//! part (`easel/tiny` is `tiny`). Pictures come as fal's image-to-image, fill and inpainting
+//! apps take them (`image_url`, `mask_url`, `strength`), as data URIs only: easel fetches no
+//! URL a caller names. fal's `fal_webhook` is not implemented.
 
 use super::*;
 
@@ -71,6 +73,18 @@ fn request(model: String, args: &serde_json::Map<String, serde_json::Value>) -> 
             Some(format!("{}x{}", side("width")?, side("height")?))
         }
     };
+    // Pictures in, as fal's image-to-image, fill and inpainting apps take them: file inputs as
+    // data URIs (fal_client.encode_image); easel fetches no URL a caller names.
+    let picture = |k: &str| -> Result<Option<String>, ApiError> {
+        match get(k) {
+            None => Ok(None),
+            Some(serde_json::Value::String(uri)) if uri.starts_with("data:") => Ok(Some(uri.clone())),
+            Some(_) => Err(ApiError::invalid(k, format!("{k} must be a data URI (data:image/png;base64,...): easel fetches no URLs"))),
+        }
+    };
+    req.image = picture("image_url")?;
+    req.mask = picture("mask_url")?;
+    req.strength = get("strength").map(|v| v.as_f64().ok_or_else(|| ApiError::invalid("strength", "strength must be a number"))).transpose()?;
     req.output_format = match get("output_format").map(|v| v.as_str().unwrap_or("")) {
         None => None,
         Some("png") => Some(OutputFormat::Png),
@@ -111,7 +125,11 @@ pub(super) async fn submit_app(
     let caller = state.authorize(&headers)?;
     let args: serde_json::Map<String, serde_json::Value> = parse_body(&body)?;
     let req = request(model_for(&state, &app), &args)?;
-    let Submitted { job, .. } = submit_request(&state, &caller, &req, None, &|_| {})?;
+    // Validation decodes pictures: CPU work, kept off the async runtime.
+    let blocking_state = state.clone();
+    let Submitted { job, .. } = tokio::task::spawn_blocking(move || submit_request(&blocking_state, &caller, &req, None, &|_| {}))
+        .await
+        .map_err(|e| ApiError::internal(format!("request validation stopped: {e}")))??;
     let position = state.queue.position(&job.id).map_err(queue_error)?.unwrap_or(0);
     let mut out = request_urls(&queue_base(&headers), &app, &job.id);
     out["request_id"] = job.id.clone().into();
@@ -235,5 +253,20 @@ mod tests {
         let bad = serde_json::json!({"prompt": "a cat", "image_size": "huge"});
         assert_eq!(request("tiny".into(), bad.as_object().unwrap()).unwrap_err().body.param.as_deref(), Some("image_size"));
         assert_eq!(request("tiny".into(), &serde_json::Map::new()).unwrap_err().body.param.as_deref(), Some("prompt"));
+    }
+
+    #[test]
+    fn fal_pictures_come_as_data_uris_with_strength_and_urls_are_refused_naming_the_field() {
+        let png = "data:image/png;base64,iVBORw0KGgo=";
+        let args = serde_json::json!({"prompt": "a cat", "image_url": png, "mask_url": png, "strength": 0.6});
+        let r = request("tiny".into(), args.as_object().unwrap()).unwrap();
+        assert_eq!((r.image.as_deref(), r.mask.as_deref(), r.strength), (Some(png), Some(png), Some(0.6)));
+        for field in ["image_url", "mask_url"] {
+            let args = serde_json::json!({"prompt": "a cat", field: "https://example.com/cat.png"});
+            let e = request("tiny".into(), args.as_object().unwrap()).unwrap_err();
+            assert_eq!(e.body.param.as_deref(), Some(field), "{}", e.body.message);
+        }
+        let bad = serde_json::json!({"prompt": "a cat", "image_url": png, "strength": "lots"});
+        assert_eq!(request("tiny".into(), bad.as_object().unwrap()).unwrap_err().body.param.as_deref(), Some("strength"));
     }
 }
