@@ -156,6 +156,10 @@ pub struct ModelInfo {
     #[serde(default, skip_serializing_if = "ImageInputs::is_none")]
     pub image_inputs: ImageInputs,
     pub schedulers: Vec<String>,
+    /// The scheduler a request without one runs (`None` for closed providers), so limits that
+    /// belong to a scheduler hold for requests that do not name it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub default_scheduler: Option<String>,
     /// What one request needs in memory on the workers serving this model; `None` for closed
     /// providers (their memory is not ours).
     #[serde(default)]
@@ -298,8 +302,9 @@ impl ImageRequest {
         if !guidance.is_finite() || !(0.0..=100.0).contains(&guidance) {
             return Err(ApiError::invalid("guidance_scale", "guidance_scale must be a number between 0 and 100"));
         }
-        // LCMScheduler picks its steps from the distillation's 50 (diffusers refuses more).
-        if self.scheduler.as_deref() == Some("lcm") && steps > LCM_MAX_STEPS {
+        // LCMScheduler picks its steps from the distillation's 50 (diffusers refuses more), named
+        // or the model's own (LCM-distilled models).
+        if self.scheduler.as_deref().or(model.default_scheduler.as_deref()) == Some("lcm") && steps > LCM_MAX_STEPS {
             return Err(ApiError::invalid("steps", format!("the lcm scheduler runs at most {LCM_MAX_STEPS} steps (its distillation schedule's), got {steps}")));
         }
         if let Some(s) = &self.scheduler {
@@ -504,7 +509,7 @@ mod tests {
     use super::*;
 
     fn model() -> ModelInfo {
-        ModelInfo { id: "m".into(), default_steps: 20, default_guidance: 4.0, default_size: 64, max_side: 1024, size_multiple: 8, schedulers: vec!["euler".into()], memory: None, closed: false, skippable_layers: None, image_inputs: ImageInputs::None }
+        ModelInfo { id: "m".into(), default_steps: 20, default_guidance: 4.0, default_size: 64, max_side: 1024, size_multiple: 8, schedulers: vec!["euler".into()], default_scheduler: None, memory: None, closed: false, skippable_layers: None, image_inputs: ImageInputs::None }
     }
 
     fn req(v: serde_json::Value) -> Result<ImageRequest, serde_json::Error> {
@@ -608,6 +613,15 @@ mod tests {
 
     fn png_b64(width: u32, height: u32, value: u8) -> String {
         crate::InputImage::new(width, height, vec![value; (width * height * 3) as usize]).unwrap().to_base64_png()
+    }
+
+    #[test]
+    fn the_lcm_step_cap_holds_for_models_whose_own_scheduler_is_lcm() {
+        let distilled = ModelInfo { schedulers: vec!["euler".into(), "lcm".into()], default_scheduler: Some("lcm".into()), ..model() };
+        let e = req(serde_json::json!({"prompt": "x", "steps": 60})).unwrap().validate(&distilled, || 7).unwrap_err();
+        assert_eq!(e.body.param.as_deref(), Some("steps"), "{}", e.body.message);
+        req(serde_json::json!({"prompt": "x", "steps": 60, "scheduler": "euler"})).unwrap().validate(&distilled, || 7).expect("euler has no cap");
+        req(serde_json::json!({"prompt": "x", "steps": 50})).unwrap().validate(&distilled, || 7).expect("50 is the distillation's own");
     }
 
     #[test]

@@ -53,6 +53,7 @@ pub fn model_info(id: &str, pipe: &Pipeline, defaults: &ModelDefaults, weight_by
         max_side: 2048,
         size_multiple: pipe.size_multiple(),
         schedulers: pipe.schedulers().iter().map(|k| k.name().to_string()).collect(),
+        default_scheduler: Some(none.scheduler.unwrap_or_else(|| pipe.default_scheduler()).name().to_string()),
         memory: Some(crate::memory_estimate(pipe, weight_bytes, request_memory)),
         closed: false,
         skippable_layers: match pipe {
