@@ -191,14 +191,8 @@ fn image_request(state: &AppState, caller: &Caller, a: &Txt2Img) -> Result<Image
 async fn run(state: &AppState, caller: &Caller, req: ImageRequest, body: &Bytes) -> ApiResult<Json<serde_json::Value>> {
     let who = who(caller);
     let state = state.clone();
-    let caller = caller.clone();
-    // Validation decodes and resizes pictures: off the async runtime.
-    let submit_state = state.clone();
-    let submitted = tokio::task::spawn_blocking(move || submit_request(&submit_state, &caller, &req, None, &|spec| spec.preview_every = Some(1)))
-        .await
-        .map_err(|e| ApiError::internal(format!("request validation stopped: {e}")))?;
     // Previews every step, for `/progress`'s current_image (at latent resolution: small).
-    let Submitted { job, .. } = submitted?;
+    let Submitted { job, .. } = submit_request_off_runtime(&state, caller, req, |spec| spec.preview_every = Some(1)).await?;
     state.a1111.with(&who, |s| {
         s.job = Some(job.id.clone());
         (s.step, s.steps, s.preview) = (0, job.spec.steps, None);

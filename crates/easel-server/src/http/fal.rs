@@ -125,11 +125,7 @@ pub(super) async fn submit_app(
     let caller = state.authorize(&headers)?;
     let args: serde_json::Map<String, serde_json::Value> = parse_body(&body)?;
     let req = request(model_for(&state, &app), &args)?;
-    // Validation decodes pictures: CPU work, kept off the async runtime.
-    let blocking_state = state.clone();
-    let Submitted { job, .. } = tokio::task::spawn_blocking(move || submit_request(&blocking_state, &caller, &req, None, &|_| {}))
-        .await
-        .map_err(|e| ApiError::internal(format!("request validation stopped: {e}")))??;
+    let Submitted { job, .. } = submit_request_off_runtime(&state, &caller, req, |_| {}).await?;
     let position = state.queue.position(&job.id).map_err(queue_error)?.unwrap_or(0);
     let mut out = request_urls(&queue_base(&headers), &app, &job.id);
     out["request_id"] = job.id.clone().into();

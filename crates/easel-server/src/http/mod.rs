@@ -45,7 +45,7 @@ use jobs::{cancel_job, create_job, get_job, job_events, job_id};
 use openai::generations;
 use resources::{get_image, list_loras, list_models, metrics, readyz, usage};
 use openai::b64_image;
-use submit::{easel_object, fingerprint, idempotency_key, submit_off_runtime, submit_request, unsuccessful, wait_final, Submitted};
+use submit::{easel_object, fingerprint, idempotency_key, submit_off_runtime, submit_request, submit_request_off_runtime, unsuccessful, wait_final, Submitted};
 
 /// An API key, stored as its SHA-256.
 #[derive(Debug, Clone)]

@@ -70,6 +70,13 @@ pub(super) fn idempotency_key(headers: &HeaderMap, caller: &Caller) -> Result<Op
     }
 }
 
+/// [`submit_request`] on the blocking pool, without idempotency: validation decodes and resizes
+/// pictures, CPU work that must not hold an async worker (the A1111 and fal drop-ins).
+pub(super) async fn submit_request_off_runtime(state: &AppState, caller: &Caller, req: ImageRequest, adjust: fn(&mut easel_api::JobSpec)) -> Result<Submitted, ApiError> {
+    let (state, caller) = (state.clone(), caller.clone());
+    tokio::task::spawn_blocking(move || submit_request(&state, &caller, &req, None, &adjust)).await.map_err(|e| ApiError::internal(format!("request validation stopped: {e}")))?
+}
+
 /// [`submit`] for a request already in easel's terms (the drop-in protocols map theirs to
 /// it); `adjust` sets what only the protocol knows (e.g. its webhook format) on the spec.
 pub(super) fn submit_request(
