@@ -48,6 +48,10 @@ pub struct JobSpec {
     /// Image-to-image: the picture to start from, already at the job's size.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub init_image: Option<InitImageSpec>,
+    /// Step caching, as the request or the model's default chose it (None: every step runs the
+    /// whole denoiser).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub step_cache: Option<crate::StepCache>,
 }
 
 /// Image-to-image's input as a job carries it through the queue: the picture checked and resized
@@ -179,7 +183,8 @@ impl JobSpec {
         // Image-to-image jobs batch with others of the same strength (it sets the first step);
         // each keeps its own picture.
         let strength = self.init_image.as_ref().map(|i| format!("{}{}", i.strength, if i.mask_png_base64.is_some() { "+mask" } else { "" })).unwrap_or_default();
-        format!("{}|{}x{}|{}|{:?}|{}|{}|{slg}|{strength}", self.queue_model(), self.width, self.height, self.steps, self.scheduler, self.guidance, stack.join(","))
+        let cache = self.step_cache.map(|c| c.to_string()).unwrap_or_default();
+        format!("{}|{}x{}|{}|{:?}|{}|{}|{slg}|{strength}|{cache}", self.queue_model(), self.width, self.height, self.steps, self.scheduler, self.guidance, stack.join(","))
     }
 
     /// A canonical hash of everything that determines the pixels; `None` without an explicit seed.
@@ -194,6 +199,7 @@ impl JobSpec {
             "output_format": self.output_format, "output_compression": self.output_compression,
             "loras": self.loras, "skip_layer_guidance": self.skip_layer_guidance,
             "init_image": self.init_image.as_ref().map(|i| (i.digest(), i.strength)),
+            "step_cache": self.step_cache,
         });
         Some(hex::encode(Sha256::digest(canonical.to_string().as_bytes())))
     }

@@ -127,6 +127,10 @@ pub struct ImageRequest {
     /// kept (as diffusers).
     #[serde(default)]
     pub mask: Option<String>,
+    /// Step caching: `none`, `deepcache[:INTERVAL]` (SD, SDXL) or `fbcache[:THRESHOLD]`
+    /// (FLUX); absent takes the model's default (`easel.json`'s `cache`, else none).
+    #[serde(default)]
+    pub cache: Option<String>,
 }
 
 impl ImageRequest {
@@ -171,6 +175,14 @@ pub struct ModelInfo {
     /// models without skip-layer guidance.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub skippable_layers: Option<usize>,
+    /// The step cache this model takes (`deepcache` for UNets, `fbcache` for FLUX); `None`
+    /// for models without one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cache_kind: Option<String>,
+    /// The step cache a request without `cache` runs (`easel.json`'s `cache`), e.g.
+    /// `deepcache:3`; `None`: no caching unless asked.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub default_cache: Option<String>,
 }
 
 /// What pictures a model takes besides the prompt.
@@ -344,6 +356,7 @@ impl ImageRequest {
                 }
             }
         }
+        let step_cache = self.step_cache(model)?;
         let mask = self.mask.as_deref().map(|text| crate::decode_base64_image("mask", text)).transpose()?;
         let init_image = match image {
             Some(image) => {
@@ -400,8 +413,27 @@ impl ImageRequest {
             webhook_format: None,
             skip_layer_guidance,
             init_image,
+            step_cache,
         };
         Ok((spec, self.response_format.unwrap_or_default()))
+    }
+
+    /// The step cache the job runs: the request's `cache`, else the model's default; refused
+    /// when the model takes another kind or none.
+    fn step_cache(&self, model: &ModelInfo) -> Result<Option<crate::StepCache>, ApiError> {
+        let Some(text) = self.cache.as_deref() else {
+            // A default the server itself advertises was checked when the model was loaded.
+            return Ok(model.default_cache.as_deref().and_then(|d| crate::StepCache::parse(d).ok().flatten()));
+        };
+        let Some(cache) = crate::StepCache::parse(text).map_err(|m| ApiError::invalid("cache", m))? else {
+            return Ok(None);
+        };
+        match model.cache_kind.as_deref() {
+            Some(kind) if kind == cache.kind() => Ok(Some(cache)),
+            Some(kind) => Err(ApiError::invalid("cache", format!("`{}` takes the {kind} step cache, not {}", model.id, cache.kind()))),
+            None if model.closed => Err(ApiError::invalid("cache", format!("`{}` is a closed provider's model; step caching is for local models", model.id))),
+            None => Err(ApiError::invalid("cache", format!("`{}` has no step cache (deepcache is for SD and SDXL, fbcache for FLUX)", model.id))),
+        }
     }
 
     /// The skip-layer guidance fields, checked; the scale and window need the layers.
@@ -509,11 +541,43 @@ mod tests {
     use super::*;
 
     fn model() -> ModelInfo {
-        ModelInfo { id: "m".into(), default_steps: 20, default_guidance: 4.0, default_size: 64, max_side: 1024, size_multiple: 8, schedulers: vec!["euler".into()], default_scheduler: None, memory: None, closed: false, skippable_layers: None, image_inputs: ImageInputs::None }
+        ModelInfo { id: "m".into(), default_steps: 20, default_guidance: 4.0, default_size: 64, max_side: 1024, size_multiple: 8, schedulers: vec!["euler".into()], default_scheduler: None, memory: None, closed: false, skippable_layers: None, cache_kind: None, default_cache: None, image_inputs: ImageInputs::None }
     }
 
     fn req(v: serde_json::Value) -> Result<ImageRequest, serde_json::Error> {
         serde_json::from_value(v)
+    }
+
+    #[test]
+    fn cache_takes_the_models_own_kind_its_default_and_none_and_changes_the_keys() {
+        use crate::StepCache;
+        let sd = ModelInfo { cache_kind: Some("deepcache".into()), default_cache: Some("deepcache:2".into()), ..model() };
+        let run = |body: serde_json::Value, m: &ModelInfo| req(body).unwrap().validate(m, || 7).map(|(s, _)| s);
+        assert_eq!(run(serde_json::json!({"prompt": "x"}), &sd).unwrap().step_cache, Some(StepCache::DeepCache { interval: 2 }), "the model's default");
+        assert_eq!(run(serde_json::json!({"prompt": "x", "cache": "none"}), &sd).unwrap().step_cache, None, "none turns the default off");
+        let asked = run(serde_json::json!({"prompt": "x", "cache": "deepcache", "seed": 1}), &sd).unwrap();
+        assert_eq!(asked.step_cache, Some(StepCache::DeepCache { interval: 3 }));
+        let plain = run(serde_json::json!({"prompt": "x", "cache": "none", "seed": 1}), &sd).unwrap();
+        assert_ne!(asked.batch_key(), plain.batch_key(), "cached and uncached jobs never share a batch");
+        assert_ne!(asked.cache_key("m"), plain.cache_key("m"), "nor a cached result");
+        let flux = ModelInfo { cache_kind: Some("fbcache".into()), ..model() };
+        let closed = ModelInfo { closed: true, ..model() };
+        for (body, m, words) in [
+            (serde_json::json!({"prompt": "x", "cache": "fbcache"}), &sd, "deepcache"),
+            (serde_json::json!({"prompt": "x", "cache": "deepcache:2"}), &flux, "fbcache"),
+            (serde_json::json!({"prompt": "x", "cache": "deepcache"}), &model(), "no step cache"),
+            (serde_json::json!({"prompt": "x", "cache": "fbcache"}), &closed, "closed provider"),
+            (serde_json::json!({"prompt": "x", "cache": "deepcache:0"}), &sd, "1 to 50"),
+            (serde_json::json!({"prompt": "x", "cache": "teacache"}), &flux, "deepcache[:INTERVAL]"),
+        ] {
+            let e = run(body.clone(), m).unwrap_err();
+            assert_eq!(e.body.param.as_deref(), Some("cache"), "{body}");
+            assert!(e.body.message.contains(words), "{body}: {}", e.body.message);
+        }
+        // A job spec carries the cache through the queue as its one-string form.
+        let json = serde_json::to_value(&asked).unwrap();
+        assert_eq!(json["step_cache"], "deepcache:3");
+        assert_eq!(serde_json::from_value::<JobSpec>(json).unwrap(), asked);
     }
 
     #[test]

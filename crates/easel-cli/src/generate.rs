@@ -116,6 +116,11 @@ pub struct GenerateArgs {
     /// ...and before this fraction (default 0.2).
     #[arg(long, default_value_t = 0.2)]
     skip_layer_stop: f64,
+    /// Step caching: none, deepcache[:INTERVAL] (SD, SDXL: the whole UNet every INTERVAL
+    /// steps, default 3) or fbcache[:THRESHOLD] (FLUX's First-Block Cache, default 0.08);
+    /// default: the model's easel.json `cache`, else none.
+    #[arg(long, value_name = "CACHE")]
+    cache: Option<String>,
     /// Write the final latents (diffusers' output_type="latent") to this safetensors file.
     #[arg(long)]
     save_latents: Option<PathBuf>,
@@ -187,7 +192,7 @@ pub fn run(args: GenerateArgs) -> Result<()> {
         eprintln!("warning: --negative-prompt is ignored: FLUX runs without classifier-free guidance, as diffusers' FluxPipeline");
     }
 
-    let asked = easel_local::Requested { steps: args.steps, guidance: args.guidance, scheduler: args.scheduler.clone(), negative_prompt: args.negative_prompt.clone() };
+    let asked = easel_local::Requested { steps: args.steps, guidance: args.guidance, scheduler: args.scheduler.clone(), negative_prompt: args.negative_prompt.clone(), cache: args.cache.clone() };
     let settings = easel_local::settings(&defaults, &asked)?;
     if settings.scheduler.is_none() {
         if let Some(class) = pipe.substituted_scheduler() {
@@ -241,6 +246,7 @@ pub fn run(args: GenerateArgs) -> Result<()> {
             stop: args.skip_layer_stop,
         }),
         init_image,
+        step_cache: settings.step_cache,
     };
     pipe.validate(&params)?;
     let steps_to_run = match &params.init_image {
@@ -288,17 +294,21 @@ pub fn run(args: GenerateArgs) -> Result<()> {
         println!("{}", path.display());
     }
     eprintln!(
-        "generated {} image(s) in {:.2}s (load {:.2}s, text {:.3}s, denoise {:.2}s, decode {:.3}s), seed {seed}",
+        "generated {} image(s) in {:.2}s (load {:.2}s, text {:.3}s, denoise {:.2}s, decode {:.3}s), seed {seed}{}",
         out.images.len(),
         gen_time.as_secs_f64(),
         load_time.as_secs_f64(),
         out.timings.text_encode.as_secs_f64(),
         out.timings.denoise.as_secs_f64(),
-        out.timings.decode.as_secs_f64()
+        out.timings.decode.as_secs_f64(),
+        match out.timings.cached_steps {
+            0 => String::new(),
+            cached => format!(", {cached} of {} steps from the step cache", cached + out.timings.full_steps),
+        }
     );
     if args.timings_json {
         let t = &out.timings;
-        let line = serde_json::json!({"load_s": load_time.as_secs_f64(), "encode_s": t.text_encode.as_secs_f64(), "denoise_s": t.denoise.as_secs_f64(), "decode_s": t.decode.as_secs_f64()});
+        let line = serde_json::json!({"load_s": load_time.as_secs_f64(), "encode_s": t.text_encode.as_secs_f64(), "denoise_s": t.denoise.as_secs_f64(), "decode_s": t.decode.as_secs_f64(), "full_steps": t.full_steps, "cached_steps": t.cached_steps});
         println!("{line}");
     }
     Ok(())

@@ -50,3 +50,30 @@ fn bundled_model_draws_the_prompt() {
     // The model card reports >= 90% / 90% / 80% over 200 images; a handful must be close.
     assert!(bg >= 7 && color >= 7 && shape >= 6, "background {bg}/8, colour {color}/8, shape {shape}/8");
 }
+
+/// `--cache deepcache:2` runs the bundled model's 20 steps with every other one shallow and
+/// says so; a cache of another family is refused in one line naming `cache`.
+#[test]
+fn generate_with_deepcache_reports_its_cached_steps_and_refuses_fbcache() {
+    let data = tempfile::tempdir().unwrap();
+    let out_dir = tempfile::tempdir().unwrap();
+    let path = out_dir.path().join("cached.png");
+    let run = |cache: &str| {
+        Command::new(env!("CARGO_BIN_EXE_easel"))
+            .args(["generate", "a red circle on a blue background", "--seed", "5", "--cache", cache, "-o", path.to_str().unwrap()])
+            .env("EASEL_DATA_DIR", data.path())
+            .env("HF_HUB_OFFLINE", "1")
+            .output()
+            .unwrap()
+    };
+    let out = run("deepcache:2");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(stderr.contains("10 of 20 steps from the step cache"), "{stderr}");
+    assert_eq!(image::open(&path).unwrap().to_rgb8().dimensions(), (64, 64));
+    let out = run("fbcache");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert_eq!(stderr.trim().lines().count(), 1, "{stderr}");
+    assert!(stderr.contains("cache") && stderr.contains("deepcache"), "{stderr}");
+}

@@ -381,9 +381,12 @@ fn every_job_has_its_cost_on_the_record() {
 /// A FLUX model behind the OpenAI-compatible endpoint: generation, and FLUX's own limits
 /// (sizes in multiples of 16, flow-matching scheduler only) as 400s in OpenAI's error shape.
 #[test]
-fn flux_models_are_served_with_their_own_limits() {
+fn flux_models_are_served_with_their_own_limits_and_step_cache() {
     let tmp = tempfile::tempdir().unwrap();
     let s = serve(tmp.path(), &["--model", &format!("flux={}", fixture("flux-schnell-tiny"))]);
+    // FLUX takes the first-block cache, not DeepCache, and says so in /v1/models.
+    let (st, r) = post(&s, "/v1/images/generations", json!({"model": "flux", "prompt": "a red circle", "size": "64x64", "seed": 4, "cache": "fbcache:0.5"}));
+    assert_eq!(st, 200, "{r}");
     let (st, r) = post(&s, "/v1/images/generations", json!({"model": "flux", "prompt": "a red circle", "size": "80x64", "seed": 3}));
     assert_eq!(st, 200, "{r}");
     use base64::Engine;
@@ -392,7 +395,10 @@ fn flux_models_are_served_with_their_own_limits() {
     let (_, models) = get(&s, "/v1/models");
     let flux = models["data"].as_array().unwrap().iter().find(|m| m["id"] == "flux").cloned().unwrap();
     assert_eq!(flux["easel"]["default_steps"], 4, "{flux}");
+    assert_eq!(flux["easel"]["cache_kind"], "fbcache", "{flux}");
     for (body, param, needle) in [
+        (json!({"model": "flux", "prompt": "x", "size": "64x64", "cache": "deepcache"}), "cache", "fbcache"),
+        (json!({"model": "flux", "prompt": "x", "size": "64x64", "cache": "fbcache:7"}), "cache", "0 to 1"),
         (json!({"model": "flux", "prompt": "x", "size": "72x72"}), "size", "16"),
         (json!({"model": "flux", "prompt": "x", "size": "64x64", "scheduler": "euler"}), "scheduler", "flow-match-euler"),
     ] {

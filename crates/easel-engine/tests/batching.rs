@@ -19,6 +19,7 @@ fn params(prompt: &str, seed: u64, batch: usize) -> GenerateParams {
         scheduler: Some(SchedulerKind::EulerAncestral),
         init_latents: None,
         skip_layer_guidance: None,
+        step_cache: None,
         init_image: None,
     }
 }

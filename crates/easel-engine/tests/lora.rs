@@ -36,6 +36,7 @@ fn case(pipeline: &str, case: &str) -> (GenerateParams, std::collections::HashMa
         scheduler: if pipeline.starts_with("flux") || pipeline.starts_with("sd35") { None } else { Some(SchedulerKind::Euler) },
         init_latents: Some(t["init_latents"].clone()),
         skip_layer_guidance: None,
+        step_cache: None,
         init_image: None,
     };
     (params, t)

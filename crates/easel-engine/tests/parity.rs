@@ -29,6 +29,7 @@ fn check_pipeline(name: &str) {
             scheduler: Some(kind),
             init_latents: Some(t["init_latents"].clone()),
             skip_layer_guidance: None,
+            step_cache: None,
             init_image: None,
         };
         let mut replay = t.get("noise").map(|n| ReplayNoise::new(n).unwrap());
@@ -97,6 +98,7 @@ fn bundled_model_matches_diffusers() {
             scheduler: Some(SchedulerKind::Euler),
             init_latents: Some(t["init_latents"].narrow(0, i, 1).unwrap()),
             skip_layer_guidance: None,
+            step_cache: None,
             init_image: None,
         };
         let out = pipe.generate(&params, None, &mut |_| true).unwrap();

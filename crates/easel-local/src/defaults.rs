@@ -5,7 +5,7 @@
 //! same defaults, so the gateway's validation and the worker agree.
 
 use easel_api::{ImageInputs, ModelInfo};
-use easel_engine::{EngineError, ModelDefaults, Pipeline, SchedulerKind};
+use easel_engine::{EngineError, ModelDefaults, Pipeline, SchedulerKind, StepCache};
 
 /// What a request asked for; `None` takes the model's default.
 #[derive(Debug, Clone, Default)]
@@ -14,6 +14,8 @@ pub struct Requested {
     pub guidance: Option<f64>,
     pub scheduler: Option<String>,
     pub negative_prompt: Option<String>,
+    /// `cache` as the request spells it (`none` turns off a model's default).
+    pub cache: Option<String>,
 }
 
 /// What a request runs with.
@@ -24,6 +26,7 @@ pub struct Settings {
     /// `None`: the pipeline's own scheduler (from its `scheduler/` config).
     pub scheduler: Option<SchedulerKind>,
     pub negative_prompt: Option<String>,
+    pub step_cache: Option<StepCache>,
 }
 
 /// Steps when neither the request nor any default says (diffusers' default).
@@ -34,12 +37,46 @@ const FALLBACK_GUIDANCE: f64 = 7.5;
 /// The request's values, else the model's defaults.
 pub fn settings(defaults: &ModelDefaults, requested: &Requested) -> Result<Settings, EngineError> {
     let scheduler = requested.scheduler.as_deref().or(defaults.scheduler.as_deref()).map(SchedulerKind::parse).transpose()?;
+    let cache_text = requested.cache.as_deref().or(defaults.cache.as_deref());
+    let step_cache = cache_text.map(easel_api::StepCache::parse).transpose().map_err(|message| EngineError::InvalidParam { param: "cache", message })?.flatten();
     Ok(Settings {
+        step_cache: step_cache.map(engine_step_cache),
         steps: requested.steps.or(defaults.steps).unwrap_or(FALLBACK_STEPS),
         guidance: requested.guidance.or(defaults.guidance).unwrap_or(FALLBACK_GUIDANCE),
         scheduler,
         negative_prompt: requested.negative_prompt.clone().or(defaults.negative_prompt.clone()),
     })
+}
+
+/// The engine's form of a step cache the API read.
+pub fn engine_step_cache(cache: easel_api::StepCache) -> StepCache {
+    match cache {
+        easel_api::StepCache::DeepCache { interval } => StepCache::DeepCache { interval },
+        easel_api::StepCache::FirstBlock { threshold } => StepCache::FirstBlock { threshold },
+    }
+}
+
+/// The step cache a pipeline's denoiser takes, by the name requests use.
+fn cache_kind(pipe: &Pipeline) -> Option<&'static str> {
+    match pipe {
+        Pipeline::StableDiffusion(_) => Some("deepcache"),
+        Pipeline::Flux(_) => Some("fbcache"),
+        Pipeline::Sd3(_) => None,
+    }
+}
+
+/// `easel.json`'s `cache`, checked against the model's denoiser, as the server advertises it.
+fn default_cache(pipe: &Pipeline, defaults: &ModelDefaults) -> Result<Option<String>, EngineError> {
+    let Some(text) = defaults.cache.as_deref() else { return Ok(None) };
+    let cache = easel_api::StepCache::parse(text).map_err(|message| EngineError::InvalidParam { param: "cache", message })?;
+    match cache {
+        Some(c) if cache_kind(pipe) != Some(c.kind()) => Err(EngineError::InvalidParam {
+            param: "cache",
+            message: format!("easel.json's cache `{text}` does not fit this model (its step cache: {})", cache_kind(pipe).unwrap_or("none")),
+        }),
+        Some(c) => Ok(Some(c.to_string())),
+        None => Ok(None),
+    }
 }
 
 /// What the server advertises for a loaded model: its defaults, sizes, schedulers and memory.
@@ -56,6 +93,8 @@ pub fn model_info(id: &str, pipe: &Pipeline, defaults: &ModelDefaults, weight_by
         default_scheduler: Some(none.scheduler.unwrap_or_else(|| pipe.default_scheduler()).name().to_string()),
         memory: Some(crate::memory_estimate(pipe, weight_bytes, request_memory)),
         closed: false,
+        cache_kind: cache_kind(pipe).map(str::to_string),
+        default_cache: default_cache(pipe, defaults)?,
         skippable_layers: match pipe {
             Pipeline::Sd3(p) => Some(p.transformer().config.num_layers),
             _ => None,
@@ -74,7 +113,7 @@ mod tests {
     use super::*;
 
     fn defaults() -> ModelDefaults {
-        ModelDefaults { steps: Some(20), guidance: Some(4.0), scheduler: Some("euler-a".into()), negative_prompt: Some("blurry".into()), transformer: None, max_sequence_length: None, text_encoders: Default::default(), checkpoint: None }
+        ModelDefaults { steps: Some(20), guidance: Some(4.0), scheduler: Some("euler-a".into()), negative_prompt: Some("blurry".into()), transformer: None, max_sequence_length: None, text_encoders: Default::default(), checkpoint: None, cache: None }
     }
 
     #[test]
@@ -85,7 +124,7 @@ mod tests {
 
     #[test]
     fn a_request_s_own_values_win() {
-        let asked = Requested { steps: Some(3), guidance: Some(1.0), scheduler: Some("ddim".into()), negative_prompt: Some("dark".into()) };
+        let asked = Requested { steps: Some(3), guidance: Some(1.0), scheduler: Some("ddim".into()), negative_prompt: Some("dark".into()), cache: None };
         let s = settings(&defaults(), &asked).unwrap();
         assert_eq!((s.steps, s.guidance, s.scheduler, s.negative_prompt.as_deref()), (3, 1.0, Some(SchedulerKind::Ddim), Some("dark")));
     }

@@ -220,7 +220,9 @@ impl Executor for EngineExecutor {
         let mut params = vec![];
         for j in jobs {
             let s = &j.spec;
-            let asked = Requested { steps: Some(s.steps), guidance: Some(s.guidance), scheduler: s.scheduler.clone(), negative_prompt: s.negative_prompt.clone() };
+            // The gateway already applied the model's default cache: `none` when the job has none.
+            let cache = Some(s.step_cache.map(|c| c.to_string()).unwrap_or_else(|| "none".into()));
+            let asked = Requested { steps: Some(s.steps), guidance: Some(s.guidance), scheduler: s.scheduler.clone(), negative_prompt: s.negative_prompt.clone(), cache };
             let settings = settings(defaults, &asked).map_err(|e| ExecError::Permanent(e.to_string()))?;
             let init_image = match &s.init_image {
                 Some(image) => {
@@ -248,6 +250,7 @@ impl Executor for EngineExecutor {
                 init_latents: None,
                 skip_layer_guidance: s.skip_layer_guidance.as_ref().map(|g| easel_engine::SkipLayerGuidance { layers: g.layers.clone(), scale: g.scale, start: g.start, stop: g.stop }),
                 init_image,
+                step_cache: settings.step_cache,
             });
         }
         // Each job's first image is the batch row after the images of the jobs before it.

@@ -342,6 +342,16 @@ impl FluxTransformer {
 
     /// The velocity prediction `[B, L, out_channels]`.
     pub fn forward(&self, x: &FluxInputs) -> Result<Tensor> {
+        self.forward_inner(x, None)
+    }
+
+    /// One step under the First-Block Cache ([`FirstBlockCache`] decides whether the blocks
+    /// after the first run).
+    pub fn forward_cached(&self, x: &FluxInputs, cache: &mut FirstBlockCache) -> Result<Tensor> {
+        self.forward_inner(x, Some(cache))
+    }
+
+    fn forward_inner(&self, x: &FluxInputs, cache: Option<&mut FirstBlockCache>) -> Result<Tensor> {
         let dtype = self.dtype;
         let img = self.img_in.forward(&x.img.to_dtype(dtype)?)?;
         let txt = self.txt_in.forward(&x.txt.to_dtype(dtype)?)?;
@@ -352,8 +362,17 @@ impl FluxTransformer {
         let vec = (vec + self.vector_in.forward(&x.pooled.to_dtype(dtype)?)?)?;
         let ids = Tensor::cat(&[x.txt_ids, x.img_ids], 0)?.to_device(&self.device)?;
         let pe = rope(&ids, &self.config.axes_dims_rope, 10000.0)?;
-        let (mut img, mut txt) = (img, txt);
-        for block in &self.double_blocks {
+        let (first, rest) = self.double_blocks.split_first().ok_or_else(|| candle_core::Error::Msg("flux: no double-stream blocks".into()))?;
+        let before_first = img;
+        let (mut img, mut txt) = first.forward(&before_first, &txt, &vec, &pe)?;
+        let after_first = img.clone();
+        let mut cache = cache;
+        if let Some(cache) = cache.as_mut() {
+            if let Some(rest_residual) = cache.decide(&(&after_first - &before_first)?)? {
+                return self.final_layer.forward(&(&after_first + rest_residual)?, &vec);
+            }
+        }
+        for block in rest {
             (img, txt) = block.forward(&img, &txt, &vec, &pe)?;
         }
         let txt_len = txt.dim(1)?;
@@ -362,7 +381,55 @@ impl FluxTransformer {
             joint = block.forward(&joint, &vec, &pe)?;
         }
         let img = joint.narrow(1, txt_len, joint.dim(1)? - txt_len)?;
+        if let Some(cache) = cache {
+            cache.keep(&after_first, &img)?;
+        }
         self.final_layer.forward(&img, &vec)
+    }
+}
+/// The First-Block Cache's state over one generation (ParaAttention's FBCache): the first
+/// double-stream block's image residual and the rest of the network's image residual, both from
+/// the last step that ran every block. A step whose first-block residual differs from that
+/// step's by less than `threshold` (mean absolute difference over mean absolute value) adds the
+/// kept rest residual instead of running the other blocks. Comparing with the last full step,
+/// not the previous step, keeps small changes from adding up unchecked.
+#[derive(Debug)]
+pub struct FirstBlockCache {
+    threshold: f64,
+    first_residual: Option<Tensor>,
+    rest_residual: Option<Tensor>,
+    pending_first: Option<Tensor>,
+    pub full_steps: usize,
+    pub cached_steps: usize,
+}
+
+impl FirstBlockCache {
+    /// `threshold` 0 runs every step in full.
+    pub fn new(threshold: f64) -> Self {
+        Self { threshold, first_residual: None, rest_residual: None, pending_first: None, full_steps: 0, cached_steps: 0 }
+    }
+
+    /// The rest residual to reuse for a step whose first-block residual is `first`, or `None`
+    /// when the step runs in full.
+    fn decide(&mut self, first: &Tensor) -> Result<Option<Tensor>> {
+        if let (Some(prev), Some(rest)) = (&self.first_residual, &self.rest_residual) {
+            let mean_abs = |t: &Tensor| -> Result<f64> { Ok(t.to_dtype(DType::F32)?.abs()?.mean_all()?.to_scalar::<f32>()? as f64) };
+            let change = mean_abs(&(first - prev)?)? / mean_abs(prev)?.max(f64::MIN_POSITIVE);
+            if change < self.threshold {
+                self.cached_steps += 1;
+                return Ok(Some(rest.clone()));
+            }
+        }
+        self.full_steps += 1;
+        self.pending_first = Some(first.clone());
+        Ok(None)
+    }
+
+    /// After a full step: keeps its residuals.
+    fn keep(&mut self, after_first: &Tensor, out: &Tensor) -> Result<()> {
+        self.first_residual = self.pending_first.take();
+        self.rest_residual = Some((out - after_first)?);
+        Ok(())
     }
 }
 

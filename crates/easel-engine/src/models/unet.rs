@@ -37,7 +37,9 @@ fn resnet(vb: VarBuilder, in_ch: usize, out_ch: usize, temb: usize, c: &UNetConf
 }
 
 impl UNetBlock {
-    fn down(&self, xs: &Tensor, temb: &Tensor, context: &Tensor, residuals: &mut Vec<Tensor>) -> Result<Tensor> {
+    /// `resample: false` stops before the downsampler (DeepCache's shallow pass needs only the
+    /// skip connections of the outermost up block).
+    fn down(&self, xs: &Tensor, temb: &Tensor, context: &Tensor, residuals: &mut Vec<Tensor>, resample: bool) -> Result<Tensor> {
         let mut xs = xs.clone();
         for (i, r) in self.resnets.iter().enumerate() {
             xs = r.forward(&xs, Some(temb))?;
@@ -46,7 +48,7 @@ impl UNetBlock {
             }
             residuals.push(xs.clone());
         }
-        if let Some(down) = &self.resampler {
+        if let Some(down) = self.resampler.as_ref().filter(|_| resample) {
             xs = down.forward(&xs)?;
             residuals.push(xs.clone());
         }
@@ -302,6 +304,28 @@ impl UNet2DConditionModel {
     /// and for LCM-distilled UNets the guidance embedding ([`guidance_embedding`], a row per
     /// sample).
     pub fn forward(&self, sample: &Tensor, timestep: f64, context: &Tensor, added: Option<&AddedCond>, guidance: Option<&Tensor>) -> Result<Tensor> {
+        self.forward_inner(sample, timestep, context, added, guidance, DeepStep::Full(None))
+    }
+
+    /// One step under DeepCache ([`DeepCache`] decides whether the whole UNet runs).
+    pub fn forward_cached(&self, sample: &Tensor, timestep: f64, context: &Tensor, added: Option<&AddedCond>, guidance: Option<&Tensor>, cache: &mut DeepCache) -> Result<Tensor> {
+        let step = cache.step;
+        cache.step += 1;
+        match cache.deep.take() {
+            Some(deep) if step % cache.interval != 0 => {
+                let out = self.forward_inner(sample, timestep, context, added, guidance, DeepStep::Shallow(&deep));
+                cache.deep = Some(deep);
+                cache.shallow_steps += 1;
+                out
+            }
+            _ => {
+                cache.full_steps += 1;
+                self.forward_inner(sample, timestep, context, added, guidance, DeepStep::Full(Some(&mut cache.deep)))
+            }
+        }
+    }
+
+    fn forward_inner(&self, sample: &Tensor, timestep: f64, context: &Tensor, added: Option<&AddedCond>, guidance: Option<&Tensor>, step: DeepStep) -> Result<Tensor> {
         let batch = sample.dim(0)?;
         let device = sample.device();
         let xs = if self.center_input_sample { ((sample * 2.0)? - 1.0)? } else { sample.clone() };
@@ -325,24 +349,71 @@ impl UNet2DConditionModel {
 
         let xs = self.conv_in.forward(&xs)?;
         let mut residuals = vec![xs.clone()];
-        let mut xs = xs;
-        for block in &self.down_blocks {
-            xs = block.down(&xs, &emb, context, &mut residuals)?;
-        }
-        let mut xs = self.mid_block.forward(&xs, &emb, context)?;
-        for block in &self.up_blocks {
-            // With odd latent sizes, upsample to the size of the skip connection that comes next.
-            let after = residuals.len().saturating_sub(block.resnets.len());
-            let size = match after.checked_sub(1).and_then(|k| residuals.get(k)) {
-                Some(r) if block.resampler.is_some() => {
-                    let (_, _, h, w) = r.dims4()?;
-                    Some((h, w))
+        let (first_down, last_up) = match (self.down_blocks.first(), self.up_blocks.last()) {
+            (Some(d), Some(u)) => (d, u),
+            _ => return Err(candle_core::Error::Msg("unet: no down or up blocks".into())),
+        };
+        let mut xs = match step {
+            // DeepCache's shallow pass: the outermost down block's skip connections, and the
+            // deep features the last full step fed the outermost up block.
+            DeepStep::Shallow(deep) => {
+                first_down.down(&xs, &emb, context, &mut residuals, false)?;
+                deep.clone()
+            }
+            DeepStep::Full(keep) => {
+                let mut xs = xs;
+                for block in &self.down_blocks {
+                    xs = block.down(&xs, &emb, context, &mut residuals, true)?;
                 }
-                _ => None,
-            };
-            xs = block.up(&xs, &emb, context, &mut residuals, size)?;
-        }
+                let mut xs = self.mid_block.forward(&xs, &emb, context)?;
+                for block in &self.up_blocks[..self.up_blocks.len() - 1] {
+                    // With odd latent sizes, upsample to the size of the skip connection that comes next.
+                    let after = residuals.len().saturating_sub(block.resnets.len());
+                    let size = match after.checked_sub(1).and_then(|k| residuals.get(k)) {
+                        Some(r) if block.resampler.is_some() => {
+                            let (_, _, h, w) = r.dims4()?;
+                            Some((h, w))
+                        }
+                        _ => None,
+                    };
+                    xs = block.up(&xs, &emb, context, &mut residuals, size)?;
+                }
+                if let Some(keep) = keep {
+                    *keep = Some(xs.clone());
+                }
+                xs
+            }
+        };
+        xs = last_up.up(&xs, &emb, context, &mut residuals, None)?;
         let xs = candle_nn::ops::silu(&self.conv_norm_out.forward(&xs)?)?;
         self.conv_out.forward(&xs)
+    }
+}
+
+/// Whether one evaluation runs the whole UNet (keeping the deep features when asked) or only
+/// DeepCache's shallow pass over kept ones.
+enum DeepStep<'a> {
+    Full(Option<&'a mut Option<Tensor>>),
+    Shallow(&'a Tensor),
+}
+
+/// DeepCache's state over one generation: the features the outermost up block got on the last
+/// full evaluation, and which step comes next. The whole UNet runs on the first step and every
+/// `interval` steps after it; the steps between run only the outermost down block (without its
+/// downsampler) and the outermost up block. Those are the high-resolution blocks, so a shallow
+/// step saves most of the deep blocks' cost but not all of a step's.
+#[derive(Debug)]
+pub struct DeepCache {
+    interval: usize,
+    step: usize,
+    deep: Option<Tensor>,
+    pub full_steps: usize,
+    pub shallow_steps: usize,
+}
+
+impl DeepCache {
+    /// `interval` 1 (or 0) runs every step in full.
+    pub fn new(interval: usize) -> Self {
+        Self { interval: interval.max(1), step: 0, deep: None, full_steps: 0, shallow_steps: 0 }
     }
 }

@@ -263,6 +263,26 @@ pub struct GenerateParams {
     pub skip_layer_guidance: Option<SkipLayerGuidance>,
     /// An image to start from (image-to-image); `init_latents` is then the noise added to it.
     pub init_image: Option<InitImage>,
+    /// Step caching (opt-in): reuse work of earlier steps instead of evaluating the whole
+    /// denoiser every step.
+    pub step_cache: Option<StepCache>,
+}
+
+/// Step caching: denoising steps close together in the schedule compute nearly the same deep
+/// features, so some steps can reuse them instead of running the whole denoiser. Opt-in, as in
+/// the diffusers ecosystem: the output differs from the uncached one (by how much is in
+/// docs/step-cache.md).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum StepCache {
+    /// DeepCache (Ma et al., 2023), for UNets: the whole UNet runs every `interval` steps (and
+    /// on the first); in between only its outermost down and up blocks run, on the features
+    /// the last full step fed into the outermost up block.
+    DeepCache { interval: usize },
+    /// First-Block Cache (ParaAttention's FBCache), for FLUX: the first double-stream block
+    /// always runs; when its output residual changed by less than `threshold` (mean absolute
+    /// difference relative to the last fully evaluated step's), the other blocks' residual from
+    /// that step is added instead of running them.
+    FirstBlock { threshold: f64 },
 }
 
 /// Skip-layer guidance (diffusers' `skip_guidance_layers` for SD 3.5): on steps `i` with
@@ -317,12 +337,16 @@ impl GenerateParams {
     }
 }
 
-/// Wall-clock time spent in each stage.
+/// Wall-clock time spent in each stage, and how the denoising steps ran.
 #[derive(Debug, Clone, Default)]
 pub struct Timings {
     pub text_encode: Duration,
     pub denoise: Duration,
     pub decode: Duration,
+    /// Denoising steps that ran the whole denoiser, and steps that reused cached work instead
+    /// ([`StepCache`]).
+    pub full_steps: usize,
+    pub cached_steps: usize,
 }
 
 /// What a generation produced.
@@ -435,6 +459,10 @@ pub struct ModelDefaults {
     /// [`crate::weights::single_file`], which writes such folders).
     #[serde(default)]
     pub checkpoint: Option<PathBuf>,
+    /// The step cache requests without `cache` run (`deepcache:3`, `fbcache:0.08`; see
+    /// [`StepCache`]); absent: none.
+    #[serde(default)]
+    pub cache: Option<String>,
 }
 
 /// Whether `dir`'s UNet is LCM-distilled (`time_cond_proj_dim`: guidance as an embedding).
@@ -449,7 +477,7 @@ impl ModelDefaults {
         let mut d: ModelDefaults = if path.exists() {
             read_json(&path)?
         } else {
-            ModelDefaults { steps: None, guidance: None, scheduler: None, negative_prompt: None, transformer: None, max_sequence_length: None, text_encoders: TextEncoderFiles::default(), checkpoint: None }
+            ModelDefaults { steps: None, guidance: None, scheduler: None, negative_prompt: None, transformer: None, max_sequence_length: None, text_encoders: TextEncoderFiles::default(), checkpoint: None, cache: None }
         };
         let (steps, guidance) = match (easel_hub::catalogue::for_model_dir(dir), family) {
             (Some(known), _) => (known.steps, known.guidance),

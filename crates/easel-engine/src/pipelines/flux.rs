@@ -17,8 +17,8 @@ use crate::config::{read_json, FluxTransformerConfig, ModelIndex, SchedulerConfi
 use crate::error::{EngineError, Result};
 use crate::weights::keys::flux as flux_keys;
 use crate::weights::lora::{self, Component, LoraSpec, LoraTargets, TargetFamily};
-use crate::models::flux::{FluxInputs, FluxTransformer};
-use super::common::{read_transformer_weights, TransformerSource, TransformerWeights, component_config, split_batch, Family, GenerateParams, Generated, LoadOptions, ModelDefaults, StepCallback, T5Stack, TextStack, Timings, PromptCache};
+use crate::models::flux::{FirstBlockCache, FluxInputs, FluxTransformer};
+use super::common::{read_transformer_weights, TransformerSource, TransformerWeights, component_config, split_batch, Family, GenerateParams, Generated, LoadOptions, ModelDefaults, StepCache, StepCallback, T5Stack, TextStack, Timings, PromptCache};
 use crate::weights::store::Weights;
 use crate::scheduler::{FlowMatchEuler, NoiseSource, Scheduler, SchedulerKind, SeededNoise};
 use super::images_in::StrengthRounding;
@@ -228,6 +228,9 @@ impl FluxPipeline {
         if p.skip_layer_guidance.is_some() {
             return Err(EngineError::param("skip_layer_guidance", "skip-layer guidance is for SD 3.5 models, not FLUX"));
         }
+        if let Some(StepCache::DeepCache { .. }) = p.step_cache {
+            return Err(EngineError::param("cache", "deepcache is for Stable Diffusion's UNets; FLUX takes the first-block cache (fbcache)"));
+        }
         if let Some(kind) = p.scheduler.filter(|k| !k.is_flow_matching()) {
             return Err(EngineError::param("scheduler", format!("`{}` is not for FLUX models; they use flow-match-euler", kind.name())));
         }
@@ -278,9 +281,10 @@ impl FluxPipeline {
             self.validate(p)?;
             if (p.width, p.height, p.steps) != (first.width, first.height, first.steps)
                 || p.guidance != first.guidance
+                || p.step_cache != first.step_cache
                 || p.init_image.as_ref().map(|i| i.strength) != first.init_image.as_ref().map(|i| i.strength)
             {
-                return Err(EngineError::param("batch", "batched requests must share size, steps, guidance and strength"));
+                return Err(EngineError::param("batch", "batched requests must share size, steps, guidance, step cache and strength"));
             }
         }
         let m = self.size_multiple();
@@ -342,6 +346,10 @@ impl FluxPipeline {
         let guidance = if self.uses_guidance() { Some(Tensor::full(first.guidance as f32, rows, &self.device)?) } else { None };
         let timesteps = scheduler.timesteps().to_vec();
         let mut no_noise = SeededNoise::new(0);
+        let mut first_block_cache = match first.step_cache {
+            Some(StepCache::FirstBlock { threshold }) => Some(FirstBlockCache::new(threshold)),
+            _ => None,
+        };
         for (i, &t) in timesteps.iter().enumerate().skip(start) {
             let ts = Tensor::full((t / 1000.0) as f32, rows, &self.device)?;
             let img = match &fill {
@@ -349,13 +357,20 @@ impl FluxPipeline {
                 None => latents.clone(),
             };
             let inputs = FluxInputs { img: &img, img_ids: &img_ids, txt: &states, txt_ids: &txt_ids, timesteps: &ts, pooled: &pooled, guidance: guidance.as_ref() };
-            let pred = self.transformer.forward(&inputs)?;
+            let pred = match first_block_cache.as_mut() {
+                Some(cache) => self.transformer.forward_cached(&inputs, cache)?,
+                None => self.transformer.forward(&inputs)?,
+            };
             latents = scheduler.step(&pred, i, &latents, &mut no_noise as &mut dyn NoiseSource)?;
             if !on_step(&crate::preview::Step::packed(i + 1 - start, timesteps.len() - start, &latents, (lh / 2, lw / 2))) {
                 return Err(EngineError::Canceled);
             }
         }
         timings.denoise = t1.elapsed();
+        (timings.full_steps, timings.cached_steps) = match &first_block_cache {
+            Some(cache) => (cache.full_steps, cache.cached_steps),
+            None => (timesteps.len() - start, 0),
+        };
 
         let t2 = Instant::now();
         let decoded = self.decode(&latents, first.height, first.width)?;

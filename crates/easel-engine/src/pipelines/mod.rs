@@ -13,7 +13,7 @@ pub mod sd;
 pub mod sd3;
 pub mod vae;
 
-pub use common::{Family, GenerateParams, Generated, InitImage, LoadOptions, ModelDefaults, SkipLayerGuidance, StepCallback, TextEncoderFiles};
+pub use common::{Family, GenerateParams, Generated, InitImage, LoadOptions, ModelDefaults, SkipLayerGuidance, StepCache, StepCallback, TextEncoderFiles};
 pub use flux::FluxPipeline;
 pub use sd::StableDiffusionPipeline;
 pub use sd3::Sd3Pipeline;

@@ -15,7 +15,7 @@ use crate::error::{EngineError, Result};
 use super::common::*;
 use super::images_in::{Inpainting, StrengthRounding};
 use super::vae::Vae;
-use crate::models::unet::{AddedCond, UNet2DConditionModel};
+use crate::models::unet::{AddedCond, DeepCache, UNet2DConditionModel};
 use crate::scheduler::{NoiseSource, SchedulerKind, SeededNoise};
 use crate::weights::lora::{self, Component, LoraSpec, LoraTargets, TargetFamily};
 use crate::weights::single_file;
@@ -242,6 +242,9 @@ impl StableDiffusionPipeline {
         if p.skip_layer_guidance.is_some() {
             return Err(EngineError::param("skip_layer_guidance", "skip-layer guidance is for SD 3.5 models, not Stable Diffusion"));
         }
+        if let Some(StepCache::FirstBlock { .. }) = p.step_cache {
+            return Err(EngineError::param("cache", "the first-block cache (fbcache) is for FLUX; Stable Diffusion's UNets take deepcache"));
+        }
         if let Some(kind) = p.scheduler.filter(|k| k.is_flow_matching()) {
             return Err(EngineError::param("scheduler", format!("`{}` is for flow-matching models (FLUX), not Stable Diffusion", kind.name())));
         }
@@ -330,9 +333,10 @@ impl StableDiffusionPipeline {
             self.validate(p)?;
             if (p.width, p.height, p.steps, p.scheduler) != (first.width, first.height, first.steps, first.scheduler)
                 || p.guidance != first.guidance
+                || p.step_cache != first.step_cache
                 || p.init_image.as_ref().map(|i| (i.strength, i.mask.is_some())) != first.init_image.as_ref().map(|i| (i.strength, i.mask.is_some()))
             {
-                return Err(EngineError::param("batch", "batched requests must share size, steps, scheduler, guidance, strength and whether they inpaint"));
+                return Err(EngineError::param("batch", "batched requests must share size, steps, scheduler, guidance, step cache, strength and whether they inpaint"));
             }
         }
         let kind = first.scheduler.unwrap_or_else(|| self.default_scheduler());
@@ -425,6 +429,10 @@ impl StableDiffusionPipeline {
         let t1 = Instant::now();
         let mut latents = latents;
         let timesteps = scheduler.timesteps().to_vec();
+        let mut deep_cache = match first.step_cache {
+            Some(StepCache::DeepCache { interval }) => Some(DeepCache::new(interval)),
+            _ => None,
+        };
         for (i, &t) in timesteps.iter().enumerate().skip(start) {
             let input = if guided { Tensor::cat(&[&latents, &latents], 0)? } else { latents.clone() };
             let input = scheduler.scale_model_input(&input, i)?;
@@ -432,7 +440,10 @@ impl StableDiffusionPipeline {
                 Some(extra) => Tensor::cat(&[&input, extra], 1)?,
                 None => input,
             };
-            let pred = self.unet.forward(&input, t, &context, added.as_ref(), guidance_embedding.as_ref())?;
+            let pred = match deep_cache.as_mut() {
+                Some(cache) => self.unet.forward_cached(&input, t, &context, added.as_ref(), guidance_embedding.as_ref(), cache)?,
+                None => self.unet.forward(&input, t, &context, added.as_ref(), guidance_embedding.as_ref())?,
+            };
             let pred = if guided {
                 let chunks = pred.chunk(2, 0)?;
                 let (uncond, text) = (&chunks[0], &chunks[1]);
@@ -450,6 +461,10 @@ impl StableDiffusionPipeline {
             }
         }
         timings.denoise = t1.elapsed();
+        (timings.full_steps, timings.cached_steps) = match &deep_cache {
+            Some(cache) => (cache.full_steps, cache.shallow_steps),
+            None => (timesteps.len() - start, 0),
+        };
 
         let t2 = Instant::now();
         let decoded = self.decode(&latents)?;

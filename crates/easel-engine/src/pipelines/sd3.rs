@@ -223,6 +223,9 @@ impl Sd3Pipeline {
         if let Some(kind) = p.scheduler.filter(|k| !k.is_flow_matching()) {
             return Err(EngineError::param("scheduler", format!("`{}` is not for SD 3.5 models; they use flow-match-euler", kind.name())));
         }
+        if p.step_cache.is_some() {
+            return Err(EngineError::param("cache", "SD 3.5 has no step cache in easel yet (deepcache is for UNets, fbcache for FLUX)"));
+        }
         if let Some(slg) = &p.skip_layer_guidance {
             let layers = self.transformer.config.num_layers;
             if let Some(bad) = slg.layers.iter().find(|&&l| l >= layers) {
@@ -373,6 +376,7 @@ impl Sd3Pipeline {
             }
         }
         timings.denoise = t1.elapsed();
+        timings.full_steps = timesteps.len() - start;
 
         let t2 = Instant::now();
         let decoded = self.vae.decode(&latents)?;
