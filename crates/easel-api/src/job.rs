@@ -261,6 +261,14 @@ pub struct Timings {
     pub denoise_s: f64,
     pub decode_s: f64,
     pub total_s: f64,
+    /// Denoising steps that reused the step cache's work instead of running the whole
+    /// denoiser (see `JobSpec::step_cache`).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub cached_steps: usize,
+}
+
+fn is_zero(n: &usize) -> bool {
+    *n == 0
 }
 
 /// What a finished job produced.

@@ -281,6 +281,7 @@ impl Executor for EngineExecutor {
                 text_encode_s: o.timings.text_encode.as_secs_f64(),
                 denoise_s: o.timings.denoise.as_secs_f64(),
                 decode_s: o.timings.decode.as_secs_f64(),
+                cached_steps: o.timings.cached_steps,
             })
             .unwrap_or_default();
         let mut all = vec![];

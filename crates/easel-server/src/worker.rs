@@ -77,6 +77,7 @@ pub struct BatchTimings {
     pub text_encode_s: f64,
     pub denoise_s: f64,
     pub decode_s: f64,
+    pub cached_steps: usize,
 }
 
 /// Where a batch stands after a denoising step, as an executor reports it.
@@ -473,6 +474,7 @@ impl Worker {
                 denoise_s: t.denoise_s,
                 decode_s: t.decode_s,
                 total_s: run_s,
+                cached_steps: t.cached_steps,
             },
             batch_size: batch,
             cost_usd,
