@@ -38,7 +38,8 @@ impl StepCache {
             },
             ("fbcache", None) => Ok(Some(Self::FirstBlock { threshold: FBCACHE_DEFAULT_THRESHOLD })),
             ("fbcache", Some(s)) => match s.parse::<f64>() {
-                Ok(threshold) if (0.0..=1.0).contains(&threshold) => Ok(Some(Self::FirstBlock { threshold })),
+                // `+ 0.0` makes -0 plain 0, so one setting has one spelling in batch and cache keys.
+                Ok(threshold) if (0.0..=1.0).contains(&threshold) => Ok(Some(Self::FirstBlock { threshold: threshold + 0.0 })),
                 _ => Err(format!("fbcache's threshold is a number from 0 to 1, got `{s}`")),
             },
             _ => Err(bad()),
@@ -88,6 +89,7 @@ mod tests {
             ("deepcache:2", Some(StepCache::DeepCache { interval: 2 })),
             ("fbcache", Some(StepCache::FirstBlock { threshold: 0.08 })),
             ("fbcache:0.2", Some(StepCache::FirstBlock { threshold: 0.2 })),
+            ("fbcache:-0", Some(StepCache::FirstBlock { threshold: 0.0 })),
         ] {
             let got = StepCache::parse(text).unwrap();
             assert_eq!(got, want, "{text}");

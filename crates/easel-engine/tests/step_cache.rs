@@ -162,3 +162,21 @@ fn each_family_refuses_the_other_familys_cache_naming_cache() {
         assert!(e.contains("cache"), "{name}: {e}");
     }
 }
+
+#[test]
+fn first_block_cache_decisions_are_per_image_so_batching_does_not_change_them() {
+    // Two prompts whose first blocks change at different rates: at threshold 0.25 some steps
+    // reuse for one image and not the other. Each image must be what it is alone.
+    let Pipeline::Flux(pipe) = Pipeline::load(&fixtures().join("pipelines/flux-dev-tiny"), &LoadOptions::default()).unwrap() else { panic!("FLUX") };
+    let cache = Some(StepCache::FirstBlock { threshold: 0.25 });
+    let a = GenerateParams { step_cache: cache, ..params(64, 80, 8, 3.5, None) };
+    let b = GenerateParams { prompt: "a yellow triangle".into(), seed: 99, ..a.clone() };
+    let solo: Vec<_> = [&a, &b].iter().map(|p| pipe.generate(p, &mut |_| true).unwrap()).collect();
+    let batched = pipe.generate_batch(&[a, b], &mut |_| true).unwrap();
+    for (i, (s, t)) in solo.iter().zip(&batched).enumerate() {
+        let e = common::rel_l2(&t.latents, &s.latents);
+        println!("image {i}: batched vs solo rel L2 {e:.2e} ({} cached steps alone)", s.timings.cached_steps);
+        // The bound of batched_requests_match_solo_runs (tests/batching.rs).
+        assert!(e < 1e-5, "image {i}: batched differs from solo by {e:.2e}");
+    }
+}

@@ -68,7 +68,7 @@ fn cache_kind(pipe: &Pipeline) -> Option<&'static str> {
 /// `easel.json`'s `cache`, checked against the model's denoiser, as the server advertises it.
 fn default_cache(pipe: &Pipeline, defaults: &ModelDefaults) -> Result<Option<String>, EngineError> {
     let Some(text) = defaults.cache.as_deref() else { return Ok(None) };
-    let cache = easel_api::StepCache::parse(text).map_err(|message| EngineError::InvalidParam { param: "cache", message })?;
+    let cache = easel_api::StepCache::parse(text).map_err(|m| EngineError::InvalidParam { param: "cache", message: format!("easel.json's cache: {m}") })?;
     match cache {
         Some(c) if cache_kind(pipe) != Some(c.kind()) => Err(EngineError::InvalidParam {
             param: "cache",
@@ -81,6 +81,8 @@ fn default_cache(pipe: &Pipeline, defaults: &ModelDefaults) -> Result<Option<Str
 
 /// What the server advertises for a loaded model: its defaults, sizes, schedulers and memory.
 pub fn model_info(id: &str, pipe: &Pipeline, defaults: &ModelDefaults, weight_bytes: u64, request_memory: u64) -> Result<ModelInfo, EngineError> {
+    // easel.json's cache first: its error names easel.json, where settings() would not.
+    let default_cache = default_cache(pipe, defaults)?;
     let none = settings(defaults, &Requested::default())?;
     Ok(ModelInfo {
         id: id.to_string(),
@@ -94,7 +96,7 @@ pub fn model_info(id: &str, pipe: &Pipeline, defaults: &ModelDefaults, weight_by
         memory: Some(crate::memory_estimate(pipe, weight_bytes, request_memory)),
         closed: false,
         cache_kind: cache_kind(pipe).map(str::to_string),
-        default_cache: default_cache(pipe, defaults)?,
+        default_cache,
         skippable_layers: match pipe {
             Pipeline::Sd3(p) => Some(p.transformer().config.num_layers),
             _ => None,

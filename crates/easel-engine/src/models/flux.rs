@@ -381,24 +381,28 @@ impl FluxTransformer {
             joint = block.forward(&joint, &vec, &pe)?;
         }
         let img = joint.narrow(1, txt_len, joint.dim(1)? - txt_len)?;
-        if let Some(cache) = cache {
-            cache.keep(&after_first, &img)?;
-        }
+        let img = match cache {
+            Some(cache) => cache.keep(&after_first, &img)?,
+            None => img,
+        };
         self.final_layer.forward(&img, &vec)
     }
 }
-/// The First-Block Cache's state over one generation (ParaAttention's FBCache): the first
-/// double-stream block's image residual and the rest of the network's image residual, both from
-/// the last step that ran every block. A step whose first-block residual differs from that
-/// step's by less than `threshold` (mean absolute difference over mean absolute value) adds the
-/// kept rest residual instead of running the other blocks. Comparing with the last full step,
-/// not the previous step, keeps small changes from adding up unchecked.
+/// The First-Block Cache's state over one generation (ParaAttention's FBCache): per batch row,
+/// the first double-stream block's image residual and the rest of the network's image residual,
+/// both from the last step that ran every block for that row. A row whose first-block residual
+/// differs from its kept one by less than `threshold` (mean absolute difference over mean
+/// absolute value) takes the kept rest residual instead of the other blocks' output. Comparing
+/// with the last full step, not the previous step, keeps small changes from adding up
+/// unchecked. Each row decides alone, so an image is the same whatever it was batched with.
 #[derive(Debug)]
 pub struct FirstBlockCache {
     threshold: f64,
     first_residual: Option<Tensor>,
     rest_residual: Option<Tensor>,
-    pending_first: Option<Tensor>,
+    /// This step's first-block residual and which rows reuse, until [`Self::keep`].
+    pending: Option<(Tensor, Vec<bool>)>,
+    /// Steps on which at least one row ran every block, and steps on which none did.
     pub full_steps: usize,
     pub cached_steps: usize,
 }
@@ -406,36 +410,83 @@ pub struct FirstBlockCache {
 impl FirstBlockCache {
     /// `threshold` 0 runs every step in full.
     pub fn new(threshold: f64) -> Self {
-        Self { threshold, first_residual: None, rest_residual: None, pending_first: None, full_steps: 0, cached_steps: 0 }
+        Self { threshold, first_residual: None, rest_residual: None, pending: None, full_steps: 0, cached_steps: 0 }
     }
 
-    /// The rest residual to reuse for a step whose first-block residual is `first`, or `None`
-    /// when the step runs in full.
+    /// The rest residual when every row reuses it this step; `None` when the blocks run (for
+    /// the rows that need them: [`Self::keep`] blends in the kept residual for the others).
     fn decide(&mut self, first: &Tensor) -> Result<Option<Tensor>> {
-        if let (Some(prev), Some(rest)) = (&self.first_residual, &self.rest_residual) {
-            let mean_abs = |t: &Tensor| -> Result<f64> { Ok(t.to_dtype(DType::F32)?.abs()?.mean_all()?.to_scalar::<f32>()? as f64) };
-            let change = mean_abs(&(first - prev)?)? / mean_abs(prev)?.max(f64::MIN_POSITIVE);
-            if change < self.threshold {
-                self.cached_steps += 1;
-                return Ok(Some(rest.clone()));
+        let rows = first.dim(0)?;
+        let reuse = match (&self.first_residual, &self.rest_residual) {
+            (Some(prev), Some(_)) => {
+                let per_row_mean_abs = |t: &Tensor| -> Result<Vec<f32>> { Ok(t.to_dtype(DType::F32)?.abs()?.flatten_from(1)?.mean(1)?.to_vec1::<f32>()?) };
+                let change = per_row_mean_abs(&(first - prev)?)?;
+                let size = per_row_mean_abs(prev)?;
+                change.iter().zip(&size).map(|(&c, &s)| (c as f64) < self.threshold * s as f64).collect()
             }
+            _ => vec![false; rows],
+        };
+        if reuse.iter().all(|&r| r) {
+            self.cached_steps += 1;
+            return Ok(self.rest_residual.clone());
         }
         self.full_steps += 1;
-        self.pending_first = Some(first.clone());
+        self.pending = Some((first.clone(), reuse));
         Ok(None)
     }
 
-    /// After a full step: keeps its residuals.
-    fn keep(&mut self, after_first: &Tensor, out: &Tensor) -> Result<()> {
-        self.first_residual = self.pending_first.take();
-        self.rest_residual = Some((out - after_first)?);
-        Ok(())
+    /// After the blocks ran: keeps the residuals of the rows that ran them, and returns the
+    /// image states to use (the blocks' output, or for rows that reuse, their kept residual
+    /// added to this step's first-block output, as [`Self::decide`]'s all-reuse case).
+    fn keep(&mut self, after_first: &Tensor, out: &Tensor) -> Result<Tensor> {
+        let Some((first, reuse)) = self.pending.take() else { return Ok(out.clone()) };
+        let rest = (out - after_first)?;
+        let (Some(prev_first), Some(prev_rest)) = (&self.first_residual, &self.rest_residual) else {
+            (self.first_residual, self.rest_residual) = (Some(first), Some(rest));
+            return Ok(out.clone());
+        };
+        if !reuse.iter().any(|&r| r) {
+            (self.first_residual, self.rest_residual) = (Some(first), Some(rest));
+            return Ok(out.clone());
+        }
+        // Some rows reuse: 1 for rows that ran, 0 for rows that reuse (x * 1 + y * 0 is
+        // exactly x, so every row gets what it would get alone).
+        let ran: Vec<f32> = reuse.iter().map(|&r| if r { 0.0 } else { 1.0 }).collect();
+        let ran = Tensor::from_vec(ran, (reuse.len(), 1, 1), out.device())?.to_dtype(out.dtype())?;
+        let kept = (1.0 - &ran)?;
+        let pick = |now: &Tensor, before: &Tensor| -> Result<Tensor> { Ok((ran.broadcast_mul(now)? + kept.broadcast_mul(before)?)?) };
+        let img = pick(out, &(after_first + prev_rest)?)?;
+        let (new_first, new_rest) = (pick(&first, prev_first)?, pick(&rest, prev_rest)?);
+        (self.first_residual, self.rest_residual) = (Some(new_first), Some(new_rest));
+        Ok(img)
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_first_block_cache_decides_per_row_and_each_row_gets_what_it_would_alone() {
+        let dev = Device::Cpu;
+        let t = |v: Vec<f32>| Tensor::from_vec(v, (2, 1, 2), &dev).unwrap();
+        let mut cache = FirstBlockCache::new(0.1);
+        // Step 1: nothing kept, both rows run; the output is the blocks' own.
+        let (after_first, out) = (t(vec![1.0, 1.0, 2.0, 2.0]), t(vec![3.0, 3.0, 5.0, 5.0]));
+        assert!(cache.decide(&t(vec![1.0, 1.0, 1.0, 1.0])).unwrap().is_none());
+        assert_eq!(cache.keep(&after_first, &out).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap(), vec![3.0, 3.0, 5.0, 5.0]);
+        // Step 2: row 0's first residual barely moved, row 1's doubled: row 1 runs, row 0 reuses
+        // its kept rest residual (2.0) on this step's first-block output.
+        let (after_first, out) = (t(vec![10.0, 10.0, 20.0, 20.0]), t(vec![0.0, 0.0, 7.0, 7.0]));
+        assert!(cache.decide(&t(vec![1.01, 1.01, 2.0, 2.0])).unwrap().is_none());
+        assert_eq!(cache.keep(&after_first, &out).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap(), vec![12.0, 12.0, 7.0, 7.0]);
+        assert_eq!((cache.full_steps, cache.cached_steps), (2, 0));
+        // Step 3: both rows barely moved from their kept residuals (row 0's from step 1, row
+        // 1's from step 2): every row reuses, and the blocks are skipped.
+        let rest = cache.decide(&t(vec![1.0, 1.0, 2.01, 2.01])).unwrap().expect("all rows reuse");
+        assert_eq!(rest.flatten_all().unwrap().to_vec1::<f32>().unwrap(), vec![2.0, 2.0, -13.0, -13.0]);
+        assert_eq!((cache.full_steps, cache.cached_steps), (2, 1));
+    }
 
     #[test]
     fn flux1_dev_has_about_12b_parameters() {

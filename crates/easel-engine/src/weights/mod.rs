@@ -25,9 +25,22 @@ use candle_nn::VarBuilder;
 
 use crate::error::{EngineError, Result};
 
-/// Reads and validates a component's weight files (see [`read_tensors`]: in memory once, not
-/// mapped and copied); the builder converts each tensor to `dtype` as a layer takes it.
+/// Reads and validates a component's weight files: on the CPU into memory once (see
+/// [`read_tensors`]), on a GPU memory-mapped; the builder converts each tensor to `dtype` and
+/// moves it to `device` as a layer takes it.
 pub fn load_var_builder(files: &[PathBuf], dtype: DType, device: &Device) -> Result<VarBuilder<'static>> {
+    if !device.is_cpu() {
+        // On a GPU the tensors live in device memory: memory-mapping streams each one there
+        // without holding a whole component in host memory first.
+        for f in files {
+            // Parses the header and checks the data length, so a corrupt file is named here.
+            // SAFETY: the mapping is read-only; a file changed underneath us is a user error candle also accepts.
+            unsafe { candle_core::safetensors::MmapedSafetensors::new(f) }.map_err(|e| bad_weights(f, &e))?;
+        }
+        // SAFETY: as above.
+        return unsafe { VarBuilder::from_mmaped_safetensors(files, dtype, device) }
+            .map_err(|e| bad_weights(files.first().map(PathBuf::as_path).unwrap_or(Path::new("?")), &e));
+    }
     let mut tensors = std::collections::HashMap::new();
     for f in files {
         tensors.extend(read_tensors(f)?);
@@ -82,20 +95,36 @@ pub fn read_tensors(path: &std::path::Path) -> Result<std::collections::HashMap<
         serde_json::from_slice(&header).map_err(|e| corrupt(format!("header is not JSON: {e}")))?;
     let data_start = 8 + header_len;
 
+    // Every tensor's bytes, checked without overflow, and laid end to end over the whole data
+    // section with no gap or overlap, as the safetensors format requires.
+    let data_len = file_len - data_start;
     let mut entries = Vec::with_capacity(header.len());
     for (name, info) in header {
         if name == "__metadata__" {
             continue;
         }
         let info: SafetensorsEntry = serde_json::from_value(info).map_err(|e| corrupt(format!("tensor `{name}`: {e}")))?;
-        let dtype = safetensors_dtype(&info.dtype).ok_or_else(|| corrupt(format!("tensor `{name}` has dtype {} which easel does not read", info.dtype)))?;
-        let elems = info.shape.iter().try_fold(1usize, |n, &d| n.checked_mul(d)).ok_or_else(|| corrupt(format!("tensor `{name}`: shape overflows")))?;
+        let dtype = DType::try_from(info.dtype).map_err(|_| corrupt(format!("tensor `{name}` has dtype {:?}, which candle does not read", info.dtype)))?;
         let (start, end) = info.data_offsets;
-        if end < start || end - start != elems * dtype.size_in_bytes() || data_start + end > file_len {
+        let bytes = info.shape.iter().try_fold(dtype.size_in_bytes(), |n, &d| n.checked_mul(d)).filter(|_| dtype.size_in_bytes() > 0);
+        if bytes.is_none() || end < start || Some(end - start) != bytes || end > data_len {
             return Err(corrupt(format!("tensor `{name}`: data offsets {start}..{end} do not fit its shape {:?} or the file", info.shape)));
         }
-        entries.push((name, dtype, info.shape, data_start + start, elems));
+        entries.push((name, dtype, info.shape, start, end));
     }
+    entries.sort_by_key(|e| e.3);
+    let mut next = 0;
+    for (name, _, _, start, end) in &entries {
+        if *start != next {
+            return Err(corrupt(format!("tensor `{name}` starts at {start}, not where the one before it ends ({next})")));
+        }
+        next = *end;
+    }
+    if next != data_len {
+        return Err(corrupt(format!("the tensors cover {next} of the {data_len} data bytes")));
+    }
+    // The element count fits: its byte count (at least one byte each) was checked above.
+    let entries: Vec<_> = entries.into_iter().map(|(name, dtype, shape, start, _)| { let elems = shape.iter().product(); (name, dtype, shape, data_start + start, elems) }).collect();
     entries
         .into_par_iter()
         .map(|(name, dtype, shape, offset, elems)| {
@@ -107,22 +136,9 @@ pub fn read_tensors(path: &std::path::Path) -> Result<std::collections::HashMap<
 
 #[derive(serde::Deserialize)]
 struct SafetensorsEntry {
-    dtype: String,
+    dtype: safetensors::Dtype,
     shape: Vec<usize>,
     data_offsets: (usize, usize),
-}
-
-fn safetensors_dtype(name: &str) -> Option<DType> {
-    Some(match name {
-        "F32" => DType::F32,
-        "F16" => DType::F16,
-        "BF16" => DType::BF16,
-        "F64" => DType::F64,
-        "I64" => DType::I64,
-        "U32" => DType::U32,
-        "U8" => DType::U8,
-        _ => return None,
-    })
 }
 
 /// One tensor's little-endian data at `offset`: f32 (the CPU's compute type) straight into the
@@ -169,4 +185,47 @@ pub fn write_latents(path: &std::path::Path, latents: &Tensor) -> Result<()> {
         path: path.to_path_buf(),
         source: std::io::Error::other(e.to_string()),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn file_with(header: &str, data: &[u8]) -> tempfile::NamedTempFile {
+        let mut bytes = (header.len() as u64).to_le_bytes().to_vec();
+        bytes.extend_from_slice(header.as_bytes());
+        bytes.extend_from_slice(data);
+        let f = tempfile::NamedTempFile::new().unwrap();
+        std::fs::write(f.path(), bytes).unwrap();
+        f
+    }
+
+    #[test]
+    fn tensors_read_in_place_equal_candles_loader_and_corrupt_headers_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("t.safetensors");
+        let a = Tensor::arange(0f32, 6.0, &Device::Cpu).unwrap().reshape((2, 3)).unwrap();
+        let b = Tensor::arange(0f32, 4.0, &Device::Cpu).unwrap().to_dtype(DType::BF16).unwrap();
+        candle_core::safetensors::save(&std::collections::HashMap::from([("a".to_string(), a.clone()), ("b".to_string(), b.clone())]), &path).unwrap();
+        let read = read_tensors(&path).unwrap();
+        let want = candle_core::safetensors::load(&path, &Device::Cpu).unwrap();
+        for name in ["a", "b"] {
+            assert_eq!(read[name].dtype(), want[name].dtype());
+            assert_eq!(read[name].to_dtype(DType::F32).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap(), want[name].to_dtype(DType::F32).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap());
+        }
+        for (header, data, words) in [
+            // A shape whose byte count overflows must not wrap to a small size.
+            (r#"{"x":{"dtype":"F32","shape":[4611686018427387905],"data_offsets":[0,4]}}"#, &[0u8; 4][..], "shape"),
+            // Offsets that would wrap past the end of the file.
+            (r#"{"x":{"dtype":"F32","shape":[1],"data_offsets":[18446744073709551000,18446744073709551004]}}"#, &[0u8; 4][..], "offsets"),
+            // Two tensors with a gap between them, and trailing bytes.
+            (r#"{"x":{"dtype":"U8","shape":[1],"data_offsets":[0,1]},"y":{"dtype":"U8","shape":[1],"data_offsets":[2,3]}}"#, &[0u8; 3][..], "starts at 2"),
+            (r#"{"x":{"dtype":"U8","shape":[1],"data_offsets":[0,1]}}"#, &[0u8; 5][..], "cover 1 of the 5"),
+            (r#"{"x":{"dtype":"Q9","shape":[1],"data_offsets":[0,1]}}"#, &[0u8; 1][..], "tensor `x`"),
+        ] {
+            let f = file_with(header, data);
+            let e = read_tensors(f.path()).unwrap_err().to_string();
+            assert!(e.contains("truncated or corrupt") && e.contains(words), "{header}: {e}");
+        }
+    }
 }
