@@ -15,5 +15,5 @@ pub use error::{ApiError, ErrorBody};
 pub use image_input::{decode_base64_image, decode_image, decode_openai_mask, InputImage, MAX_INPUT_SIDE};
 pub use job::{Event, InitImageSpec, Job, JobResult, JobSpec, JobStatus, RouteCandidate, RoutePlan, SkipLayerGuidance, StoredImage, Timings, WebhookFormat, PROVIDER_QUEUE_PREFIX};
 pub use lora::{check_name as check_lora_name, validate_loras, LoraRef, LoraRegistry, LoraSource, MAX_LORAS};
-pub use step_cache::{StepCache, DEEPCACHE_DEFAULT_INTERVAL, FBCACHE_DEFAULT_THRESHOLD};
+pub use step_cache::StepCache;
 pub use request::{default_strength, ImageInputs, ImageRequest, MemoryEstimate, ModelInfo, OutputFormat, ResponseFormat};

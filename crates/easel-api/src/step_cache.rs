@@ -16,9 +16,9 @@ pub enum StepCache {
 
 /// DeepCache's interval when the request gives none: every third step runs the whole UNet
 /// (measured in docs/step-cache.md; DeepCache's paper uses 3 to 5 at 50 steps).
-pub const DEEPCACHE_DEFAULT_INTERVAL: usize = 3;
+const DEEPCACHE_DEFAULT_INTERVAL: usize = 3;
 /// FBCache's threshold when the request gives none (ParaAttention's FLUX example).
-pub const FBCACHE_DEFAULT_THRESHOLD: f64 = 0.08;
+const FBCACHE_DEFAULT_THRESHOLD: f64 = 0.08;
 
 impl StepCache {
     /// Reads `none`, `deepcache`, `deepcache:N` (N from 1 to 50), `fbcache` or `fbcache:T`

@@ -49,7 +49,7 @@ pub fn settings(defaults: &ModelDefaults, requested: &Requested) -> Result<Setti
 }
 
 /// The engine's form of a step cache the API read.
-pub fn engine_step_cache(cache: easel_api::StepCache) -> StepCache {
+fn engine_step_cache(cache: easel_api::StepCache) -> StepCache {
     match cache {
         easel_api::StepCache::DeepCache { interval } => StepCache::DeepCache { interval },
         easel_api::StepCache::FirstBlock { threshold } => StepCache::FirstBlock { threshold },

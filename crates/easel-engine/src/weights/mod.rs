@@ -1,8 +1,8 @@
 //! Weights on disk and in memory, one module per concern, none depending on a pipeline:
 //!
 //! - [`source`]: which files of a diffusers folder hold a component;
-//! - this module: safetensors files read into memory once (into a `VarBuilder`, or as tensors),
-//!   with errors that name the file;
+//! - this module: safetensors files (read into memory once on the CPU, memory-mapped on a GPU;
+//!   into a `VarBuilder`, or as tensors), with errors that name the file;
 //! - [`store`]: named dense-or-quantized weights and the linear layer over them;
 //! - [`gguf`]: GGUF files into a store, and `easel models quantize`;
 //! - [`keys`]: renaming between checkpoint layouts (diffusers, BFL, Stability's single files);
