@@ -14,12 +14,12 @@ import torch
 from safetensors.torch import load_file
 
 
-def run_easel(easel, kind, model_dir, inputs, iters, threads, out_path):
+def run_easel(easel, kind, model_dir, inputs, iters, threads, out_path, extra=()):
     """Returns easel's JSON report and the easel process's peak RSS in GB; its output is saved
-    to `out_path` (compare it with `relative_l2`)."""
+    to `out_path` (compare it with `relative_l2`). `extra`: more `easel bench KIND` arguments."""
     env = dict(os.environ, RAYON_NUM_THREADS=str(threads))
     res = subprocess.run(
-        [easel, "bench", kind, "--model", model_dir, "--iters", str(iters), "--inputs", inputs, "--save-output", out_path],
+        [easel, "bench", kind, "--model", model_dir, "--iters", str(iters), "--inputs", inputs, "--save-output", out_path, *extra],
         env=env, check=True, capture_output=True, text=True,
     )
     report = json.loads(res.stdout.strip().splitlines()[-1])
@@ -57,3 +57,18 @@ def parse_args(**extra):
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     return args
+
+
+def sd15_unet():
+    """SD 1.5's UNet config (runwayml/stable-diffusion-v1-5/unet/config.json), random weights."""
+    from diffusers import UNet2DConditionModel
+
+    return UNet2DConditionModel(
+        sample_size=64,
+        cross_attention_dim=768,
+        attention_head_dim=8,
+        block_out_channels=(320, 640, 1280, 1280),
+        layers_per_block=2,
+        down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+    )

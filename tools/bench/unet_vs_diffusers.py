@@ -20,7 +20,7 @@ import torch
 from diffusers import UNet2DConditionModel
 from safetensors.torch import save_file
 
-from side_by_side import parse_args, relative_l2, run_easel, time_torch
+from side_by_side import parse_args, relative_l2, run_easel, sd15_unet, time_torch
 
 
 def main():
@@ -46,16 +46,7 @@ def main():
                 projection_class_embeddings_input_dim=2816,
             )
         else:
-            # SD 1.5's UNet config (runwayml/stable-diffusion-v1-5/unet/config.json), random weights.
-            unet = UNet2DConditionModel(
-                sample_size=64,
-                cross_attention_dim=768,
-                attention_head_dim=8,
-                block_out_channels=(320, 640, 1280, 1280),
-                layers_per_block=2,
-                down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
-                up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
-            )
+            unet = sd15_unet()
         model_dir = os.path.join(tmp, "unet-random")
         unet.save_pretrained(os.path.join(model_dir, "unet"), safe_serialization=True)
         del unet

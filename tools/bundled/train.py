@@ -28,6 +28,7 @@ from transformers import CLIPTextConfig, CLIPTextModel
 
 import shapes
 from clip_tokenizer import save_clip_tokenizer
+from half_token_table import half_token_table
 
 SCHEDULE = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000)
 
@@ -137,6 +138,8 @@ def save_pipeline(out, vae, text_encoder, tokenizer, unet):
         requires_safety_checker=False,
     )
     pipe.save_pretrained(out, safe_serialization=True)
+    # The token table in float16 (see half_token_table.py: the repository's size budget).
+    half_token_table(os.path.join(out, "text_encoder", "model.safetensors"))
     with open(os.path.join(out, "easel.json"), "w") as f:
         json.dump({"steps": 20, "guidance": 4.0}, f, indent=1)
 

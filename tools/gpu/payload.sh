@@ -17,8 +17,9 @@ cd "$(dirname "$0")/../.."
 limit=$((64 * 1024 * 1024))
 tree_share=$((355 * 1024 * 1024 / 10))
 mib() { awk -v b="$1" 'BEGIN { printf "%.1f MiB", b / 1048576 }'; }
+# A symbolic link travels as a link (the device README), so it counts as its own few bytes.
 tree_bytes() {
-  git ls-files -z --cached --others --exclude-standard | xargs -0 stat -L -c %s 2>/dev/null | awk '{ s += $1 } END { print s + 0 }'
+  git ls-files -z --cached --others --exclude-standard | xargs -0 stat -c %s 2>/dev/null | awk '{ s += $1 } END { print s + 0 }'
 }
 
 tree=$(tree_bytes)

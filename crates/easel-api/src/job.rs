@@ -52,6 +52,9 @@ pub struct JobSpec {
     /// whole denoiser).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub step_cache: Option<crate::StepCache>,
+    /// ControlNets with their control images at the job's size, in order.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub controlnets: Vec<crate::ControlNetSpec>,
 }
 
 /// Image-to-image's input as a job carries it through the queue: the picture checked and resized
@@ -184,7 +187,19 @@ impl JobSpec {
         // each keeps its own picture.
         let strength = self.init_image.as_ref().map(|i| format!("{}{}", i.strength, if i.mask_png_base64.is_some() { "+mask" } else { "" })).unwrap_or_default();
         let cache = self.step_cache.map(|c| c.to_string()).unwrap_or_default();
-        format!("{}|{}x{}|{}|{:?}|{}|{}|{slg}|{strength}|{cache}", self.queue_model(), self.width, self.height, self.steps, self.scheduler, self.guidance, stack.join(","))
+        // ControlNets batch with the same ControlNets and settings; each job keeps its images.
+        let control: Vec<String> = self.controlnets.iter().map(|c| format!("{}:{}:{}:{}", c.name, c.scale, c.start, c.end)).collect();
+        format!(
+            "{}|{}x{}|{}|{:?}|{}|{}|{slg}|{strength}|{cache}|{}",
+            self.queue_model(),
+            self.width,
+            self.height,
+            self.steps,
+            self.scheduler,
+            self.guidance,
+            stack.join(","),
+            control.join(",")
+        )
     }
 
     /// A canonical hash of everything that determines the pixels; `None` without an explicit seed.
@@ -200,6 +215,7 @@ impl JobSpec {
             "loras": self.loras, "skip_layer_guidance": self.skip_layer_guidance,
             "init_image": self.init_image.as_ref().map(|i| (i.digest(), i.strength)),
             "step_cache": self.step_cache,
+            "controlnets": self.controlnets.iter().map(crate::ControlNetSpec::key).collect::<Vec<_>>(),
         });
         Some(hex::encode(Sha256::digest(canonical.to_string().as_bytes())))
     }

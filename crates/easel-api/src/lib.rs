@@ -4,6 +4,8 @@
 //! their states, progress events, and errors in OpenAI's `{"error": {...}}` shape. Validation
 //! turns a request into a [`JobSpec`] or an [`ApiError`] that names the bad parameter.
 
+pub mod canny;
+mod controlnet;
 mod error;
 mod image_input;
 mod job;
@@ -11,6 +13,7 @@ mod lora;
 mod request;
 mod step_cache;
 
+pub use controlnet::{ControlNetFamily, ControlNetRef, ControlNetRegistry, ControlNetSpec, Preprocess, MAX_CONTROLNETS};
 pub use error::{ApiError, ErrorBody};
 pub use image_input::{decode_base64_image, decode_image, decode_openai_mask, InputImage, MAX_INPUT_SIDE};
 pub use job::{Event, InitImageSpec, Job, JobResult, JobSpec, JobStatus, RouteCandidate, RoutePlan, SkipLayerGuidance, StoredImage, Timings, WebhookFormat, PROVIDER_QUEUE_PREFIX};

@@ -42,15 +42,28 @@ pub fn validate_loras(loras: &[LoraRef]) -> Result<(), ApiError> {
 /// A registry name (letters, digits, `-`, `_` and `.`, not starting with a dot) or a hub id
 /// `owner/name` made of two such parts; never a path.
 pub fn check_name(name: &str) -> Result<(), ApiError> {
-    let part = |p: &str| !p.is_empty() && p.len() <= 96 && !p.starts_with('.') && p.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c));
     let ok = match name.split_once('/') {
-        None => part(name),
-        Some((owner, repo)) => part(owner) && part(repo),
+        None => is_plain_name(name),
+        Some((owner, repo)) => is_plain_name(owner) && is_plain_name(repo),
     };
     if ok {
         Ok(())
     } else {
         Err(ApiError::invalid("loras", format!("`{name}` is not a LoRA name or hub id (letters, digits, - _ . only, owner/name for the hub; paths are not accepted)")))
+    }
+}
+
+/// Letters, digits, `-`, `_` and `.`, not starting with a dot, at most 96 characters.
+fn is_plain_name(p: &str) -> bool {
+    !p.is_empty() && p.len() <= 96 && !p.starts_with('.') && p.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+}
+
+/// A name of a registry folder's entry (never a path or a hub id); `param` names the field.
+pub(crate) fn check_registry_name(param: &str, name: &str) -> Result<(), ApiError> {
+    if is_plain_name(name) {
+        Ok(())
+    } else {
+        Err(ApiError::invalid(param, format!("`{name}` is not a registry name (letters, digits, - _ . only; paths are not accepted)")))
     }
 }
 

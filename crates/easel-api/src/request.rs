@@ -131,6 +131,10 @@ pub struct ImageRequest {
     /// (FLUX); absent takes the model's default (`easel.json`'s `cache`, else none).
     #[serde(default)]
     pub cache: Option<String>,
+    /// ControlNets (SD 1.x/2.x and SDXL): `[{"name": REGISTRY_NAME, "image": BASE64, "scale": 1,
+    /// "start": 0, "end": 1, "preprocess": "canny"}]`; their residuals add up.
+    #[serde(default)]
+    pub controlnets: Option<Vec<crate::ControlNetRef>>,
 }
 
 impl ImageRequest {
@@ -142,6 +146,24 @@ impl ImageRequest {
             Some("private") => Ok(true),
             Some(p) => Err(ApiError::invalid("privacy", format!("privacy must be private or standard, got `{p}`"))),
         }
+    }
+}
+
+impl ImageRequest {
+    /// The request's ControlNets prepared for the job (pictures at its size), or a 400 naming
+    /// `controlnets`.
+    fn controlnets(&self, model: &ModelInfo, width: usize, height: usize) -> Result<Vec<crate::ControlNetSpec>, ApiError> {
+        let list = self.controlnets.as_deref().unwrap_or_default();
+        if list.is_empty() {
+            return Ok(vec![]);
+        }
+        if model.controlnet_family.is_none() {
+            return Err(ApiError::invalid("controlnets", format!("`{}` does not take ControlNets (they run on local Stable Diffusion 1.x/2.x and SDXL models)", model.id)));
+        }
+        if list.len() > crate::MAX_CONTROLNETS {
+            return Err(ApiError::invalid("controlnets", format!("at most {} ControlNets may be stacked, got {}", crate::MAX_CONTROLNETS, list.len())));
+        }
+        list.iter().map(|c| c.to_spec(width as u32, height as u32)).collect()
     }
 }
 
@@ -183,6 +205,9 @@ pub struct ModelInfo {
     /// `deepcache:3`; `None`: no caching unless asked.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub default_cache: Option<String>,
+    /// The ControlNets this model takes: those trained for this family (`None`: none).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub controlnet_family: Option<crate::ControlNetFamily>,
 }
 
 /// What pictures a model takes besides the prompt.
@@ -356,7 +381,18 @@ impl ImageRequest {
                 }
             }
         }
-        let step_cache = self.step_cache(model)?;
+        let mut step_cache = self.step_cache(model)?;
+        let controlnets = self.controlnets(model, width, height)?;
+        if !controlnets.is_empty() {
+            if self.cache.as_deref().is_some_and(|c| c.trim() != "none") {
+                return Err(ApiError::invalid("cache", "step caching does not run with ControlNets (their residuals change every step)"));
+            }
+            // The model's default cache gives way to the ControlNets.
+            step_cache = None;
+            if self.image.is_some() {
+                return Err(ApiError::invalid("controlnets", "ControlNets run on text-to-image requests; image-to-image and inpainting with a ControlNet are not supported yet"));
+            }
+        }
         let mask = self.mask.as_deref().map(|text| crate::decode_base64_image("mask", text)).transpose()?;
         let init_image = match image {
             Some(image) => {
@@ -414,6 +450,7 @@ impl ImageRequest {
             skip_layer_guidance,
             init_image,
             step_cache,
+            controlnets,
         };
         Ok((spec, self.response_format.unwrap_or_default()))
     }
@@ -541,7 +578,7 @@ mod tests {
     use super::*;
 
     fn model() -> ModelInfo {
-        ModelInfo { id: "m".into(), default_steps: 20, default_guidance: 4.0, default_size: 64, max_side: 1024, size_multiple: 8, schedulers: vec!["euler".into()], default_scheduler: None, memory: None, closed: false, skippable_layers: None, cache_kind: None, default_cache: None, image_inputs: ImageInputs::None }
+        ModelInfo { id: "m".into(), default_steps: 20, default_guidance: 4.0, default_size: 64, max_side: 1024, size_multiple: 8, schedulers: vec!["euler".into()], default_scheduler: None, memory: None, closed: false, skippable_layers: None, cache_kind: None, default_cache: None, image_inputs: ImageInputs::None, controlnet_family: None }
     }
 
     fn req(v: serde_json::Value) -> Result<ImageRequest, serde_json::Error> {

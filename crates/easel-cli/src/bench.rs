@@ -102,10 +102,14 @@ enum BenchWhat {
         size: usize,
         #[arg(long, default_value_t = 2)]
         batch: usize,
-        /// Inputs (safetensors with `sample`, `context`, and for SDXL `text_embeds`, `time_ids`)
-        /// to use instead of zeros.
+        /// Inputs (safetensors with `sample`, `context`, and for SDXL `text_embeds`, `time_ids`;
+        /// `control_image` with --controlnet) to use instead of zeros.
         #[arg(long)]
         inputs: Option<PathBuf>,
+        /// Also run this ControlNet (a diffusers-layout folder) before each evaluation and add
+        /// its residuals, as a ControlNet pipeline's step does.
+        #[arg(long)]
+        controlnet: Option<PathBuf>,
         #[command(flatten)]
         timed: Timed,
     },
@@ -185,7 +189,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
                 queue_overhead(q, depth, jobs)?;
             }
         }
-        BenchWhat::Unet { model, size, batch, inputs, timed } => unet_eval(&model, size, batch, inputs, &timed)?,
+        BenchWhat::Unet { model, size, batch, inputs, controlnet, timed } => unet_eval(&model, size, batch, inputs, controlnet.as_deref(), &timed)?,
         BenchWhat::Vae { model, inputs, timed } => vae_eval(&model, &inputs, &timed)?,
         BenchWhat::Flux { model, transformer, inputs, lora, timed } => flux_eval(&model, transformer, &inputs, lora, &timed)?,
         BenchWhat::Sd3 { model, transformer, inputs, timed } => sd3_eval(&model, transformer, &inputs, &timed)?,
@@ -265,21 +269,31 @@ fn inputs_on(path: &std::path::Path, device: &Device, dtype: DType) -> Result<st
         .collect()
 }
 
-fn unet_eval(model: &std::path::Path, size: usize, batch: usize, inputs: Option<PathBuf>, timed: &Timed) -> Result<()> {
+fn unet_eval(model: &std::path::Path, size: usize, batch: usize, inputs: Option<PathBuf>, controlnet: Option<&std::path::Path>, timed: &Timed) -> Result<()> {
     let (device, dtype) = timed.open()?;
     let t0 = Instant::now();
     let cfg: UNetConfig = read_json(&model.join("unet/config.json"))?;
     let vb = load_var_builder(&component_weights(model, "unet", dtype != DType::F32)?, dtype, &device)?;
     let unet = UNet2DConditionModel::new(vb, &cfg).context("building the UNet")?;
+    let controlnet = match controlnet {
+        Some(dir) => {
+            let cfg: easel_engine::config::ControlNetConfig = read_json(&dir.join("config.json"))?;
+            let files = component_weights(dir.parent().context("--controlnet: a folder")?, &dir.file_name().context("--controlnet: a folder")?.to_string_lossy(), dtype != DType::F32)?;
+            Some(easel_engine::models::controlnet::ControlNetModel::new(load_var_builder(&files, dtype, &device)?, &cfg).context("building the ControlNet")?)
+        }
+        None => None,
+    };
     device.synchronize()?;
     let load_s = t0.elapsed().as_secs_f64();
     let ctx_dim = match &cfg.cross_attention_dim {
         easel_engine::config::PerBlock::One(d) => *d,
         easel_engine::config::PerBlock::Many(v) => v[0],
     };
+    let mut control_image = None;
     let (sample, context, added) = match inputs {
         Some(p) => {
             let t = inputs_on(&p, &device, dtype)?;
+            control_image = t.get("control_image").cloned();
             // SDXL's UNets also take `text_embeds` and `time_ids`.
             let added = match (t.get("text_embeds"), t.get("time_ids")) {
                 (Some(e), Some(ids)) => Some(easel_engine::models::unet::AddedCond { text_embeds: e.clone(), time_ids: ids.clone() }),
@@ -294,7 +308,20 @@ fn unet_eval(model: &std::path::Path, size: usize, batch: usize, inputs: Option<
         Some(dim) => Some(easel_engine::models::unet::guidance_embedding(8.5 - 1.0, dim, sample.dim(0)?, &device)?),
         None => None,
     };
-    timed.run(&device, load_s, serde_json::json!({}), || Ok(unet.forward(&sample, 500.0, &context, added.as_ref(), guidance.as_ref())?))
+    match controlnet {
+        Some(net) => {
+            let (_, _, h, w) = sample.dims4()?;
+            let image = match control_image {
+                Some(image) => image,
+                None => Tensor::zeros((sample.dim(0)?, 3, h * 8, w * 8), dtype, &device)?,
+            };
+            timed.run(&device, load_s, serde_json::json!({"controlnet": true}), || {
+                let residuals = net.forward(&sample, 500.0, &context, added.as_ref(), &image, 1.0)?;
+                Ok(unet.forward_with_control(&sample, 500.0, &context, added.as_ref(), guidance.as_ref(), &residuals)?)
+            })
+        }
+        None => timed.run(&device, load_s, serde_json::json!({}), || Ok(unet.forward(&sample, 500.0, &context, added.as_ref(), guidance.as_ref())?)),
+    }
 }
 
 fn vae_eval(model: &std::path::Path, inputs: &std::path::Path, timed: &Timed) -> Result<()> {
@@ -502,6 +529,7 @@ fn shapes_quality(
                 init_latents: None,
                 skip_layer_guidance: None,
                 step_cache: settings.step_cache,
+                controlnets: Vec::new(),
                 init_image: None,
             };
             let t = Instant::now();

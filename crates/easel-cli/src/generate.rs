@@ -121,6 +121,28 @@ pub struct GenerateArgs {
     /// default: the model's easel.json `cache`, else none.
     #[arg(long, value_name = "CACHE")]
     cache: Option<String>,
+    /// A ControlNet (SD 1.x/2.x and SDXL): a folder in the diffusers layout, or a NAME in
+    /// --controlnet-dir, with an optional :SCALE (diffusers' controlnet_conditioning_scale,
+    /// default 1); repeatable, one --control-image each, in order; their residuals add up.
+    #[arg(long = "controlnet", value_name = "PATH_OR_NAME[:SCALE]")]
+    controlnets: Vec<String>,
+    /// The conditioning image (an edge, depth or pose map) of each --controlnet, in order;
+    /// resized to the output (Lanczos), whose size defaults to the first one's.
+    #[arg(long = "control-image", value_name = "PATH")]
+    control_images: Vec<PathBuf>,
+    /// Turn each --control-image (a photo) into the control image first: canny (OpenCV's
+    /// Canny, thresholds 100 and 200), canny:LOW:HIGH, or none (default).
+    #[arg(long, value_name = "PREPROCESS")]
+    control_preprocess: Option<String>,
+    /// The ControlNets run from this fraction of the steps (diffusers' control_guidance_start)...
+    #[arg(long, default_value_t = 0.0, value_name = "FRACTION")]
+    control_start: f64,
+    /// ...to this one (control_guidance_end).
+    #[arg(long, default_value_t = 1.0, value_name = "FRACTION")]
+    control_end: f64,
+    /// The ControlNet registry for names (a folder of ControlNet folders).
+    #[arg(long, value_name = "DIR")]
+    controlnet_dir: Option<PathBuf>,
     /// Write the final latents (diffusers' output_type="latent") to this safetensors file.
     #[arg(long)]
     save_latents: Option<PathBuf>,
@@ -171,7 +193,7 @@ pub fn run(args: GenerateArgs) -> Result<()> {
     let transformer = args.transformer.as_deref().map(crate::hub::weights_file).transpose()?;
     let stack = args.loras.iter().map(|l| parse_lora(l, args.lora_dir.as_deref())).collect::<Result<Vec<_>>>()?;
     let mut pipe = Pipeline::load(&dir, &LoadOptions {
-        device,
+        device: device.clone(),
         dtype,
         transformer,
         offload_text_encoders: args.offload_text_encoders,
@@ -203,10 +225,23 @@ pub fn run(args: GenerateArgs) -> Result<()> {
     let seed = args.seed.unwrap_or_else(rand_seed);
     let init_latents = args.init_latents.as_deref().map(easel_engine::read_latents).transpose()?;
     let init = args.init_image.as_deref().map(|path| read_init_image(path, pipe.size_multiple())).transpose()?;
-    let (width, height) = match &init {
-        Some(image) => (args.width.unwrap_or(image.width() as usize / pipe.size_multiple() * pipe.size_multiple()), args.height.unwrap_or(image.height() as usize / pipe.size_multiple() * pipe.size_multiple())),
+    if args.controlnets.len() != args.control_images.len() {
+        anyhow::bail!("--control-image: {} given for {} --controlnet; each ControlNet takes one, in order", args.control_images.len(), args.controlnets.len());
+    }
+    let control_pictures = args.control_images.iter().map(|path| read_picture("--control-image", path)).collect::<Result<Vec<_>>>()?;
+    // The output's size: --width/--height, else the picture's (init image, then control image)
+    // rounded down to the model's multiple, else the model's default.
+    let m = pipe.size_multiple();
+    let (width, height) = match init.as_ref().or(control_pictures.first()) {
+        Some(image) => (args.width.unwrap_or(image.width() as usize / m * m), args.height.unwrap_or(image.height() as usize / m * m)),
         None => (args.width.unwrap_or(size), args.height.unwrap_or(size)),
     };
+    let controlnets = args
+        .controlnets
+        .iter()
+        .zip(control_pictures)
+        .map(|(arg, picture)| control_unit(arg, picture, &args, width, height, dtype, &device))
+        .collect::<Result<Vec<_>>>()?;
     let init_image = match init {
         Some(image) => {
             let (image_w, image_h) = (image.width(), image.height());
@@ -247,6 +282,7 @@ pub fn run(args: GenerateArgs) -> Result<()> {
         }),
         init_image,
         step_cache: settings.step_cache,
+        controlnets,
     };
     pipe.validate(&params)?;
     let steps_to_run = match &params.init_image {
@@ -314,15 +350,37 @@ pub fn run(args: GenerateArgs) -> Result<()> {
     Ok(())
 }
 
-/// `PATH_OR_NAME[:SCALE]`: a file, or a name in the registry folder.
-fn parse_lora(arg: &str, registry: Option<&Path>) -> Result<LoraSpec> {
+/// `NAME[:SCALE]`: the name and the scale (default 1), which must be finite.
+fn split_scale<'a>(flag: &str, arg: &'a str) -> Result<(&'a str, f64)> {
     let (name, scale) = match arg.rsplit_once(':').and_then(|(n, s)| Some((n, s.parse::<f64>().ok()?))) {
         Some((n, scale)) if !n.is_empty() => (n, scale),
         _ => (arg, 1.0),
     };
     if !scale.is_finite() {
-        anyhow::bail!("--lora {arg}: the scale must be a finite number");
+        anyhow::bail!("{flag} {arg}: the scale must be a finite number");
     }
+    Ok((name, scale))
+}
+
+/// `--controlnet PATH_OR_NAME[:SCALE]` with its `--control-image`, resized to the output.
+fn control_unit(arg: &str, picture: easel_api::InputImage, args: &GenerateArgs, width: usize, height: usize, dtype: easel_engine::DType, device: &easel_engine::Device) -> Result<easel_engine::ControlUnit> {
+    let (name, scale) = split_scale("--controlnet", arg)?;
+    let path = match (Path::new(name), &args.controlnet_dir) {
+        (p, _) if p.is_dir() => p.to_path_buf(),
+        (_, Some(dir)) if dir.join(name).is_dir() => dir.join(name),
+        (_, Some(dir)) => anyhow::bail!("--controlnet {arg}: no such folder, and no ControlNet named `{name}` in {}", dir.display()),
+        (_, None) => anyhow::bail!("--controlnet {arg}: no such folder (names need --controlnet-dir)"),
+    };
+    let net = easel_engine::ControlNet::load(&path, dtype, device).with_context(|| format!("--controlnet {arg}"))?;
+    let preprocess = easel_api::Preprocess::parse(args.control_preprocess.as_deref()).map_err(|e| anyhow::anyhow!("--control-preprocess: {}", e.body.message))?;
+    let picture = preprocess.apply(picture.resized(width as u32, height as u32));
+    let image = easel_engine::rgb_pixels("controlnets", width, height, picture.rgb())?;
+    Ok(easel_engine::ControlUnit { net: std::sync::Arc::new(net), image, scale, start: args.control_start, end: args.control_end })
+}
+
+/// `PATH_OR_NAME[:SCALE]`: a file, or a name in the registry folder.
+fn parse_lora(arg: &str, registry: Option<&Path>) -> Result<LoraSpec> {
+    let (name, scale) = split_scale("--lora", arg)?;
     let path = Path::new(name);
     if path.is_file() {
         return Ok(LoraSpec { path: path.to_path_buf(), scale });

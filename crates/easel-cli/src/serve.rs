@@ -89,6 +89,10 @@ pub struct BackendArgs {
     /// The LoRA registry: a folder of NAME.safetensors files that requests name in `loras`.
     #[arg(long)]
     lora_dir: Option<PathBuf>,
+    /// The ControlNet registry: a folder of ControlNet folders (diffusers layout) that requests
+    /// name in `controlnets`.
+    #[arg(long)]
+    controlnet_dir: Option<PathBuf>,
     /// Also accept hub ids (owner/name) in `loras`, fetched into the hub cache when first used.
     #[arg(long)]
     lora_hub: bool,
@@ -255,7 +259,11 @@ fn services(args: &BackendArgs) -> Result<easel_server::Services> {
     if let Some(dir) = args.lora_dir.as_ref().filter(|d| !d.is_dir()) {
         bail!("--lora-dir {} is not a folder", dir.display());
     }
+    if let Some(dir) = args.controlnet_dir.as_ref().filter(|d| !d.is_dir()) {
+        bail!("--controlnet-dir {} is not a folder", dir.display());
+    }
     let loras = easel_api::LoraRegistry::new(args.lora_dir.clone()).with_hub(args.lora_hub);
+    let controlnets = easel_api::ControlNetRegistry::new(args.controlnet_dir.clone());
     let executor = Arc::new(EngineExecutor::new(
         models,
         LoadOptions { device, dtype, offload_text_encoders: args.offload_text_encoders, ..Default::default() },
@@ -263,7 +271,8 @@ fn services(args: &BackendArgs) -> Result<easel_server::Services> {
         args.memory_budget_mb.saturating_mul(1 << 20),
         args.request_memory_mb.map(|mb| mb.saturating_mul(1 << 20)).unwrap_or_else(easel_local::default_request_memory),
         loras.clone(),
-    )?);
+    )?
+    .with_controlnets(controlnets.clone()));
     let (queue, bus): (Arc<dyn JobQueue>, EventBus) = match args.queue.as_deref() {
         Some(url) if url.starts_with("redis://") || url.starts_with("rediss://") => {
             let redis = Arc::new(RedisQueue::open(url, args.queue_cap, args.max_attempts)?);
@@ -290,6 +299,7 @@ fn services(args: &BackendArgs) -> Result<easel_server::Services> {
         ledger: Some(Arc::new(easel_router::Ledger::open(&data_dir.join("ledger.db")).context("opening the cost ledger")?)),
         local_cost,
         loras,
+        controlnets,
         image_urls: easel_server::image_urls::ImageUrls::new(&signing_secret(args), Duration::from_secs(if args.url_lifetime == 0 { 3600 } else { args.url_lifetime })),
         webhook_signing: easel_server::webhooks::WebhookSigning::new(&signing_secret(args)),
     })

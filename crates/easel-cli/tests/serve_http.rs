@@ -632,3 +632,74 @@ fn a_single_file_checkpoint_is_served_by_name_and_matches_the_cli() {
     let (_, models) = get(&s, "/v1/models");
     assert!(models["data"].as_array().unwrap().iter().any(|m| m["id"] == "mini"), "{models}");
 }
+
+/// ControlNets by registry name over HTTP: `GET /v1/controlnets` lists them with their family;
+/// a request with one (its picture as base64, or a photo with `preprocess: canny`) runs and
+/// gives the CLI's pixels for the same request; ControlNets change the image and enter the
+/// result-cache key; unknown names are 404s, another family's ControlNet, a bad window, a
+/// bad preprocess, a step cache or an input image are 400s naming the field.
+#[test]
+fn controlnets_by_name_over_http_match_the_cli_and_refuse_bad_input() {
+    let tmp = tempfile::tempdir().unwrap();
+    let nets = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../fixtures/controlnets");
+    let s = serve(tmp.path(), &["--model", &format!("var={}", fixture("sd15-var-tiny")), "--controlnet-dir", nets.to_str().unwrap()]);
+    let (st, listed) = get(&s, "/v1/controlnets");
+    assert_eq!(st, 200);
+    assert_eq!(listed["data"], json!([{"name": "sd15-var-tiny", "object": "controlnet", "family": "sd"}, {"name": "sdxl-var-tiny", "object": "controlnet", "family": "sdxl"}]));
+    let png = test_png(96, 32);
+    let b64 = base64::engine::general_purpose::STANDARD.encode(&png);
+    let body = |nets: Value| json!({"model": "var", "prompt": "a red circle", "size": "96x32", "steps": 3, "seed": 4, "controlnets": nets});
+    let one = json!([{"name": "sd15-var-tiny", "image": b64, "scale": 0.7, "start": 0.0, "end": 0.8}]);
+    let (st, r) = post(&s, "/v1/images/generations", body(one.clone()));
+    assert_eq!(st, 200, "{r}");
+    let with = decoded_pixels(r["data"][0]["b64_json"].as_str().unwrap());
+    let (st, r) = post(&s, "/v1/images/generations", body(json!([])));
+    assert_eq!(st, 200, "{r}");
+    assert_eq!(r["easel"]["cache_hit"], false, "ControlNets are part of the cache key");
+    assert_ne!(decoded_pixels(r["data"][0]["b64_json"].as_str().unwrap()), with, "the ControlNet changed nothing");
+    // Canny on the gateway: a different control image, so a different picture.
+    let (st, r) = post(&s, "/v1/images/generations", body(json!([{"name": "sd15-var-tiny", "image": b64, "preprocess": "canny:50:150"}])));
+    assert_eq!(st, 200, "{r}");
+    let edged = decoded_pixels(r["data"][0]["b64_json"].as_str().unwrap());
+    assert_ne!(edged, with, "the edge map changed nothing");
+
+    // The CLI on the same picture and settings gives the same pixels, with and without canny.
+    let input = tmp.path().join("control.png");
+    std::fs::write(&input, &png).unwrap();
+    let out = tmp.path().join("cli.png");
+    let cli = |extra: &[&str]| {
+        let run = Command::new(env!("CARGO_BIN_EXE_easel"))
+            .args(["generate", "--model", &fixture("sd15-var-tiny"), "a red circle", "--steps", "3", "--seed", "4", "-o", out.to_str().unwrap()])
+            .args(["--controlnet-dir", nets.to_str().unwrap(), "--control-image", input.to_str().unwrap()])
+            .args(extra)
+            .output()
+            .unwrap();
+        assert!(run.status.success(), "{}", String::from_utf8_lossy(&run.stderr));
+        image::open(&out).unwrap().to_rgb8().into_raw()
+    };
+    assert_eq!(cli(&["--controlnet", "sd15-var-tiny:0.7", "--control-end", "0.8"]), with, "server and CLI agree");
+    assert_eq!(cli(&["--controlnet", "sd15-var-tiny", "--control-preprocess", "canny:50:150"]), edged, "server and CLI agree on canny");
+
+    for (nets, status, param) in [
+        (json!([{"name": "no-such-net", "image": b64}]), 404, "controlnets"),
+        (json!([{"name": "../controlnets/sd15-var-tiny", "image": b64}]), 400, "controlnets"),
+        (json!([{"name": "sdxl-var-tiny", "image": b64}]), 400, "controlnets"),
+        (json!([{"name": "sd15-var-tiny", "image": b64, "start": 0.6, "end": 0.2}]), 400, "controlnets"),
+        (json!([{"name": "sd15-var-tiny", "image": b64, "preprocess": "depth"}]), 400, "controlnets"),
+        (json!([{"name": "sd15-var-tiny", "image": "%%%"}]), 400, "controlnets"),
+    ] {
+        let (st, r) = post(&s, "/v1/images/generations", body(nets.clone()));
+        assert_eq!((st, r["error"]["param"].as_str()), (status, Some(param)), "{nets} -> {r}");
+    }
+    let (_, r) = post(&s, "/v1/images/generations", body(json!([{"name": "sdxl-var-tiny", "image": b64}])));
+    let message = r["error"]["message"].as_str().unwrap_or_default();
+    assert!(message.contains("is for SDXL") && message.contains("Stable Diffusion 1.x/2.x"), "{r}");
+    let mut cached = body(one.clone());
+    cached["cache"] = json!("deepcache:2");
+    let (st, r) = post(&s, "/v1/images/generations", cached);
+    assert_eq!((st, r["error"]["param"].as_str()), (400, Some("cache")), "{r}");
+    let mut edit = body(one);
+    edit["image"] = json!(b64);
+    let (st, r) = post(&s, "/v1/images/generations", edit);
+    assert_eq!((st, r["error"]["param"].as_str()), (400, Some("controlnets")), "{r}");
+}

@@ -98,9 +98,12 @@ fn default_eps() -> f64 {
 #[derive(Debug, Clone, Deserialize)]
 pub struct UNetConfig {
     pub in_channels: usize,
+    #[serde(default = "default_four")]
     pub out_channels: usize,
     pub block_out_channels: Vec<usize>,
     pub down_block_types: Vec<String>,
+    /// Absent in a ControlNet's config (it has no up blocks); a UNet refuses an empty list.
+    #[serde(default)]
     pub up_block_types: Vec<String>,
     #[serde(default = "default_mid_block")]
     pub mid_block_type: Option<String>,
@@ -149,6 +152,29 @@ pub struct UNetConfig {
     pub resnet_time_scale_shift: Option<String>,
     #[serde(default)]
     pub encoder_hid_dim: Option<usize>,
+}
+
+/// `config.json` of a `ControlNetModel` (SD 1.x/2.x and SDXL): the UNet's encoder-half fields,
+/// and the conditioning image's embedding.
+#[derive(Debug, Clone, Deserialize)]
+pub struct ControlNetConfig {
+    #[serde(default = "default_three")]
+    pub conditioning_channels: usize,
+    #[serde(default = "default_conditioning_embedding")]
+    pub conditioning_embedding_out_channels: Vec<usize>,
+    #[serde(default = "default_rgb")]
+    pub controlnet_conditioning_channel_order: String,
+    #[serde(default)]
+    pub global_pool_conditions: bool,
+    #[serde(flatten)]
+    pub unet: UNetConfig,
+}
+
+fn default_conditioning_embedding() -> Vec<usize> {
+    vec![16, 32, 96, 256]
+}
+fn default_rgb() -> String {
+    "rgb".into()
 }
 
 fn default_mid_block() -> Option<String> {

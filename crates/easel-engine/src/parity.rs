@@ -80,6 +80,7 @@ impl Reference {
             init_latents: Some(self.tensor("init_latents")?.clone()),
             skip_layer_guidance: self.skip_layer_guidance()?,
             step_cache: None,
+            controlnets: Vec::new(),
             init_image: match self.tensors.get("init_image") {
                 Some(pixels) => Some(InitImage { pixels: pixels.clone(), strength: self.field("strength")?, mask: self.tensors.get("mask").cloned() }),
                 None => None,

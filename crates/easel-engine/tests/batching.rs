@@ -20,6 +20,7 @@ fn params(prompt: &str, seed: u64, batch: usize) -> GenerateParams {
         init_latents: None,
         skip_layer_guidance: None,
         step_cache: None,
+        controlnets: Vec::new(),
         init_image: None,
     }
 }

@@ -42,6 +42,7 @@ fn run_case(pipe: &easel_engine::FluxPipeline, reference_name: &str) -> (Generat
         init_latents: Some(t["init_latents"].clone()),
         skip_layer_guidance: None,
         step_cache: None,
+        controlnets: Vec::new(),
         init_image: None,
     };
     (pipe.generate(&params, &mut |_| true).expect("generate"), t)
@@ -238,6 +239,7 @@ fn bad_flux_input_gets_clear_errors() {
         init_latents: None,
         skip_layer_guidance: None,
         step_cache: None,
+        controlnets: Vec::new(),
         init_image: None,
     };
     let e = pipe.validate(&p).unwrap_err().to_string();

@@ -167,6 +167,7 @@ fn masks_are_refused_where_they_cannot_work_and_required_by_inpainting_and_fill_
         init_latents: None,
         skip_layer_guidance: None,
         step_cache: None,
+        controlnets: Vec::new(),
         init_image,
     };
     let load = |name: &str| Pipeline::load(&fixtures().join("pipelines").join(name), &LoadOptions::default()).expect("load");
@@ -224,6 +225,7 @@ fn bad_strength_and_a_wrong_sized_image_are_refused_naming_the_field() {
         init_latents: None,
         skip_layer_guidance: None,
         step_cache: None,
+        controlnets: Vec::new(),
         init_image: Some(InitImage { pixels: pixels(64, 64), strength: 0.5, mask: None }),
     };
     pipe.validate(&base).expect("a good request");

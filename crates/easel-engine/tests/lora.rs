@@ -37,6 +37,7 @@ fn case(pipeline: &str, case: &str) -> (GenerateParams, std::collections::HashMa
         init_latents: Some(t["init_latents"].clone()),
         skip_layer_guidance: None,
         step_cache: None,
+        controlnets: Vec::new(),
         init_image: None,
     };
     (params, t)

@@ -30,6 +30,7 @@ fn check_pipeline(name: &str) {
             init_latents: Some(t["init_latents"].clone()),
             skip_layer_guidance: None,
             step_cache: None,
+            controlnets: Vec::new(),
             init_image: None,
         };
         let mut replay = t.get("noise").map(|n| ReplayNoise::new(n).unwrap());
@@ -99,6 +100,7 @@ fn bundled_model_matches_diffusers() {
             init_latents: Some(t["init_latents"].narrow(0, i, 1).unwrap()),
             skip_layer_guidance: None,
             step_cache: None,
+            controlnets: Vec::new(),
             init_image: None,
         };
         let out = pipe.generate(&params, None, &mut |_| true).unwrap();

@@ -102,6 +102,7 @@ fn params(width: usize, height: usize, steps: usize, guidance: f64, step_cache: 
         skip_layer_guidance: None,
         step_cache,
         init_image: None,
+        controlnets: Vec::new(),
     }
 }
 

@@ -5,7 +5,7 @@
 //! same defaults, so the gateway's validation and the worker agree.
 
 use easel_api::{ImageInputs, ModelInfo};
-use easel_engine::{EngineError, ModelDefaults, Pipeline, SchedulerKind, StepCache};
+use easel_engine::{EngineError, Family, ModelDefaults, Pipeline, SchedulerKind, StepCache};
 
 /// What a request asked for; `None` takes the model's default.
 #[derive(Debug, Clone, Default)]
@@ -54,6 +54,10 @@ fn engine_step_cache(cache: easel_api::StepCache) -> StepCache {
         easel_api::StepCache::DeepCache { interval } => StepCache::DeepCache { interval },
         easel_api::StepCache::FirstBlock { threshold } => StepCache::FirstBlock { threshold },
     }
+}
+
+fn is_inpainting(pipe: &Pipeline) -> bool {
+    matches!(pipe, Pipeline::StableDiffusion(p) if p.is_inpainting_unet())
 }
 
 /// The step cache a pipeline's denoiser takes, by the name requests use.
@@ -106,6 +110,12 @@ pub fn model_info(id: &str, pipe: &Pipeline, defaults: &ModelDefaults, weight_by
             Pipeline::StableDiffusion(_) => ImageInputs::ImageAndMask,
             Pipeline::Flux(p) if p.is_fill() => ImageInputs::MaskRequired,
             Pipeline::Flux(_) | Pipeline::Sd3(_) => ImageInputs::Image,
+        },
+        controlnet_family: match pipe.family() {
+            // Inpainting UNets take no ControlNets here (ControlNets run text-to-image).
+            Family::StableDiffusion if !is_inpainting(pipe) => Some(easel_api::ControlNetFamily::Sd),
+            Family::StableDiffusionXl if !is_inpainting(pipe) => Some(easel_api::ControlNetFamily::Sdxl),
+            _ => None,
         },
     })
 }

@@ -55,7 +55,14 @@ pub struct EngineExecutor {
     loras: easel_api::LoraRegistry,
     /// Hub LoRA ids already fetched, to their files.
     hub_loras: Mutex<HashMap<String, PathBuf>>,
+    controlnets: easel_api::ControlNetRegistry,
+    /// ControlNets loaded by name, shared by every model and job that uses them (switching
+    /// them never reloads a model).
+    warm_controlnets: Mutex<HashMap<String, Arc<easel_engine::ControlNet>>>,
 }
+
+/// ControlNets kept loaded at once (an SD 1.5 one is 1.4 GB in f32).
+const MAX_WARM_CONTROLNETS: usize = 4;
 
 /// LoRA stacks kept warm per model.
 const MAX_WARM_STACKS: usize = 4;
@@ -86,7 +93,52 @@ impl EngineExecutor {
             let preview_decoder = preview_decoder(&dir, &load.device).map_err(failed)?;
             served.push(ServedModel { weight_bytes, info, dir, preview_decoder, defaults });
         }
-        Ok(Self { models: served, pool: Mutex::new(pool), load, idle_timeout, memory_budget, loras, hub_loras: Default::default() })
+        Ok(Self {
+            models: served,
+            pool: Mutex::new(pool),
+            load,
+            idle_timeout,
+            memory_budget,
+            loras,
+            hub_loras: Default::default(),
+            controlnets: Default::default(),
+            warm_controlnets: Default::default(),
+        })
+    }
+
+    /// Serves the ControlNets of this registry (by default, none).
+    pub fn with_controlnets(mut self, registry: easel_api::ControlNetRegistry) -> Self {
+        self.controlnets = registry;
+        self
+    }
+
+    /// A registry ControlNet, loaded on first use and kept (at most [`MAX_WARM_CONTROLNETS`]).
+    fn controlnet(&self, name: &str) -> Result<Arc<easel_engine::ControlNet>, ExecError> {
+        if let Some(net) = self.warm_controlnets.lock().unwrap_or_else(|p| p.into_inner()).get(name) {
+            return Ok(net.clone());
+        }
+        let path = self.controlnets.resolve(name).map_err(|e| ExecError::Permanent(e.body.message))?;
+        let t = Instant::now();
+        let net = Arc::new(easel_engine::ControlNet::load(&path, self.load.dtype, &self.load.device).map_err(|e| ExecError::Permanent(format!("ControlNet `{name}`: {e}")))?);
+        tracing::info!(controlnet = %name, seconds = t.elapsed().as_secs_f64(), "ControlNet loaded");
+        let mut warm = self.warm_controlnets.lock().unwrap_or_else(|p| p.into_inner());
+        if warm.len() >= MAX_WARM_CONTROLNETS {
+            warm.clear();
+        }
+        warm.insert(name.to_string(), net.clone());
+        Ok(net)
+    }
+
+    /// A job's ControlNets with their control images.
+    fn control_units(&self, spec: &easel_api::JobSpec) -> Result<Vec<easel_engine::ControlUnit>, ExecError> {
+        spec.controlnets
+            .iter()
+            .map(|c| {
+                let picture = easel_api::decode_base64_image("controlnets", &c.png_base64).map_err(|e| ExecError::Permanent(e.body.message))?;
+                let image = easel_engine::rgb_pixels("controlnets", picture.width() as usize, picture.height() as usize, picture.rgb()).map_err(|e| ExecError::Permanent(e.to_string()))?;
+                Ok(easel_engine::ControlUnit { net: self.controlnet(&c.name)?, image, scale: c.scale, start: c.start, end: c.end })
+            })
+            .collect()
     }
 
     fn served(&self, id: &str) -> Option<&ServedModel> {
@@ -251,6 +303,7 @@ impl Executor for EngineExecutor {
                 skip_layer_guidance: s.skip_layer_guidance.as_ref().map(|g| easel_engine::SkipLayerGuidance { layers: g.layers.clone(), scale: g.scale, start: g.start, stop: g.stop }),
                 init_image,
                 step_cache: settings.step_cache,
+                controlnets: self.control_units(s)?,
             });
         }
         // Each job's first image is the batch row after the images of the jobs before it.

@@ -36,6 +36,8 @@ pub struct Services {
     pub local_cost: easel_router::LocalCost,
     /// The LoRA names requests may use (a folder of `NAME.safetensors`).
     pub loras: easel_api::LoraRegistry,
+    /// The ControlNet names requests may use (a folder of ControlNet folders).
+    pub controlnets: easel_api::ControlNetRegistry,
     /// Signs the image URLs in responses, events and webhooks (same secret on every node).
     pub image_urls: image_urls::ImageUrls,
     /// Signs webhooks (same secret on every node).

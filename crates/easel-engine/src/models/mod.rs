@@ -2,6 +2,7 @@
 
 pub mod clip;
 pub mod unet;
+pub mod controlnet;
 pub mod attention;
 pub mod dit;
 pub mod flux;

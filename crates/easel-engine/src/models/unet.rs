@@ -18,7 +18,7 @@ use super::attention::{Transformer2DModel, TransformerConfig};
 use crate::config::UNetConfig;
 
 /// A down or up block: resnets, optional transformers after each resnet, optional resampler.
-struct UNetBlock {
+pub(crate) struct UNetBlock {
     resnets: Vec<ResnetBlock2D>,
     attentions: Vec<Transformer2DModel>,
     resampler: Option<Conv2d>,
@@ -39,7 +39,7 @@ fn resnet(vb: VarBuilder, in_ch: usize, out_ch: usize, temb: usize, c: &UNetConf
 impl UNetBlock {
     /// `resample: false` stops before the downsampler (DeepCache's shallow pass needs only the
     /// skip connections of the outermost up block).
-    fn down(&self, xs: &Tensor, temb: &Tensor, context: &Tensor, residuals: &mut Vec<Tensor>, resample: bool) -> Result<Tensor> {
+    pub(crate) fn down(&self, xs: &Tensor, temb: &Tensor, context: &Tensor, residuals: &mut Vec<Tensor>, resample: bool) -> Result<Tensor> {
         let mut xs = xs.clone();
         for (i, r) in self.resnets.iter().enumerate() {
             xs = r.forward(&xs, Some(temb))?;
@@ -74,13 +74,13 @@ impl UNetBlock {
 }
 
 /// `UNetMidBlock2DCrossAttn`: resnet, then (transformer, resnet) per layer.
-struct MidBlock {
+pub(crate) struct MidBlock {
     resnets: Vec<ResnetBlock2D>,
     attentions: Vec<Transformer2DModel>,
 }
 
 impl MidBlock {
-    fn forward(&self, xs: &Tensor, temb: &Tensor, context: &Tensor) -> Result<Tensor> {
+    pub(crate) fn forward(&self, xs: &Tensor, temb: &Tensor, context: &Tensor) -> Result<Tensor> {
         let mut xs = self.resnets[0].forward(xs, Some(temb))?;
         for (a, r) in self.attentions.iter().zip(self.resnets.iter().skip(1)) {
             xs = r.forward(&a.forward(&xs, context)?, Some(temb))?;
@@ -95,6 +95,178 @@ struct TextTimeEmbedding {
     add_embedding: TimestepEmbedding,
 }
 
+/// The conditioning vector every resnet takes: the timestep's sinusoids through
+/// `time_embedding` (with LCM's guidance embedding added before it), plus SDXL's `text_time`
+/// embedding. A UNet and its ControlNets build it alike, from the same config fields.
+pub(crate) struct UNetEmbedding {
+    time_proj: Timesteps,
+    time_embedding: TimestepEmbedding,
+    /// `time_embedding.cond_proj` of LCM-distilled UNets: the guidance embedding into the
+    /// timestep embedding's input width.
+    cond_proj: Option<candle_nn::Linear>,
+    text_time: Option<TextTimeEmbedding>,
+}
+
+impl UNetEmbedding {
+    pub(crate) fn new(vb: &VarBuilder, c: &UNetConfig) -> Result<Self> {
+        let ch0 = c.block_out_channels[0];
+        let time_embed_dim = ch0 * 4;
+        let cond_proj = match c.time_cond_proj_dim {
+            Some(dim) => Some(candle_nn::linear_no_bias(dim, ch0, vb.pp("time_embedding").pp("cond_proj"))?),
+            None => None,
+        };
+        let text_time = match c.addition_embed_type.as_deref() {
+            None => None,
+            Some("text_time") => {
+                let dim = c.addition_time_embed_dim.ok_or_else(|| unsupported("text_time without addition_time_embed_dim".into()))?;
+                let input = c
+                    .projection_class_embeddings_input_dim
+                    .ok_or_else(|| unsupported("text_time without projection_class_embeddings_input_dim".into()))?;
+                Some(TextTimeEmbedding {
+                    add_time_proj: Timesteps::new(dim, c.flip_sin_to_cos, c.freq_shift),
+                    add_embedding: TimestepEmbedding::new(vb.pp("add_embedding"), input, time_embed_dim)?,
+                })
+            }
+            Some(other) => return Err(unsupported(format!("addition_embed_type `{other}`"))),
+        };
+        Ok(Self {
+            time_proj: Timesteps::new(ch0, c.flip_sin_to_cos, c.freq_shift),
+            time_embedding: TimestepEmbedding::new(vb.pp("time_embedding"), ch0, time_embed_dim)?,
+            cond_proj,
+            text_time,
+        })
+    }
+
+    /// The embedding for `batch` rows at `timestep`, in `dtype`; `guidance` goes through
+    /// `cond_proj` when both are there.
+    pub(crate) fn forward(&self, timestep: f64, batch: usize, dtype: DType, device: &candle_core::Device, added: Option<&AddedCond>, guidance: Option<&Tensor>) -> Result<Tensor> {
+        let t = Tensor::full(timestep as f32, batch, device)?;
+        let emb = self.time_proj.forward(&t)?.to_dtype(dtype)?;
+        // diffusers' TimestepEmbedding: `sample + cond_proj(condition)` before linear_1, when a
+        // condition is given.
+        let emb = match (&self.cond_proj, guidance) {
+            (Some(proj), Some(g)) => (emb + proj.forward(&g.to_dtype(dtype)?)?)?,
+            _ => emb,
+        };
+        let mut emb = self.time_embedding.forward(&emb)?;
+        if let Some(tt) = &self.text_time {
+            let added = added.ok_or_else(|| candle_core::Error::Msg("SDXL UNet needs text_embeds and time_ids".into()))?;
+            let time_ids = added.time_ids.to_dtype(DType::F32)?.flatten_all()?;
+            let time_embeds = tt.add_time_proj.forward(&time_ids)?.reshape((batch, ()))?;
+            let add = Tensor::cat(&[&added.text_embeds, &time_embeds.to_dtype(added.text_embeds.dtype())?], 1)?;
+            emb = (emb + tt.add_embedding.forward(&add.to_dtype(dtype)?)?)?;
+        }
+        Ok(emb)
+    }
+}
+
+/// Per-down-block settings read from the config (each given once or per block), checked to be
+/// as many as `block_out_channels`.
+pub(crate) struct BlockLayout {
+    pub heads: Vec<usize>,
+    pub layers: Vec<usize>,
+    pub depths: Vec<usize>,
+    pub cross_dims: Vec<usize>,
+    pub time_embed_dim: usize,
+}
+
+impl BlockLayout {
+    /// Checks what the encoder half (embeddings, down blocks, mid block) of a UNet or ControlNet
+    /// needs from its config.
+    pub(crate) fn new(c: &UNetConfig) -> Result<Self> {
+        let n = c.block_out_channels.len();
+        if n == 0 || c.down_block_types.len() != n {
+            return Err(unsupported("block_out_channels and down_block_types of different lengths".into()));
+        }
+        if let Some(t) = &c.class_embed_type {
+            return Err(unsupported(format!("class_embed_type `{t}`")));
+        }
+        if c.encoder_hid_dim.is_some() {
+            return Err(unsupported("encoder_hid_dim".into()));
+        }
+        if !matches!(c.mid_block_type.as_deref(), Some("UNetMidBlock2DCrossAttn") | None) {
+            return Err(unsupported(format!("mid_block_type {:?}", c.mid_block_type)));
+        }
+        if c.reverse_transformer_layers_per_block.as_ref().is_some_and(|v| !v.is_null()) {
+            return Err(unsupported("reverse_transformer_layers_per_block".into()));
+        }
+        let layout = Self {
+            heads: c.num_attention_heads.as_ref().unwrap_or(&c.attention_head_dim).expand(n),
+            layers: c.layers_per_block.expand(n),
+            depths: c.transformer_layers_per_block.expand(n),
+            cross_dims: c.cross_attention_dim.expand(n),
+            time_embed_dim: c.block_out_channels[0] * 4,
+        };
+        if [&layout.heads, &layout.layers, &layout.depths, &layout.cross_dims].iter().any(|v| v.len() != n) {
+            return Err(unsupported("per-block lists whose length differs from block_out_channels".into()));
+        }
+        Ok(layout)
+    }
+
+    pub(crate) fn blocks(&self) -> usize {
+        self.layers.len()
+    }
+}
+
+fn transformer_config(c: &UNetConfig, channels: usize, heads: usize, depth: usize, context_dim: usize) -> TransformerConfig {
+    TransformerConfig { channels, heads, depth, context_dim, groups: c.norm_num_groups, use_linear_projection: c.use_linear_projection }
+}
+
+/// Whether a block type is the cross-attention one of its pair (`plain` or `attn`).
+fn has_cross_attention(kind: &str, plain: &str, attn: &str) -> Result<bool> {
+    match kind {
+        k if k == plain => Ok(false),
+        k if k == attn => Ok(true),
+        other => Err(unsupported(format!("block type `{other}`"))),
+    }
+}
+
+/// `down_blocks.N`: a UNet's and a ControlNet's alike.
+pub(crate) fn down_blocks(vb: &VarBuilder, c: &UNetConfig, layout: &BlockLayout) -> Result<Vec<UNetBlock>> {
+    let n = layout.blocks();
+    let ch0 = c.block_out_channels[0];
+    let mut blocks = Vec::with_capacity(n);
+    for i in 0..n {
+        let vb_i = vb.pp("down_blocks").pp(i);
+        let out_ch = c.block_out_channels[i];
+        let with_attn = has_cross_attention(&c.down_block_types[i], "DownBlock2D", "CrossAttnDownBlock2D")?;
+        let mut resnets = vec![];
+        let mut attentions = vec![];
+        for j in 0..layout.layers[i] {
+            let in_ch = if j > 0 { out_ch } else if i == 0 { ch0 } else { c.block_out_channels[i - 1] };
+            resnets.push(resnet(vb_i.pp("resnets").pp(j), in_ch, out_ch, layout.time_embed_dim, c, 1.0)?);
+            if with_attn {
+                let tc = transformer_config(c, out_ch, layout.heads[i], layout.depths[i], layout.cross_dims[i]);
+                attentions.push(Transformer2DModel::new(vb_i.pp("attentions").pp(j), tc)?);
+            }
+        }
+        let resampler = if i + 1 < n {
+            let cfg = Conv2dConfig { padding: c.downsample_padding, stride: 2, ..Default::default() };
+            Some(conv2d(out_ch, out_ch, 3, cfg, vb_i.pp("downsamplers").pp(0).pp("conv"))?)
+        } else {
+            None
+        };
+        blocks.push(UNetBlock { resnets, attentions, resampler });
+    }
+    Ok(blocks)
+}
+
+/// `mid_block`: a UNet's and a ControlNet's alike.
+pub(crate) fn mid_block(vb: &VarBuilder, c: &UNetConfig, layout: &BlockLayout) -> Result<MidBlock> {
+    let last = layout.blocks() - 1;
+    let mid_ch = c.block_out_channels[last];
+    let vb_mid = vb.pp("mid_block");
+    Ok(MidBlock {
+        resnets: (0..2)
+            .map(|j| resnet(vb_mid.pp("resnets").pp(j), mid_ch, mid_ch, layout.time_embed_dim, c, c.mid_block_scale_factor))
+            .collect::<Result<Vec<_>>>()?,
+        attentions: vec![Transformer2DModel::new(
+            vb_mid.pp("attentions").pp(0),
+            transformer_config(c, mid_ch, layout.heads[last], layout.depths[last], layout.cross_dims[last]),
+        )?],
+    })
+}
+
 /// Extra conditioning SDXL-style UNets take besides the text states.
 #[derive(Debug, Clone)]
 pub struct AddedCond {
@@ -107,12 +279,7 @@ pub struct AddedCond {
 /// The denoising UNet of the Stable Diffusion family.
 pub struct UNet2DConditionModel {
     conv_in: Conv2d,
-    time_proj: Timesteps,
-    time_embedding: TimestepEmbedding,
-    /// `time_embedding.cond_proj` of LCM-distilled UNets: the guidance embedding into the
-    /// timestep embedding's input width.
-    cond_proj: Option<candle_nn::Linear>,
-    text_time: Option<TextTimeEmbedding>,
+    embedding: UNetEmbedding,
     down_blocks: Vec<UNetBlock>,
     mid_block: MidBlock,
     up_blocks: Vec<UNetBlock>,
@@ -145,107 +312,21 @@ impl UNet2DConditionModel {
     /// Builds the UNet from its config; `vb` is rooted at the checkpoint's top level.
     pub fn new(vb: VarBuilder, config: &UNetConfig) -> Result<Self> {
         let c = config;
-        let n = c.block_out_channels.len();
-        if n == 0 || c.down_block_types.len() != n || c.up_block_types.len() != n {
-            return Err(unsupported("block_out_channels / down_block_types / up_block_types of different lengths".into()));
-        }
-        if let Some(t) = &c.class_embed_type {
-            return Err(unsupported(format!("class_embed_type `{t}`")));
-        }
-        if c.encoder_hid_dim.is_some() {
-            return Err(unsupported("encoder_hid_dim".into()));
-        }
-        if !matches!(c.mid_block_type.as_deref(), Some("UNetMidBlock2DCrossAttn") | None) {
-            return Err(unsupported(format!("mid_block_type {:?}", c.mid_block_type)));
-        }
-        let heads = c.num_attention_heads.as_ref().unwrap_or(&c.attention_head_dim).expand(n);
-        let layers = c.layers_per_block.expand(n);
-        let depths = c.transformer_layers_per_block.expand(n);
-        let cross_dims = c.cross_attention_dim.expand(n);
-        if heads.len() != n || layers.len() != n || depths.len() != n || cross_dims.len() != n {
-            return Err(unsupported("per-block lists whose length differs from block_out_channels".into()));
-        }
-        if c.reverse_transformer_layers_per_block.as_ref().is_some_and(|v| !v.is_null()) {
-            return Err(unsupported("reverse_transformer_layers_per_block".into()));
+        let layout = BlockLayout::new(c)?;
+        let n = layout.blocks();
+        if c.up_block_types.len() != n {
+            return Err(unsupported("block_out_channels and up_block_types of different lengths".into()));
         }
         let ch0 = c.block_out_channels[0];
-        let time_embed_dim = ch0 * 4;
+        let time_embed_dim = layout.time_embed_dim;
         let conv_cfg = Conv2dConfig { padding: 1, ..Default::default() };
         let conv_in = conv2d(c.in_channels, ch0, 3, conv_cfg, vb.pp("conv_in"))?;
-        let time_proj = Timesteps::new(ch0, c.flip_sin_to_cos, c.freq_shift);
-        let time_embedding = TimestepEmbedding::new(vb.pp("time_embedding"), ch0, time_embed_dim)?;
-        let cond_proj = match c.time_cond_proj_dim {
-            Some(dim) => Some(candle_nn::linear_no_bias(dim, ch0, vb.pp("time_embedding").pp("cond_proj"))?),
-            None => None,
-        };
-        let text_time = match c.addition_embed_type.as_deref() {
-            None => None,
-            Some("text_time") => {
-                let dim = c.addition_time_embed_dim.ok_or_else(|| unsupported("text_time without addition_time_embed_dim".into()))?;
-                let input = c
-                    .projection_class_embeddings_input_dim
-                    .ok_or_else(|| unsupported("text_time without projection_class_embeddings_input_dim".into()))?;
-                Some(TextTimeEmbedding {
-                    add_time_proj: Timesteps::new(dim, c.flip_sin_to_cos, c.freq_shift),
-                    add_embedding: TimestepEmbedding::new(vb.pp("add_embedding"), input, time_embed_dim)?,
-                })
-            }
-            Some(other) => return Err(unsupported(format!("addition_embed_type `{other}`"))),
-        };
-
-        let transformer = |channels: usize, heads: usize, depth: usize, context_dim: usize| TransformerConfig {
-            channels,
-            heads,
-            depth,
-            context_dim,
-            groups: c.norm_num_groups,
-            use_linear_projection: c.use_linear_projection,
-        };
-        let cross_attn = |kind: &str, plain: &str, attn: &str| -> Result<bool> {
-            match kind {
-                k if k == plain => Ok(false),
-                k if k == attn => Ok(true),
-                other => Err(unsupported(format!("block type `{other}`"))),
-            }
-        };
-
-        let mut down_blocks = Vec::with_capacity(n);
-        for i in 0..n {
-            let vb_i = vb.pp("down_blocks").pp(i);
-            let out_ch = c.block_out_channels[i];
-            let with_attn = cross_attn(&c.down_block_types[i], "DownBlock2D", "CrossAttnDownBlock2D")?;
-            let mut resnets = vec![];
-            let mut attentions = vec![];
-            for j in 0..layers[i] {
-                let in_ch = if j > 0 { out_ch } else if i == 0 { ch0 } else { c.block_out_channels[i - 1] };
-                resnets.push(resnet(vb_i.pp("resnets").pp(j), in_ch, out_ch, time_embed_dim, c, 1.0)?);
-                if with_attn {
-                    let tc = transformer(out_ch, heads[i], depths[i], cross_dims[i]);
-                    attentions.push(Transformer2DModel::new(vb_i.pp("attentions").pp(j), tc)?);
-                }
-            }
-            let resampler = if i + 1 < n {
-                let cfg = Conv2dConfig { padding: c.downsample_padding, stride: 2, ..Default::default() };
-                Some(conv2d(out_ch, out_ch, 3, cfg, vb_i.pp("downsamplers").pp(0).pp("conv"))?)
-            } else {
-                None
-            };
-            down_blocks.push(UNetBlock { resnets, attentions, resampler });
-        }
+        let embedding = UNetEmbedding::new(&vb, c)?;
+        let down_blocks = down_blocks(&vb, c, &layout)?;
+        let mid_block = mid_block(&vb, c, &layout)?;
 
         let last = n - 1;
         let mid_ch = c.block_out_channels[last];
-        let vb_mid = vb.pp("mid_block");
-        let mid_block = MidBlock {
-            resnets: (0..2)
-                .map(|j| resnet(vb_mid.pp("resnets").pp(j), mid_ch, mid_ch, time_embed_dim, c, c.mid_block_scale_factor))
-                .collect::<Result<Vec<_>>>()?,
-            attentions: vec![Transformer2DModel::new(
-                vb_mid.pp("attentions").pp(0),
-                transformer(mid_ch, heads[last], depths[last], cross_dims[last]),
-            )?],
-        };
-
         let rev = |v: &[usize], i: usize| v[n - 1 - i];
         let mut up_blocks = Vec::with_capacity(n);
         for i in 0..n {
@@ -253,8 +334,8 @@ impl UNet2DConditionModel {
             let prev_out = if i == 0 { mid_ch } else { rev(&c.block_out_channels, i - 1) };
             let out_ch = rev(&c.block_out_channels, i);
             let in_ch = rev(&c.block_out_channels, (i + 1).min(last));
-            let with_attn = cross_attn(&c.up_block_types[i], "UpBlock2D", "CrossAttnUpBlock2D")?;
-            let num_layers = rev(&layers, i) + 1;
+            let with_attn = has_cross_attention(&c.up_block_types[i], "UpBlock2D", "CrossAttnUpBlock2D")?;
+            let num_layers = rev(&layout.layers, i) + 1;
             let mut resnets = vec![];
             let mut attentions = vec![];
             for j in 0..num_layers {
@@ -262,7 +343,7 @@ impl UNet2DConditionModel {
                 let res_in = if j == 0 { prev_out } else { out_ch };
                 resnets.push(resnet(vb_i.pp("resnets").pp(j), res_in + skip, out_ch, time_embed_dim, c, 1.0)?);
                 if with_attn {
-                    let tc = transformer(out_ch, rev(&heads, i), rev(&depths, i), rev(&cross_dims, i));
+                    let tc = transformer_config(c, out_ch, rev(&layout.heads, i), rev(&layout.depths, i), rev(&layout.cross_dims, i));
                     attentions.push(Transformer2DModel::new(vb_i.pp("attentions").pp(j), tc)?);
                 }
             }
@@ -276,10 +357,7 @@ impl UNet2DConditionModel {
 
         Ok(Self {
             conv_in,
-            time_proj,
-            time_embedding,
-            cond_proj,
-            text_time,
+            embedding,
             down_blocks,
             mid_block,
             up_blocks,
@@ -292,7 +370,7 @@ impl UNet2DConditionModel {
 
     /// Whether this UNet needs [`AddedCond`] (SDXL).
     pub fn needs_added_cond(&self) -> bool {
-        self.text_time.is_some()
+        self.embedding.text_time.is_some()
     }
 
     /// The width of the guidance embedding an LCM-distilled UNet takes, `None` for others.
@@ -304,7 +382,14 @@ impl UNet2DConditionModel {
     /// and for LCM-distilled UNets the guidance embedding ([`guidance_embedding`], a row per
     /// sample).
     pub fn forward(&self, sample: &Tensor, timestep: f64, context: &Tensor, added: Option<&AddedCond>, guidance: Option<&Tensor>) -> Result<Tensor> {
-        self.forward_inner(sample, timestep, context, added, guidance, DeepStep::Full(None))
+        self.forward_inner(sample, timestep, context, added, guidance, DeepStep::Full(None), None)
+    }
+
+    /// One evaluation with ControlNets' residuals added to the skip connections and the mid
+    /// block's output, as diffusers' `down_block_additional_residuals` and
+    /// `mid_block_additional_residual`.
+    pub fn forward_with_control(&self, sample: &Tensor, timestep: f64, context: &Tensor, added: Option<&AddedCond>, guidance: Option<&Tensor>, control: &ControlResiduals) -> Result<Tensor> {
+        self.forward_inner(sample, timestep, context, added, guidance, DeepStep::Full(None), Some(control))
     }
 
     /// One step under DeepCache ([`DeepCache`] decides whether the whole UNet runs).
@@ -313,39 +398,28 @@ impl UNet2DConditionModel {
         cache.step += 1;
         match cache.deep.take() {
             Some(deep) if step % cache.interval != 0 => {
-                let out = self.forward_inner(sample, timestep, context, added, guidance, DeepStep::Shallow(&deep));
+                let out = self.forward_inner(sample, timestep, context, added, guidance, DeepStep::Shallow(&deep), None);
                 cache.deep = Some(deep);
                 cache.shallow_steps += 1;
                 out
             }
             _ => {
                 cache.full_steps += 1;
-                self.forward_inner(sample, timestep, context, added, guidance, DeepStep::Full(Some(&mut cache.deep)))
+                self.forward_inner(sample, timestep, context, added, guidance, DeepStep::Full(Some(&mut cache.deep)), None)
             }
         }
     }
 
-    fn forward_inner(&self, sample: &Tensor, timestep: f64, context: &Tensor, added: Option<&AddedCond>, guidance: Option<&Tensor>, step: DeepStep) -> Result<Tensor> {
+    #[allow(clippy::too_many_arguments)]
+    fn forward_inner(&self, sample: &Tensor, timestep: f64, context: &Tensor, added: Option<&AddedCond>, guidance: Option<&Tensor>, step: DeepStep, control: Option<&ControlResiduals>) -> Result<Tensor> {
         let batch = sample.dim(0)?;
         let device = sample.device();
         let xs = if self.center_input_sample { ((sample * 2.0)? - 1.0)? } else { sample.clone() };
 
-        let t = Tensor::full(timestep as f32, batch, device)?;
-        let emb = self.time_proj.forward(&t)?.to_dtype(sample.dtype())?;
-        // diffusers' TimestepEmbedding: `sample + cond_proj(condition)` before linear_1.
-        let emb = match (&self.cond_proj, guidance) {
-            (Some(proj), Some(g)) => (emb + proj.forward(&g.to_dtype(sample.dtype())?)?)?,
-            (Some(_), None) => return Err(candle_core::Error::Msg("an LCM-distilled UNet needs the guidance embedding".into())),
-            (None, _) => emb,
-        };
-        let mut emb = self.time_embedding.forward(&emb)?;
-        if let Some(tt) = &self.text_time {
-            let added = added.ok_or_else(|| candle_core::Error::Msg("SDXL UNet needs text_embeds and time_ids".into()))?;
-            let time_ids = added.time_ids.to_dtype(DType::F32)?.flatten_all()?;
-            let time_embeds = tt.add_time_proj.forward(&time_ids)?.reshape((batch, ()))?;
-            let add = Tensor::cat(&[&added.text_embeds, &time_embeds.to_dtype(added.text_embeds.dtype())?], 1)?;
-            emb = (emb + tt.add_embedding.forward(&add.to_dtype(sample.dtype())?)?)?;
+        if self.embedding.cond_proj.is_some() && guidance.is_none() {
+            return Err(candle_core::Error::Msg("an LCM-distilled UNet needs the guidance embedding".into()));
         }
+        let emb = self.embedding.forward(timestep, batch, sample.dtype(), device, added, guidance)?;
 
         let xs = self.conv_in.forward(&xs)?;
         let mut residuals = vec![xs.clone()];
@@ -356,6 +430,9 @@ impl UNet2DConditionModel {
         let mut xs = match step {
             // DeepCache's shallow pass: the outermost down block's skip connections, and the
             // deep features the last full step fed the outermost up block.
+            DeepStep::Shallow(_) if control.is_some() => {
+                return Err(candle_core::Error::Msg("unet: DeepCache's shallow steps take no ControlNet residuals".into()));
+            }
             DeepStep::Shallow(deep) => {
                 first_down.down(&xs, &emb, context, &mut residuals, false)?;
                 deep.clone()
@@ -365,7 +442,22 @@ impl UNet2DConditionModel {
                 for block in &self.down_blocks {
                     xs = block.down(&xs, &emb, context, &mut residuals, true)?;
                 }
+                if let Some(control) = control {
+                    if control.down.len() != residuals.len() {
+                        return Err(candle_core::Error::Msg(format!(
+                            "unet: the ControlNet gives {} skip residuals where the UNet has {}",
+                            control.down.len(),
+                            residuals.len()
+                        )));
+                    }
+                    for (r, add) in residuals.iter_mut().zip(&control.down) {
+                        *r = (&*r + add)?;
+                    }
+                }
                 let mut xs = self.mid_block.forward(&xs, &emb, context)?;
+                if let Some(control) = control {
+                    xs = (xs + &control.mid)?;
+                }
                 for block in &self.up_blocks[..self.up_blocks.len() - 1] {
                     // With odd latent sizes, upsample to the size of the skip connection that comes next.
                     let after = residuals.len().saturating_sub(block.resnets.len());
@@ -387,6 +479,26 @@ impl UNet2DConditionModel {
         xs = last_up.up(&xs, &emb, context, &mut residuals, None)?;
         let xs = candle_nn::ops::silu(&self.conv_norm_out.forward(&xs)?)?;
         self.conv_out.forward(&xs)
+    }
+}
+
+/// What ControlNets add to a UNet evaluation: one residual per skip connection (the
+/// `conv_in` output, then each down block's resnets and downsampler, in order) and one for the
+/// mid block's output, already scaled.
+#[derive(Debug, Clone)]
+pub struct ControlResiduals {
+    pub down: Vec<Tensor>,
+    pub mid: Tensor,
+}
+
+impl ControlResiduals {
+    /// The sum of two ControlNets' residuals (diffusers' MultiControlNetModel).
+    pub fn add(&self, other: &ControlResiduals) -> Result<ControlResiduals> {
+        if self.down.len() != other.down.len() {
+            return Err(candle_core::Error::Msg("ControlNets with different numbers of residuals".into()));
+        }
+        let down = self.down.iter().zip(&other.down).map(|(a, b)| a + b).collect::<Result<Vec<_>>>()?;
+        Ok(ControlResiduals { down, mid: (&self.mid + &other.mid)? })
     }
 }
 

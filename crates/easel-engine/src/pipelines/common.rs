@@ -266,6 +266,8 @@ pub struct GenerateParams {
     /// Step caching (opt-in): reuse work of earlier steps instead of evaluating the whole
     /// denoiser every step.
     pub step_cache: Option<StepCache>,
+    /// ControlNets (Stable Diffusion 1.x/2.x and SDXL), their residuals summed.
+    pub controlnets: Vec<super::control::ControlUnit>,
 }
 
 /// Step caching: denoising steps close together in the schedule compute nearly the same deep

@@ -208,6 +208,9 @@ impl FluxPipeline {
 
     /// Checks request parameters before any work is done.
     pub fn validate(&self, p: &GenerateParams) -> Result<()> {
+        if let Some(unit) = p.controlnets.first() {
+            return Err(EngineError::param("controlnets", format!("the ControlNet {} is for a UNet (Stable Diffusion); FLUX ControlNets are not supported yet", unit.net.path.display())));
+        }
         let masked = p.init_image.as_ref().is_some_and(|i| i.mask.is_some());
         if self.is_fill() && !masked {
             return Err(EngineError::param("mask", "a FLUX Fill model repaints where a mask says: send an image and a mask"));

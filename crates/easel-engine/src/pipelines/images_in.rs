@@ -50,6 +50,17 @@ pub(crate) fn nearest_resize(x: &Tensor, h: usize, w: usize) -> Result<Tensor> {
     Ok(x.index_select(&pick(h, in_h)?, 2)?.index_select(&pick(w, in_w)?, 3)?)
 }
 
+/// RGB8 pixels, row-major (`width * height * 3` bytes), as `[1, 3, height, width]` values in
+/// `[0, 1]` (what diffusers' image processors make of a picture before normalising); `param`
+/// names the request field on error.
+pub fn rgb_pixels(param: &'static str, width: usize, height: usize, rgb: &[u8]) -> Result<Tensor> {
+    if rgb.len() != width * height * 3 {
+        return Err(EngineError::param(param, format!("{} bytes are not a {width}x{height} RGB image", rgb.len())));
+    }
+    let values: Vec<f32> = rgb.iter().map(|&v| v as f32 / 255.0).collect();
+    Ok(Tensor::from_vec(values, (1, height, width, 3), &Device::Cpu)?.permute((0, 3, 1, 2))?.contiguous()?)
+}
+
 /// How a pipeline family turns `strength` into the step it starts from; diffusers rounds
 /// differently per pipeline, and the first step decides which noise level the image gets.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -63,12 +74,7 @@ pub enum StrengthRounding {
 impl InitImage {
     /// From RGB8 pixels, row-major (`width * height * 3` bytes), as `[0, 1]` values.
     pub fn from_rgb(width: usize, height: usize, rgb: &[u8], strength: f64) -> Result<Self> {
-        if rgb.len() != width * height * 3 {
-            return Err(EngineError::param("image", format!("{} bytes are not a {width}x{height} RGB image", rgb.len())));
-        }
-        let values: Vec<f32> = rgb.iter().map(|&v| v as f32 / 255.0).collect();
-        let pixels = Tensor::from_vec(values, (1, height, width, 3), &Device::Cpu)?.permute((0, 3, 1, 2))?.contiguous()?;
-        Ok(Self { pixels, strength, mask: None })
+        Ok(Self { pixels: rgb_pixels("image", width, height, rgb)?, strength, mask: None })
     }
 
     /// With an inpainting mask from 8-bit grey levels, row-major (`width * height` bytes):

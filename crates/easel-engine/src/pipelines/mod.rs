@@ -7,6 +7,7 @@ use std::path::Path;
 use crate::config::{read_json, ModelIndex};
 use crate::error::{EngineError, Result};
 pub mod common;
+pub mod control;
 pub mod flux;
 pub mod images_in;
 pub mod sd;
@@ -14,6 +15,8 @@ pub mod sd3;
 pub mod vae;
 
 pub use common::{Family, GenerateParams, Generated, InitImage, LoadOptions, ModelDefaults, SkipLayerGuidance, StepCache, StepCallback, TextEncoderFiles};
+pub use control::{ControlNet, ControlUnit};
+pub use images_in::rgb_pixels;
 pub use flux::FluxPipeline;
 pub use sd::StableDiffusionPipeline;
 pub use sd3::Sd3Pipeline;

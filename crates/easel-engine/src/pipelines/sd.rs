@@ -13,6 +13,7 @@ use candle_nn::VarBuilder;
 use crate::config::{read_json, ModelIndex, SchedulerConfig, UNetConfig};
 use crate::error::{EngineError, Result};
 use super::common::*;
+use super::control::ControlStack;
 use super::images_in::{Inpainting, StrengthRounding};
 use super::vae::Vae;
 use crate::models::unet::{AddedCond, DeepCache, UNet2DConditionModel};
@@ -245,6 +246,7 @@ impl StableDiffusionPipeline {
         if let Some(StepCache::FirstBlock { .. }) = p.step_cache {
             return Err(EngineError::param("cache", "the first-block cache (fbcache) is for FLUX; Stable Diffusion's UNets take deepcache"));
         }
+        self.validate_controlnets(p)?;
         if let Some(kind) = p.scheduler.filter(|k| k.is_flow_matching()) {
             return Err(EngineError::param("scheduler", format!("`{}` is for flow-matching models (FLUX), not Stable Diffusion", kind.name())));
         }
@@ -259,6 +261,35 @@ impl StableDiffusionPipeline {
                     "init_latents",
                     format!("shape {:?} does not match {:?} (batch, channels, height/{f}, width/{f})", l.dims(), want, f = self.vae_scale_factor()),
                 ));
+            }
+        }
+        Ok(())
+    }
+
+    /// ControlNets must be made for this UNet: its family, its skip widths, and an image
+    /// embedding that lands on the latent grid.
+    fn validate_controlnets(&self, p: &GenerateParams) -> Result<()> {
+        if p.controlnets.is_empty() {
+            return Ok(());
+        }
+        if p.step_cache.is_some() {
+            return Err(EngineError::param("cache", "step caching does not run with ControlNets (their residuals change every step)"));
+        }
+        if p.init_image.is_some() {
+            return Err(EngineError::param("controlnets", "ControlNets run on text-to-image requests; image-to-image and inpainting with a ControlNet are not supported yet"));
+        }
+        let xl = self.family == Family::StableDiffusionXl;
+        let family_name = |sdxl: bool| if sdxl { "SDXL" } else { "Stable Diffusion 1.x/2.x" };
+        for unit in &p.controlnets {
+            let net = &unit.net;
+            if net.is_sdxl() != xl {
+                return Err(EngineError::param(
+                    "controlnets",
+                    format!("the ControlNet {} is for {}, and this model is {}", net.path.display(), family_name(net.is_sdxl()), family_name(xl)),
+                ));
+            }
+            if let Some(why) = net.mismatch(&self.unet.config, self.vae_scale_factor()) {
+                return Err(EngineError::param("controlnets", format!("the ControlNet {} does not fit this model: {why}", net.path.display())));
             }
         }
         Ok(())
@@ -339,6 +370,7 @@ impl StableDiffusionPipeline {
                 return Err(EngineError::param("batch", "batched requests must share size, steps, scheduler, guidance, step cache, strength and whether they inpaint"));
             }
         }
+        super::control::check_batch(items)?;
         let kind = first.scheduler.unwrap_or_else(|| self.default_scheduler());
         let mut scheduler = kind.build(&self.scheduler_config, first.steps, 0)?;
         // An LCM-distilled UNet takes the guidance scale as an embedding (`w = guidance - 1`, as
@@ -426,6 +458,8 @@ impl StableDiffusionPipeline {
             None => None,
         };
 
+        let control = ControlStack::new(items, guided, self.dtype, &self.device)?;
+
         let t1 = Instant::now();
         let mut latents = latents;
         let timesteps = scheduler.timesteps().to_vec();
@@ -440,9 +474,14 @@ impl StableDiffusionPipeline {
                 Some(extra) => Tensor::cat(&[&input, extra], 1)?,
                 None => input,
             };
-            let pred = match deep_cache.as_mut() {
-                Some(cache) => self.unet.forward_cached(&input, t, &context, added.as_ref(), guidance_embedding.as_ref(), cache)?,
-                None => self.unet.forward(&input, t, &context, added.as_ref(), guidance_embedding.as_ref())?,
+            let residuals = match &control {
+                Some(control) => control.residuals(i, timesteps.len(), &input, t, &context, added.as_ref())?,
+                None => None,
+            };
+            let pred = match (deep_cache.as_mut(), residuals) {
+                (Some(cache), _) => self.unet.forward_cached(&input, t, &context, added.as_ref(), guidance_embedding.as_ref(), cache)?,
+                (None, Some(residuals)) => self.unet.forward_with_control(&input, t, &context, added.as_ref(), guidance_embedding.as_ref(), &residuals)?,
+                (None, None) => self.unet.forward(&input, t, &context, added.as_ref(), guidance_embedding.as_ref())?,
             };
             let pred = if guided {
                 let chunks = pred.chunk(2, 0)?;

@@ -209,6 +209,9 @@ impl Sd3Pipeline {
 
     /// Checks request parameters before any work is done.
     pub fn validate(&self, p: &GenerateParams) -> Result<()> {
+        if let Some(unit) = p.controlnets.first() {
+            return Err(EngineError::param("controlnets", format!("the ControlNet {} is for a UNet (Stable Diffusion); SD 3.5 ControlNets are not supported yet", unit.net.path.display())));
+        }
         if p.init_image.as_ref().is_some_and(|i| i.mask.is_some()) {
             return Err(EngineError::param("mask", "inpainting runs on Stable Diffusion models; SD 3.5 takes an image without a mask (image-to-image)"));
         }

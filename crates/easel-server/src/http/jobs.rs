@@ -137,12 +137,16 @@ pub(super) async fn job_events(State(state): State<AppState>, headers: HeaderMap
     Ok(Sse::new(head.chain(tail)).keep_alive(KeepAlive::default()))
 }
 
-/// A job's request as the API shows it: an input picture is named by its digest rather than
-/// repeated (a page of jobs would otherwise carry every picture and mask, base64).
+/// A job's request as the API shows it: an input picture (and a ControlNet's) is named by its
+/// digest rather than repeated (a page of jobs would otherwise carry every picture and mask, base64).
 fn request_view(spec: &easel_api::JobSpec) -> serde_json::Value {
     let mut view = serde_json::to_value(spec).unwrap_or(serde_json::Value::Null);
     if let (Some(image), Some(obj)) = (&spec.init_image, view.as_object_mut()) {
         obj.insert("init_image".into(), serde_json::json!({"digest": image.digest(), "strength": image.strength, "mask": image.mask_png_base64.is_some()}));
+    }
+    if let Some(obj) = view.as_object_mut().filter(|_| !spec.controlnets.is_empty()) {
+        let nets: Vec<_> = spec.controlnets.iter().map(|c| serde_json::json!({"name": c.name, "scale": c.scale, "start": c.start, "end": c.end, "image_digest": c.image_digest()})).collect();
+        obj.insert("controlnets".into(), serde_json::Value::Array(nets));
     }
     view
 }

@@ -338,6 +338,7 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/jobs/{id}/cancel", post(cancel_job))
         .route("/v1/models", get(list_models))
         .route("/v1/loras", get(list_loras))
+        .route("/v1/controlnets", get(resources::list_controlnets))
         .route("/v1/usage", get(usage))
         .route("/v1/images/{job}/{file}", get(get_image))
         .route("/sdapi/v1/txt2img", post(a1111::txt2img))

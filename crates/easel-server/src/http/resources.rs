@@ -1,4 +1,4 @@
-//! What the API serves besides jobs: the model and LoRA lists, usage, stored images (signed
+//! What the API serves besides jobs: the model, LoRA and ControlNet lists, usage, stored images (signed
 //! URLs or the owner's key), health, readiness and metrics.
 
 use super::*;
@@ -17,6 +17,18 @@ pub(super) async fn list_models(State(state): State<AppState>, headers: HeaderMa
 pub(super) async fn list_loras(State(state): State<AppState>, headers: HeaderMap) -> ApiResult<Json<serde_json::Value>> {
     state.authorize(&headers)?;
     let data: Vec<_> = state.loras.names().into_iter().map(|name| serde_json::json!({"name": name, "object": "lora"})).collect();
+    Ok(Json(serde_json::json!({"object": "list", "data": data})))
+}
+
+/// The ControlNet registry's names and the family each was trained for, for `controlnets` in
+/// requests.
+pub(super) async fn list_controlnets(State(state): State<AppState>, headers: HeaderMap) -> ApiResult<Json<serde_json::Value>> {
+    state.authorize(&headers)?;
+    let mut data = vec![];
+    for name in state.controlnets.names() {
+        let family = state.controlnets.family(&name)?;
+        data.push(serde_json::json!({"name": name, "object": "controlnet", "family": family}));
+    }
     Ok(Json(serde_json::json!({"object": "list", "data": data})))
 }
 

@@ -115,6 +115,12 @@ pub(super) fn submit_request(
                     return Err(ApiError::invalid("loras", format!("LoRAs run on local engines; `{model_name}` routes to {first} (use route: local)")));
                 }
             }
+            if req.controlnets.as_ref().is_some_and(|c| !c.is_empty()) {
+                plan.retain(Candidate::is_local);
+                if plan.is_empty() {
+                    return Err(ApiError::invalid("controlnets", format!("ControlNets run on local engines; `{model_name}` routes to {first} (use route: local)")));
+                }
+            }
             if req.image.is_some() {
                 let mask = req.mask.is_some();
                 plan.retain(|c| c.is_local() || gw.edit_support(c).accepts(mask));
@@ -146,6 +152,15 @@ pub(super) fn submit_request(
     adjust(&mut spec);
     for l in &spec.loras {
         state.loras.source(&l.name)?;
+    }
+    for c in &spec.controlnets {
+        let family = state.controlnets.family(&c.name)?;
+        if let Some(served) = model.controlnet_family.filter(|f| *f != family) {
+            return Err(ApiError::invalid(
+                "controlnets",
+                format!("ControlNet `{}` is for {}, and `{}` is {}", c.name, family.describe(), model.id, served.describe()),
+            ));
+        }
     }
     if let Some(url) = &spec.webhook_url {
         crate::webhooks::validate_url(url, state.config.allow_private_webhooks)?;

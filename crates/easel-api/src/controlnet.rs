@@ -1,0 +1,235 @@
+//! ControlNets on the wire: a request's `controlnets` (a registry name, a conditioning picture,
+//! a scale and a start/end window each), checked and prepared at the gateway into what a job
+//! carries ([`ControlNetSpec`]: the picture at the job's size, edge-detected when asked), and the
+//! registry that turns names into folders. As with LoRAs, requests name entries of a configured
+//! folder, never paths.
+
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use crate::ApiError;
+
+/// The most ControlNets one request may stack.
+pub const MAX_CONTROLNETS: usize = 4;
+
+/// One entry of a request's `controlnets`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ControlNetRef {
+    /// A registry name (a ControlNet folder in the server's `--controlnet-dir`).
+    pub name: String,
+    /// The conditioning picture (an edge, depth or pose map, or a photo with `preprocess`),
+    /// base64 or a `data:image/...;base64,` URL; resized to the output's size.
+    pub image: String,
+    /// diffusers' `controlnet_conditioning_scale` (default 1).
+    #[serde(default)]
+    pub scale: Option<f64>,
+    /// diffusers' `control_guidance_start` and `control_guidance_end`: the fractions of the
+    /// steps between which this ControlNet runs (default 0 and 1).
+    #[serde(default)]
+    pub start: Option<f64>,
+    #[serde(default)]
+    pub end: Option<f64>,
+    /// Turn a photo into the control image first: `canny` (OpenCV's Canny, thresholds 100 and
+    /// 200) or `canny:LOW:HIGH`; absent or `none`: the picture is the control image.
+    #[serde(default)]
+    pub preprocess: Option<String>,
+}
+
+/// A ControlNet as a job carries it: the registry name, the control image at the job's size
+/// (PNG, base64), and its settings.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ControlNetSpec {
+    pub name: String,
+    pub png_base64: String,
+    pub scale: f64,
+    pub start: f64,
+    pub end: f64,
+}
+
+impl ControlNetSpec {
+    /// What decides the pixels besides the picture, and a short digest of the picture, for
+    /// batch and cache keys.
+    pub fn key(&self) -> String {
+        format!("{}:{}:{}:{}:{}", self.name, self.scale, self.start, self.end, self.image_digest())
+    }
+
+    /// A short digest of the control image.
+    pub fn image_digest(&self) -> String {
+        hex::encode(&Sha256::digest(self.png_base64.as_bytes())[..12])
+    }
+}
+
+/// How a request's picture becomes the control image.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Preprocess {
+    None,
+    Canny { low: f64, high: f64 },
+}
+
+impl Preprocess {
+    /// `none`, `canny` or `canny:LOW:HIGH`.
+    pub fn parse(text: Option<&str>) -> Result<Self, ApiError> {
+        let bad = || ApiError::invalid("controlnets", format!("preprocess `{}` must be none, canny or canny:LOW:HIGH (thresholds 0 to 1000)", text.unwrap_or_default()));
+        match text.map(str::trim) {
+            None | Some("none") | Some("") => Ok(Self::None),
+            Some("canny") => Ok(Self::Canny { low: 100.0, high: 200.0 }),
+            Some(other) => {
+                let rest = other.strip_prefix("canny:").ok_or_else(bad)?;
+                let (low, high) = rest.split_once(':').ok_or_else(bad)?;
+                let (low, high) = (low.parse::<f64>().map_err(|_| bad())?, high.parse::<f64>().map_err(|_| bad())?);
+                if !(0.0..=1000.0).contains(&low) || !(0.0..=1000.0).contains(&high) {
+                    return Err(bad());
+                }
+                Ok(Self::Canny { low, high })
+            }
+        }
+    }
+
+    /// The control image from a picture already at the output's size: edges as white on black
+    /// in all three channels (as diffusers' canny examples stack them), or the picture itself.
+    pub fn apply(self, picture: crate::InputImage) -> crate::InputImage {
+        match self {
+            Self::None => picture,
+            Self::Canny { low, high } => {
+                let (w, h) = (picture.width() as usize, picture.height() as usize);
+                let edges = crate::canny::canny(picture.rgb(), w, h, 3, low, high);
+                let rgb = edges.iter().flat_map(|&v| [v, v, v]).collect();
+                crate::InputImage::new(picture.width(), picture.height(), rgb).unwrap_or(picture)
+            }
+        }
+    }
+}
+
+impl ControlNetRef {
+    /// Checks the entry and prepares what the job carries, at `width` x `height` (not whether
+    /// the name exists: see [`ControlNetRegistry`]).
+    pub fn to_spec(&self, width: u32, height: u32) -> Result<ControlNetSpec, ApiError> {
+        crate::lora::check_registry_name("controlnets", &self.name)?;
+        let scale = self.scale.unwrap_or(1.0);
+        if !scale.is_finite() || scale.abs() > 100.0 {
+            return Err(ApiError::invalid("controlnets", format!("scale of ControlNet `{}` must be a finite number between -100 and 100", self.name)));
+        }
+        let (start, end) = (self.start.unwrap_or(0.0), self.end.unwrap_or(1.0));
+        if !(0.0..=1.0).contains(&start) || !(0.0..=1.0).contains(&end) || start >= end {
+            return Err(ApiError::invalid("controlnets", format!("start {start} and end {end} of ControlNet `{}` must be fractions of the steps with start < end", self.name)));
+        }
+        let preprocess = Preprocess::parse(self.preprocess.as_deref())?;
+        let picture = crate::decode_base64_image("controlnets", &self.image)?;
+        let control = preprocess.apply(picture.resized(width, height));
+        Ok(ControlNetSpec { name: self.name.clone(), png_base64: control.to_base64_png(), scale, start, end })
+    }
+}
+
+/// The model family a ControlNet was trained for, read from its `config.json` without loading
+/// it (the gateway checks a request against the model before queueing).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ControlNetFamily {
+    /// Stable Diffusion 1.x/2.x.
+    Sd,
+    Sdxl,
+    Flux,
+}
+
+impl ControlNetFamily {
+    pub fn describe(self) -> &'static str {
+        match self {
+            Self::Sd => "Stable Diffusion 1.x/2.x",
+            Self::Sdxl => "SDXL",
+            Self::Flux => "FLUX",
+        }
+    }
+}
+
+/// The configured ControlNet folder: each subfolder holding a `config.json` is a name requests
+/// may use.
+#[derive(Debug, Clone, Default)]
+pub struct ControlNetRegistry {
+    dir: Option<PathBuf>,
+}
+
+impl ControlNetRegistry {
+    /// A registry over `dir` (none: requests with ControlNets are refused).
+    pub fn new(dir: Option<PathBuf>) -> Self {
+        Self { dir }
+    }
+
+    pub fn dir(&self) -> Option<&Path> {
+        self.dir.as_deref()
+    }
+
+    /// The names in the registry, sorted.
+    pub fn names(&self) -> Vec<String> {
+        let Some(dir) = &self.dir else { return vec![] };
+        let mut names: Vec<String> = std::fs::read_dir(dir)
+            .map(|rd| rd.filter_map(|e| e.ok()).filter(|e| e.path().join("config.json").is_file()).filter_map(|e| e.file_name().to_str().map(str::to_string)).collect())
+            .unwrap_or_default();
+        names.sort();
+        names
+    }
+
+    /// The folder of a registry name: 400 for a path-like name or without a registry, 404 for an
+    /// unknown one.
+    pub fn resolve(&self, name: &str) -> Result<PathBuf, ApiError> {
+        crate::lora::check_registry_name("controlnets", name)?;
+        let Some(dir) = &self.dir else {
+            return Err(ApiError::invalid("controlnets", "this server has no ControlNet registry (start it with --controlnet-dir)"));
+        };
+        let path = dir.join(name);
+        if path.join("config.json").is_file() {
+            Ok(path)
+        } else {
+            let mut e = ApiError::not_found(format!("unknown ControlNet `{name}`; the registry has: {}", self.names().join(", ")));
+            e.body.param = Some("controlnets".into());
+            Err(e)
+        }
+    }
+
+    /// The family a registry entry was trained for (`_class_name` and SDXL's `text_time`
+    /// embedding in its config).
+    pub fn family(&self, name: &str) -> Result<ControlNetFamily, ApiError> {
+        let path = self.resolve(name)?.join("config.json");
+        let text = std::fs::read_to_string(&path).map_err(|e| ApiError::internal(format!("{}: {e}", path.display())))?;
+        let config: serde_json::Value = serde_json::from_str(&text).map_err(|e| ApiError::internal(format!("{}: {e}", path.display())))?;
+        let class = config.get("_class_name").and_then(|c| c.as_str()).unwrap_or("ControlNetModel");
+        Ok(if class.starts_with("Flux") {
+            ControlNetFamily::Flux
+        } else if config.get("addition_embed_type").and_then(|t| t.as_str()) == Some("text_time") {
+            ControlNetFamily::Sdxl
+        } else {
+            ControlNetFamily::Sd
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn preprocess_parses_canny_with_and_without_thresholds() {
+        assert_eq!(Preprocess::parse(None).unwrap(), Preprocess::None);
+        assert_eq!(Preprocess::parse(Some("canny")).unwrap(), Preprocess::Canny { low: 100.0, high: 200.0 });
+        assert_eq!(Preprocess::parse(Some("canny:50:150")).unwrap(), Preprocess::Canny { low: 50.0, high: 150.0 });
+        for bad in ["depth", "canny:50", "canny:a:b", "canny:-1:5"] {
+            assert_eq!(Preprocess::parse(Some(bad)).unwrap_err().body.param.as_deref(), Some("controlnets"), "{bad}");
+        }
+    }
+
+    #[test]
+    fn registry_names_folders_with_a_config_and_refuses_others() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(dir.path().join("canny-xl")).unwrap();
+        std::fs::write(dir.path().join("canny-xl/config.json"), r#"{"_class_name": "ControlNetModel", "addition_embed_type": "text_time"}"#).unwrap();
+        std::fs::create_dir_all(dir.path().join("empty")).unwrap();
+        let reg = ControlNetRegistry::new(Some(dir.path().to_path_buf()));
+        assert_eq!(reg.names(), vec!["canny-xl".to_string()]);
+        assert_eq!(reg.family("canny-xl").unwrap(), ControlNetFamily::Sdxl);
+        assert_eq!(reg.resolve("empty").unwrap_err().status, 404);
+        assert_eq!(reg.resolve("../etc").unwrap_err().status, 400);
+        assert_eq!(ControlNetRegistry::new(None).resolve("canny").unwrap_err().status, 400);
+    }
+}

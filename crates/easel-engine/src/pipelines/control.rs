@@ -1,0 +1,176 @@
+//! ControlNets in the denoising loop, as diffusers' StableDiffusionControlNetPipeline and
+//! StableDiffusionXLControlNetPipeline run them: each ControlNet sees the UNet's input, the
+//! timestep, the text states and its conditioning image, and its residuals (times its
+//! conditioning scale, on the steps between its start and end) are summed into the UNet's.
+//!
+//! A ControlNet is loaded once ([`ControlNet::load`]) and shared by every request that names it;
+//! it never touches the base model's weights, so switching ControlNets reloads nothing else.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use candle_core::{DType, Device, Tensor};
+use candle_nn::VarBuilder;
+
+use super::common::{build, load_tensors, GenerateParams};
+use crate::config::{read_json, ControlNetConfig, UNetConfig};
+use crate::error::{EngineError, Result};
+use crate::models::controlnet::ControlNetModel;
+use crate::models::unet::{AddedCond, ControlResiduals};
+
+/// A loaded ControlNet.
+#[derive(Debug)]
+pub struct ControlNet {
+    model: ControlNetModel,
+    /// Where it was loaded from.
+    pub path: PathBuf,
+}
+
+impl ControlNet {
+    /// Loads a ControlNet in the diffusers layout: a folder with `config.json` and
+    /// `diffusion_pytorch_model.safetensors` (or its `.fp16` variant), as the hub's ControlNet
+    /// repositories hold them.
+    pub fn load(path: &Path, dtype: DType, device: &Device) -> Result<Self> {
+        if !path.is_dir() {
+            return Err(EngineError::MissingFile {
+                path: path.to_path_buf(),
+                hint: "a ControlNet is a folder with config.json and diffusion_pytorch_model.safetensors".into(),
+            });
+        }
+        let config: ControlNetConfig = read_json(&path.join("config.json"))?;
+        let (parent, name) = match (path.parent(), path.file_name().and_then(|n| n.to_str())) {
+            (Some(parent), Some(name)) => (parent, name),
+            _ => return Err(EngineError::MissingFile { path: path.to_path_buf(), hint: "not a ControlNet folder".into() }),
+        };
+        let files = crate::weights::source::component_weights(parent, name, dtype != DType::F32)?;
+        let vb = VarBuilder::from_tensors(load_tensors(&files, dtype, device)?, dtype, device);
+        let model = build(parent, name, ControlNetModel::new(vb, &config))?;
+        Ok(Self { model, path: path.to_path_buf() })
+    }
+
+    /// Whether it was trained for an SDXL UNet.
+    pub fn is_sdxl(&self) -> bool {
+        self.model.needs_added_cond()
+    }
+
+    /// Why this ControlNet cannot drive `unet` with a VAE of `vae_factor` pixels per latent
+    /// cell (`None`: it can): its residuals must have the UNet's skip widths and count, it reads
+    /// the UNet's input and text states, and its image embedding lands on the latent grid. SD 2.x
+    /// ControlNets on SD 1.x models fail here (1024-wide text states against 768).
+    pub fn mismatch(&self, unet: &UNetConfig, vae_factor: usize) -> Option<String> {
+        let mine = &self.model.config.unet;
+        let n = unet.block_out_channels.len();
+        let differs = |what: &str, a: String, b: String| (a != b).then(|| format!("its {what} is {a}, the UNet's {b}"));
+        differs("block_out_channels", format!("{:?}", mine.block_out_channels), format!("{:?}", unet.block_out_channels))
+            .or_else(|| differs("layers_per_block", format!("{:?}", mine.layers_per_block.expand(n)), format!("{:?}", unet.layers_per_block.expand(n))))
+            .or_else(|| differs("cross_attention_dim", format!("{:?}", mine.cross_attention_dim.expand(n)), format!("{:?}", unet.cross_attention_dim.expand(n))))
+            .or_else(|| differs("in_channels", mine.in_channels.to_string(), unet.in_channels.to_string()))
+            .or_else(|| {
+                let downscale = self.model.image_downscale();
+                (downscale != vae_factor).then(|| format!("its image embedding shrinks images {downscale}x, the VAE {vae_factor}x"))
+            })
+    }
+}
+
+/// One ControlNet applied to a request: diffusers' `controlnet_conditioning_scale` and
+/// `control_guidance_start` / `control_guidance_end` for it.
+#[derive(Debug, Clone)]
+pub struct ControlUnit {
+    pub net: Arc<ControlNet>,
+    /// `[1, 3, height, width]` in `[0, 1]`, RGB, at the request's size (the CLI and the server
+    /// resize, as diffusers' control image processor does).
+    pub image: Tensor,
+    pub scale: f64,
+    /// The fractions of the schedule between which it runs.
+    pub start: f64,
+    pub end: f64,
+}
+
+impl ControlUnit {
+    /// Checks the unit against the request's size.
+    pub(crate) fn check(&self, width: usize, height: usize) -> Result<()> {
+        let dims = self.image.dims();
+        if dims.len() != 4 || dims[0] != 1 || dims[1] != 3 || dims[2] != height || dims[3] != width {
+            return Err(EngineError::param("controlnets", format!("the control image is {dims:?}, expected [1, 3, {height}, {width}] (RGB at the request's size)")));
+        }
+        if !self.scale.is_finite() {
+            return Err(EngineError::param("controlnets", format!("scale {} must be a finite number", self.scale)));
+        }
+        if !(0.0..=1.0).contains(&self.start) || !(0.0..=1.0).contains(&self.end) || self.start >= self.end {
+            return Err(EngineError::param("controlnets", format!("start {} and end {} must be fractions of the schedule with start < end", self.start, self.end)));
+        }
+        Ok(())
+    }
+
+    /// diffusers' `controlnet_keep` for step `i` of `steps`: 1 inside the unit's window, else 0.
+    fn keep(&self, i: usize, steps: usize) -> bool {
+        let (i, n) = (i as f64, steps as f64);
+        !(i / n < self.start || (i + 1.0) / n > self.end)
+    }
+
+    /// Whether two requests' units can share a batch: the same ControlNet, scale and window.
+    fn batches_with(&self, other: &ControlUnit) -> bool {
+        Arc::ptr_eq(&self.net, &other.net) && self.scale == other.scale && self.start == other.start && self.end == other.end
+    }
+}
+
+/// A batch's ControlNets, with each one's conditioning images laid out as the UNet's rows.
+pub(crate) struct ControlStack {
+    units: Vec<(ControlUnit, Tensor)>,
+}
+
+impl ControlStack {
+    /// The batch's units (every request names the same ones; see [`ControlUnit::batches_with`])
+    /// with their images repeated per image of each request, then twice under classifier-free
+    /// guidance (negatives first), as diffusers' `prepare_image` lays them out.
+    pub fn new(items: &[GenerateParams], guided: bool, dtype: DType, device: &Device) -> Result<Option<Self>> {
+        let Some(first) = items.first() else { return Ok(None) };
+        if first.controlnets.is_empty() {
+            return Ok(None);
+        }
+        let mut units = vec![];
+        for (k, unit) in first.controlnets.iter().enumerate() {
+            let mut rows = vec![];
+            for p in items {
+                let image = &p.controlnets[k].image;
+                rows.extend(std::iter::repeat_n(image.clone(), p.batch));
+            }
+            let rows = Tensor::cat(&rows, 0)?;
+            let rows = if guided { Tensor::cat(&[&rows, &rows], 0)? } else { rows };
+            units.push((unit.clone(), rows.to_device(device)?.to_dtype(dtype)?));
+        }
+        Ok(Some(Self { units }))
+    }
+
+    /// The summed residuals for step `i` of `steps`, or `None` when no unit runs at this step.
+    pub fn residuals(&self, i: usize, steps: usize, input: &Tensor, timestep: f64, context: &Tensor, added: Option<&AddedCond>) -> Result<Option<ControlResiduals>> {
+        let mut sum: Option<ControlResiduals> = None;
+        for (unit, image) in &self.units {
+            if !unit.keep(i, steps) {
+                continue;
+            }
+            let r = unit.net.model.forward(input, timestep, context, added, image, unit.scale)?;
+            sum = Some(match sum {
+                Some(s) => s.add(&r)?,
+                None => r,
+            });
+        }
+        Ok(sum)
+    }
+}
+
+/// Checks a batch's ControlNets: each request's units are valid for its size, and every
+/// request names the same ControlNets with the same settings (their images may differ).
+pub(crate) fn check_batch(items: &[GenerateParams]) -> Result<()> {
+    let Some(first) = items.first() else { return Ok(()) };
+    for p in items {
+        for unit in &p.controlnets {
+            unit.check(p.width, p.height)?;
+        }
+        let same = p.controlnets.len() == first.controlnets.len() && p.controlnets.iter().zip(&first.controlnets).all(|(a, b)| a.batches_with(b));
+        if !same {
+            return Err(EngineError::param("batch", "batched requests must use the same ControlNets with the same scales, starts and ends"));
+        }
+    }
+    Ok(())
+}
