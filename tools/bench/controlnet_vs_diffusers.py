@@ -3,11 +3,11 @@ against PyTorch/diffusers.
 
 Same random weights (SD 1.5's UNet config; a ControlNet made by ControlNetModel.from_unet, as
 training starts, its zero-initialised convolutions filled with seeded random values), same
-inputs, same machine, same thread count, one run. Each side times a UNet evaluation alone and
-a ControlNet evaluation followed by the UNet with its residuals (what a ControlNet pipeline's
-step does under classifier-free guidance: batch 2), as the median of --iters after one untimed
-call. The ControlNet's cost per step is the difference; the ratio is easel's over PyTorch's.
-Both sides' outputs with the ControlNet are compared.
+inputs, same machine, same thread count, one run. Each side times a UNet evaluation alone, the
+ControlNet alone (what it adds to every step it runs), and a whole step: the ControlNet, then
+the UNet with its residuals (as a ControlNet pipeline's step under classifier-free guidance:
+batch 2), each the median of --iters after one untimed call; the ratio is easel's over
+PyTorch's. Both sides' outputs of the whole step are compared.
 
     python3 tools/bench/controlnet_vs_diffusers.py [--size 256 --threads 2 --iters 3]
 
@@ -52,20 +52,22 @@ def main():
             return unet(sample, 500, encoder_hidden_states=context, down_block_additional_residuals=down, mid_block_additional_residual=mid).sample
 
         torch_plain, _ = time_torch(lambda: unet(sample, 500, encoder_hidden_states=context).sample, args.iters)
+        torch_net, _ = time_torch(lambda: net(sample, 500, encoder_hidden_states=context, controlnet_cond=image, return_dict=False)[1], args.iters)
         torch_with, ref = time_torch(controlled, args.iters)
         del unet, net
 
         out_path = os.path.join(tmp, "out.safetensors")
-        plain, _ = run_easel(args.easel, "unet", model_dir, inputs, args.iters, args.threads, os.path.join(tmp, "plain.safetensors"))
+        scratch = os.path.join(tmp, "scratch.safetensors")
+        plain, _ = run_easel(args.easel, "unet", model_dir, inputs, args.iters, args.threads, scratch)
+        alone, _ = run_easel(args.easel, "unet", model_dir, inputs, args.iters, args.threads, scratch, ["--controlnet", net_dir, "--controlnet-only"])
         with_net, rss = run_easel(args.easel, "unet", model_dir, inputs, args.iters, args.threads, out_path, ["--controlnet", net_dir])
         rel = relative_l2(out_path, ref)
 
-    easel_cost = with_net["eval_s_median"] - plain["eval_s_median"]
-    torch_cost = torch_with - torch_plain
+    row = lambda label, e, t: print(f"{label:<24}: easel {e:.3f} s   pytorch {t:.3f} s   ratio easel/pytorch {e / t:.2f}")
     print(f"SD-1.5-size UNet + ControlNet ({net_gb:.2f} GB f32), {args.size}x{args.size}, batch {args.batch}, {args.threads} threads")
-    print(f"UNet alone      : easel {plain['eval_s_median']:.3f} s   pytorch {torch_plain:.3f} s   ratio easel/pytorch {plain['eval_s_median'] / torch_plain:.2f}")
-    print(f"with ControlNet : easel {with_net['eval_s_median']:.3f} s   pytorch {torch_with:.3f} s   ratio easel/pytorch {with_net['eval_s_median'] / torch_with:.2f}")
-    print(f"ControlNet cost per step: easel {easel_cost:.3f} s   pytorch {torch_cost:.3f} s   ratio easel/pytorch {easel_cost / torch_cost:.2f}")
+    row("UNet alone", plain["eval_s_median"], torch_plain)
+    row("ControlNet alone", alone["eval_s_median"], torch_net)
+    row("step with the ControlNet", with_net["eval_s_median"], torch_with)
     print(f"output: relative L2 difference {rel:.2e}; easel peak RSS {rss:.2f} GB")
 
 

@@ -88,8 +88,10 @@ impl Preprocess {
         }
     }
 
-    /// The control image from a picture already at the output's size: edges as white on black
-    /// in all three channels (as diffusers' canny examples stack them), or the picture itself.
+    /// The control image from a picture: edges as white on black in all three channels (as
+    /// diffusers' canny examples stack them), or the picture itself. Run on the picture as
+    /// given, before it is resized to the output, as diffusers' examples run `cv2.Canny` on the
+    /// photo and the pipeline then resizes the edge map.
     pub fn apply(self, picture: crate::InputImage) -> crate::InputImage {
         match self {
             Self::None => picture,
@@ -104,9 +106,9 @@ impl Preprocess {
 }
 
 impl ControlNetRef {
-    /// Checks the entry and prepares what the job carries, at `width` x `height` (not whether
-    /// the name exists: see [`ControlNetRegistry`]).
-    pub fn to_spec(&self, width: u32, height: u32) -> Result<ControlNetSpec, ApiError> {
+    /// Checks the entry and prepares what the job carries from its decoded `picture`, at
+    /// `width` x `height` (not whether the name exists: see [`ControlNetRegistry`]).
+    pub fn to_spec(&self, picture: crate::InputImage, width: u32, height: u32) -> Result<ControlNetSpec, ApiError> {
         crate::lora::check_registry_name("controlnets", &self.name)?;
         let scale = self.scale.unwrap_or(1.0);
         if !scale.is_finite() || scale.abs() > 100.0 {
@@ -117,8 +119,7 @@ impl ControlNetRef {
             return Err(ApiError::invalid("controlnets", format!("start {start} and end {end} of ControlNet `{}` must be fractions of the steps with start < end", self.name)));
         }
         let preprocess = Preprocess::parse(self.preprocess.as_deref())?;
-        let picture = crate::decode_base64_image("controlnets", &self.image)?;
-        let control = preprocess.apply(picture.resized(width, height));
+        let control = preprocess.apply(picture).resized(width, height);
         Ok(ControlNetSpec { name: self.name.clone(), png_base64: control.to_base64_png(), scale, start, end })
     }
 }
@@ -144,8 +145,8 @@ impl ControlNetFamily {
     }
 }
 
-/// The configured ControlNet folder: each subfolder holding a `config.json` is a name requests
-/// may use.
+/// The configured ControlNet folder: a subfolder holding a `config.json` (the diffusers layout)
+/// or a `NAME.safetensors` file (a community single file) is a name requests may use.
 #[derive(Debug, Clone, Default)]
 pub struct ControlNetRegistry {
     dir: Option<PathBuf>,
@@ -165,22 +166,35 @@ impl ControlNetRegistry {
     pub fn names(&self) -> Vec<String> {
         let Some(dir) = &self.dir else { return vec![] };
         let mut names: Vec<String> = std::fs::read_dir(dir)
-            .map(|rd| rd.filter_map(|e| e.ok()).filter(|e| e.path().join("config.json").is_file()).filter_map(|e| e.file_name().to_str().map(str::to_string)).collect())
+            .map(|rd| {
+                rd.filter_map(|e| e.ok())
+                    .filter_map(|e| {
+                        let name = e.file_name().to_str()?.to_string();
+                        if e.path().join("config.json").is_file() {
+                            Some(name)
+                        } else {
+                            name.strip_suffix(".safetensors").filter(|_| e.path().is_file()).map(str::to_string)
+                        }
+                    })
+                    .collect()
+            })
             .unwrap_or_default();
         names.sort();
         names
     }
 
-    /// The folder of a registry name: 400 for a path-like name or without a registry, 404 for an
-    /// unknown one.
+    /// The folder or file of a registry name: 400 for a path-like name or without a registry,
+    /// 404 for an unknown one.
     pub fn resolve(&self, name: &str) -> Result<PathBuf, ApiError> {
         crate::lora::check_registry_name("controlnets", name)?;
         let Some(dir) = &self.dir else {
             return Err(ApiError::invalid("controlnets", "this server has no ControlNet registry (start it with --controlnet-dir)"));
         };
-        let path = dir.join(name);
-        if path.join("config.json").is_file() {
-            Ok(path)
+        let (folder, file) = (dir.join(name), dir.join(format!("{name}.safetensors")));
+        if folder.join("config.json").is_file() {
+            Ok(folder)
+        } else if file.is_file() {
+            Ok(file)
         } else {
             let mut e = ApiError::not_found(format!("unknown ControlNet `{name}`; the registry has: {}", self.names().join(", ")));
             e.body.param = Some("controlnets".into());
@@ -188,12 +202,20 @@ impl ControlNetRegistry {
         }
     }
 
-    /// The family a registry entry was trained for (`_class_name` and SDXL's `text_time`
-    /// embedding in its config).
+    /// The family a registry entry was trained for: from a folder's `config.json`
+    /// (`_class_name`, SDXL's `text_time` embedding), or from a single file's tensor names
+    /// (SDXL's `label_emb`/`add_embedding`).
     pub fn family(&self, name: &str) -> Result<ControlNetFamily, ApiError> {
-        let path = self.resolve(name)?.join("config.json");
-        let text = std::fs::read_to_string(&path).map_err(|e| ApiError::internal(format!("{}: {e}", path.display())))?;
-        let config: serde_json::Value = serde_json::from_str(&text).map_err(|e| ApiError::internal(format!("{}: {e}", path.display())))?;
+        let path = self.resolve(name)?;
+        let unreadable = |e: &dyn std::fmt::Display| ApiError::internal(format!("ControlNet `{name}` ({}): {e}", path.display()));
+        if path.is_file() {
+            let names = safetensors_names(&path).map_err(|e| unreadable(&e))?;
+            let xl = names.iter().any(|n| n.ends_with("label_emb.0.0.weight") || n == "add_embedding.linear_1.weight");
+            return Ok(if xl { ControlNetFamily::Sdxl } else { ControlNetFamily::Sd });
+        }
+        let config_path = path.join("config.json");
+        let text = std::fs::read_to_string(&config_path).map_err(|e| unreadable(&e))?;
+        let config: serde_json::Value = serde_json::from_str(&text).map_err(|e| unreadable(&e))?;
         let class = config.get("_class_name").and_then(|c| c.as_str()).unwrap_or("ControlNetModel");
         Ok(if class.starts_with("Flux") {
             ControlNetFamily::Flux
@@ -203,6 +225,22 @@ impl ControlNetRegistry {
             ControlNetFamily::Sd
         })
     }
+}
+
+/// The tensor names of a safetensors file, from its header alone (8 bytes of length, then JSON).
+fn safetensors_names(path: &Path) -> std::io::Result<Vec<String>> {
+    use std::io::Read;
+    let mut f = std::fs::File::open(path)?;
+    let mut len = [0u8; 8];
+    f.read_exact(&mut len)?;
+    let len = u64::from_le_bytes(len);
+    if len > 64 << 20 {
+        return Err(std::io::Error::new(std::io::ErrorKind::InvalidData, format!("a {len}-byte safetensors header")));
+    }
+    let mut header = vec![0u8; len as usize];
+    f.read_exact(&mut header)?;
+    let header: serde_json::Map<String, serde_json::Value> = serde_json::from_slice(&header).map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))?;
+    Ok(header.into_iter().map(|(k, _)| k).filter(|k| k != "__metadata__").collect())
 }
 
 #[cfg(test)]
@@ -220,14 +258,19 @@ mod tests {
     }
 
     #[test]
-    fn registry_names_folders_with_a_config_and_refuses_others() {
+    fn registry_names_folders_with_a_config_and_single_files_and_refuses_others() {
         let dir = tempfile::tempdir().unwrap();
         std::fs::create_dir_all(dir.path().join("canny-xl")).unwrap();
         std::fs::write(dir.path().join("canny-xl/config.json"), r#"{"_class_name": "ControlNetModel", "addition_embed_type": "text_time"}"#).unwrap();
         std::fs::create_dir_all(dir.path().join("empty")).unwrap();
+        let header = br#"{"control_model.time_embed.0.weight":{"dtype":"F16","shape":[1],"data_offsets":[0,2]}}"#;
+        let file = [&(header.len() as u64).to_le_bytes()[..], header, &[0, 0]].concat();
+        std::fs::write(dir.path().join("canny-sd15.safetensors"), file).unwrap();
         let reg = ControlNetRegistry::new(Some(dir.path().to_path_buf()));
-        assert_eq!(reg.names(), vec!["canny-xl".to_string()]);
+        assert_eq!(reg.names(), vec!["canny-sd15".to_string(), "canny-xl".to_string()]);
         assert_eq!(reg.family("canny-xl").unwrap(), ControlNetFamily::Sdxl);
+        assert_eq!(reg.family("canny-sd15").unwrap(), ControlNetFamily::Sd);
+        assert!(reg.resolve("canny-sd15").unwrap().is_file());
         assert_eq!(reg.resolve("empty").unwrap_err().status, 404);
         assert_eq!(reg.resolve("../etc").unwrap_err().status, 400);
         assert_eq!(ControlNetRegistry::new(None).resolve("canny").unwrap_err().status, 400);

@@ -150,9 +150,9 @@ impl ImageRequest {
 }
 
 impl ImageRequest {
-    /// The request's ControlNets prepared for the job (pictures at its size), or a 400 naming
-    /// `controlnets`.
-    fn controlnets(&self, model: &ModelInfo, width: usize, height: usize) -> Result<Vec<crate::ControlNetSpec>, ApiError> {
+    /// The request's control pictures, decoded (after checking the model takes ControlNets and
+    /// how many there are), or a 400 naming `controlnets`.
+    fn control_pictures(&self, model: &ModelInfo) -> Result<Vec<crate::InputImage>, ApiError> {
         let list = self.controlnets.as_deref().unwrap_or_default();
         if list.is_empty() {
             return Ok(vec![]);
@@ -163,7 +163,13 @@ impl ImageRequest {
         if list.len() > crate::MAX_CONTROLNETS {
             return Err(ApiError::invalid("controlnets", format!("at most {} ControlNets may be stacked, got {}", crate::MAX_CONTROLNETS, list.len())));
         }
-        list.iter().map(|c| c.to_spec(width as u32, height as u32)).collect()
+        list.iter().map(|c| crate::decode_base64_image("controlnets", &c.image)).collect()
+    }
+
+    /// The request's ControlNets prepared for the job, their pictures at its size.
+    fn controlnets(&self, pictures: Vec<crate::InputImage>, width: usize, height: usize) -> Result<Vec<crate::ControlNetSpec>, ApiError> {
+        let list = self.controlnets.as_deref().unwrap_or_default();
+        list.iter().zip(pictures).map(|(c, picture)| c.to_spec(picture, width as u32, height as u32)).collect()
     }
 }
 
@@ -310,11 +316,15 @@ impl ImageRequest {
             return Err(ApiError::invalid("n", format!("n must be between 1 and 10, got {n}")));
         }
         let image = self.image.as_deref().map(|text| crate::decode_base64_image("image", text)).transpose()?;
+        let control_pictures = self.control_pictures(model)?;
         let multiple = model.size_multiple.max(1);
-        let (width, height) = match (self.size.as_deref(), &image) {
-            (None | Some("auto"), Some(image)) => image_size(image, model)?,
-            (None | Some("auto"), None) => (model.default_size, model.default_size),
-            (Some(s), _) => parse_size(s, model.max_side, multiple)?,
+        // Without `size`: the input picture's size, else the first control picture's (as
+        // diffusers' ControlNet pipelines take it), else the model's default.
+        let (width, height) = match (self.size.as_deref(), &image, control_pictures.first()) {
+            (None | Some("auto"), Some(image), _) => image_size("image", image, model)?,
+            (None | Some("auto"), None, Some(control)) => image_size("controlnets", control, model)?,
+            (None | Some("auto"), None, None) => (model.default_size, model.default_size),
+            (Some(s), _, _) => parse_size(s, model.max_side, multiple)?,
         };
         if let Some(memory) = &model.memory {
             memory.check(width, height, n as usize).map_err(|e| match (&image, self.size.as_deref()) {
@@ -382,7 +392,7 @@ impl ImageRequest {
             }
         }
         let mut step_cache = self.step_cache(model)?;
-        let controlnets = self.controlnets(model, width, height)?;
+        let controlnets = self.controlnets(control_pictures, width, height)?;
         if !controlnets.is_empty() {
             if self.cache.as_deref().is_some_and(|c| c.trim() != "none") {
                 return Err(ApiError::invalid("cache", "step caching does not run with ControlNets (their residuals change every step)"));
@@ -551,13 +561,13 @@ const LCM_MAX_STEPS: usize = 50;
 
 /// The size an input image gives a request without `size`: its own, rounded down to the model's
 /// multiple, as diffusers' image processor does.
-fn image_size(image: &crate::InputImage, model: &ModelInfo) -> Result<(usize, usize), ApiError> {
+fn image_size(param: &str, image: &crate::InputImage, model: &ModelInfo) -> Result<(usize, usize), ApiError> {
     let multiple = model.size_multiple.max(1);
     let (w, h) = (image.width() as usize / multiple * multiple, image.height() as usize / multiple * multiple);
     if w == 0 || h == 0 || w > model.max_side || h > model.max_side {
         return Err(ApiError::invalid(
-            "image",
-            format!("image is {}x{}; without `size` it must be {multiple} to {} pixels on each side for this model (give `size` to resize it)", image.width(), image.height(), model.max_side),
+            param,
+            format!("{param}: the picture is {}x{}; without `size` it must be {multiple} to {} pixels on each side for this model (give `size` to resize it)", image.width(), image.height(), model.max_side),
         ));
     }
     Ok((w, h))

@@ -110,6 +110,9 @@ enum BenchWhat {
         /// its residuals, as a ControlNet pipeline's step does.
         #[arg(long)]
         controlnet: Option<PathBuf>,
+        /// With --controlnet: time the ControlNet alone (its output is the mid-block residual).
+        #[arg(long, requires = "controlnet")]
+        controlnet_only: bool,
         #[command(flatten)]
         timed: Timed,
     },
@@ -189,7 +192,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
                 queue_overhead(q, depth, jobs)?;
             }
         }
-        BenchWhat::Unet { model, size, batch, inputs, controlnet, timed } => unet_eval(&model, size, batch, inputs, controlnet.as_deref(), &timed)?,
+        BenchWhat::Unet { model, size, batch, inputs, controlnet, controlnet_only, timed } => unet_eval(&model, size, batch, inputs, controlnet.as_deref().map(|dir| (dir, controlnet_only)), &timed)?,
         BenchWhat::Vae { model, inputs, timed } => vae_eval(&model, &inputs, &timed)?,
         BenchWhat::Flux { model, transformer, inputs, lora, timed } => flux_eval(&model, transformer, &inputs, lora, &timed)?,
         BenchWhat::Sd3 { model, transformer, inputs, timed } => sd3_eval(&model, transformer, &inputs, &timed)?,
@@ -269,13 +272,15 @@ fn inputs_on(path: &std::path::Path, device: &Device, dtype: DType) -> Result<st
         .collect()
 }
 
-fn unet_eval(model: &std::path::Path, size: usize, batch: usize, inputs: Option<PathBuf>, controlnet: Option<&std::path::Path>, timed: &Timed) -> Result<()> {
+/// `controlnet`: a ControlNet folder, and whether to time it alone.
+fn unet_eval(model: &std::path::Path, size: usize, batch: usize, inputs: Option<PathBuf>, controlnet: Option<(&std::path::Path, bool)>, timed: &Timed) -> Result<()> {
     let (device, dtype) = timed.open()?;
     let t0 = Instant::now();
     let cfg: UNetConfig = read_json(&model.join("unet/config.json"))?;
     let vb = load_var_builder(&component_weights(model, "unet", dtype != DType::F32)?, dtype, &device)?;
     let unet = UNet2DConditionModel::new(vb, &cfg).context("building the UNet")?;
-    let controlnet = match controlnet {
+    let controlnet_only = controlnet.is_some_and(|(_, only)| only);
+    let controlnet = match controlnet.map(|(dir, _)| dir) {
         Some(dir) => {
             let cfg: easel_engine::config::ControlNetConfig = read_json(&dir.join("config.json"))?;
             let files = component_weights(dir.parent().context("--controlnet: a folder")?, &dir.file_name().context("--controlnet: a folder")?.to_string_lossy(), dtype != DType::F32)?;
@@ -315,6 +320,9 @@ fn unet_eval(model: &std::path::Path, size: usize, batch: usize, inputs: Option<
                 Some(image) => image,
                 None => Tensor::zeros((sample.dim(0)?, 3, h * 8, w * 8), dtype, &device)?,
             };
+            if controlnet_only {
+                return timed.run(&device, load_s, serde_json::json!({"controlnet": "alone"}), || Ok(net.forward(&sample, 500.0, &context, added.as_ref(), &image, 1.0)?.mid));
+            }
             timed.run(&device, load_s, serde_json::json!({"controlnet": true}), || {
                 let residuals = net.forward(&sample, 500.0, &context, added.as_ref(), &image, 1.0)?;
                 Ok(unet.forward_with_control(&sample, 500.0, &context, added.as_ref(), guidance.as_ref(), &residuals)?)

@@ -121,7 +121,8 @@ pub struct GenerateArgs {
     /// default: the model's easel.json `cache`, else none.
     #[arg(long, value_name = "CACHE")]
     cache: Option<String>,
-    /// A ControlNet (SD 1.x/2.x and SDXL): a folder in the diffusers layout, or a NAME in
+    /// A ControlNet (SD 1.x/2.x and SDXL): a folder in the diffusers layout, a single
+    /// .safetensors file (LDM names, as lllyasviel and ComfyUI publish them), or a NAME in
     /// --controlnet-dir, with an optional :SCALE (diffusers' controlnet_conditioning_scale,
     /// default 1); repeatable, one --control-image each, in order; their residuals add up.
     #[arg(long = "controlnet", value_name = "PATH_OR_NAME[:SCALE]")]
@@ -140,7 +141,7 @@ pub struct GenerateArgs {
     /// ...to this one (control_guidance_end).
     #[arg(long, default_value_t = 1.0, value_name = "FRACTION")]
     control_end: f64,
-    /// The ControlNet registry for names (a folder of ControlNet folders).
+    /// The ControlNet registry for names (a folder of ControlNet folders and .safetensors files).
     #[arg(long, value_name = "DIR")]
     controlnet_dir: Option<PathBuf>,
     /// Write the final latents (diffusers' output_type="latent") to this safetensors file.
@@ -240,7 +241,7 @@ pub fn run(args: GenerateArgs) -> Result<()> {
         .controlnets
         .iter()
         .zip(control_pictures)
-        .map(|(arg, picture)| control_unit(arg, picture, &args, width, height, dtype, &device))
+        .map(|(arg, picture)| control_unit(arg, picture, &args, width, height, &pipe, &device))
         .collect::<Result<Vec<_>>>()?;
     let init_image = match init {
         Some(image) => {
@@ -281,7 +282,9 @@ pub fn run(args: GenerateArgs) -> Result<()> {
             stop: args.skip_layer_stop,
         }),
         init_image,
-        step_cache: settings.step_cache,
+        // The model's default step cache gives way to ControlNets, as at the gateway; one asked
+        // for is refused by the pipeline.
+        step_cache: if controlnets.is_empty() || args.cache.is_some() { settings.step_cache } else { None },
         controlnets,
     };
     pipe.validate(&params)?;
@@ -362,18 +365,19 @@ fn split_scale<'a>(flag: &str, arg: &'a str) -> Result<(&'a str, f64)> {
     Ok((name, scale))
 }
 
-/// `--controlnet PATH_OR_NAME[:SCALE]` with its `--control-image`, resized to the output.
-fn control_unit(arg: &str, picture: easel_api::InputImage, args: &GenerateArgs, width: usize, height: usize, dtype: easel_engine::DType, device: &easel_engine::Device) -> Result<easel_engine::ControlUnit> {
+/// `--controlnet PATH_OR_NAME[:SCALE]` with its `--control-image`, resized to the output (and
+/// preprocessed as `--control-preprocess` says).
+fn control_unit(arg: &str, picture: easel_api::InputImage, args: &GenerateArgs, width: usize, height: usize, pipe: &Pipeline, device: &easel_engine::Device) -> Result<easel_engine::ControlUnit> {
     let (name, scale) = split_scale("--controlnet", arg)?;
-    let path = match (Path::new(name), &args.controlnet_dir) {
-        (p, _) if p.is_dir() => p.to_path_buf(),
-        (_, Some(dir)) if dir.join(name).is_dir() => dir.join(name),
-        (_, Some(dir)) => anyhow::bail!("--controlnet {arg}: no such folder, and no ControlNet named `{name}` in {}", dir.display()),
-        (_, None) => anyhow::bail!("--controlnet {arg}: no such folder (names need --controlnet-dir)"),
+    let path = match Path::new(name) {
+        p if p.exists() => p.to_path_buf(),
+        _ if args.controlnet_dir.is_none() => anyhow::bail!("--controlnet {arg}: no such folder or file (names need --controlnet-dir)"),
+        _ => easel_api::ControlNetRegistry::new(args.controlnet_dir.clone()).resolve(name).map_err(|e| anyhow::anyhow!("--controlnet {arg}: {}", e.body.message))?,
     };
-    let net = easel_engine::ControlNet::load(&path, dtype, device).with_context(|| format!("--controlnet {arg}"))?;
+    let dtype = easel_engine::parse_dtype(&args.dtype)?;
+    let net = easel_engine::ControlNet::load(&path, pipe.unet_config(), dtype, device).with_context(|| format!("--controlnet {arg}"))?;
     let preprocess = easel_api::Preprocess::parse(args.control_preprocess.as_deref()).map_err(|e| anyhow::anyhow!("--control-preprocess: {}", e.body.message))?;
-    let picture = preprocess.apply(picture.resized(width as u32, height as u32));
+    let picture = preprocess.apply(picture).resized(width as u32, height as u32);
     let image = easel_engine::rgb_pixels("controlnets", width, height, picture.rgb())?;
     Ok(easel_engine::ControlUnit { net: std::sync::Arc::new(net), image, scale, start: args.control_start, end: args.control_end })
 }

@@ -645,7 +645,14 @@ fn controlnets_by_name_over_http_match_the_cli_and_refuse_bad_input() {
     let s = serve(tmp.path(), &["--model", &format!("var={}", fixture("sd15-var-tiny")), "--controlnet-dir", nets.to_str().unwrap()]);
     let (st, listed) = get(&s, "/v1/controlnets");
     assert_eq!(st, 200);
-    assert_eq!(listed["data"], json!([{"name": "sd15-var-tiny", "object": "controlnet", "family": "sd"}, {"name": "sdxl-var-tiny", "object": "controlnet", "family": "sdxl"}]));
+    assert_eq!(
+        listed["data"],
+        json!([
+            {"name": "sd15-var-tiny", "object": "controlnet", "family": "sd"},
+            {"name": "sd15-var-tiny-ldm", "object": "controlnet", "family": "sd"},
+            {"name": "sdxl-var-tiny", "object": "controlnet", "family": "sdxl"}
+        ])
+    );
     let png = test_png(96, 32);
     let b64 = base64::engine::general_purpose::STANDARD.encode(&png);
     let body = |nets: Value| json!({"model": "var", "prompt": "a red circle", "size": "96x32", "steps": 3, "seed": 4, "controlnets": nets});
@@ -657,6 +664,19 @@ fn controlnets_by_name_over_http_match_the_cli_and_refuse_bad_input() {
     assert_eq!(st, 200, "{r}");
     assert_eq!(r["easel"]["cache_hit"], false, "ControlNets are part of the cache key");
     assert_ne!(decoded_pixels(r["data"][0]["b64_json"].as_str().unwrap()), with, "the ControlNet changed nothing");
+    // Without `size`, the output takes the control picture's size (as diffusers' pipelines).
+    let mut sized = body(one.clone());
+    sized.as_object_mut().unwrap().remove("size");
+    let (st, r) = post(&s, "/v1/images/generations", sized);
+    assert_eq!(st, 200, "{r}");
+    let served = base64::engine::general_purpose::STANDARD.decode(r["data"][0]["b64_json"].as_str().unwrap()).unwrap();
+    assert_eq!(image::load_from_memory(&served).unwrap().to_rgb8().dimensions(), (96, 32));
+    // The same ControlNet as a single file in LDM names gives the same picture.
+    let mut single = one.clone();
+    single[0]["name"] = json!("sd15-var-tiny-ldm");
+    let (st, r) = post(&s, "/v1/images/generations", body(single));
+    assert_eq!(st, 200, "{r}");
+    assert_eq!(decoded_pixels(r["data"][0]["b64_json"].as_str().unwrap()), with, "the single file and the folder differ");
     // Canny on the gateway: a different control image, so a different picture.
     let (st, r) = post(&s, "/v1/images/generations", body(json!([{"name": "sd15-var-tiny", "image": b64, "preprocess": "canny:50:150"}])));
     assert_eq!(st, 200, "{r}");

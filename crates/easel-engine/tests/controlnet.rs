@@ -32,7 +32,7 @@ struct UnitMeta {
 }
 
 fn load_net(path: &str) -> Arc<ControlNet> {
-    Arc::new(ControlNet::load(&fixtures().join(path), DType::F32, &Device::Cpu).expect("load the ControlNet"))
+    Arc::new(ControlNet::load(&fixtures().join(path), None, DType::F32, &Device::Cpu).expect("load the ControlNet"))
 }
 
 /// The reference's request with its ControlNets (a ControlNet named twice is loaded once).
@@ -122,4 +122,45 @@ fn a_controlnet_with_a_step_cache_is_refused_naming_cache() {
     p.step_cache = Some(easel_engine::StepCache::DeepCache { interval: 2 });
     let text = error_text(&pipe, &p);
     assert!(text.contains("cache") && text.contains("ControlNet"), "{text}");
+}
+
+/// A ControlNet published as one file in the original LDM names (written by the fixture tool and
+/// checked there to load back equal through diffusers' `from_single_file`), its architecture
+/// taken from the model's UNet: exactly the output of the same ControlNet from its diffusers
+/// folder, so diffusers' output too.
+#[test]
+fn an_ldm_single_file_controlnet_gives_exactly_its_diffusers_folders_output() {
+    let reference = Reference::load(&fixtures().join("reference/sd15-var-tiny-controlnet-euler.safetensors")).unwrap();
+    let pipe = Pipeline::load(&fixtures().join("pipelines/sd15-var-tiny"), &LoadOptions::default()).unwrap();
+    let mut p = params(&reference);
+    let folder = pipe.generate(&p, None, &mut |_| true).unwrap();
+    let file = fixtures().join("controlnets/sd15-var-tiny-ldm.safetensors");
+    p.controlnets[0].net = Arc::new(ControlNet::load(&file, pipe.unet_config(), DType::F32, &Device::Cpu).expect("load the single file"));
+    let single = pipe.generate(&p, None, &mut |_| true).unwrap();
+    let diff = (&single.latents - &folder.latents).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+    assert_eq!(diff, 0.0, "the single file's output differs from the folder's by {diff}");
+    let err = rel_l2(&single.latents, reference.tensor("latents").unwrap()).unwrap();
+    assert!(err < LATENTS_BOUND, "{err:.2e}");
+    let no_host = ControlNet::load(&file, None, DType::F32, &Device::Cpu).unwrap_err().to_string();
+    assert!(no_host.contains("architecture from the model"), "{no_host}");
+}
+
+/// Two requests with the same ControlNet but their own control images (and seeds) in one batch,
+/// as the server batches them: each gets the image it gets alone.
+#[test]
+fn batched_requests_with_their_own_control_images_equal_their_solo_runs() {
+    let reference = Reference::load(&fixtures().join("reference/sd15-var-tiny-controlnet-euler.safetensors")).unwrap();
+    let pipe = Pipeline::load(&fixtures().join("pipelines/sd15-var-tiny"), &LoadOptions::default()).unwrap();
+    let a = params(&reference);
+    let mut b = a.clone();
+    b.controlnets[0].image = (1.0 - &a.controlnets[0].image).unwrap();
+    b.prompt = "a yellow triangle".into();
+    let solo: Vec<_> = [&a, &b].iter().map(|p| pipe.generate(p, None, &mut |_| true).unwrap()).collect();
+    let batched = pipe.generate_batch(&[a, b], None, &mut |_| true).unwrap();
+    for (i, (s, t)) in solo.iter().zip(&batched).enumerate() {
+        let err = rel_l2(&t.latents, &s.latents).unwrap();
+        println!("request {i}: batched against solo, rel L2 {err:.2e}");
+        assert!(err < 1e-6, "request {i}: batched differs from solo by {err:.2e}");
+    }
+    assert!(rel_l2(&solo[0].latents, &solo[1].latents).unwrap() > 1e-2, "the two requests gave the same image");
 }

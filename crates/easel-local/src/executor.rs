@@ -58,7 +58,7 @@ pub struct EngineExecutor {
     controlnets: easel_api::ControlNetRegistry,
     /// ControlNets loaded by name, shared by every model and job that uses them (switching
     /// them never reloads a model).
-    warm_controlnets: Mutex<HashMap<String, Arc<easel_engine::ControlNet>>>,
+    warm_controlnets: Mutex<HashMap<String, (Arc<easel_engine::ControlNet>, Instant)>>,
 }
 
 /// ControlNets kept loaded at once (an SD 1.5 one is 1.4 GB in f32).
@@ -112,31 +112,44 @@ impl EngineExecutor {
         self
     }
 
-    /// A registry ControlNet, loaded on first use and kept (at most [`MAX_WARM_CONTROLNETS`]).
-    fn controlnet(&self, name: &str) -> Result<Arc<easel_engine::ControlNet>, ExecError> {
-        if let Some(net) = self.warm_controlnets.lock().unwrap_or_else(|p| p.into_inner()).get(name) {
+    /// A registry ControlNet, loaded on first use and kept (at most [`MAX_WARM_CONTROLNETS`],
+    /// the least recently used going first). A folder's is shared by every model; a single file
+    /// takes its architecture from `pipe`'s UNet, so it is kept per model.
+    fn controlnet(&self, name: &str, model: &str, pipe: &Pipeline) -> Result<Arc<easel_engine::ControlNet>, ExecError> {
+        let path = self.controlnets.resolve(name).map_err(|e| ExecError::Permanent(e.body.message))?;
+        let key = if path.is_file() { format!("{name}@{model}") } else { name.to_string() };
+        if let Some((net, used)) = self.warm_controlnets.lock().unwrap_or_else(|p| p.into_inner()).get_mut(&key) {
+            *used = Instant::now();
             return Ok(net.clone());
         }
-        let path = self.controlnets.resolve(name).map_err(|e| ExecError::Permanent(e.body.message))?;
         let t = Instant::now();
-        let net = Arc::new(easel_engine::ControlNet::load(&path, self.load.dtype, &self.load.device).map_err(|e| ExecError::Permanent(format!("ControlNet `{name}`: {e}")))?);
+        let net = easel_engine::ControlNet::load(&path, pipe.unet_config(), self.load.dtype, &self.load.device).map_err(|e| ExecError::Permanent(format!("ControlNet `{name}`: {e}")))?;
+        let net = Arc::new(net);
         tracing::info!(controlnet = %name, seconds = t.elapsed().as_secs_f64(), "ControlNet loaded");
         let mut warm = self.warm_controlnets.lock().unwrap_or_else(|p| p.into_inner());
-        if warm.len() >= MAX_WARM_CONTROLNETS {
-            warm.clear();
+        while warm.len() >= MAX_WARM_CONTROLNETS {
+            let lru = warm.iter().min_by_key(|(_, (_, used))| *used).map(|(k, _)| k.clone());
+            if let Some(k) = lru {
+                warm.remove(&k);
+            }
         }
-        warm.insert(name.to_string(), net.clone());
+        warm.insert(key, (net.clone(), Instant::now()));
         Ok(net)
     }
 
-    /// A job's ControlNets with their control images.
-    fn control_units(&self, spec: &easel_api::JobSpec) -> Result<Vec<easel_engine::ControlUnit>, ExecError> {
+    /// A job's ControlNets with their control images; `nets` are the batch's, resolved once
+    /// (every job of a batch names the same ones: they are part of the batch key).
+    fn control_units(&self, spec: &easel_api::JobSpec, nets: &[Arc<easel_engine::ControlNet>]) -> Result<Vec<easel_engine::ControlUnit>, ExecError> {
+        if spec.controlnets.len() != nets.len() {
+            return Err(ExecError::Permanent("jobs with different ControlNets in one batch".into()));
+        }
         spec.controlnets
             .iter()
-            .map(|c| {
+            .zip(nets)
+            .map(|(c, net)| {
                 let picture = easel_api::decode_base64_image("controlnets", &c.png_base64).map_err(|e| ExecError::Permanent(e.body.message))?;
                 let image = easel_engine::rgb_pixels("controlnets", picture.width() as usize, picture.height() as usize, picture.rgb()).map_err(|e| ExecError::Permanent(e.to_string()))?;
-                Ok(easel_engine::ControlUnit { net: self.controlnet(&c.name)?, image, scale: c.scale, start: c.start, end: c.end })
+                Ok(easel_engine::ControlUnit { net: net.clone(), image, scale: c.scale, start: c.start, end: c.end })
             })
             .collect()
     }
@@ -269,6 +282,7 @@ impl Executor for EngineExecutor {
             }
         }
         let defaults = &self.served(model).ok_or_else(|| ExecError::Permanent(format!("model `{model}` is not served here")))?.defaults;
+        let nets = jobs[0].spec.controlnets.iter().map(|c| self.controlnet(&c.name, model, &pipe)).collect::<Result<Vec<_>, _>>()?;
         let mut params = vec![];
         for j in jobs {
             let s = &j.spec;
@@ -303,7 +317,7 @@ impl Executor for EngineExecutor {
                 skip_layer_guidance: s.skip_layer_guidance.as_ref().map(|g| easel_engine::SkipLayerGuidance { layers: g.layers.clone(), scale: g.scale, start: g.start, stop: g.stop }),
                 init_image,
                 step_cache: settings.step_cache,
-                controlnets: self.control_units(s)?,
+                controlnets: self.control_units(s, &nets)?,
             });
         }
         // Each job's first image is the batch row after the images of the jobs before it.

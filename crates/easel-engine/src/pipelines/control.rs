@@ -3,20 +3,23 @@
 //! timestep, the text states and its conditioning image, and its residuals (times its
 //! conditioning scale, on the steps between its start and end) are summed into the UNet's.
 //!
-//! A ControlNet is loaded once ([`ControlNet::load`]) and shared by every request that names it;
+//! A ControlNet is loaded once ([`ControlNet::load`], from a diffusers folder or a community
+//! single file) and shared by every request that names it;
 //! it never touches the base model's weights, so switching ControlNets reloads nothing else.
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
 
-use super::common::{build, load_tensors, GenerateParams};
+use super::common::{load_tensors, GenerateParams};
 use crate::config::{read_json, ControlNetConfig, UNetConfig};
 use crate::error::{EngineError, Result};
 use crate::models::controlnet::ControlNetModel;
 use crate::models::unet::{AddedCond, ControlResiduals};
+use crate::weights::keys::ldm;
 
 /// A loaded ControlNet.
 #[derive(Debug)]
@@ -27,24 +30,33 @@ pub struct ControlNet {
 }
 
 impl ControlNet {
-    /// Loads a ControlNet in the diffusers layout: a folder with `config.json` and
-    /// `diffusion_pytorch_model.safetensors` (or its `.fp16` variant), as the hub's ControlNet
-    /// repositories hold them.
-    pub fn load(path: &Path, dtype: DType, device: &Device) -> Result<Self> {
-        if !path.is_dir() {
+    /// Loads a ControlNet: a folder in the diffusers layout (`config.json` and
+    /// `diffusion_pytorch_model.safetensors` or its `.fp16` variant, as the hub's ControlNet
+    /// repositories hold them), or a single `.safetensors` file as the community publishes
+    /// them (LDM names, lllyasviel's and ComfyUI's, or diffusers' names without a config). A
+    /// single file has no config: its architecture is `host`'s (the UNet of the model it runs
+    /// with; a ControlNet mirrors it), and its conditioning embedding is read off its weights.
+    pub fn load(path: &Path, host: Option<&UNetConfig>, dtype: DType, device: &Device) -> Result<Self> {
+        let (config, tensors) = if path.is_dir() {
+            let config: ControlNetConfig = read_json(&path.join("config.json"))?;
+            let (parent, name) = match (path.parent(), path.file_name().and_then(|n| n.to_str())) {
+                (Some(parent), Some(name)) => (parent, name),
+                _ => return Err(EngineError::MissingFile { path: path.to_path_buf(), hint: "not a ControlNet folder".into() }),
+            };
+            let files = crate::weights::source::component_weights(parent, name, dtype != DType::F32)?;
+            (config, load_tensors(&files, dtype, device)?)
+        } else if path.is_file() {
+            let host = host.ok_or_else(|| EngineError::param("controlnets", format!("{}: a single-file ControlNet takes its architecture from the model it runs with", path.display())))?;
+            let tensors = ldm::controlnet(path, load_tensors(&[path.to_path_buf()], dtype, device)?)?;
+            (single_file_config(path, host, &tensors)?, tensors)
+        } else {
             return Err(EngineError::MissingFile {
                 path: path.to_path_buf(),
-                hint: "a ControlNet is a folder with config.json and diffusion_pytorch_model.safetensors".into(),
+                hint: "a ControlNet is a folder with config.json and diffusion_pytorch_model.safetensors, or one .safetensors file".into(),
             });
-        }
-        let config: ControlNetConfig = read_json(&path.join("config.json"))?;
-        let (parent, name) = match (path.parent(), path.file_name().and_then(|n| n.to_str())) {
-            (Some(parent), Some(name)) => (parent, name),
-            _ => return Err(EngineError::MissingFile { path: path.to_path_buf(), hint: "not a ControlNet folder".into() }),
         };
-        let files = crate::weights::source::component_weights(parent, name, dtype != DType::F32)?;
-        let vb = VarBuilder::from_tensors(load_tensors(&files, dtype, device)?, dtype, device);
-        let model = build(parent, name, ControlNetModel::new(vb, &config))?;
+        let vb = VarBuilder::from_tensors(tensors, dtype, device);
+        let model = ControlNetModel::new(vb, &config).map_err(|e| crate::weights::bad_weights(path, &e))?;
         Ok(Self { model, path: path.to_path_buf() })
     }
 
@@ -66,10 +78,44 @@ impl ControlNet {
             .or_else(|| differs("cross_attention_dim", format!("{:?}", mine.cross_attention_dim.expand(n)), format!("{:?}", unet.cross_attention_dim.expand(n))))
             .or_else(|| differs("in_channels", mine.in_channels.to_string(), unet.in_channels.to_string()))
             .or_else(|| {
+                let channels = self.model.config.conditioning_channels;
+                (channels != 3).then(|| format!("it takes {channels}-channel control images, and easel gives it RGB pictures"))
+            })
+            .or_else(|| differs("projection_class_embeddings_input_dim", format!("{:?}", mine.projection_class_embeddings_input_dim), format!("{:?}", unet.projection_class_embeddings_input_dim)))
+            .or_else(|| differs("addition_time_embed_dim", format!("{:?}", mine.addition_time_embed_dim), format!("{:?}", unet.addition_time_embed_dim)))
+            .or_else(|| {
                 let downscale = self.model.image_downscale();
                 (downscale != vae_factor).then(|| format!("its image embedding shrinks images {downscale}x, the VAE {vae_factor}x"))
             })
     }
+}
+
+/// A single file's config: the host UNet's architecture (with SDXL's `text_time` embedding
+/// exactly when the file has one), and the conditioning embedding's channels read off its
+/// convolutions (`conv_in`, then every second block, which halves the image).
+fn single_file_config(path: &Path, host: &UNetConfig, tensors: &HashMap<String, Tensor>) -> Result<ControlNetConfig> {
+    let dims = |name: &str| -> Result<Vec<usize>> {
+        tensors.get(name).map(|t| t.dims().to_vec()).ok_or_else(|| EngineError::BadWeights { path: path.to_path_buf(), message: format!("the ControlNet lacks `{name}`") })
+    };
+    let conv_in = dims("controlnet_cond_embedding.conv_in.weight")?;
+    let mut widths = vec![conv_in[0]];
+    let mut k = 1;
+    while let Some(t) = tensors.get(&format!("controlnet_cond_embedding.blocks.{k}.weight")) {
+        widths.push(t.dim(0)?);
+        k += 2;
+    }
+    let mut unet = host.clone();
+    unet.in_channels = dims("conv_in.weight")?[1];
+    if !tensors.contains_key("add_embedding.linear_1.weight") {
+        unet.addition_embed_type = None;
+    }
+    Ok(ControlNetConfig {
+        conditioning_channels: conv_in[1],
+        conditioning_embedding_out_channels: widths,
+        controlnet_conditioning_channel_order: "rgb".into(),
+        global_pool_conditions: false,
+        unet,
+    })
 }
 
 /// One ControlNet applied to a request: diffusers' `controlnet_conditioning_scale` and
@@ -108,9 +154,10 @@ impl ControlUnit {
         !(i / n < self.start || (i + 1.0) / n > self.end)
     }
 
-    /// Whether two requests' units can share a batch: the same ControlNet, scale and window.
+    /// Whether two requests' units can share a batch: the same ControlNet (loaded from the same
+    /// place), scale and window.
     fn batches_with(&self, other: &ControlUnit) -> bool {
-        Arc::ptr_eq(&self.net, &other.net) && self.scale == other.scale && self.start == other.start && self.end == other.end
+        self.net.path == other.net.path && self.scale == other.scale && self.start == other.start && self.end == other.end
     }
 }
 

@@ -65,6 +65,14 @@ impl Pipeline {
         }
     }
 
+    /// The UNet's config, for the Stable Diffusion family.
+    pub fn unet_config(&self) -> Option<&crate::config::UNetConfig> {
+        match self {
+            Self::StableDiffusion(p) => Some(p.unet_config()),
+            Self::Flux(_) | Self::Sd3(_) => None,
+        }
+    }
+
     /// The directory the pipeline was loaded from.
     pub fn dir(&self) -> &Path {
         match self {

@@ -178,6 +178,11 @@ impl StableDiffusionPipeline {
         })
     }
 
+    /// The UNet's config (a single-file ControlNet takes its architecture from it).
+    pub fn unet_config(&self) -> &UNetConfig {
+        &self.unet.config
+    }
+
     /// The directory the pipeline was loaded from.
     pub fn dir(&self) -> &Path {
         &self.dir
@@ -479,7 +484,8 @@ impl StableDiffusionPipeline {
                 None => None,
             };
             let pred = match (deep_cache.as_mut(), residuals) {
-                (Some(cache), _) => self.unet.forward_cached(&input, t, &context, added.as_ref(), guidance_embedding.as_ref(), cache)?,
+                (Some(_), Some(_)) => return Err(EngineError::param("cache", "step caching does not run with ControlNets")),
+                (Some(cache), None) => self.unet.forward_cached(&input, t, &context, added.as_ref(), guidance_embedding.as_ref(), cache)?,
                 (None, Some(residuals)) => self.unet.forward_with_control(&input, t, &context, added.as_ref(), guidance_embedding.as_ref(), &residuals)?,
                 (None, None) => self.unet.forward(&input, t, &context, added.as_ref(), guidance_embedding.as_ref())?,
             };

@@ -26,7 +26,9 @@ pub(super) async fn list_controlnets(State(state): State<AppState>, headers: Hea
     state.authorize(&headers)?;
     let mut data = vec![];
     for name in state.controlnets.names() {
-        let family = state.controlnets.family(&name)?;
+        // An entry whose config cannot be read is listed without a family (requests naming it
+        // get the reason).
+        let family = state.controlnets.family(&name).ok();
         data.push(serde_json::json!({"name": name, "object": "controlnet", "family": family}));
     }
     Ok(Json(serde_json::json!({"object": "list", "data": data})))

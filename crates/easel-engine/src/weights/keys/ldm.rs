@@ -216,6 +216,47 @@ fn unet(path: &Path, tensors: HashMap<String, Tensor>) -> Result<HashMap<String,
     Ok(out)
 }
 
+/// A ControlNet single file in LDM names (lllyasviel's `control_model.*`, or the same without
+/// the prefix as ComfyUI's fp16 copies and thibaud's SD 2.1 ones ship it) to diffusers'
+/// `ControlNetModel` names, as diffusers' `convert_controlnet_checkpoint` maps them: the UNet
+/// copy as the UNet's encoder half; `input_hint_block.N` (convolutions at even N, SiLU between)
+/// to the conditioning embedding's `conv_in`, `blocks` and `conv_out` (the last);
+/// `zero_convs.N.0` to `controlnet_down_blocks.N`, `middle_block_out.0` to
+/// `controlnet_mid_block`. A file already in diffusers' names is returned as it is.
+pub fn controlnet(path: &Path, tensors: HashMap<String, Tensor>) -> Result<HashMap<String, Tensor>> {
+    if tensors.contains_key("time_embedding.linear_1.weight") {
+        return Ok(tensors);
+    }
+    let tensors: HashMap<String, Tensor> = tensors.into_iter().map(|(k, t)| (k.strip_prefix("control_model.").map(str::to_string).unwrap_or(k), t)).collect();
+    if !tensors.contains_key("time_embed.0.weight") {
+        return Err(EngineError::BadWeights { path: path.to_path_buf(), message: "not a ControlNet: neither `time_embed.0.weight` (LDM names) nor `time_embedding.linear_1.weight` (diffusers')".into() });
+    }
+    let mut hint: Vec<usize> = tensors.keys().filter_map(|k| indexed(k, "input_hint_block.")).map(|(i, _)| i).collect();
+    hint.sort_unstable();
+    hint.dedup();
+    let last_hint = hint.last().copied().unwrap_or(0);
+    let (mut own, mut unet_part) = (HashMap::new(), HashMap::new());
+    for (name, t) in tensors {
+        let renamed = if let Some((i, rest)) = indexed(&name, "input_hint_block.") {
+            Some(match i {
+                0 => format!("controlnet_cond_embedding.conv_in.{rest}"),
+                i if i == last_hint => format!("controlnet_cond_embedding.conv_out.{rest}"),
+                i => format!("controlnet_cond_embedding.blocks.{}.{rest}", hint.iter().position(|&h| h == i).unwrap_or(1) - 1),
+            })
+        } else if let Some((i, rest)) = indexed(&name, "zero_convs.") {
+            Some(format!("controlnet_down_blocks.{i}.{}", rest.strip_prefix("0.").unwrap_or(rest)))
+        } else {
+            name.strip_prefix("middle_block_out.0.").map(|rest| format!("controlnet_mid_block.{rest}"))
+        };
+        match renamed {
+            Some(new) => own.insert(new, t),
+            None => unet_part.insert(name, t),
+        };
+    }
+    own.extend(unet(path, unet_part)?);
+    Ok(own)
+}
+
 /// The VAE: LDM's `down.N.block.M`/`up.N.block.M`/`mid.block_1` to diffusers' blocks (the
 /// decoder's `up` list runs from the lowest resolution in diffusers, the highest in LDM).
 fn vae(tensors: HashMap<String, Tensor>) -> HashMap<String, Tensor> {
