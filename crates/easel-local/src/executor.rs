@@ -56,8 +56,9 @@ pub struct EngineExecutor {
     /// Hub LoRA ids already fetched, to their files.
     hub_loras: Mutex<HashMap<String, PathBuf>>,
     controlnets: easel_api::ControlNetRegistry,
-    /// ControlNets loaded by name, shared by every model and job that uses them (switching
-    /// them never reloads a model).
+    /// Loaded ControlNets with when each was last used, keyed by name (a folder's, shared by
+    /// every model) or `name@model` (a single file's, whose architecture is that model's UNet);
+    /// switching them never reloads a model.
     warm_controlnets: Mutex<HashMap<String, (Arc<easel_engine::ControlNet>, Instant)>>,
 }
 
