@@ -209,7 +209,7 @@ impl ControlNetRegistry {
         let path = self.resolve(name)?;
         let unreadable = |e: &dyn std::fmt::Display| ApiError::internal(format!("ControlNet `{name}` ({}): {e}", path.display()));
         if path.is_file() {
-            let names = safetensors_names(&path).map_err(|e| unreadable(&e))?;
+            let names: Vec<String> = crate::safetensors_header::read(&path).map_err(|e| unreadable(&e))?.into_keys().collect();
             let xl = names.iter().any(|n| n.ends_with("label_emb.0.0.weight") || n == "add_embedding.linear_1.weight");
             return Ok(if xl { ControlNetFamily::Sdxl } else { ControlNetFamily::Sd });
         }
@@ -225,22 +225,6 @@ impl ControlNetRegistry {
             ControlNetFamily::Sd
         })
     }
-}
-
-/// The tensor names of a safetensors file, from its header alone (8 bytes of length, then JSON).
-fn safetensors_names(path: &Path) -> std::io::Result<Vec<String>> {
-    use std::io::Read;
-    let mut f = std::fs::File::open(path)?;
-    let mut len = [0u8; 8];
-    f.read_exact(&mut len)?;
-    let len = u64::from_le_bytes(len);
-    if len > 64 << 20 {
-        return Err(std::io::Error::new(std::io::ErrorKind::InvalidData, format!("a {len}-byte safetensors header")));
-    }
-    let mut header = vec![0u8; len as usize];
-    f.read_exact(&mut header)?;
-    let header: serde_json::Map<String, serde_json::Value> = serde_json::from_slice(&header).map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))?;
-    Ok(header.into_iter().map(|(k, _)| k).filter(|k| k != "__metadata__").collect())
 }
 
 #[cfg(test)]

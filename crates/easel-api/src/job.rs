@@ -55,6 +55,9 @@ pub struct JobSpec {
     /// ControlNets with their control images at the job's size, in order.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub controlnets: Vec<crate::ControlNetSpec>,
+    /// An IP-Adapter with its reference picture.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ip_adapter: Option<crate::IpAdapterSpec>,
 }
 
 /// Image-to-image's input as a job carries it through the queue: the picture checked and resized
@@ -189,8 +192,10 @@ impl JobSpec {
         let cache = self.step_cache.map(|c| c.to_string()).unwrap_or_default();
         // ControlNets batch with the same ControlNets and settings; each job keeps its images.
         let control: Vec<String> = self.controlnets.iter().map(|c| format!("{}:{}:{}:{}", c.name, c.scale, c.start, c.end)).collect();
+        // The same goes for an IP-Adapter: one adapter and scale per batch, pictures per job.
+        let ip = self.ip_adapter.as_ref().map(crate::IpAdapterSpec::batch_key).unwrap_or_default();
         format!(
-            "{}|{}x{}|{}|{:?}|{}|{}|{slg}|{strength}|{cache}|{}",
+            "{}|{}x{}|{}|{:?}|{}|{}|{slg}|{strength}|{cache}|{}|{ip}",
             self.queue_model(),
             self.width,
             self.height,
@@ -216,6 +221,7 @@ impl JobSpec {
             "init_image": self.init_image.as_ref().map(|i| (i.digest(), i.strength)),
             "step_cache": self.step_cache,
             "controlnets": self.controlnets.iter().map(crate::ControlNetSpec::key).collect::<Vec<_>>(),
+            "ip_adapter": self.ip_adapter.as_ref().map(crate::IpAdapterSpec::key),
         });
         Some(hex::encode(Sha256::digest(canonical.to_string().as_bytes())))
     }

@@ -8,13 +8,16 @@ pub mod canny;
 mod controlnet;
 mod error;
 mod image_input;
+mod ip_adapter;
 mod job;
 mod lora;
 mod request;
+mod safetensors_header;
 mod step_cache;
 
 pub use controlnet::{ControlNetFamily, ControlNetRef, ControlNetRegistry, ControlNetSpec, Preprocess, MAX_CONTROLNETS};
 pub use error::{ApiError, ErrorBody};
+pub use ip_adapter::{IpAdapterFit, IpAdapterRef, IpAdapterRegistry, IpAdapterSpec};
 pub use image_input::{decode_base64_image, decode_image, decode_openai_mask, InputImage, MAX_INPUT_SIDE};
 pub use job::{Event, InitImageSpec, Job, JobResult, JobSpec, JobStatus, RouteCandidate, RoutePlan, SkipLayerGuidance, StoredImage, Timings, WebhookFormat, PROVIDER_QUEUE_PREFIX};
 pub use lora::{check_name as check_lora_name, validate_loras, LoraRef, LoraRegistry, LoraSource, MAX_LORAS};

@@ -135,6 +135,10 @@ pub struct ImageRequest {
     /// "start": 0, "end": 1, "preprocess": "canny"}]`; their residuals add up.
     #[serde(default)]
     pub controlnets: Option<Vec<crate::ControlNetRef>>,
+    /// An IP-Adapter (SD 1.x/2.x and SDXL): `{"name": REGISTRY_NAME, "image": BASE64,
+    /// "scale": 1}`; the picture steers the image as a prompt does.
+    #[serde(default)]
+    pub ip_adapter: Option<crate::IpAdapterRef>,
 }
 
 impl ImageRequest {
@@ -211,6 +215,9 @@ pub struct ModelInfo {
     /// `deepcache:3`; `None`: no caching unless asked.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub default_cache: Option<String>,
+    /// What an IP-Adapter must fit to run on this model (`None`: it takes none).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ip_adapter_fit: Option<crate::IpAdapterFit>,
     /// The ControlNets this model takes: those trained for this family (`None`: none).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub controlnet_family: Option<crate::ControlNetFamily>,
@@ -399,10 +406,17 @@ impl ImageRequest {
             }
             // The model's default cache gives way to the ControlNets.
             step_cache = None;
-            if self.image.is_some() {
-                return Err(ApiError::invalid("controlnets", "ControlNets run on text-to-image requests; image-to-image and inpainting with a ControlNet are not supported yet"));
+            if self.mask.is_some() {
+                return Err(ApiError::invalid("controlnets", "ControlNets run on text-to-image and image-to-image requests; inpainting with a ControlNet is not supported yet"));
             }
         }
+        let ip_adapter = match &self.ip_adapter {
+            Some(_) if model.ip_adapter_fit.is_none() => {
+                return Err(ApiError::invalid("ip_adapter", format!("`{}` does not take IP-Adapters (they run on local Stable Diffusion 1.x/2.x and SDXL models)", model.id)))
+            }
+            Some(r) => Some(r.to_spec()?),
+            None => None,
+        };
         let mask = self.mask.as_deref().map(|text| crate::decode_base64_image("mask", text)).transpose()?;
         let init_image = match image {
             Some(image) => {
@@ -461,6 +475,7 @@ impl ImageRequest {
             init_image,
             step_cache,
             controlnets,
+            ip_adapter,
         };
         Ok((spec, self.response_format.unwrap_or_default()))
     }
@@ -588,7 +603,7 @@ mod tests {
     use super::*;
 
     fn model() -> ModelInfo {
-        ModelInfo { id: "m".into(), default_steps: 20, default_guidance: 4.0, default_size: 64, max_side: 1024, size_multiple: 8, schedulers: vec!["euler".into()], default_scheduler: None, memory: None, closed: false, skippable_layers: None, cache_kind: None, default_cache: None, image_inputs: ImageInputs::None, controlnet_family: None }
+        ModelInfo { id: "m".into(), default_steps: 20, default_guidance: 4.0, default_size: 64, max_side: 1024, size_multiple: 8, schedulers: vec!["euler".into()], default_scheduler: None, memory: None, closed: false, skippable_layers: None, cache_kind: None, default_cache: None, image_inputs: ImageInputs::None, controlnet_family: None, ip_adapter_fit: None }
     }
 
     fn req(v: serde_json::Value) -> Result<ImageRequest, serde_json::Error> {

@@ -538,6 +538,7 @@ fn shapes_quality(
                 skip_layer_guidance: None,
                 step_cache: settings.step_cache,
                 controlnets: Vec::new(),
+                ip_adapter: None,
                 init_image: None,
             };
             let t = Instant::now();

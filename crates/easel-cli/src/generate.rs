@@ -144,6 +144,21 @@ pub struct GenerateArgs {
     /// The ControlNet registry for names (a folder of ControlNet folders and .safetensors files).
     #[arg(long, value_name = "DIR")]
     controlnet_dir: Option<PathBuf>,
+    /// An IP-Adapter (SD 1.x/2.x and SDXL): a .safetensors file (h94/IP-Adapter's, plain or
+    /// Plus) with its image encoder in an image_encoder/ folder beside it (or
+    /// ../models/image_encoder), or a NAME in --ip-adapter-dir; needs --ip-adapter-image.
+    #[arg(long, value_name = "PATH_OR_NAME")]
+    ip_adapter: Option<String>,
+    /// The reference picture the IP-Adapter conditions on (any size: CLIP's processor resizes
+    /// and centre-crops it).
+    #[arg(long, value_name = "PATH")]
+    ip_adapter_image: Option<PathBuf>,
+    /// How strongly the picture steers the image (diffusers' set_ip_adapter_scale).
+    #[arg(long, default_value_t = 1.0, value_name = "SCALE")]
+    ip_adapter_scale: f64,
+    /// The IP-Adapter registry for names.
+    #[arg(long, value_name = "DIR")]
+    ip_adapter_dir: Option<PathBuf>,
     /// Write the final latents (diffusers' output_type="latent") to this safetensors file.
     #[arg(long)]
     save_latents: Option<PathBuf>,
@@ -286,6 +301,7 @@ pub fn run(args: GenerateArgs) -> Result<()> {
         // for is refused by the pipeline.
         step_cache: if controlnets.is_empty() || args.cache.is_some() { settings.step_cache } else { None },
         controlnets,
+        ip_adapter: ip_adapter_unit(&args, &device)?,
     };
     pipe.validate(&params)?;
     let steps_to_run = match &params.init_image {
@@ -380,6 +396,29 @@ fn control_unit(arg: &str, picture: easel_api::InputImage, args: &GenerateArgs, 
     let picture = preprocess.apply(picture).resized(width as u32, height as u32);
     let image = easel_engine::rgb_pixels("controlnets", width, height, picture.rgb())?;
     Ok(easel_engine::ControlUnit { net: std::sync::Arc::new(net), image, scale, start: args.control_start, end: args.control_end })
+}
+
+/// `--ip-adapter PATH_OR_NAME` with its `--ip-adapter-image` and `--ip-adapter-scale`.
+fn ip_adapter_unit(args: &GenerateArgs, device: &easel_engine::Device) -> Result<Option<easel_engine::IpAdapterUnit>> {
+    let (arg, image) = match (&args.ip_adapter, &args.ip_adapter_image) {
+        (None, None) => return Ok(None),
+        (Some(arg), Some(image)) => (arg, image),
+        (Some(_), None) => anyhow::bail!("--ip-adapter: needs --ip-adapter-image (the reference picture)"),
+        (None, Some(_)) => anyhow::bail!("--ip-adapter-image: needs --ip-adapter (the adapter it feeds)"),
+    };
+    if !args.ip_adapter_scale.is_finite() {
+        anyhow::bail!("--ip-adapter-scale {}: must be a finite number", args.ip_adapter_scale);
+    }
+    let path = match Path::new(arg) {
+        p if p.is_file() => p.to_path_buf(),
+        _ if args.ip_adapter_dir.is_none() => anyhow::bail!("--ip-adapter {arg}: no such file (names need --ip-adapter-dir)"),
+        _ => easel_api::IpAdapterRegistry::new(args.ip_adapter_dir.clone()).resolve(arg).map_err(|e| anyhow::anyhow!("--ip-adapter {arg}: {}", e.body.message))?,
+    };
+    let dtype = easel_engine::parse_dtype(&args.dtype)?;
+    let adapter = easel_engine::IpAdapter::load(&path, None, dtype, device).with_context(|| format!("--ip-adapter {arg}"))?;
+    let picture = read_picture("--ip-adapter-image", image)?;
+    let picture = easel_engine::RgbPicture::new(picture.width() as usize, picture.height() as usize, picture.rgb().to_vec())?;
+    Ok(Some(easel_engine::IpAdapterUnit { adapter: std::sync::Arc::new(adapter), picture, scale: args.ip_adapter_scale }))
 }
 
 /// `PATH_OR_NAME[:SCALE]`: a file, or a name in the registry folder.

@@ -93,6 +93,11 @@ pub struct BackendArgs {
     /// name in `controlnets`.
     #[arg(long)]
     controlnet_dir: Option<PathBuf>,
+    /// The IP-Adapter registry: a folder of IP-Adapter .safetensors files (at its top or one
+    /// folder down, as h94/IP-Adapter's models/ and sdxl_models/), each with its image encoder in
+    /// an image_encoder/ folder beside it; requests name them in `ip_adapter`.
+    #[arg(long)]
+    ip_adapter_dir: Option<PathBuf>,
     /// Also accept hub ids (owner/name) in `loras`, fetched into the hub cache when first used.
     #[arg(long)]
     lora_hub: bool,
@@ -263,7 +268,11 @@ fn services(args: &BackendArgs) -> Result<easel_server::Services> {
         bail!("--controlnet-dir {} is not a folder", dir.display());
     }
     let loras = easel_api::LoraRegistry::new(args.lora_dir.clone()).with_hub(args.lora_hub);
+    if let Some(dir) = args.ip_adapter_dir.as_ref().filter(|d| !d.is_dir()) {
+        bail!("--ip-adapter-dir {} is not a folder", dir.display());
+    }
     let controlnets = easel_api::ControlNetRegistry::new(args.controlnet_dir.clone());
+    let ip_adapters = easel_api::IpAdapterRegistry::new(args.ip_adapter_dir.clone());
     let executor = Arc::new(EngineExecutor::new(
         models,
         LoadOptions { device, dtype, offload_text_encoders: args.offload_text_encoders, ..Default::default() },
@@ -272,7 +281,8 @@ fn services(args: &BackendArgs) -> Result<easel_server::Services> {
         args.request_memory_mb.map(|mb| mb.saturating_mul(1 << 20)).unwrap_or_else(easel_local::default_request_memory),
         loras.clone(),
     )?
-    .with_controlnets(controlnets.clone()));
+    .with_controlnets(controlnets.clone())
+    .with_ip_adapters(ip_adapters.clone()));
     let (queue, bus): (Arc<dyn JobQueue>, EventBus) = match args.queue.as_deref() {
         Some(url) if url.starts_with("redis://") || url.starts_with("rediss://") => {
             let redis = Arc::new(RedisQueue::open(url, args.queue_cap, args.max_attempts)?);
@@ -300,6 +310,7 @@ fn services(args: &BackendArgs) -> Result<easel_server::Services> {
         local_cost,
         loras,
         controlnets,
+        ip_adapters,
         image_urls: easel_server::image_urls::ImageUrls::new(&signing_secret(args), Duration::from_secs(if args.url_lifetime == 0 { 3600 } else { args.url_lifetime })),
         webhook_signing: easel_server::webhooks::WebhookSigning::new(&signing_secret(args)),
     })

@@ -718,8 +718,87 @@ fn controlnets_by_name_over_http_match_the_cli_and_refuse_bad_input() {
     cached["cache"] = json!("deepcache:2");
     let (st, r) = post(&s, "/v1/images/generations", cached);
     assert_eq!((st, r["error"]["param"].as_str()), (400, Some("cache")), "{r}");
+    // Image-to-image takes ControlNets; inpainting does not yet.
     let mut edit = body(one);
     edit["image"] = json!(b64);
+    let (st, r) = post(&s, "/v1/images/generations", edit.clone());
+    assert_eq!(st, 200, "{r}");
+    edit["mask"] = json!(b64);
     let (st, r) = post(&s, "/v1/images/generations", edit);
     assert_eq!((st, r["error"]["param"].as_str()), (400, Some("controlnets")), "{r}");
+}
+
+/// IP-Adapters by registry name over HTTP (h94's layout: adapters one folder down, encoders
+/// beside them): the server gives the CLI's pixels, alone and stacked with a ControlNet, the
+/// edit form takes `ip_adapter` as a JSON field, and bad input is refused naming `ip_adapter`.
+#[test]
+fn ip_adapters_by_name_over_http_match_the_cli_stack_with_controlnets_and_refuse_bad_input() {
+    let tmp = tempfile::tempdir().unwrap();
+    let fixtures = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../fixtures");
+    let (adapters, nets) = (fixtures.join("ip_adapters"), fixtures.join("controlnets"));
+    let s = serve(tmp.path(), &["--model", &format!("var={}", fixture("sd15-var-tiny")), "--ip-adapter-dir", adapters.to_str().unwrap(), "--controlnet-dir", nets.to_str().unwrap()]);
+    let png = test_png(70, 50);
+    let b64 = base64::engine::general_purpose::STANDARD.encode(&png);
+    let body = |ip: Value| json!({"model": "var", "prompt": "a red circle", "size": "64x48", "steps": 3, "seed": 4, "ip_adapter": ip});
+    let plain = json!({"name": "ip-adapter_sd15-var-tiny", "image": b64, "scale": 0.6});
+    let (st, r) = post(&s, "/v1/images/generations", body(plain.clone()));
+    assert_eq!(st, 200, "{r}");
+    let with = decoded_pixels(r["data"][0]["b64_json"].as_str().unwrap());
+    let (st, r) = post(&s, "/v1/images/generations", body(Value::Null));
+    assert_eq!(st, 200, "{r}");
+    assert_ne!(decoded_pixels(r["data"][0]["b64_json"].as_str().unwrap()), with, "the IP-Adapter changed nothing");
+    let mut stacked = body(json!({"name": "ip-adapter-plus_sd15-var-tiny", "image": b64}));
+    stacked["controlnets"] = json!([{"name": "sd15-var-tiny", "image": b64, "scale": 0.8}]);
+    let (st, r) = post(&s, "/v1/images/generations", stacked);
+    assert_eq!(st, 200, "{r}");
+    let plus_with_control = decoded_pixels(r["data"][0]["b64_json"].as_str().unwrap());
+
+    // The CLI on the same picture and settings gives the same pixels.
+    let input = tmp.path().join("reference.png");
+    std::fs::write(&input, &png).unwrap();
+    let out = tmp.path().join("cli.png");
+    let cli = |extra: &[&str]| {
+        let run = Command::new(env!("CARGO_BIN_EXE_easel"))
+            .args(["generate", "--model", &fixture("sd15-var-tiny"), "a red circle", "--steps", "3", "--seed", "4", "--width", "64", "--height", "48", "-o", out.to_str().unwrap()])
+            .args(["--ip-adapter-dir", adapters.to_str().unwrap(), "--ip-adapter-image", input.to_str().unwrap()])
+            .args(extra)
+            .output()
+            .unwrap();
+        assert!(run.status.success(), "{}", String::from_utf8_lossy(&run.stderr));
+        image::open(&out).unwrap().to_rgb8().into_raw()
+    };
+    assert_eq!(cli(&["--ip-adapter", "ip-adapter_sd15-var-tiny", "--ip-adapter-scale", "0.6"]), with, "server and CLI agree");
+    let control = ["--controlnet", &format!("{}:0.8", nets.join("sd15-var-tiny").display()), "--control-image", input.to_str().unwrap()];
+    assert_eq!(cli(&[&["--ip-adapter", "ip-adapter-plus_sd15-var-tiny"][..], &control[..]].concat()), plus_with_control, "server and CLI agree, stacked");
+
+    // The edit form takes ip_adapter and controlnets as JSON.
+    let boundary = "easel-test-boundary";
+    let mut form = vec![];
+    let controlnets = json!([{"name": "sd15-var-tiny", "image": b64}]).to_string();
+    for (name, value) in [("model", "var".to_string()), ("prompt", "a red circle".into()), ("steps", "2".into()), ("ip_adapter", plain.to_string()), ("controlnets", controlnets)] {
+        form.extend(format!("--{boundary}\r\nContent-Disposition: form-data; name=\"{name}\"\r\n\r\n{value}\r\n").into_bytes());
+    }
+    form.extend(format!("--{boundary}\r\nContent-Disposition: form-data; name=\"image\"; filename=\"in.png\"\r\nContent-Type: image/png\r\n\r\n").into_bytes());
+    form.extend(test_png(64, 48));
+    form.extend(format!("\r\n--{boundary}--\r\n").into_bytes());
+    let edited = client()
+        .post(format!("{}/v1/images/edits", s.base))
+        .header("content-type", format!("multipart/form-data; boundary={boundary}"))
+        .body(form)
+        .send()
+        .unwrap();
+    assert_eq!(edited.status().as_u16(), 200, "{}", edited.text().unwrap_or_default());
+
+    for (ip, status) in [
+        (json!({"name": "no-such-adapter", "image": b64}), 404),
+        (json!({"name": "../ip_adapters/x", "image": b64}), 400),
+        (json!({"name": "ip-adapter_sdxl-var-tiny", "image": b64}), 400),
+        (json!({"name": "ip-adapter_sd15-var-tiny", "image": "%%%"}), 400),
+        (json!({"name": "ip-adapter_sd15-var-tiny", "image": b64, "scale": 1e9}), 400),
+    ] {
+        let (st, r) = post(&s, "/v1/images/generations", body(ip.clone()));
+        assert_eq!((st, r["error"]["param"].as_str()), (status, Some("ip_adapter")), "{ip} -> {r}");
+    }
+    let (_, r) = post(&s, "/v1/images/generations", body(json!({"name": "ip-adapter_sdxl-var-tiny", "image": b64})));
+    assert!(r["error"]["message"].as_str().unwrap_or_default().contains("cross-attention layers"), "{r}");
 }

@@ -252,6 +252,30 @@ fn default_act() -> String {
     "quick_gelu".into()
 }
 
+/// An image encoder's `config.json` (transformers' `CLIPVisionConfig`, as IP-Adapters'
+/// `image_encoder/` folders hold it). Absent keys take transformers' defaults.
+#[derive(Debug, Clone, Deserialize)]
+pub struct ClipVisionConfig {
+    pub hidden_size: usize,
+    pub intermediate_size: usize,
+    pub num_hidden_layers: usize,
+    pub num_attention_heads: usize,
+    pub image_size: usize,
+    pub patch_size: usize,
+    /// The width of `image_embeds` (`visual_projection`).
+    pub projection_dim: usize,
+    #[serde(default = "default_act")]
+    pub hidden_act: String,
+    #[serde(default = "default_eps")]
+    pub layer_norm_eps: f64,
+    #[serde(default = "default_image_channels")]
+    pub num_channels: usize,
+}
+
+fn default_image_channels() -> usize {
+    3
+}
+
 /// `scheduler/scheduler_config.json`: the union of the keys easel's schedulers read.
 /// Absent keys take each scheduler class's own diffusers default.
 #[derive(Debug, Clone, Default, Deserialize)]

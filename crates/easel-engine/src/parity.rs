@@ -10,7 +10,7 @@ use candle_core::{DType, Device, Tensor};
 
 use crate::error::{EngineError, Result};
 use crate::scheduler::{NoiseSource, ReplayNoise};
-use crate::{GenerateParams, InitImage, Pipeline, SchedulerKind, SkipLayerGuidance};
+use crate::{GenerateParams, Generated, InitImage, Pipeline, SchedulerKind, SkipLayerGuidance};
 
 /// One diffusers run: its tensors and its string metadata.
 pub struct Reference {
@@ -81,6 +81,7 @@ impl Reference {
             skip_layer_guidance: self.skip_layer_guidance()?,
             step_cache: None,
             controlnets: Vec::new(),
+            ip_adapter: None,
             init_image: match self.tensors.get("init_image") {
                 Some(pixels) => Some(InitImage { pixels: pixels.clone(), strength: self.field("strength")?, mask: self.tensors.get("mask").cloned() }),
                 None => None,
@@ -91,8 +92,18 @@ impl Reference {
     /// Runs the reference's request on `pipe` (replaying diffusers' noise where it was recorded)
     /// and measures the agreement.
     pub fn check(&self, pipe: &Pipeline) -> Result<Agreement> {
+        self.agreement(&self.generate(pipe, &self.params()?)?)
+    }
+
+    /// Runs `params` (the reference's request with whatever a test adds to it, such as
+    /// ControlNets) on `pipe`, replaying diffusers' noise where it was recorded.
+    pub fn generate(&self, pipe: &Pipeline, params: &GenerateParams) -> Result<Generated> {
         let mut replay = self.tensors.get("noise").map(ReplayNoise::new).transpose()?;
-        let out = pipe.generate(&self.params()?, replay.as_mut().map(|r| r as &mut dyn NoiseSource), &mut |_| true)?;
+        pipe.generate(params, replay.as_mut().map(|r| r as &mut dyn NoiseSource), &mut |_| true)
+    }
+
+    /// How close an output is to the reference's.
+    pub fn agreement(&self, out: &Generated) -> Result<Agreement> {
         Ok(Agreement { latents_rel_l2: rel_l2(&out.latents, self.tensor("latents")?)?, image_psnr_db: psnr(&out.decoded, self.tensor("image")?)? })
     }
 }

@@ -21,6 +21,7 @@ fn params(prompt: &str, seed: u64, batch: usize) -> GenerateParams {
         skip_layer_guidance: None,
         step_cache: None,
         controlnets: Vec::new(),
+        ip_adapter: None,
         init_image: None,
     }
 }

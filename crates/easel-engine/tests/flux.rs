@@ -43,6 +43,7 @@ fn run_case(pipe: &easel_engine::FluxPipeline, reference_name: &str) -> (Generat
         skip_layer_guidance: None,
         step_cache: None,
         controlnets: Vec::new(),
+        ip_adapter: None,
         init_image: None,
     };
     (pipe.generate(&params, &mut |_| true).expect("generate"), t)
@@ -240,6 +241,7 @@ fn bad_flux_input_gets_clear_errors() {
         skip_layer_guidance: None,
         step_cache: None,
         controlnets: Vec::new(),
+        ip_adapter: None,
         init_image: None,
     };
     let e = pipe.validate(&p).unwrap_err().to_string();

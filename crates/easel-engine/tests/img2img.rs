@@ -168,6 +168,7 @@ fn masks_are_refused_where_they_cannot_work_and_required_by_inpainting_and_fill_
         skip_layer_guidance: None,
         step_cache: None,
         controlnets: Vec::new(),
+        ip_adapter: None,
         init_image,
     };
     let load = |name: &str| Pipeline::load(&fixtures().join("pipelines").join(name), &LoadOptions::default()).expect("load");
@@ -226,6 +227,7 @@ fn bad_strength_and_a_wrong_sized_image_are_refused_naming_the_field() {
         skip_layer_guidance: None,
         step_cache: None,
         controlnets: Vec::new(),
+        ip_adapter: None,
         init_image: Some(InitImage { pixels: pixels(64, 64), strength: 0.5, mask: None }),
     };
     pipe.validate(&base).expect("a good request");

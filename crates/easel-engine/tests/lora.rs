@@ -38,6 +38,7 @@ fn case(pipeline: &str, case: &str) -> (GenerateParams, std::collections::HashMa
         skip_layer_guidance: None,
         step_cache: None,
         controlnets: Vec::new(),
+        ip_adapter: None,
         init_image: None,
     };
     (params, t)

@@ -31,6 +31,7 @@ fn check_pipeline(name: &str) {
             skip_layer_guidance: None,
             step_cache: None,
             controlnets: Vec::new(),
+            ip_adapter: None,
             init_image: None,
         };
         let mut replay = t.get("noise").map(|n| ReplayNoise::new(n).unwrap());
@@ -101,6 +102,7 @@ fn bundled_model_matches_diffusers() {
             skip_layer_guidance: None,
             step_cache: None,
             controlnets: Vec::new(),
+            ip_adapter: None,
             init_image: None,
         };
         let out = pipe.generate(&params, None, &mut |_| true).unwrap();

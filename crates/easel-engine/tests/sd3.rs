@@ -198,6 +198,7 @@ fn sizes_must_be_multiples_of_16_and_other_schedulers_are_refused() {
         skip_layer_guidance: None,
         step_cache: None,
         controlnets: Vec::new(),
+        ip_adapter: None,
         init_image: None,
     };
     let e = pipe.validate(&GenerateParams { width: 40, ..base.clone() }).unwrap_err().to_string();

@@ -103,6 +103,7 @@ fn params(width: usize, height: usize, steps: usize, guidance: f64, step_cache: 
         step_cache,
         init_image: None,
         controlnets: Vec::new(),
+        ip_adapter: None,
     }
 }
 

@@ -112,10 +112,14 @@ pub fn model_info(id: &str, pipe: &Pipeline, defaults: &ModelDefaults, weight_by
             Pipeline::Flux(_) | Pipeline::Sd3(_) => ImageInputs::Image,
         },
         controlnet_family: match pipe.family() {
-            // Inpainting UNets take no ControlNets here (ControlNets run text-to-image).
+            // Inpainting UNets take no ControlNets here (ControlNets run text-to-image and image-to-image).
             Family::StableDiffusion if !is_inpainting(pipe) => Some(easel_api::ControlNetFamily::Sd),
             Family::StableDiffusionXl if !is_inpainting(pipe) => Some(easel_api::ControlNetFamily::Sdxl),
             _ => None,
+        },
+        ip_adapter_fit: match pipe {
+            Pipeline::StableDiffusion(p) => Some(easel_api::IpAdapterFit { text_width: p.text_width(), layers: p.cross_attention_widths().len() }),
+            Pipeline::Flux(_) | Pipeline::Sd3(_) => None,
         },
     })
 }

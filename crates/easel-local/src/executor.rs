@@ -56,14 +56,50 @@ pub struct EngineExecutor {
     /// Hub LoRA ids already fetched, to their files.
     hub_loras: Mutex<HashMap<String, PathBuf>>,
     controlnets: easel_api::ControlNetRegistry,
-    /// Loaded ControlNets with when each was last used, keyed by name (a folder's, shared by
-    /// every model) or `name@model` (a single file's, whose architecture is that model's UNet);
-    /// switching them never reloads a model.
-    warm_controlnets: Mutex<HashMap<String, (Arc<easel_engine::ControlNet>, Instant)>>,
+    /// Loaded ControlNets, keyed by name (a folder's, shared by every model) or `name@model` (a
+    /// single file's, whose architecture is that model's UNet); switching them never reloads a
+    /// model.
+    warm_controlnets: WarmSet<easel_engine::ControlNet>,
+    ip_adapters: easel_api::IpAdapterRegistry,
+    /// Loaded IP-Adapters with their image encoders, keyed by name, shared by every model.
+    warm_ip_adapters: WarmSet<easel_engine::IpAdapter>,
 }
 
-/// ControlNets kept loaded at once (an SD 1.5 one is 1.4 GB in f32).
-const MAX_WARM_CONTROLNETS: usize = 4;
+/// Add-ons (ControlNets, IP-Adapters) kept loaded at once per kind, the least recently used
+/// going first (an SD 1.5 ControlNet is 1.4 GB in f32).
+const MAX_WARM_ADDONS: usize = 4;
+
+/// Loaded add-ons with when each was last used.
+struct WarmSet<T> {
+    entries: Mutex<HashMap<String, (Arc<T>, Instant)>>,
+}
+
+// Not derived: the derive would require `T: Default`, which loaded models are not.
+impl<T> Default for WarmSet<T> {
+    fn default() -> Self {
+        Self { entries: Mutex::new(HashMap::new()) }
+    }
+}
+
+impl<T> WarmSet<T> {
+    /// The entry under `key`, loaded by `load` on first use; at most [`MAX_WARM_ADDONS`] stay.
+    fn get_or_load(&self, key: &str, load: impl FnOnce() -> Result<T, ExecError>) -> Result<Arc<T>, ExecError> {
+        if let Some((item, used)) = self.entries.lock().unwrap_or_else(|p| p.into_inner()).get_mut(key) {
+            *used = Instant::now();
+            return Ok(item.clone());
+        }
+        let item = Arc::new(load()?);
+        let mut warm = self.entries.lock().unwrap_or_else(|p| p.into_inner());
+        while warm.len() >= MAX_WARM_ADDONS {
+            match warm.iter().min_by_key(|(_, (_, used))| *used).map(|(k, _)| k.clone()) {
+                Some(k) => warm.remove(&k),
+                None => break,
+            };
+        }
+        warm.insert(key.to_string(), (item.clone(), Instant::now()));
+        Ok(item)
+    }
+}
 
 /// LoRA stacks kept warm per model.
 const MAX_WARM_STACKS: usize = 4;
@@ -104,6 +140,8 @@ impl EngineExecutor {
             hub_loras: Default::default(),
             controlnets: Default::default(),
             warm_controlnets: Default::default(),
+            ip_adapters: Default::default(),
+            warm_ip_adapters: Default::default(),
         })
     }
 
@@ -113,29 +151,43 @@ impl EngineExecutor {
         self
     }
 
-    /// A registry ControlNet, loaded on first use and kept (at most [`MAX_WARM_CONTROLNETS`],
-    /// the least recently used going first). A folder's is shared by every model; a single file
-    /// takes its architecture from `pipe`'s UNet, so it is kept per model.
+    /// Serves the IP-Adapters of this registry (by default, none).
+    pub fn with_ip_adapters(mut self, registry: easel_api::IpAdapterRegistry) -> Self {
+        self.ip_adapters = registry;
+        self
+    }
+
+    /// A registry ControlNet, loaded on first use and kept. A folder's is shared by every
+    /// model; a single file takes its architecture from `pipe`'s UNet, so it is kept per model.
     fn controlnet(&self, name: &str, model: &str, pipe: &Pipeline) -> Result<Arc<easel_engine::ControlNet>, ExecError> {
         let path = self.controlnets.resolve(name).map_err(|e| ExecError::Permanent(e.body.message))?;
         let key = if path.is_file() { format!("{name}@{model}") } else { name.to_string() };
-        if let Some((net, used)) = self.warm_controlnets.lock().unwrap_or_else(|p| p.into_inner()).get_mut(&key) {
-            *used = Instant::now();
-            return Ok(net.clone());
-        }
-        let t = Instant::now();
-        let net = easel_engine::ControlNet::load(&path, pipe.unet_config(), self.load.dtype, &self.load.device).map_err(|e| ExecError::Permanent(format!("ControlNet `{name}`: {e}")))?;
-        let net = Arc::new(net);
-        tracing::info!(controlnet = %name, seconds = t.elapsed().as_secs_f64(), "ControlNet loaded");
-        let mut warm = self.warm_controlnets.lock().unwrap_or_else(|p| p.into_inner());
-        while warm.len() >= MAX_WARM_CONTROLNETS {
-            let lru = warm.iter().min_by_key(|(_, (_, used))| *used).map(|(k, _)| k.clone());
-            if let Some(k) = lru {
-                warm.remove(&k);
-            }
-        }
-        warm.insert(key, (net.clone(), Instant::now()));
-        Ok(net)
+        self.warm_controlnets.get_or_load(&key, || {
+            let t = Instant::now();
+            let net = easel_engine::ControlNet::load(&path, pipe.unet_config(), self.load.dtype, &self.load.device).map_err(|e| ExecError::Permanent(format!("ControlNet `{name}`: {e}")))?;
+            tracing::info!(controlnet = %name, seconds = t.elapsed().as_secs_f64(), "ControlNet loaded");
+            Ok(net)
+        })
+    }
+
+    /// A registry IP-Adapter with its image encoder, loaded on first use and kept.
+    fn ip_adapter(&self, name: &str) -> Result<Arc<easel_engine::IpAdapter>, ExecError> {
+        let path = self.ip_adapters.resolve(name).map_err(|e| ExecError::Permanent(e.body.message))?;
+        self.warm_ip_adapters.get_or_load(name, || {
+            let t = Instant::now();
+            let adapter = easel_engine::IpAdapter::load(&path, None, self.load.dtype, &self.load.device).map_err(|e| ExecError::Permanent(format!("IP-Adapter `{name}`: {e}")))?;
+            tracing::info!(ip_adapter = %name, seconds = t.elapsed().as_secs_f64(), "IP-Adapter loaded");
+            Ok(adapter)
+        })
+    }
+
+    /// A job's IP-Adapter with its picture; `adapter` is the batch's, resolved once (it is part
+    /// of the batch key).
+    fn ip_adapter_unit(spec: &easel_api::JobSpec, adapter: Option<&Arc<easel_engine::IpAdapter>>) -> Result<Option<easel_engine::IpAdapterUnit>, ExecError> {
+        let (Some(ip), Some(adapter)) = (&spec.ip_adapter, adapter) else { return Ok(None) };
+        let picture = easel_api::decode_base64_image("ip_adapter", &ip.png_base64).map_err(|e| ExecError::Permanent(e.body.message))?;
+        let picture = easel_engine::RgbPicture::new(picture.width() as usize, picture.height() as usize, picture.rgb().to_vec()).map_err(|e| ExecError::Permanent(e.to_string()))?;
+        Ok(Some(easel_engine::IpAdapterUnit { adapter: adapter.clone(), picture, scale: ip.scale }))
     }
 
     /// A job's ControlNets with their control images; `nets` are the batch's, resolved once
@@ -284,6 +336,7 @@ impl Executor for EngineExecutor {
         }
         let defaults = &self.served(model).ok_or_else(|| ExecError::Permanent(format!("model `{model}` is not served here")))?.defaults;
         let nets = jobs[0].spec.controlnets.iter().map(|c| self.controlnet(&c.name, model, &pipe)).collect::<Result<Vec<_>, _>>()?;
+        let adapter = jobs[0].spec.ip_adapter.as_ref().map(|a| self.ip_adapter(&a.name)).transpose()?;
         let mut params = vec![];
         for j in jobs {
             let s = &j.spec;
@@ -319,6 +372,7 @@ impl Executor for EngineExecutor {
                 init_image,
                 step_cache: settings.step_cache,
                 controlnets: self.control_units(s, &nets)?,
+                ip_adapter: Self::ip_adapter_unit(s, adapter.as_ref())?,
             });
         }
         // Each job's first image is the batch row after the images of the jobs before it.

@@ -34,6 +34,7 @@ pub fn spec(model: &str, priority: i32, steps: usize) -> JobSpec {
         skip_layer_guidance: None,
         step_cache: None,
         controlnets: vec![],
+        ip_adapter: None,
         init_image: None,
     }
 }
@@ -301,7 +302,7 @@ pub fn warm_models_first_within_a_priority(q: &dyn JobQueue) {
 
 pub fn advertised_models_expire(q: &dyn JobQueue) {
     assert!(q.live_models().unwrap().is_empty());
-    let info = |id: &str| ModelInfo { id: id.into(), default_steps: 20, default_guidance: 4.0, default_size: 64, max_side: 2048, size_multiple: 8, schedulers: vec![], default_scheduler: None, memory: None, closed: false, skippable_layers: None, cache_kind: None, default_cache: None, image_inputs: easel_api::ImageInputs::None, controlnet_family: None };
+    let info = |id: &str| ModelInfo { id: id.into(), default_steps: 20, default_guidance: 4.0, default_size: 64, max_side: 2048, size_multiple: 8, schedulers: vec![], default_scheduler: None, memory: None, closed: false, skippable_layers: None, cache_kind: None, default_cache: None, image_inputs: easel_api::ImageInputs::None, controlnet_family: None, ip_adapter_fit: None };
     q.advertise("w1", &[info("a"), info("b")], &["a".into()], Duration::from_millis(300)).unwrap();
     q.advertise("w2", &[info("b")], &[], MINUTE).unwrap();
     let mut live: Vec<String> = q.live_models().unwrap().into_iter().map(|m| m.id).collect();

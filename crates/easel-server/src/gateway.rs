@@ -172,7 +172,7 @@ pub fn remote_model_info(c: &Candidate, pictures: EditSupport) -> ModelInfo {
         EditSupport::ImageAndMask => easel_api::ImageInputs::ImageAndMask,
         EditSupport::MaskRequired => easel_api::ImageInputs::MaskRequired,
     };
-    ModelInfo { id: format!("{}:{}", c.provider, c.model), default_steps: 28, default_guidance: 3.5, default_size: 1024, max_side: 2048, size_multiple: 16, schedulers: vec![], default_scheduler: None, memory: None, closed: true, skippable_layers: None, cache_kind: None, default_cache: None, image_inputs, controlnet_family: None }
+    ModelInfo { id: format!("{}:{}", c.provider, c.model), default_steps: 28, default_guidance: 3.5, default_size: 1024, max_side: 2048, size_multiple: 16, schedulers: vec![], default_scheduler: None, memory: None, closed: true, skippable_layers: None, cache_kind: None, default_cache: None, image_inputs, controlnet_family: None, ip_adapter_fit: None }
 }
 
 /// What a closed provider's answer becomes: the job record's result (images already stored).

@@ -38,6 +38,8 @@ pub struct Services {
     pub loras: easel_api::LoraRegistry,
     /// The ControlNet names requests may use (a folder of ControlNet folders).
     pub controlnets: easel_api::ControlNetRegistry,
+    /// The IP-Adapter names requests may use (a folder of adapter files).
+    pub ip_adapters: easel_api::IpAdapterRegistry,
     /// Signs the image URLs in responses, events and webhooks (same secret on every node).
     pub image_urls: image_urls::ImageUrls,
     /// Signs webhooks (same secret on every node).

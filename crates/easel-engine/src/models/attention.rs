@@ -1,11 +1,27 @@
 //! diffusers' `Transformer2DModel` with `BasicTransformerBlock`s, as the SD UNets use it:
 //! self-attention, cross-attention to the text states, and a GEGLU feed-forward with the
-//! exact (erf) GELU that diffusers uses.
+//! exact (erf) GELU that diffusers uses. Cross-attention layers may also attend to an
+//! IP-Adapter's image prompt ([`CrossContext::image`]): each is numbered in the adapter's
+//! order when the UNet is built, and adds its scaled image attention to the text's.
 
 use candle_core::{Module, Result, Tensor};
 use candle_nn::{group_norm, layer_norm, linear, linear_no_bias, GroupNorm, LayerNorm, Linear, VarBuilder};
 
 use super::conv::{conv2d, Conv2d};
+use super::ip_adapter::{ImageKv, ImagePromptKv};
+
+/// What cross-attention attends to: the text states, and an IP-Adapter's image prompt.
+#[derive(Debug, Clone, Copy)]
+pub struct CrossContext<'a> {
+    pub text: &'a Tensor,
+    pub image: Option<&'a ImagePromptKv>,
+}
+
+impl<'a> From<&'a Tensor> for CrossContext<'a> {
+    fn from(text: &'a Tensor) -> Self {
+        Self { text, image: None }
+    }
+}
 
 /// Multi-head attention with diffusers' `to_q`, `to_k`, `to_v`, `to_out.0` weights.
 #[derive(Debug)]
@@ -33,6 +49,13 @@ impl Attention {
 
     /// Attends from `xs` `[b, n, d]` to `context` (or to itself).
     pub fn forward(&self, xs: &Tensor, context: Option<&Tensor>) -> Result<Tensor> {
+        self.forward_with_image(xs, context, None)
+    }
+
+    /// [`Self::forward`], plus IP-Adapter's decoupled cross-attention: the same queries attend
+    /// to the image prompt's keys and values, and that output times `scale` is added before
+    /// `to_out` (diffusers' `IPAdapterAttnProcessor2_0`).
+    fn forward_with_image(&self, xs: &Tensor, context: Option<&Tensor>, image: Option<(&ImageKv, f64)>) -> Result<Tensor> {
         let context = context.unwrap_or(xs);
         let (b, n, _) = xs.dims3()?;
         let split = |t: Tensor| -> Result<Tensor> {
@@ -42,8 +65,17 @@ impl Attention {
         let q = split(self.to_q.forward(xs)?)?;
         let k = split(self.to_k.forward(context)?)?;
         let v = split(self.to_v.forward(context)?)?;
-        let out = super::sdpa::attention(&q, &k, &v, self.scale)?.transpose(1, 2)?.reshape((b, n, ()))?;
-        self.to_out.forward(&out)
+        let mut out = super::sdpa::attention(&q, &k, &v, self.scale)?;
+        if let Some((kv, scale)) = image {
+            let attended = super::sdpa::attention(&q, &split(kv.k.clone())?, &split(kv.v.clone())?, self.scale)?;
+            out = (out + (attended * scale)?)?;
+        }
+        self.to_out.forward(&out.transpose(1, 2)?.reshape((b, n, ()))?)
+    }
+
+    /// The width of its queries (what an IP-Adapter layer's keys must have).
+    pub fn inner_dim(&self) -> usize {
+        self.to_q.weight().dim(0).unwrap_or(0)
     }
 }
 
@@ -79,6 +111,8 @@ struct BasicTransformerBlock {
     attn2: Attention,
     norm3: LayerNorm,
     ff: FeedForward,
+    /// The cross-attention's place in IP-Adapter's numbering (`None` in a ControlNet).
+    image_slot: Option<usize>,
 }
 
 impl BasicTransformerBlock {
@@ -90,12 +124,20 @@ impl BasicTransformerBlock {
             attn2: Attention::new(vb.pp("attn2"), dim, context_dim, heads, head_dim)?,
             norm3: layer_norm(dim, 1e-5, vb.pp("norm3"))?,
             ff: FeedForward::new(vb.pp("ff"), dim)?,
+            image_slot: None,
         })
     }
 
-    fn forward(&self, xs: &Tensor, context: &Tensor) -> Result<Tensor> {
+    fn forward(&self, xs: &Tensor, context: CrossContext) -> Result<Tensor> {
         let xs = (self.attn1.forward(&self.norm1.forward(xs)?, None)? + xs)?;
-        let xs = (self.attn2.forward(&self.norm2.forward(&xs)?, Some(context))? + &xs)?;
+        let image = match (context.image, self.image_slot) {
+            (Some(prompt), Some(slot)) => {
+                let kv = prompt.per_layer.get(slot).ok_or_else(|| candle_core::Error::Msg(format!("the IP-Adapter has no layer {slot}")))?;
+                Some((kv, prompt.scale))
+            }
+            _ => None,
+        };
+        let xs = (self.attn2.forward_with_image(&self.norm2.forward(&xs)?, Some(context.text), image)? + &xs)?;
         self.ff.forward(&self.norm3.forward(&xs)?)? + xs
     }
 }
@@ -142,7 +184,20 @@ impl Transformer2DModel {
         Ok(Self { norm: group_norm(c.groups, c.channels, 1e-6, vb.pp("norm"))?, proj_in: proj("proj_in")?, blocks, proj_out: proj("proj_out")? })
     }
 
-    pub fn forward(&self, xs: &Tensor, context: &Tensor) -> Result<Tensor> {
+    /// Numbers its cross-attention layers for IP-Adapter, from `next` on.
+    pub fn number_image_slots(&mut self, next: &mut usize) {
+        for block in &mut self.blocks {
+            block.image_slot = Some(*next);
+            *next += 1;
+        }
+    }
+
+    /// Its cross-attention layers' query widths, in IP-Adapter order.
+    pub fn cross_attention_widths(&self) -> impl Iterator<Item = usize> + '_ {
+        self.blocks.iter().map(|b| b.attn2.inner_dim())
+    }
+
+    pub fn forward(&self, xs: &Tensor, context: CrossContext) -> Result<Tensor> {
         let (b, c, h, w) = xs.dims4()?;
         let residual = xs;
         let xs = self.norm.forward(xs)?;

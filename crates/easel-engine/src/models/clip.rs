@@ -1,5 +1,6 @@
 //! CLIP text encoder, mirroring transformers' `CLIPTextModel` / `CLIPTextModelWithProjection`
-//! module tree so weight names map one to one.
+//! module tree so weight names map one to one. The encoder layers are shared with the vision
+//! tower ([`super::clip_vision`]), which differs only in its embeddings and in having no mask.
 
 use candle_core::{DType, Device, Module, Result, Tensor};
 use candle_nn::{embedding, layer_norm, linear, linear_no_bias, Embedding, LayerNorm, Linear, VarBuilder};
@@ -7,19 +8,19 @@ use candle_nn::{embedding, layer_norm, linear, linear_no_bias, Embedding, LayerN
 use crate::config::ClipTextConfig;
 
 #[derive(Debug, Clone, Copy)]
-enum Activation {
+pub(super) enum Activation {
     QuickGelu,
     GeluErf,
     GeluTanh,
 }
 
 impl Activation {
-    fn from_name(name: &str) -> Result<Self> {
+    pub(super) fn from_name(name: &str) -> Result<Self> {
         match name {
             "quick_gelu" => Ok(Self::QuickGelu),
             "gelu" => Ok(Self::GeluErf),
             "gelu_new" | "gelu_pytorch_tanh" => Ok(Self::GeluTanh),
-            other => candle_core::bail!("text encoder hidden_act `{other}` is not supported"),
+            other => candle_core::bail!("CLIP hidden_act `{other}` is not supported"),
         }
     }
 
@@ -29,6 +30,28 @@ impl Activation {
             Self::GeluErf => xs.gelu_erf(),
             Self::GeluTanh => xs.gelu(),
         }
+    }
+}
+
+/// The widths one encoder layer is built from, shared by the text and vision towers.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct LayerShape {
+    pub hidden_size: usize,
+    pub intermediate_size: usize,
+    pub num_attention_heads: usize,
+    pub layer_norm_eps: f64,
+    pub activation: Activation,
+}
+
+impl LayerShape {
+    fn of_text(c: &ClipTextConfig) -> Result<Self> {
+        Ok(Self {
+            hidden_size: c.hidden_size,
+            intermediate_size: c.intermediate_size,
+            num_attention_heads: c.num_attention_heads,
+            layer_norm_eps: c.layer_norm_eps,
+            activation: Activation::from_name(&c.hidden_act)?,
+        })
     }
 }
 
@@ -43,7 +66,7 @@ struct ClipAttention {
 }
 
 impl ClipAttention {
-    fn new(vb: VarBuilder, c: &ClipTextConfig) -> Result<Self> {
+    fn new(vb: VarBuilder, c: &LayerShape) -> Result<Self> {
         let d = c.hidden_size;
         Ok(Self {
             q_proj: linear(d, d, vb.pp("q_proj"))?,
@@ -55,13 +78,17 @@ impl ClipAttention {
         })
     }
 
-    fn forward(&self, xs: &Tensor, mask: &Tensor) -> Result<Tensor> {
+    fn forward(&self, xs: &Tensor, mask: Option<&Tensor>) -> Result<Tensor> {
         let (b, s, d) = xs.dims3()?;
         let split = |t: Tensor| t.reshape((b, s, self.heads, self.head_dim))?.transpose(1, 2)?.contiguous();
         let q = split((self.q_proj.forward(xs)? * (self.head_dim as f64).powf(-0.5))?)?;
         let k = split(self.k_proj.forward(xs)?)?;
         let v = split(self.v_proj.forward(xs)?)?;
-        let attn = q.matmul(&k.t()?)?.broadcast_add(mask)?;
+        let attn = q.matmul(&k.t()?)?;
+        let attn = match mask {
+            Some(mask) => attn.broadcast_add(mask)?,
+            None => attn,
+        };
         let attn = candle_nn::ops::softmax_last_dim(&attn)?;
         let out = attn.matmul(&v)?.transpose(1, 2)?.reshape((b, s, d))?;
         self.out_proj.forward(&out)
@@ -69,7 +96,7 @@ impl ClipAttention {
 }
 
 #[derive(Debug)]
-struct ClipEncoderLayer {
+pub(super) struct ClipEncoderLayer {
     self_attn: ClipAttention,
     layer_norm1: LayerNorm,
     fc1: Linear,
@@ -79,18 +106,18 @@ struct ClipEncoderLayer {
 }
 
 impl ClipEncoderLayer {
-    fn new(vb: VarBuilder, c: &ClipTextConfig) -> Result<Self> {
+    pub(super) fn new(vb: VarBuilder, c: &LayerShape) -> Result<Self> {
         Ok(Self {
             self_attn: ClipAttention::new(vb.pp("self_attn"), c)?,
             layer_norm1: layer_norm(c.hidden_size, c.layer_norm_eps, vb.pp("layer_norm1"))?,
             fc1: linear(c.hidden_size, c.intermediate_size, vb.pp("mlp").pp("fc1"))?,
             fc2: linear(c.intermediate_size, c.hidden_size, vb.pp("mlp").pp("fc2"))?,
             layer_norm2: layer_norm(c.hidden_size, c.layer_norm_eps, vb.pp("layer_norm2"))?,
-            activation: Activation::from_name(&c.hidden_act)?,
+            activation: c.activation,
         })
     }
 
-    fn forward(&self, xs: &Tensor, mask: &Tensor) -> Result<Tensor> {
+    pub(super) fn forward(&self, xs: &Tensor, mask: Option<&Tensor>) -> Result<Tensor> {
         let xs = (xs + self.self_attn.forward(&self.layer_norm1.forward(xs)?, mask)?)?;
         let h = self.activation.apply(&self.fc1.forward(&self.layer_norm2.forward(&xs)?)?)?;
         xs + self.fc2.forward(&h)?
@@ -124,8 +151,9 @@ impl ClipTextModel {
     pub fn new(vb: VarBuilder, c: &ClipTextConfig) -> Result<Self> {
         let tm = vb.pp("text_model");
         let emb = tm.pp("embeddings");
+        let shape = LayerShape::of_text(c)?;
         let layers = (0..c.num_hidden_layers)
-            .map(|i| ClipEncoderLayer::new(tm.pp("encoder").pp("layers").pp(i), c))
+            .map(|i| ClipEncoderLayer::new(tm.pp("encoder").pp("layers").pp(i), &shape))
             .collect::<Result<Vec<_>>>()?;
         let with_projection = c.architectures.iter().flatten().any(|a| a.contains("WithProjection"))
             || vb.contains_tensor("text_projection.weight");
@@ -161,7 +189,7 @@ impl ClipTextModel {
         let mut penultimate = xs.clone();
         for layer in &self.layers {
             penultimate = xs.clone();
-            xs = layer.forward(&xs, &mask)?;
+            xs = layer.forward(&xs, Some(&mask))?;
         }
         let last = self.final_layer_norm.forward(&xs)?;
         // Pool at the first EOS token (transformers' rule for eos_token_id != 2), else argmax of ids.

@@ -146,9 +146,9 @@ impl ControlNetModel {
         let mut residuals = vec![xs.clone()];
         let mut xs = xs;
         for block in &self.down_blocks {
-            xs = block.down(&xs, &emb, context, &mut residuals, true)?;
+            xs = block.down(&xs, &emb, context.into(), &mut residuals, true)?;
         }
-        let xs = self.mid_block.forward(&xs, &emb, context)?;
+        let xs = self.mid_block.forward(&xs, &emb, context.into())?;
         let down = residuals
             .iter()
             .zip(&self.controlnet_down_blocks)

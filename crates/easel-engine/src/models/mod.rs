@@ -1,6 +1,8 @@
 //! The networks, each mirroring its reference implementation's module tree.
 
 pub mod clip;
+pub mod clip_vision;
+pub mod ip_adapter;
 pub mod unet;
 pub mod controlnet;
 pub mod attention;

@@ -14,7 +14,7 @@ use candle_transformers::models::stable_diffusion::embeddings::{TimestepEmbeddin
 use super::conv::{conv2d, Conv2d};
 use super::resnet::{ResnetBlock2D, ResnetConfig};
 
-use super::attention::{Transformer2DModel, TransformerConfig};
+use super::attention::{CrossContext, Transformer2DModel, TransformerConfig};
 use crate::config::UNetConfig;
 
 /// A down or up block: resnets, optional transformers after each resnet, optional resampler.
@@ -39,7 +39,7 @@ fn resnet(vb: VarBuilder, in_ch: usize, out_ch: usize, temb: usize, c: &UNetConf
 impl UNetBlock {
     /// `resample: false` stops before the downsampler (DeepCache's shallow pass needs only the
     /// skip connections of the outermost up block).
-    pub(crate) fn down(&self, xs: &Tensor, temb: &Tensor, context: &Tensor, residuals: &mut Vec<Tensor>, resample: bool) -> Result<Tensor> {
+    pub(crate) fn down(&self, xs: &Tensor, temb: &Tensor, context: CrossContext, residuals: &mut Vec<Tensor>, resample: bool) -> Result<Tensor> {
         let mut xs = xs.clone();
         for (i, r) in self.resnets.iter().enumerate() {
             xs = r.forward(&xs, Some(temb))?;
@@ -55,7 +55,7 @@ impl UNetBlock {
         Ok(xs)
     }
 
-    fn up(&self, xs: &Tensor, temb: &Tensor, context: &Tensor, residuals: &mut Vec<Tensor>, size: Option<(usize, usize)>) -> Result<Tensor> {
+    fn up(&self, xs: &Tensor, temb: &Tensor, context: CrossContext, residuals: &mut Vec<Tensor>, size: Option<(usize, usize)>) -> Result<Tensor> {
         let mut xs = xs.clone();
         for (i, r) in self.resnets.iter().enumerate() {
             let skip = residuals.pop().ok_or_else(|| candle_core::Error::Msg("unet: residual stack underflow".into()))?;
@@ -80,7 +80,7 @@ pub(crate) struct MidBlock {
 }
 
 impl MidBlock {
-    pub(crate) fn forward(&self, xs: &Tensor, temb: &Tensor, context: &Tensor) -> Result<Tensor> {
+    pub(crate) fn forward(&self, xs: &Tensor, temb: &Tensor, context: CrossContext) -> Result<Tensor> {
         let mut xs = self.resnets[0].forward(xs, Some(temb))?;
         for (a, r) in self.attentions.iter().zip(self.resnets.iter().skip(1)) {
             xs = r.forward(&a.forward(&xs, context)?, Some(temb))?;
@@ -322,8 +322,8 @@ impl UNet2DConditionModel {
         let conv_cfg = Conv2dConfig { padding: 1, ..Default::default() };
         let conv_in = conv2d(c.in_channels, ch0, 3, conv_cfg, vb.pp("conv_in"))?;
         let embedding = UNetEmbedding::new(&vb, c)?;
-        let down_blocks = down_blocks(&vb, c, &layout)?;
-        let mid_block = mid_block(&vb, c, &layout)?;
+        let mut down_blocks = down_blocks(&vb, c, &layout)?;
+        let mut mid_block = mid_block(&vb, c, &layout)?;
 
         let last = n - 1;
         let mid_ch = c.block_out_channels[last];
@@ -355,6 +355,11 @@ impl UNet2DConditionModel {
             up_blocks.push(UNetBlock { resnets, attentions, resampler });
         }
 
+        // IP-Adapter numbers cross-attention down, up, then mid (diffusers' `attn_processors`).
+        let mut next_slot = 0;
+        for t in down_blocks.iter_mut().chain(up_blocks.iter_mut()).flat_map(|b| b.attentions.iter_mut()).chain(mid_block.attentions.iter_mut()) {
+            t.number_image_slots(&mut next_slot);
+        }
         Ok(Self {
             conv_in,
             embedding,
@@ -366,6 +371,18 @@ impl UNet2DConditionModel {
             center_input_sample: c.center_input_sample,
             config: config.clone(),
         })
+    }
+
+    /// The query widths of its cross-attention layers in IP-Adapter's order (down blocks, up
+    /// blocks, then the mid block): an adapter needs one key/value pair of each width.
+    pub fn cross_attention_widths(&self) -> Vec<usize> {
+        self.down_blocks
+            .iter()
+            .chain(&self.up_blocks)
+            .flat_map(|b| &b.attentions)
+            .chain(&self.mid_block.attentions)
+            .flat_map(|t| t.cross_attention_widths())
+            .collect()
     }
 
     /// Whether this UNet needs [`AddedCond`] (SDXL).
@@ -381,19 +398,20 @@ impl UNet2DConditionModel {
     /// One evaluation: predicts noise (or v) for `sample` at `timestep` given the text states,
     /// and for LCM-distilled UNets the guidance embedding ([`guidance_embedding`], a row per
     /// sample).
-    pub fn forward(&self, sample: &Tensor, timestep: f64, context: &Tensor, added: Option<&AddedCond>, guidance: Option<&Tensor>) -> Result<Tensor> {
-        self.forward_inner(sample, timestep, context, added, guidance, DeepStep::Full(None), None)
+    pub fn forward<'c>(&self, sample: &Tensor, timestep: f64, context: impl Into<CrossContext<'c>>, added: Option<&AddedCond>, guidance: Option<&Tensor>) -> Result<Tensor> {
+        self.forward_inner(sample, timestep, context.into(), added, guidance, DeepStep::Full(None), None)
     }
 
     /// One evaluation with ControlNets' residuals added to the skip connections and the mid
     /// block's output, as diffusers' `down_block_additional_residuals` and
     /// `mid_block_additional_residual`.
-    pub fn forward_with_control(&self, sample: &Tensor, timestep: f64, context: &Tensor, added: Option<&AddedCond>, guidance: Option<&Tensor>, control: &ControlResiduals) -> Result<Tensor> {
-        self.forward_inner(sample, timestep, context, added, guidance, DeepStep::Full(None), Some(control))
+    pub fn forward_with_control<'c>(&self, sample: &Tensor, timestep: f64, context: impl Into<CrossContext<'c>>, added: Option<&AddedCond>, guidance: Option<&Tensor>, control: &ControlResiduals) -> Result<Tensor> {
+        self.forward_inner(sample, timestep, context.into(), added, guidance, DeepStep::Full(None), Some(control))
     }
 
     /// One step under DeepCache ([`DeepCache`] decides whether the whole UNet runs).
-    pub fn forward_cached(&self, sample: &Tensor, timestep: f64, context: &Tensor, added: Option<&AddedCond>, guidance: Option<&Tensor>, cache: &mut DeepCache) -> Result<Tensor> {
+    pub fn forward_cached<'c>(&self, sample: &Tensor, timestep: f64, context: impl Into<CrossContext<'c>>, added: Option<&AddedCond>, guidance: Option<&Tensor>, cache: &mut DeepCache) -> Result<Tensor> {
+        let context = context.into();
         let step = cache.step;
         cache.step += 1;
         match cache.deep.take() {
@@ -411,7 +429,7 @@ impl UNet2DConditionModel {
     }
 
     #[allow(clippy::too_many_arguments)]
-    fn forward_inner(&self, sample: &Tensor, timestep: f64, context: &Tensor, added: Option<&AddedCond>, guidance: Option<&Tensor>, step: DeepStep, control: Option<&ControlResiduals>) -> Result<Tensor> {
+    fn forward_inner(&self, sample: &Tensor, timestep: f64, context: CrossContext, added: Option<&AddedCond>, guidance: Option<&Tensor>, step: DeepStep, control: Option<&ControlResiduals>) -> Result<Tensor> {
         let batch = sample.dim(0)?;
         let device = sample.device();
         let xs = if self.center_input_sample { ((sample * 2.0)? - 1.0)? } else { sample.clone() };

@@ -268,6 +268,8 @@ pub struct GenerateParams {
     pub step_cache: Option<StepCache>,
     /// ControlNets (Stable Diffusion 1.x/2.x and SDXL), their residuals summed.
     pub controlnets: Vec<super::control::ControlUnit>,
+    /// An IP-Adapter with its reference picture (Stable Diffusion 1.x/2.x and SDXL).
+    pub ip_adapter: Option<super::image_prompt::IpAdapterUnit>,
 }
 
 /// Step caching: denoising steps close together in the schedule compute nearly the same deep

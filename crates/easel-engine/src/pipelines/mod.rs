@@ -6,16 +6,20 @@ use std::path::Path;
 
 use crate::config::{read_json, ModelIndex};
 use crate::error::{EngineError, Result};
+pub mod clip_image;
 pub mod common;
 pub mod control;
 pub mod flux;
+pub mod image_prompt;
 pub mod images_in;
 pub mod sd;
 pub mod sd3;
 pub mod vae;
 
 pub use common::{Family, GenerateParams, Generated, InitImage, LoadOptions, ModelDefaults, SkipLayerGuidance, StepCache, StepCallback, TextEncoderFiles};
+pub use clip_image::RgbPicture;
 pub use control::{ControlNet, ControlUnit};
+pub use image_prompt::{IpAdapter, IpAdapterUnit};
 pub use images_in::rgb_pixels;
 pub use flux::FluxPipeline;
 pub use sd::StableDiffusionPipeline;

@@ -16,6 +16,7 @@ use super::common::*;
 use super::control::ControlStack;
 use super::images_in::{Inpainting, StrengthRounding};
 use super::vae::Vae;
+use crate::models::attention::CrossContext;
 use crate::models::unet::{AddedCond, DeepCache, UNet2DConditionModel};
 use crate::scheduler::{NoiseSource, SchedulerKind, SeededNoise};
 use crate::weights::lora::{self, Component, LoraSpec, LoraTargets, TargetFamily};
@@ -178,6 +179,17 @@ impl StableDiffusionPipeline {
         })
     }
 
+    /// The width of the text states the UNet attends to (an IP-Adapter's image tokens match it).
+    pub fn text_width(&self) -> usize {
+        self.unet.config.cross_attention_dim.expand(1).first().copied().unwrap_or(0)
+    }
+
+    /// The UNet's cross-attention layers' widths, in IP-Adapter's order (an adapter has a key
+    /// and value projection for each).
+    pub fn cross_attention_widths(&self) -> Vec<usize> {
+        self.unet.cross_attention_widths()
+    }
+
     /// The UNet's config (a single-file ControlNet takes its architecture from it).
     pub fn unet_config(&self) -> &UNetConfig {
         &self.unet.config
@@ -252,6 +264,7 @@ impl StableDiffusionPipeline {
             return Err(EngineError::param("cache", "the first-block cache (fbcache) is for FLUX; Stable Diffusion's UNets take deepcache"));
         }
         self.validate_controlnets(p)?;
+        self.validate_ip_adapter(p)?;
         if let Some(kind) = p.scheduler.filter(|k| k.is_flow_matching()) {
             return Err(EngineError::param("scheduler", format!("`{}` is for flow-matching models (FLUX), not Stable Diffusion", kind.name())));
         }
@@ -280,8 +293,8 @@ impl StableDiffusionPipeline {
         if p.step_cache.is_some() {
             return Err(EngineError::param("cache", "step caching does not run with ControlNets (their residuals change every step)"));
         }
-        if p.init_image.is_some() {
-            return Err(EngineError::param("controlnets", "ControlNets run on text-to-image requests; image-to-image and inpainting with a ControlNet are not supported yet"));
+        if p.init_image.as_ref().is_some_and(|i| i.mask.is_some()) {
+            return Err(EngineError::param("controlnets", "ControlNets run on text-to-image and image-to-image requests; inpainting with a ControlNet is not supported yet"));
         }
         let xl = self.family == Family::StableDiffusionXl;
         let family_name = |sdxl: bool| if sdxl { "SDXL" } else { "Stable Diffusion 1.x/2.x" };
@@ -298,6 +311,16 @@ impl StableDiffusionPipeline {
             }
         }
         Ok(())
+    }
+
+    /// An IP-Adapter must have a key and value projection for each of this UNet's
+    /// cross-attention layers, at its widths, and tokens as wide as the text states.
+    fn validate_ip_adapter(&self, p: &GenerateParams) -> Result<()> {
+        let Some(unit) = &p.ip_adapter else { return Ok(()) };
+        match unit.adapter.mismatch(&self.unet.cross_attention_widths(), self.text_width()) {
+            Some(why) => Err(EngineError::param("ip_adapter", format!("the IP-Adapter {} does not fit this model: {why}", unit.adapter.path.display()))),
+            None => Ok(()),
+        }
     }
 
     fn latent_shape(&self, p: &GenerateParams) -> [usize; 4] {
@@ -376,6 +399,7 @@ impl StableDiffusionPipeline {
             }
         }
         super::control::check_batch(items)?;
+        super::image_prompt::check_batch(items)?;
         let kind = first.scheduler.unwrap_or_else(|| self.default_scheduler());
         let mut scheduler = kind.build(&self.scheduler_config, first.steps, 0)?;
         // An LCM-distilled UNet takes the guidance scale as an embedding (`w = guidance - 1`, as
@@ -464,6 +488,8 @@ impl StableDiffusionPipeline {
         };
 
         let control = ControlStack::new(items, guided, self.dtype, &self.device)?;
+        let image_prompt = super::image_prompt::batch_image_prompt(items, guided, self.dtype, &self.device)?;
+        let cross = CrossContext { text: &context, image: image_prompt.as_ref() };
 
         let t1 = Instant::now();
         let mut latents = latents;
@@ -480,14 +506,16 @@ impl StableDiffusionPipeline {
                 None => input,
             };
             let residuals = match &control {
-                Some(control) => control.residuals(i, timesteps.len(), &input, t, &context, added.as_ref())?,
+                // Windows count the steps that run (image-to-image skips the first `start`), as
+                // diffusers' `controlnet_keep` does.
+                Some(control) => control.residuals(i - start, timesteps.len() - start, &input, t, &context, added.as_ref())?,
                 None => None,
             };
             let pred = match (deep_cache.as_mut(), residuals) {
                 (Some(_), Some(_)) => return Err(EngineError::param("cache", "step caching does not run with ControlNets")),
-                (Some(cache), None) => self.unet.forward_cached(&input, t, &context, added.as_ref(), guidance_embedding.as_ref(), cache)?,
-                (None, Some(residuals)) => self.unet.forward_with_control(&input, t, &context, added.as_ref(), guidance_embedding.as_ref(), &residuals)?,
-                (None, None) => self.unet.forward(&input, t, &context, added.as_ref(), guidance_embedding.as_ref())?,
+                (Some(cache), None) => self.unet.forward_cached(&input, t, cross, added.as_ref(), guidance_embedding.as_ref(), cache)?,
+                (None, Some(residuals)) => self.unet.forward_with_control(&input, t, cross, added.as_ref(), guidance_embedding.as_ref(), &residuals)?,
+                (None, None) => self.unet.forward(&input, t, cross, added.as_ref(), guidance_embedding.as_ref())?,
             };
             let pred = if guided {
                 let chunks = pred.chunk(2, 0)?;

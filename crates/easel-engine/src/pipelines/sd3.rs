@@ -209,6 +209,9 @@ impl Sd3Pipeline {
 
     /// Checks request parameters before any work is done.
     pub fn validate(&self, p: &GenerateParams) -> Result<()> {
+        if let Some(unit) = &p.ip_adapter {
+            return Err(EngineError::param("ip_adapter", format!("the IP-Adapter {} is for a UNet (Stable Diffusion); SD 3.5 IP-Adapters are not supported yet", unit.adapter.path.display())));
+        }
         if let Some(unit) = p.controlnets.first() {
             return Err(EngineError::param("controlnets", format!("the ControlNet {} is for a UNet (Stable Diffusion); SD 3.5 ControlNets are not supported yet", unit.net.path.display())));
         }

@@ -137,7 +137,7 @@ pub(super) async fn job_events(State(state): State<AppState>, headers: HeaderMap
     Ok(Sse::new(head.chain(tail)).keep_alive(KeepAlive::default()))
 }
 
-/// A job's request as the API shows it: an input picture (and a ControlNet's) is named by its
+/// A job's request as the API shows it: an input picture (and a ControlNet's or IP-Adapter's) is named by its
 /// digest rather than repeated (a page of jobs would otherwise carry every picture and mask, base64).
 fn request_view(spec: &easel_api::JobSpec) -> serde_json::Value {
     let mut view = serde_json::to_value(spec).unwrap_or(serde_json::Value::Null);
@@ -147,6 +147,9 @@ fn request_view(spec: &easel_api::JobSpec) -> serde_json::Value {
     if let Some(obj) = view.as_object_mut().filter(|_| !spec.controlnets.is_empty()) {
         let nets: Vec<_> = spec.controlnets.iter().map(|c| serde_json::json!({"name": c.name, "scale": c.scale, "start": c.start, "end": c.end, "image_digest": c.image_digest()})).collect();
         obj.insert("controlnets".into(), serde_json::Value::Array(nets));
+    }
+    if let (Some(ip), Some(obj)) = (&spec.ip_adapter, view.as_object_mut()) {
+        obj.insert("ip_adapter".into(), serde_json::json!({"name": ip.name, "scale": ip.scale, "image_digest": ip.image_digest()}));
     }
     view
 }

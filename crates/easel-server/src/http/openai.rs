@@ -37,8 +37,8 @@ const NUMERIC_FIELDS: [&str; 11] = [
     "skip_layer_guidance_start",
     "skip_layer_guidance_stop",
 ];
-/// The fields of an edit form whose values are JSON (arrays) in the JSON request.
-const JSON_FIELDS: [&str; 2] = ["loras", "skip_guidance_layers"];
+/// The fields of an edit form whose values are JSON (arrays, objects) in the JSON request.
+const JSON_FIELDS: [&str; 4] = ["loras", "skip_guidance_layers", "ip_adapter", "controlnets"];
 
 /// An edit form's parts as read off the wire, before any picture is decoded.
 struct EditForm {

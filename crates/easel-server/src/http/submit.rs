@@ -121,6 +121,12 @@ pub(super) fn submit_request(
                     return Err(ApiError::invalid("controlnets", format!("ControlNets run on local engines; `{model_name}` routes to {first} (use route: local)")));
                 }
             }
+            if req.ip_adapter.is_some() {
+                plan.retain(Candidate::is_local);
+                if plan.is_empty() {
+                    return Err(ApiError::invalid("ip_adapter", format!("IP-Adapters run on local engines; `{model_name}` routes to {first} (use route: local)")));
+                }
+            }
             if req.image.is_some() {
                 let mask = req.mask.is_some();
                 plan.retain(|c| c.is_local() || gw.edit_support(c).accepts(mask));
@@ -160,6 +166,12 @@ pub(super) fn submit_request(
                 "controlnets",
                 format!("ControlNet `{}` is for {}, and `{}` is {}", c.name, family.describe(), model.id, served.describe()),
             ));
+        }
+    }
+    if let Some(ip) = &spec.ip_adapter {
+        let fit = state.ip_adapters.fit(&ip.name)?;
+        if let Some(served) = model.ip_adapter_fit.filter(|f| *f != fit) {
+            return Err(ApiError::invalid("ip_adapter", format!("IP-Adapter `{}` is made for {fit}, and `{}` has {served}", ip.name, model.id)));
         }
     }
     if let Some(url) = &spec.webhook_url {
