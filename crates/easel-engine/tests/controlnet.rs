@@ -4,8 +4,10 @@
 //! latents and conditioning images easel must give diffusers' final latents. The cases vary what
 //! changes the arithmetic: SD 1.x and SDXL (its `text_time` embedding in the ControlNet too), one
 //! ControlNet and two summed (with different images, scales and start/end windows), guided and
-//! unguided, two images per prompt, wide and tall images. Each case also runs without its
-//! ControlNets, to show the residuals move the output far more than the bound.
+//! unguided, two images per prompt, wide and tall images, and image-to-image
+//! (StableDiffusion(XL)ControlNetImg2ImgPipeline, references from make_img2img_fixtures.py with
+//! diffusers' noise replayed). Each case also runs without its ControlNets, to show the
+//! residuals move the output far more than the bound.
 
 mod common;
 
@@ -53,10 +55,10 @@ fn check(case: &str) {
     let pipe = Pipeline::load(&fixtures().join("pipelines").join(&reference.meta["pipeline"]), &LoadOptions::default()).expect("load");
     let mut params = params(&reference);
     let want = reference.tensor("latents").unwrap();
-    let out = pipe.generate(&params, None, &mut |_| true).expect("generate");
+    let out = reference.generate(&pipe, &params).expect("generate");
     let (err, db) = (rel_l2(&out.latents, want).unwrap(), psnr(&out.decoded, reference.tensor("image").unwrap()).unwrap());
     params.controlnets.clear();
-    let without = pipe.generate(&params, None, &mut |_| true).expect("generate without ControlNets");
+    let without = reference.generate(&pipe, &params).expect("generate without ControlNets");
     let moved = rel_l2(&without.latents, want).unwrap();
     println!("{case}: latents rel L2 {err:.2e}, image PSNR {db:.1} dB; without its ControlNets {moved:.2e}");
     assert!(err < LATENTS_BOUND && db >= IMAGE_PSNR_DB, "{case} differs from diffusers: rel L2 {err:.2e}, PSNR {db:.1} dB");
@@ -81,6 +83,20 @@ fn sdxl_controlnet_inside_a_start_end_window_on_a_tall_image_matches_diffusers()
 #[test]
 fn sdxl_two_controlnets_without_guidance_match_diffusers() {
     check("sdxl-var-tiny-two-controlnets-unguided");
+}
+
+/// Image-to-image runs 6 of 8 steps here, and the window 0.2-0.8 counts those 6 (diffusers'
+/// `controlnet_keep` over the truncated schedule): the ControlNet runs on the 3rd and 4th.
+#[test]
+fn sd15_controlnet_on_image_to_image_with_its_window_over_the_steps_that_run_matches_diffusers() {
+    check("sd15-var-tiny-controlnet-img2img-euler-a");
+}
+
+/// 3 of 6 steps run and the window is 0-0.5, so the ControlNet runs on the first of them only;
+/// counting all 6 steps it would never run.
+#[test]
+fn sdxl_controlnet_on_image_to_image_two_images_per_prompt_matches_diffusers() {
+    check("sdxl-var-tiny-controlnet-img2img-dpmpp-2m-batch");
 }
 
 fn error_text(pipe: &Pipeline, params: &GenerateParams) -> String {
@@ -112,6 +128,18 @@ fn a_control_image_of_another_size_or_a_bad_window_is_refused_naming_controlnets
     (p.controlnets[0].start, p.controlnets[0].end) = (0.7, 0.2);
     let text = error_text(&pipe, &p);
     assert!(text.contains("controlnets") && text.contains("start < end"), "{text}");
+}
+
+#[test]
+fn a_controlnet_with_inpainting_is_refused_naming_controlnets() {
+    let reference = Reference::load(&fixtures().join("reference/sd15-var-tiny-controlnet-img2img-euler-a.safetensors")).unwrap();
+    let pipe = Pipeline::load(&fixtures().join("pipelines/sd15-var-tiny"), &LoadOptions::default()).unwrap();
+    let mut p = params(&reference);
+    if let Some(init) = p.init_image.as_mut() {
+        init.mask = Some(init.pixels.narrow(1, 0, 1).unwrap().ones_like().unwrap());
+    }
+    let text = error_text(&pipe, &p);
+    assert!(text.contains("controlnets") && text.contains("inpainting"), "{text}");
 }
 
 #[test]
