@@ -406,9 +406,6 @@ impl ImageRequest {
             }
             // The model's default cache gives way to the ControlNets.
             step_cache = None;
-            if self.mask.is_some() {
-                return Err(ApiError::invalid("controlnets", "ControlNets run on text-to-image and image-to-image requests; inpainting with a ControlNet is not supported yet"));
-            }
         }
         let ip_adapter = match &self.ip_adapter {
             Some(_) if model.ip_adapter_fit.is_none() => {

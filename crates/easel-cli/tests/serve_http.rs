@@ -718,14 +718,14 @@ fn controlnets_by_name_over_http_match_the_cli_and_refuse_bad_input() {
     cached["cache"] = json!("deepcache:2");
     let (st, r) = post(&s, "/v1/images/generations", cached);
     assert_eq!((st, r["error"]["param"].as_str()), (400, Some("cache")), "{r}");
-    // Image-to-image takes ControlNets; inpainting does not yet.
+    // Image-to-image and inpainting take ControlNets.
     let mut edit = body(one);
     edit["image"] = json!(b64);
     let (st, r) = post(&s, "/v1/images/generations", edit.clone());
     assert_eq!(st, 200, "{r}");
     edit["mask"] = json!(b64);
     let (st, r) = post(&s, "/v1/images/generations", edit);
-    assert_eq!((st, r["error"]["param"].as_str()), (400, Some("controlnets")), "{r}");
+    assert_eq!(st, 200, "{r}");
 }
 
 /// IP-Adapters by registry name over HTTP (h94's layout: adapters one folder down, encoders

@@ -4,9 +4,9 @@
 //! latents and conditioning images easel must give diffusers' final latents. The cases vary what
 //! changes the arithmetic: SD 1.x and SDXL (its `text_time` embedding in the ControlNet too), one
 //! ControlNet and two summed (with different images, scales and start/end windows), guided and
-//! unguided, two images per prompt, wide and tall images, and image-to-image
-//! (StableDiffusion(XL)ControlNetImg2ImgPipeline, references from make_img2img_fixtures.py with
-//! diffusers' noise replayed). Each case also runs without its ControlNets, to show the
+//! unguided, two images per prompt, wide and tall images, and image-to-image and inpainting
+//! (StableDiffusion(XL)ControlNetImg2ImgPipeline and ...InpaintPipeline, references from
+//! make_img2img_fixtures.py with diffusers' noise replayed). Each case also runs without its ControlNets, to show the
 //! residuals move the output far more than the bound.
 
 mod common;
@@ -99,6 +99,16 @@ fn sdxl_controlnet_on_image_to_image_two_images_per_prompt_matches_diffusers() {
     check("sdxl-var-tiny-controlnet-img2img-dpmpp-2m-batch");
 }
 
+#[test]
+fn sd15_controlnet_with_inpainting_by_latent_blending_matches_diffusers() {
+    check("sd15-var-tiny-controlnet-inpaint-euler");
+}
+
+#[test]
+fn sdxl_controlnet_with_inpainting_from_pure_noise_inside_a_window_matches_diffusers() {
+    check("sdxl-var-tiny-controlnet-inpaint-ddim-full");
+}
+
 fn error_text(pipe: &Pipeline, params: &GenerateParams) -> String {
     match pipe.generate(params, None, &mut |_| true) {
         Ok(_) => panic!("the request was accepted"),
@@ -130,16 +140,14 @@ fn a_control_image_of_another_size_or_a_bad_window_is_refused_naming_controlnets
     assert!(text.contains("controlnets") && text.contains("start < end"), "{text}");
 }
 
+/// ControlNets take the latents alone, so an inpainting UNet's 9-channel input does not fit
+/// one made for the 4-channel UNet.
 #[test]
-fn a_controlnet_with_inpainting_is_refused_naming_controlnets() {
-    let reference = Reference::load(&fixtures().join("reference/sd15-var-tiny-controlnet-img2img-euler-a.safetensors")).unwrap();
-    let pipe = Pipeline::load(&fixtures().join("pipelines/sd15-var-tiny"), &LoadOptions::default()).unwrap();
-    let mut p = params(&reference);
-    if let Some(init) = p.init_image.as_mut() {
-        init.mask = Some(init.pixels.narrow(1, 0, 1).unwrap().ones_like().unwrap());
-    }
-    let text = error_text(&pipe, &p);
-    assert!(text.contains("controlnets") && text.contains("inpainting"), "{text}");
+fn a_controlnet_on_a_9_channel_inpainting_unet_is_refused_naming_controlnets() {
+    let reference = Reference::load(&fixtures().join("reference/sd15-var-tiny-controlnet-inpaint-euler.safetensors")).unwrap();
+    let pipe = Pipeline::load(&fixtures().join("pipelines/sd15-var-inpaint-tiny"), &LoadOptions::default()).unwrap();
+    let text = error_text(&pipe, &params(&reference));
+    assert!(text.contains("controlnets") && text.contains("in_channels"), "{text}");
 }
 
 #[test]

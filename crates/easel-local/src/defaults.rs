@@ -112,7 +112,7 @@ pub fn model_info(id: &str, pipe: &Pipeline, defaults: &ModelDefaults, weight_by
             Pipeline::Flux(_) | Pipeline::Sd3(_) => ImageInputs::Image,
         },
         controlnet_family: match pipe.family() {
-            // Inpainting UNets take no ControlNets here (ControlNets run text-to-image and image-to-image).
+            // 9-channel inpainting UNets take no ControlNets (a ControlNet sees the 4-channel latents).
             Family::StableDiffusion if !is_inpainting(pipe) => Some(easel_api::ControlNetFamily::Sd),
             Family::StableDiffusionXl if !is_inpainting(pipe) => Some(easel_api::ControlNetFamily::Sdxl),
             _ => None,

@@ -293,9 +293,6 @@ impl StableDiffusionPipeline {
         if p.step_cache.is_some() {
             return Err(EngineError::param("cache", "step caching does not run with ControlNets (their residuals change every step)"));
         }
-        if p.init_image.as_ref().is_some_and(|i| i.mask.is_some()) {
-            return Err(EngineError::param("controlnets", "ControlNets run on text-to-image and image-to-image requests; inpainting with a ControlNet is not supported yet"));
-        }
         let xl = self.family == Family::StableDiffusionXl;
         let family_name = |sdxl: bool| if sdxl { "SDXL" } else { "Stable Diffusion 1.x/2.x" };
         for unit in &p.controlnets {
@@ -501,15 +498,16 @@ impl StableDiffusionPipeline {
         for (i, &t) in timesteps.iter().enumerate().skip(start) {
             let input = if guided { Tensor::cat(&[&latents, &latents], 0)? } else { latents.clone() };
             let input = scheduler.scale_model_input(&input, i)?;
+            let residuals = match &control {
+                // Windows count the steps that run (image-to-image skips the first `start`), as
+                // diffusers' `controlnet_keep` does. ControlNets see the latents alone, never an
+                // inpainting UNet's extra channels (they only run on 4-channel UNets anyway).
+                Some(control) => control.residuals(i - start, timesteps.len() - start, &input, t, &context, added.as_ref())?,
+                None => None,
+            };
             let input = match inpaint.as_ref().and_then(|x| x.unet_extra.as_ref()) {
                 Some(extra) => Tensor::cat(&[&input, extra], 1)?,
                 None => input,
-            };
-            let residuals = match &control {
-                // Windows count the steps that run (image-to-image skips the first `start`), as
-                // diffusers' `controlnet_keep` does.
-                Some(control) => control.residuals(i - start, timesteps.len() - start, &input, t, &context, added.as_ref())?,
-                None => None,
             };
             let pred = match (deep_cache.as_mut(), residuals) {
                 (Some(_), Some(_)) => return Err(EngineError::param("cache", "step caching does not run with ControlNets")),
