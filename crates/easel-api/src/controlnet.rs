@@ -36,6 +36,10 @@ pub struct ControlNetRef {
     /// 200) or `canny:LOW:HIGH`; absent or `none`: the picture is the control image.
     #[serde(default)]
     pub preprocess: Option<String>,
+    /// The control type of a Union FLUX ControlNet (diffusers' `control_mode`; InstantX's
+    /// Union: 0 canny, 1 tile, 2 depth, 3 blur, 4 pose, 5 gray, 6 low quality).
+    #[serde(default)]
+    pub mode: Option<u32>,
 }
 
 /// A ControlNet as a job carries it: the registry name, the control image at the job's size
@@ -47,13 +51,23 @@ pub struct ControlNetSpec {
     pub scale: f64,
     pub start: f64,
     pub end: f64,
+    /// A Union FLUX ControlNet's control type.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mode: Option<u32>,
 }
 
 impl ControlNetSpec {
     /// What decides the pixels besides the picture, and a short digest of the picture, for
     /// batch and cache keys.
     pub fn key(&self) -> String {
-        format!("{}:{}:{}:{}:{}", self.name, self.scale, self.start, self.end, self.image_digest())
+        format!("{}:{}", self.settings_key(), self.image_digest())
+    }
+
+    /// The settings alone (a batch shares them; each job keeps its picture). The mode is
+    /// appended only when set, so keys without one stay as they were.
+    pub fn settings_key(&self) -> String {
+        let mode = self.mode.map(|m| format!(":m{m}")).unwrap_or_default();
+        format!("{}:{}:{}:{}{mode}", self.name, self.scale, self.start, self.end)
     }
 
     /// A short digest of the control image.
@@ -120,7 +134,28 @@ impl ControlNetRef {
         }
         let preprocess = Preprocess::parse(self.preprocess.as_deref())?;
         let control = preprocess.apply(picture).resized(width, height);
-        Ok(ControlNetSpec { name: self.name.clone(), png_base64: control.to_base64_png(), scale, start, end })
+        Ok(ControlNetSpec { name: self.name.clone(), png_base64: control.to_base64_png(), scale, start, end, mode: self.mode })
+    }
+}
+
+/// What the gateway reads about a registry entry without loading it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ControlNetInfo {
+    pub family: ControlNetFamily,
+    /// A Union ControlNet's number of control modes; `None` for others.
+    pub modes: Option<u32>,
+}
+
+impl ControlNetInfo {
+    /// Why `mode` does not suit this ControlNet (`None`: it does): a Union net needs one in
+    /// range, and other nets take none.
+    pub fn mode_mismatch(&self, name: &str, mode: Option<u32>) -> Option<String> {
+        match (self.modes, mode) {
+            (Some(n), Some(m)) if m >= n => Some(format!("control mode {m} is out of range: the Union ControlNet `{name}` has modes 0 to {}", n.saturating_sub(1))),
+            (Some(n), None) => Some(format!("ControlNet `{name}` is a Union ControlNet: give a `mode` (0 to {})", n.saturating_sub(1))),
+            (None, Some(m)) => Some(format!("control mode {m} is for Union FLUX ControlNets, and `{name}` is not one")),
+            _ => None,
+        }
     }
 }
 
@@ -204,26 +239,42 @@ impl ControlNetRegistry {
 
     /// The family a registry entry was trained for: from a folder's `config.json`
     /// (`_class_name`, SDXL's `text_time` embedding), or from a single file's tensor names
-    /// (SDXL's `label_emb`/`add_embedding`).
+    /// (SDXL's `label_emb`/`add_embedding`; FLUX's `controlnet_x_embedder`, XLabs'
+    /// `double_blocks`, which easel then refuses to load with a reason).
     pub fn family(&self, name: &str) -> Result<ControlNetFamily, ApiError> {
+        Ok(self.info(name)?.family)
+    }
+
+    /// A registry entry's family and, for a Union FLUX ControlNet, how many control modes it
+    /// has (`num_mode` in its config).
+    pub fn info(&self, name: &str) -> Result<ControlNetInfo, ApiError> {
         let path = self.resolve(name)?;
         let unreadable = |e: &dyn std::fmt::Display| ApiError::internal(format!("ControlNet `{name}` ({}): {e}", path.display()));
         if path.is_file() {
             let names: Vec<String> = crate::safetensors_header::read(&path).map_err(|e| unreadable(&e))?.into_keys().collect();
-            let xl = names.iter().any(|n| n.ends_with("label_emb.0.0.weight") || n == "add_embedding.linear_1.weight");
-            return Ok(if xl { ControlNetFamily::Sdxl } else { ControlNetFamily::Sd });
+            const FLUX_NAMES: [&str; 4] = ["controlnet_x_embedder.weight", "controlnet_single_blocks.0.weight", "pos_embed_input.weight", "double_blocks.0.img_attn.qkv.weight"];
+            let family = if names.iter().any(|n| FLUX_NAMES.contains(&n.as_str())) {
+                ControlNetFamily::Flux
+            } else if names.iter().any(|n| n.ends_with("label_emb.0.0.weight") || n == "add_embedding.linear_1.weight") {
+                ControlNetFamily::Sdxl
+            } else {
+                ControlNetFamily::Sd
+            };
+            return Ok(ControlNetInfo { family, modes: None });
         }
         let config_path = path.join("config.json");
         let text = std::fs::read_to_string(&config_path).map_err(|e| unreadable(&e))?;
         let config: serde_json::Value = serde_json::from_str(&text).map_err(|e| unreadable(&e))?;
         let class = config.get("_class_name").and_then(|c| c.as_str()).unwrap_or("ControlNetModel");
-        Ok(if class.starts_with("Flux") {
+        let family = if class.starts_with("Flux") {
             ControlNetFamily::Flux
         } else if config.get("addition_embed_type").and_then(|t| t.as_str()) == Some("text_time") {
             ControlNetFamily::Sdxl
         } else {
             ControlNetFamily::Sd
-        })
+        };
+        let modes = config.get("num_mode").and_then(|m| m.as_u64()).map(|m| m as u32);
+        Ok(ControlNetInfo { family, modes })
     }
 }
 
@@ -250,8 +301,19 @@ mod tests {
         let header = br#"{"control_model.time_embed.0.weight":{"dtype":"F16","shape":[1],"data_offsets":[0,2]}}"#;
         let file = [&(header.len() as u64).to_le_bytes()[..], header, &[0, 0]].concat();
         std::fs::write(dir.path().join("canny-sd15.safetensors"), file).unwrap();
+        std::fs::create_dir_all(dir.path().join("union-flux")).unwrap();
+        std::fs::write(dir.path().join("union-flux/config.json"), r#"{"_class_name": "FluxControlNetModel", "num_mode": 10}"#).unwrap();
+        let header = br#"{"controlnet_x_embedder.weight":{"dtype":"F16","shape":[1],"data_offsets":[0,2]}}"#;
+        let file = [&(header.len() as u64).to_le_bytes()[..], header, &[0, 0]].concat();
+        std::fs::write(dir.path().join("flux-file.safetensors"), file).unwrap();
         let reg = ControlNetRegistry::new(Some(dir.path().to_path_buf()));
-        assert_eq!(reg.names(), vec!["canny-sd15".to_string(), "canny-xl".to_string()]);
+        assert_eq!(reg.names(), vec!["canny-sd15".to_string(), "canny-xl".to_string(), "flux-file".to_string(), "union-flux".to_string()]);
+        assert_eq!(reg.info("union-flux").unwrap(), ControlNetInfo { family: ControlNetFamily::Flux, modes: Some(10) });
+        assert!(reg.info("union-flux").unwrap().mode_mismatch("union-flux", None).unwrap().contains("0 to 9"));
+        assert!(reg.info("union-flux").unwrap().mode_mismatch("union-flux", Some(10)).unwrap().contains("out of range"));
+        assert_eq!(reg.info("union-flux").unwrap().mode_mismatch("union-flux", Some(3)), None);
+        assert!(reg.info("canny-xl").unwrap().mode_mismatch("canny-xl", Some(0)).unwrap().contains("not one"));
+        assert_eq!(reg.family("flux-file").unwrap(), ControlNetFamily::Flux);
         assert_eq!(reg.family("canny-xl").unwrap(), ControlNetFamily::Sdxl);
         assert_eq!(reg.family("canny-sd15").unwrap(), ControlNetFamily::Sd);
         assert!(reg.resolve("canny-sd15").unwrap().is_file());

@@ -191,7 +191,7 @@ impl JobSpec {
         let strength = self.init_image.as_ref().map(|i| format!("{}{}", i.strength, if i.mask_png_base64.is_some() { "+mask" } else { "" })).unwrap_or_default();
         let cache = self.step_cache.map(|c| c.to_string()).unwrap_or_default();
         // ControlNets batch with the same ControlNets and settings; each job keeps its images.
-        let control: Vec<String> = self.controlnets.iter().map(|c| format!("{}:{}:{}:{}", c.name, c.scale, c.start, c.end)).collect();
+        let control: Vec<String> = self.controlnets.iter().map(crate::ControlNetSpec::settings_key).collect();
         // The same goes for an IP-Adapter: one adapter and scale per batch, pictures per job.
         let ip = self.ip_adapter.as_ref().map(crate::IpAdapterSpec::batch_key).unwrap_or_default();
         format!(

@@ -15,7 +15,7 @@ mod request;
 mod safetensors_header;
 mod step_cache;
 
-pub use controlnet::{ControlNetFamily, ControlNetRef, ControlNetRegistry, ControlNetSpec, Preprocess, MAX_CONTROLNETS};
+pub use controlnet::{ControlNetFamily, ControlNetInfo, ControlNetRef, ControlNetRegistry, ControlNetSpec, Preprocess, MAX_CONTROLNETS};
 pub use error::{ApiError, ErrorBody};
 pub use ip_adapter::{IpAdapterFit, IpAdapterRef, IpAdapterRegistry, IpAdapterSpec};
 pub use image_input::{decode_base64_image, decode_image, decode_openai_mask, InputImage, MAX_INPUT_SIDE};

@@ -131,8 +131,9 @@ pub struct ImageRequest {
     /// (FLUX); absent takes the model's default (`easel.json`'s `cache`, else none).
     #[serde(default)]
     pub cache: Option<String>,
-    /// ControlNets (SD 1.x/2.x and SDXL): `[{"name": REGISTRY_NAME, "image": BASE64, "scale": 1,
-    /// "start": 0, "end": 1, "preprocess": "canny"}]`; their residuals add up.
+    /// ControlNets (SD 1.x/2.x, SDXL and FLUX): `[{"name": REGISTRY_NAME, "image": BASE64,
+    /// "scale": 1, "start": 0, "end": 1, "preprocess": "canny", "mode": 0}]` (`mode`: a Union
+    /// FLUX ControlNet's control type); their residuals add up.
     #[serde(default)]
     pub controlnets: Option<Vec<crate::ControlNetRef>>,
     /// An IP-Adapter (SD 1.x/2.x and SDXL): `{"name": REGISTRY_NAME, "image": BASE64,
@@ -162,7 +163,7 @@ impl ImageRequest {
             return Ok(vec![]);
         }
         if model.controlnet_family.is_none() {
-            return Err(ApiError::invalid("controlnets", format!("`{}` does not take ControlNets (they run on local Stable Diffusion 1.x/2.x and SDXL models)", model.id)));
+            return Err(ApiError::invalid("controlnets", format!("`{}` does not take ControlNets (they run on local Stable Diffusion 1.x/2.x, SDXL and FLUX models)", model.id)));
         }
         if list.len() > crate::MAX_CONTROLNETS {
             return Err(ApiError::invalid("controlnets", format!("at most {} ControlNets may be stacked, got {}", crate::MAX_CONTROLNETS, list.len())));
@@ -409,7 +410,7 @@ impl ImageRequest {
         }
         let ip_adapter = match &self.ip_adapter {
             Some(_) if model.ip_adapter_fit.is_none() => {
-                return Err(ApiError::invalid("ip_adapter", format!("`{}` does not take IP-Adapters (they run on local Stable Diffusion 1.x/2.x and SDXL models)", model.id)))
+                return Err(ApiError::invalid("ip_adapter", format!("`{}` does not take IP-Adapters (they run on local Stable Diffusion 1.x/2.x, SDXL and FLUX models)", model.id)))
             }
             Some(r) => Some(r.to_spec()?),
             None => None,

@@ -121,8 +121,8 @@ pub struct GenerateArgs {
     /// default: the model's easel.json `cache`, else none.
     #[arg(long, value_name = "CACHE")]
     cache: Option<String>,
-    /// A ControlNet (SD 1.x/2.x and SDXL): a folder in the diffusers layout, a single
-    /// .safetensors file (LDM names, as lllyasviel and ComfyUI publish them), or a NAME in
+    /// A ControlNet (SD 1.x/2.x, SDXL or FLUX): a folder in the diffusers layout, a single
+    /// .safetensors file (SD's LDM names, as lllyasviel and ComfyUI publish them), or a NAME in
     /// --controlnet-dir, with an optional :SCALE (diffusers' controlnet_conditioning_scale,
     /// default 1); repeatable, one --control-image each, in order; their residuals add up.
     #[arg(long = "controlnet", value_name = "PATH_OR_NAME[:SCALE]")]
@@ -141,6 +141,10 @@ pub struct GenerateArgs {
     /// ...to this one (control_guidance_end).
     #[arg(long, default_value_t = 1.0, value_name = "FRACTION")]
     control_end: f64,
+    /// The control type of a Union FLUX ControlNet (diffusers' control_mode; InstantX's Union:
+    /// 0 canny, 1 tile, 2 depth, 3 blur, 4 pose, 5 gray, 6 low quality), for every --controlnet.
+    #[arg(long, value_name = "MODE")]
+    control_mode: Option<usize>,
     /// The ControlNet registry for names (a folder of ControlNet folders and .safetensors files).
     #[arg(long, value_name = "DIR")]
     controlnet_dir: Option<PathBuf>,
@@ -395,7 +399,7 @@ fn control_unit(arg: &str, picture: easel_api::InputImage, args: &GenerateArgs, 
     let preprocess = easel_api::Preprocess::parse(args.control_preprocess.as_deref()).map_err(|e| anyhow::anyhow!("--control-preprocess: {}", e.body.message))?;
     let picture = preprocess.apply(picture).resized(width as u32, height as u32);
     let image = easel_engine::rgb_pixels("controlnets", width, height, picture.rgb())?;
-    Ok(easel_engine::ControlUnit { net: std::sync::Arc::new(net), image, scale, start: args.control_start, end: args.control_end })
+    Ok(easel_engine::ControlUnit { net: std::sync::Arc::new(net), image, scale, start: args.control_start, end: args.control_end, mode: args.control_mode })
 }
 
 /// `--ip-adapter PATH_OR_NAME` with its `--ip-adapter-image` and `--ip-adapter-scale`.

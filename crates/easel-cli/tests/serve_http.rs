@@ -648,6 +648,9 @@ fn controlnets_by_name_over_http_match_the_cli_and_refuse_bad_input() {
     assert_eq!(
         listed["data"],
         json!([
+            {"name": "flux-dev-tiny", "object": "controlnet", "family": "flux"},
+            {"name": "flux-dev-tiny-union", "object": "controlnet", "family": "flux"},
+            {"name": "flux-dev-var-tiny", "object": "controlnet", "family": "flux"},
             {"name": "sd15-var-tiny", "object": "controlnet", "family": "sd"},
             {"name": "sd15-var-tiny-ldm", "object": "controlnet", "family": "sd"},
             {"name": "sdxl-var-tiny", "object": "controlnet", "family": "sdxl"}
@@ -726,6 +729,55 @@ fn controlnets_by_name_over_http_match_the_cli_and_refuse_bad_input() {
     edit["mask"] = json!(b64);
     let (st, r) = post(&s, "/v1/images/generations", edit);
     assert_eq!(st, 200, "{r}");
+}
+
+/// FLUX ControlNets by registry name over HTTP: a Union net with its control mode gives the
+/// CLI's pixels, the mode is part of the cache key, and a UNet's ControlNet is refused naming
+/// both families.
+#[test]
+fn flux_controlnets_by_name_over_http_match_the_cli_and_refuse_another_family() {
+    let tmp = tempfile::tempdir().unwrap();
+    let nets = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../fixtures/controlnets");
+    let s = serve(tmp.path(), &["--model", &format!("flux={}", fixture("flux-dev-tiny")), "--controlnet-dir", nets.to_str().unwrap()]);
+    let png = test_png(64, 48);
+    let b64 = base64::engine::general_purpose::STANDARD.encode(&png);
+    let body = |nets: Value| json!({"model": "flux", "prompt": "a red circle", "size": "64x48", "steps": 3, "seed": 4, "controlnets": nets});
+    let union = |mode: u32| json!([{"name": "flux-dev-tiny-union", "image": b64, "scale": 0.7, "mode": mode}]);
+    let (st, r) = post(&s, "/v1/images/generations", body(union(2)));
+    assert_eq!(st, 200, "{r}");
+    let with = decoded_pixels(r["data"][0]["b64_json"].as_str().unwrap());
+    let (st, r) = post(&s, "/v1/images/generations", body(union(1)));
+    assert_eq!(st, 200, "{r}");
+    assert_eq!(r["easel"]["cache_hit"], false, "the control mode is part of the cache key");
+    assert_ne!(decoded_pixels(r["data"][0]["b64_json"].as_str().unwrap()), with, "the control mode changed nothing");
+    let (st, r) = post(&s, "/v1/images/generations", body(json!([])));
+    assert_eq!(st, 200, "{r}");
+    assert_ne!(decoded_pixels(r["data"][0]["b64_json"].as_str().unwrap()), with, "the ControlNet changed nothing");
+
+    let input = tmp.path().join("control.png");
+    std::fs::write(&input, &png).unwrap();
+    let out = tmp.path().join("cli.png");
+    let run = Command::new(env!("CARGO_BIN_EXE_easel"))
+        .args(["generate", "--model", &fixture("flux-dev-tiny"), "a red circle", "--steps", "3", "--seed", "4", "-o", out.to_str().unwrap()])
+        .args(["--controlnet-dir", nets.to_str().unwrap(), "--controlnet", "flux-dev-tiny-union:0.7", "--control-mode", "2", "--control-image", input.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(run.status.success(), "{}", String::from_utf8_lossy(&run.stderr));
+    assert_eq!(image::open(&out).unwrap().to_rgb8().into_raw(), with, "server and CLI agree");
+
+    let (st, r) = post(&s, "/v1/images/generations", body(json!([{"name": "sd15-var-tiny", "image": b64}])));
+    assert_eq!((st, r["error"]["param"].as_str()), (400, Some("controlnets")), "{r}");
+    let message = r["error"]["message"].as_str().unwrap_or_default();
+    assert!(message.contains("Stable Diffusion 1.x/2.x") && message.contains("FLUX"), "{r}");
+    // A Union net without a mode or out of range, and a mode for a plain net: 400s before queueing.
+    for nets in [
+        json!([{"name": "flux-dev-tiny-union", "image": b64}]),
+        json!([{"name": "flux-dev-tiny-union", "image": b64, "mode": 4}]),
+        json!([{"name": "flux-dev-tiny", "image": b64, "mode": 0}]),
+    ] {
+        let (st, r) = post(&s, "/v1/images/generations", body(nets.clone()));
+        assert_eq!((st, r["error"]["param"].as_str()), (400, Some("controlnets")), "{nets} -> {r}");
+    }
 }
 
 /// IP-Adapters by registry name over HTTP (h94's layout: adapters one folder down, encoders

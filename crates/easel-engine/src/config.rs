@@ -456,6 +456,21 @@ pub struct FluxTransformerConfig {
     pub axes_dims_rope: Vec<usize>,
 }
 
+/// `config.json` of diffusers' `FluxControlNetModel` (InstantX / Shakker-Labs style): the
+/// transformer's fields (its first `num_layers` double and `num_single_layers` single blocks),
+/// plus `num_mode` for Union ControlNets (a learned embedding per control type) and
+/// `conditioning_embedding_channels` for XLabs-style nets that read pixels through a small
+/// convolution stack instead of VAE latents.
+#[derive(Debug, Clone, Deserialize)]
+pub struct FluxControlNetConfig {
+    #[serde(flatten)]
+    pub base: FluxTransformerConfig,
+    #[serde(default)]
+    pub num_mode: Option<usize>,
+    #[serde(default)]
+    pub conditioning_embedding_channels: Option<usize>,
+}
+
 impl FluxTransformerConfig {
     /// FLUX.1-dev as Black Forest Labs publishes it (12B parameters).
     pub fn flux1_dev() -> Self {

@@ -86,7 +86,7 @@ fn setup(reference: &Reference) -> (Pipeline, GenerateParams) {
         for u in serde_json::from_str::<Vec<ControlMeta>>(units).unwrap() {
             let net = Arc::new(ControlNet::load(&fixtures().join(&u.path), None, DType::F32, &Device::Cpu).unwrap());
             let image = (reference.tensor(&u.image).unwrap().to_dtype(DType::F32).unwrap() / 255.0).unwrap();
-            params.controlnets.push(ControlUnit { net, image, scale: u.scale, start: u.start, end: u.end });
+            params.controlnets.push(ControlUnit { net, image, scale: u.scale, start: u.start, end: u.end, mode: None });
         }
     }
     (pipe, params)

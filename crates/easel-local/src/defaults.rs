@@ -56,10 +56,6 @@ fn engine_step_cache(cache: easel_api::StepCache) -> StepCache {
     }
 }
 
-fn is_inpainting(pipe: &Pipeline) -> bool {
-    matches!(pipe, Pipeline::StableDiffusion(p) if p.is_inpainting_unet())
-}
-
 /// The step cache a pipeline's denoiser takes, by the name requests use.
 fn cache_kind(pipe: &Pipeline) -> Option<&'static str> {
     match pipe {
@@ -112,9 +108,9 @@ pub fn model_info(id: &str, pipe: &Pipeline, defaults: &ModelDefaults, weight_by
             Pipeline::Flux(_) | Pipeline::Sd3(_) => ImageInputs::Image,
         },
         controlnet_family: match pipe.family() {
-            // 9-channel inpainting UNets take no ControlNets (a ControlNet sees the 4-channel latents).
-            Family::StableDiffusion if !is_inpainting(pipe) => Some(easel_api::ControlNetFamily::Sd),
-            Family::StableDiffusionXl if !is_inpainting(pipe) => Some(easel_api::ControlNetFamily::Sdxl),
+            Family::StableDiffusion => Some(easel_api::ControlNetFamily::Sd),
+            Family::StableDiffusionXl => Some(easel_api::ControlNetFamily::Sdxl),
+            Family::FluxDev | Family::FluxSchnell if !matches!(pipe, Pipeline::Flux(p) if p.is_fill()) => Some(easel_api::ControlNetFamily::Flux),
             _ => None,
         },
         ip_adapter_fit: match pipe {

@@ -202,7 +202,7 @@ impl EngineExecutor {
             .map(|(c, net)| {
                 let picture = easel_api::decode_base64_image("controlnets", &c.png_base64).map_err(|e| ExecError::Permanent(e.body.message))?;
                 let image = easel_engine::rgb_pixels("controlnets", picture.width() as usize, picture.height() as usize, picture.rgb()).map_err(|e| ExecError::Permanent(e.to_string()))?;
-                Ok(easel_engine::ControlUnit { net: net.clone(), image, scale: c.scale, start: c.start, end: c.end })
+                Ok(easel_engine::ControlUnit { net: net.clone(), image, scale: c.scale, start: c.start, end: c.end, mode: c.mode.map(|m| m as usize) })
             })
             .collect()
     }

@@ -6,6 +6,7 @@
 use candle_core::{DType, Device, Module, Tensor, D};
 
 use super::dit::{layer_norm, modulate, rms_norm, timestep_embedding};
+use super::flux_controlnet::FluxControlResiduals;
 use crate::config::FluxTransformerConfig;
 use crate::error::Result;
 use crate::weights::store::{Linear, Weights};
@@ -66,7 +67,7 @@ pub fn expected_shapes(c: &FluxTransformerConfig) -> Vec<(String, Vec<usize>)> {
 }
 
 /// Rotary tables for position ids `[L, n_axes]`: `(cos, sin)`, each `[L, head/2]`.
-fn rope(ids: &Tensor, axes_dim: &[usize], theta: f64) -> Result<(Tensor, Tensor)> {
+pub(super) fn rope(ids: &Tensor, axes_dim: &[usize], theta: f64) -> Result<(Tensor, Tensor)> {
     let mut freqs = vec![];
     for (axis, &dim) in axes_dim.iter().enumerate() {
         let pos = ids.narrow(1, axis, 1)?.to_dtype(DType::F64)?;
@@ -101,11 +102,11 @@ pub struct MlpEmbedder {
 }
 
 impl MlpEmbedder {
-    fn new(w: &Weights, name: &str) -> Result<Self> {
+    pub(super) fn new(w: &Weights, name: &str) -> Result<Self> {
         Ok(Self { in_layer: w.linear(&format!("{name}.in_layer"))?, out_layer: w.linear(&format!("{name}.out_layer"))? })
     }
 
-    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+    pub(super) fn forward(&self, x: &Tensor) -> Result<Tensor> {
         Ok(self.out_layer.forward(&self.in_layer.forward(x)?.silu()?)?)
     }
 }
@@ -195,7 +196,7 @@ pub struct DoubleStreamBlock {
 }
 
 impl DoubleStreamBlock {
-    fn new(w: &Weights, name: &str, heads: usize) -> Result<Self> {
+    pub(super) fn new(w: &Weights, name: &str, heads: usize) -> Result<Self> {
         Ok(Self {
             img_mod: Modulation::new(w, &format!("{name}.img_mod"), 6)?,
             img_attn: SelfAttention::new(w, &format!("{name}.img_attn"))?,
@@ -207,7 +208,7 @@ impl DoubleStreamBlock {
         })
     }
 
-    fn forward(&self, img: &Tensor, txt: &Tensor, vec: &Tensor, pe: &(Tensor, Tensor)) -> Result<(Tensor, Tensor)> {
+    pub(super) fn forward(&self, img: &Tensor, txt: &Tensor, vec: &Tensor, pe: &(Tensor, Tensor)) -> Result<(Tensor, Tensor)> {
         let im = self.img_mod.forward(vec)?;
         let tm = self.txt_mod.forward(vec)?;
         let img_in = modulate(&layer_norm(img)?, &im[0], &im[1])?;
@@ -243,7 +244,7 @@ pub struct SingleStreamBlock {
 }
 
 impl SingleStreamBlock {
-    fn new(w: &Weights, name: &str, heads: usize, hidden: usize) -> Result<Self> {
+    pub(super) fn new(w: &Weights, name: &str, heads: usize, hidden: usize) -> Result<Self> {
         Ok(Self {
             linear1: w.linear(&format!("{name}.linear1"))?,
             linear2: w.linear(&format!("{name}.linear2"))?,
@@ -254,7 +255,7 @@ impl SingleStreamBlock {
         })
     }
 
-    fn forward(&self, x: &Tensor, vec: &Tensor, pe: &(Tensor, Tensor)) -> Result<Tensor> {
+    pub(super) fn forward(&self, x: &Tensor, vec: &Tensor, pe: &(Tensor, Tensor)) -> Result<Tensor> {
         let m = self.modulation.forward(vec)?;
         let x_mod = modulate(&layer_norm(x)?, &m[0], &m[1])?;
         let fused = self.linear1.forward(&x_mod)?;
@@ -298,13 +299,42 @@ pub struct FluxInputs<'a> {
     pub guidance: Option<&'a Tensor>,
 }
 
-/// `FluxTransformer2DModel` / BFL's `Flux`.
-pub struct FluxTransformer {
-    img_in: Linear,
-    txt_in: Linear,
+/// The input embeddings shared by the transformer and its ControlNets: the latent and text
+/// projections (`img_in`, `txt_in`) and the conditioning vector's MLPs (timestep, guidance for
+/// guidance-distilled models, CLIP pooled).
+pub(super) struct Embedders {
+    pub(super) img_in: Linear,
+    pub(super) txt_in: Linear,
     time_in: MlpEmbedder,
     vector_in: MlpEmbedder,
     guidance_in: Option<MlpEmbedder>,
+}
+
+impl Embedders {
+    pub(super) fn new(w: &Weights, config: &FluxTransformerConfig) -> Result<Self> {
+        Ok(Self {
+            img_in: w.linear("img_in")?,
+            txt_in: w.linear("txt_in")?,
+            time_in: MlpEmbedder::new(w, "time_in")?,
+            vector_in: MlpEmbedder::new(w, "vector_in")?,
+            guidance_in: if config.guidance_embeds { Some(MlpEmbedder::new(w, "guidance_in")?) } else { None },
+        })
+    }
+
+    /// The conditioning vector `[B, H]`: timestep, then guidance (when the model embeds it and
+    /// the caller gives it), then the pooled text, summed.
+    pub(super) fn vec(&self, x: &FluxInputs, dtype: DType) -> Result<Tensor> {
+        let mut vec = self.time_in.forward(&timestep_embedding(x.timesteps, 256, 1000.0, dtype)?)?;
+        if let (Some(g_in), Some(g)) = (&self.guidance_in, x.guidance) {
+            vec = (vec + g_in.forward(&timestep_embedding(g, 256, 1000.0, dtype)?)?)?;
+        }
+        Ok((vec + self.vector_in.forward(&x.pooled.to_dtype(dtype)?)?)?)
+    }
+}
+
+/// `FluxTransformer2DModel` / BFL's `Flux`.
+pub struct FluxTransformer {
+    embed: Embedders,
     double_blocks: Vec<DoubleStreamBlock>,
     single_blocks: Vec<SingleStreamBlock>,
     final_layer: LastLayer,
@@ -319,11 +349,7 @@ impl FluxTransformer {
         w.check(&expected_shapes(config), "the transformer config")?;
         let (heads, hidden) = (config.num_attention_heads, config.hidden_size());
         Ok(Self {
-            img_in: w.linear("img_in")?,
-            txt_in: w.linear("txt_in")?,
-            time_in: MlpEmbedder::new(w, "time_in")?,
-            vector_in: MlpEmbedder::new(w, "vector_in")?,
-            guidance_in: if config.guidance_embeds { Some(MlpEmbedder::new(w, "guidance_in")?) } else { None },
+            embed: Embedders::new(w, config)?,
             double_blocks: (0..config.num_layers).map(|i| DoubleStreamBlock::new(w, &format!("double_blocks.{i}"), heads)).collect::<Result<_>>()?,
             single_blocks: (0..config.num_single_layers)
                 .map(|i| SingleStreamBlock::new(w, &format!("single_blocks.{i}"), heads, hidden))
@@ -351,20 +377,31 @@ impl FluxTransformer {
         self.forward_inner(x, Some(cache))
     }
 
+    /// One step with ControlNet residuals added after the blocks, as diffusers'
+    /// `FluxTransformer2DModel` takes `controlnet_block_samples` and
+    /// `controlnet_single_block_samples`.
+    pub fn forward_with_control(&self, x: &FluxInputs, control: &FluxControlResiduals) -> Result<Tensor> {
+        self.forward_inner_controlled(x, None, Some(control))
+    }
+
     fn forward_inner(&self, x: &FluxInputs, cache: Option<&mut FirstBlockCache>) -> Result<Tensor> {
+        self.forward_inner_controlled(x, cache, None)
+    }
+
+    fn forward_inner_controlled(&self, x: &FluxInputs, cache: Option<&mut FirstBlockCache>, control: Option<&FluxControlResiduals>) -> Result<Tensor> {
         let dtype = self.dtype;
-        let img = self.img_in.forward(&x.img.to_dtype(dtype)?)?;
-        let txt = self.txt_in.forward(&x.txt.to_dtype(dtype)?)?;
-        let mut vec = self.time_in.forward(&timestep_embedding(x.timesteps, 256, 1000.0, dtype)?)?;
-        if let (Some(g_in), Some(g)) = (&self.guidance_in, x.guidance) {
-            vec = (vec + g_in.forward(&timestep_embedding(g, 256, 1000.0, dtype)?)?)?;
-        }
-        let vec = (vec + self.vector_in.forward(&x.pooled.to_dtype(dtype)?)?)?;
+        let img = self.embed.img_in.forward(&x.img.to_dtype(dtype)?)?;
+        let txt = self.embed.txt_in.forward(&x.txt.to_dtype(dtype)?)?;
+        let vec = self.embed.vec(x, dtype)?;
         let ids = Tensor::cat(&[x.txt_ids, x.img_ids], 0)?.to_device(&self.device)?;
         let pe = rope(&ids, &self.config.axes_dims_rope, 10000.0)?;
         let (first, rest) = self.double_blocks.split_first().ok_or_else(|| candle_core::Error::Msg("flux: no double-stream blocks".into()))?;
+        let doubles = self.double_blocks.len();
         let before_first = img;
         let (mut img, mut txt) = first.forward(&before_first, &txt, &vec, &pe)?;
+        if let Some(c) = control {
+            img = c.add_double(&img, 0, doubles)?;
+        }
         let after_first = img.clone();
         let mut cache = cache;
         if let Some(cache) = cache.as_mut() {
@@ -372,13 +409,21 @@ impl FluxTransformer {
                 return self.final_layer.forward(&(&after_first + rest_residual)?, &vec);
             }
         }
-        for block in rest {
+        for (i, block) in rest.iter().enumerate() {
             (img, txt) = block.forward(&img, &txt, &vec, &pe)?;
+            if let Some(c) = control {
+                img = c.add_double(&img, i + 1, doubles)?;
+            }
         }
         let txt_len = txt.dim(1)?;
         let mut joint = Tensor::cat(&[txt, img], 1)?;
-        for block in &self.single_blocks {
+        let singles = self.single_blocks.len();
+        for (i, block) in self.single_blocks.iter().enumerate() {
             joint = block.forward(&joint, &vec, &pe)?;
+            if let Some(c) = control.filter(|c| !c.single.is_empty()) {
+                let img = c.add_single(&joint.narrow(1, txt_len, joint.dim(1)? - txt_len)?, i, singles)?;
+                joint = Tensor::cat(&[joint.narrow(1, 0, txt_len)?, img], 1)?;
+            }
         }
         let img = joint.narrow(1, txt_len, joint.dim(1)? - txt_len)?;
         let img = match cache {

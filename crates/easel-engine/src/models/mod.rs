@@ -8,6 +8,7 @@ pub mod controlnet;
 pub mod attention;
 pub mod dit;
 pub mod flux;
+pub mod flux_controlnet;
 pub mod mmdit;
 pub mod sdpa;
 pub mod autoencoder_kl;

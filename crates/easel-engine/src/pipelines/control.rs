@@ -1,7 +1,8 @@
-//! ControlNets in the denoising loop, as diffusers' StableDiffusionControlNetPipeline and
-//! StableDiffusionXLControlNetPipeline run them: each ControlNet sees the UNet's input, the
-//! timestep, the text states and its conditioning image, and its residuals (times its
-//! conditioning scale, on the steps between its start and end) are summed into the UNet's.
+//! ControlNets in the denoising loop, as diffusers' StableDiffusionControlNetPipeline,
+//! StableDiffusionXLControlNetPipeline and FluxControlNetPipeline run them: each ControlNet sees
+//! the denoiser's input, the timestep, the text states and its conditioning image, and its
+//! residuals (times its conditioning scale, on the steps between its start and end) are summed
+//! into the UNet's or the FLUX transformer's.
 //!
 //! A ControlNet is loaded once ([`ControlNet::load`], from a diffusers folder or a community
 //! single file) and shared by every request that names it;
@@ -15,19 +16,39 @@ use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
 
 use super::common::{load_tensors, GenerateParams};
-use crate::config::{read_json, ControlNetConfig, UNetConfig};
+use crate::config::{read_json, ControlNetConfig, FluxControlNetConfig, UNetConfig};
 use crate::error::{EngineError, Result};
 use crate::models::controlnet::ControlNetModel;
+use crate::models::flux::FluxInputs;
+use crate::models::flux_controlnet::{FluxControlNet, FluxControlResiduals};
 use crate::models::unet::{AddedCond, ControlResiduals};
-use crate::weights::keys::ldm;
+use crate::weights::keys::{flux as flux_keys, ldm};
+use crate::weights::store::Weights;
 
 /// A loaded ControlNet.
 #[derive(Debug)]
 pub struct ControlNet {
-    model: ControlNetModel,
+    net: Net,
     /// Where it was loaded from.
     pub path: PathBuf,
 }
+
+/// The two kinds of ControlNet: a UNet encoder copy, or a FLUX transformer front copy.
+#[derive(Debug)]
+enum Net {
+    Unet(ControlNetModel),
+    Flux(FluxControlNet),
+}
+
+/// The `_class_name` of a diffusers `config.json`, which tells the ControlNet kinds apart.
+#[derive(serde::Deserialize)]
+struct ClassName {
+    #[serde(rename = "_class_name", default)]
+    class_name: Option<String>,
+}
+
+/// Names only a FLUX ControlNet's weights have (InstantX's diffusers names, XLabs' BFL ones).
+const FLUX_CONTROLNET_NAMES: [&str; 4] = ["controlnet_x_embedder.weight", "controlnet_single_blocks.0.weight", "pos_embed_input.weight", "double_blocks.0.img_attn.qkv.weight"];
 
 impl ControlNet {
     /// Loads a ControlNet: a folder in the diffusers layout (`config.json` and
@@ -36,18 +57,33 @@ impl ControlNet {
     /// them (LDM names, lllyasviel's and ComfyUI's, or diffusers' names without a config). A
     /// single file has no config: its architecture is `host`'s (the UNet of the model it runs
     /// with; a ControlNet mirrors it), and its conditioning embedding is read off its weights.
+    /// FLUX ControlNets (`FluxControlNetModel`) load from a diffusers folder.
     pub fn load(path: &Path, host: Option<&UNetConfig>, dtype: DType, device: &Device) -> Result<Self> {
         let (config, tensors) = if path.is_dir() {
-            let config: ControlNetConfig = read_json(&path.join("config.json"))?;
+            let class: ClassName = read_json(&path.join("config.json"))?;
             let (parent, name) = match (path.parent(), path.file_name().and_then(|n| n.to_str())) {
                 (Some(parent), Some(name)) => (parent, name),
                 _ => return Err(EngineError::MissingFile { path: path.to_path_buf(), hint: "not a ControlNet folder".into() }),
             };
             let files = crate::weights::source::component_weights(parent, name, dtype != DType::F32)?;
-            (config, load_tensors(&files, dtype, device)?)
+            match class.class_name.as_deref() {
+                Some("FluxControlNetModel") => return Self::load_flux(path, &files, dtype, device),
+                Some(other) if other.starts_with("Flux") => {
+                    return Err(EngineError::Unsupported(format!("{}: `{other}` is not supported; a FLUX ControlNet folder holds one FluxControlNetModel", path.display())))
+                }
+                _ => {}
+            }
+            (read_json::<ControlNetConfig>(&path.join("config.json"))?, load_tensors(&files, dtype, device)?)
         } else if path.is_file() {
+            let tensors = load_tensors(&[path.to_path_buf()], dtype, device)?;
+            if FLUX_CONTROLNET_NAMES.iter().any(|n| tensors.contains_key(*n)) {
+                return Err(EngineError::Unsupported(format!(
+                    "{}: FLUX ControlNets load from a diffusers folder (config.json and diffusion_pytorch_model.safetensors), not a single file",
+                    path.display()
+                )));
+            }
             let host = host.ok_or_else(|| EngineError::param("controlnets", format!("{}: a single-file ControlNet takes its architecture from the model it runs with", path.display())))?;
-            let tensors = ldm::controlnet(path, load_tensors(&[path.to_path_buf()], dtype, device)?)?;
+            let tensors = ldm::controlnet(path, tensors)?;
             (single_file_config(path, host, &tensors)?, tensors)
         } else {
             return Err(EngineError::MissingFile {
@@ -57,34 +93,77 @@ impl ControlNet {
         };
         let vb = VarBuilder::from_tensors(tensors, dtype, device);
         let model = ControlNetModel::new(vb, &config).map_err(|e| crate::weights::bad_weights(path, &e))?;
-        Ok(Self { model, path: path.to_path_buf() })
+        Ok(Self { net: Net::Unet(model), path: path.to_path_buf() })
+    }
+
+    /// A `FluxControlNetModel` folder: its weights renamed to BFL names, as the transformer's.
+    fn load_flux(path: &Path, files: &[PathBuf], dtype: DType, device: &Device) -> Result<Self> {
+        let config: FluxControlNetConfig = read_json(&path.join("config.json"))?;
+        let mut weights = Weights::read_safetensors(files, dtype, device)?;
+        flux_keys::to_bfl(&mut weights)?;
+        Ok(Self { net: Net::Flux(FluxControlNet::new(&weights, &config, dtype, device)?), path: path.to_path_buf() })
     }
 
     /// Whether it was trained for an SDXL UNet.
     pub fn is_sdxl(&self) -> bool {
-        self.model.needs_added_cond()
+        matches!(&self.net, Net::Unet(m) if m.needs_added_cond())
     }
 
-    /// Why this ControlNet cannot drive `unet` with a VAE of `vae_factor` pixels per latent
-    /// cell (`None`: it can): its residuals must have the UNet's skip widths and count, it reads
-    /// the UNet's input and text states, and its image embedding lands on the latent grid. SD 2.x
-    /// ControlNets on SD 1.x models fail here (1024-wide text states against 768).
-    pub fn mismatch(&self, unet: &UNetConfig, vae_factor: usize) -> Option<String> {
-        let mine = &self.model.config.unet;
+    /// Whether it is a FLUX ControlNet.
+    pub fn is_flux(&self) -> bool {
+        matches!(self.net, Net::Flux(_))
+    }
+
+    /// The model family it was trained for, in words.
+    pub fn family_name(&self) -> &'static str {
+        match &self.net {
+            Net::Flux(_) => "FLUX",
+            Net::Unet(m) if m.needs_added_cond() => "SDXL",
+            Net::Unet(_) => "Stable Diffusion 1.x/2.x",
+        }
+    }
+
+    /// The FLUX ControlNet inside, if it is one.
+    pub(crate) fn flux(&self) -> Option<&FluxControlNet> {
+        match &self.net {
+            Net::Flux(f) => Some(f),
+            Net::Unet(_) => None,
+        }
+    }
+
+    fn unet(&self) -> Result<&ControlNetModel> {
+        match &self.net {
+            Net::Unet(m) => Ok(m),
+            Net::Flux(_) => Err(EngineError::param("controlnets", format!("the ControlNet {} is for FLUX, not a UNet", self.path.display()))),
+        }
+    }
+
+    /// Why this ControlNet cannot drive `unet` with a VAE of `latent_channels` channels and
+    /// `vae_factor` pixels per latent cell (`None`: it can): its residuals must have the UNet's
+    /// skip widths and count, it reads the latents (alone: an inpainting UNet's extra mask and
+    /// picture channels never reach it, as in diffusers' ControlNet inpainting pipelines) and the
+    /// text states, and its image embedding lands on the latent grid. SD 2.x ControlNets on SD
+    /// 1.x models fail here (1024-wide text states against 768).
+    pub fn mismatch(&self, unet: &UNetConfig, latent_channels: usize, vae_factor: usize) -> Option<String> {
+        let model = match self.unet() {
+            Ok(m) => m,
+            Err(_) => return Some("it is a FLUX ControlNet".into()),
+        };
+        let mine = &model.config.unet;
         let n = unet.block_out_channels.len();
         let differs = |what: &str, a: String, b: String| (a != b).then(|| format!("its {what} is {a}, the UNet's {b}"));
         differs("block_out_channels", format!("{:?}", mine.block_out_channels), format!("{:?}", unet.block_out_channels))
             .or_else(|| differs("layers_per_block", format!("{:?}", mine.layers_per_block.expand(n)), format!("{:?}", unet.layers_per_block.expand(n))))
             .or_else(|| differs("cross_attention_dim", format!("{:?}", mine.cross_attention_dim.expand(n)), format!("{:?}", unet.cross_attention_dim.expand(n))))
-            .or_else(|| differs("in_channels", mine.in_channels.to_string(), unet.in_channels.to_string()))
+            .or_else(|| (mine.in_channels != latent_channels).then(|| format!("its in_channels is {}, the latents have {latent_channels}", mine.in_channels)))
             .or_else(|| {
-                let channels = self.model.config.conditioning_channels;
+                let channels = model.config.conditioning_channels;
                 (channels != 3).then(|| format!("it takes {channels}-channel control images, and easel gives it RGB pictures"))
             })
             .or_else(|| differs("projection_class_embeddings_input_dim", format!("{:?}", mine.projection_class_embeddings_input_dim), format!("{:?}", unet.projection_class_embeddings_input_dim)))
             .or_else(|| differs("addition_time_embed_dim", format!("{:?}", mine.addition_time_embed_dim), format!("{:?}", unet.addition_time_embed_dim)))
             .or_else(|| {
-                let downscale = self.model.image_downscale();
+                let downscale = model.image_downscale();
                 (downscale != vae_factor).then(|| format!("its image embedding shrinks images {downscale}x, the VAE {vae_factor}x"))
             })
     }
@@ -130,6 +209,9 @@ pub struct ControlUnit {
     /// The fractions of the schedule between which it runs.
     pub start: f64,
     pub end: f64,
+    /// The control type of a Union FLUX ControlNet (diffusers' `control_mode`: its own list,
+    /// e.g. InstantX's 0 canny, 1 tile, 2 depth, 3 blur, 4 pose, 5 gray, 6 low quality).
+    pub mode: Option<usize>,
 }
 
 impl ControlUnit {
@@ -157,7 +239,7 @@ impl ControlUnit {
     /// Whether two requests' units can share a batch: the same ControlNet (loaded from the same
     /// place), scale and window.
     fn batches_with(&self, other: &ControlUnit) -> bool {
-        self.net.path == other.net.path && self.scale == other.scale && self.start == other.start && self.end == other.end
+        self.net.path == other.net.path && self.scale == other.scale && self.start == other.start && self.end == other.end && self.mode == other.mode
     }
 }
 
@@ -196,7 +278,7 @@ impl ControlStack {
             if !unit.keep(i, steps) {
                 continue;
             }
-            let r = unit.net.model.forward(input, timestep, context, added, image, unit.scale)?;
+            let r = unit.net.unet()?.forward(input, timestep, context, added, image, unit.scale)?;
             sum = Some(match sum {
                 Some(s) => s.add(&r)?,
                 None => r,
@@ -220,4 +302,56 @@ pub(crate) fn check_batch(items: &[GenerateParams]) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// A batch's FLUX ControlNets, each with its control images' packed latents laid out as the
+/// transformer's rows (FLUX runs no classifier-free guidance, so one row per image).
+pub(crate) struct FluxControlStack {
+    units: Vec<FluxControlRows>,
+}
+
+struct FluxControlRows {
+    unit: ControlUnit,
+    /// Packed control latents `[rows, L, C]`.
+    cond: Tensor,
+    /// The Union control type per row, `[rows]` u32.
+    modes: Option<Tensor>,
+}
+
+impl FluxControlStack {
+    /// `units` are the batch's (every request names the same ones; see
+    /// [`ControlUnit::batches_with`]) and `conds[k]` unit `k`'s packed latents for every row.
+    pub fn new(units: &[ControlUnit], conds: Vec<Tensor>) -> Result<Self> {
+        let mut rows = vec![];
+        for (unit, cond) in units.iter().zip(conds) {
+            let modes = match unit.mode {
+                Some(m) => {
+                    let m = u32::try_from(m).map_err(|_| EngineError::param("controlnets", format!("control mode {m} is out of range")))?;
+                    Some(Tensor::full(m, cond.dim(0)?, cond.device())?)
+                }
+                None => None,
+            };
+            rows.push(FluxControlRows { unit: unit.clone(), cond, modes });
+        }
+        Ok(Self { units: rows })
+    }
+
+    /// The summed residuals for step `i` of `steps`, or `None` when no unit runs at this step
+    /// (a unit outside its window would give zeros: skipping it is exact). `x.guidance` goes to
+    /// the nets that embed guidance, whether or not the transformer does.
+    pub fn residuals(&self, i: usize, steps: usize, x: &FluxInputs) -> Result<Option<FluxControlResiduals>> {
+        let mut sum: Option<FluxControlResiduals> = None;
+        for rows in &self.units {
+            if !rows.unit.keep(i, steps) {
+                continue;
+            }
+            let net = rows.unit.net.flux().ok_or_else(|| EngineError::param("controlnets", format!("the ControlNet {} is for a UNet, not FLUX", rows.unit.net.path.display())))?;
+            let r = net.forward(x, &rows.cond, rows.modes.as_ref(), rows.unit.scale)?;
+            sum = Some(match sum {
+                Some(s) => s.add(&r)?,
+                None => r,
+            });
+        }
+        Ok(sum)
+    }
 }

@@ -21,6 +21,7 @@ use crate::models::flux::{FirstBlockCache, FluxInputs, FluxTransformer};
 use super::common::{read_transformer_weights, TransformerSource, TransformerWeights, component_config, split_batch, Family, GenerateParams, Generated, LoadOptions, ModelDefaults, StepCache, StepCallback, T5Stack, TextStack, Timings, PromptCache};
 use crate::weights::store::Weights;
 use crate::scheduler::{FlowMatchEuler, NoiseSource, Scheduler, SchedulerKind, SeededNoise};
+use super::control::FluxControlStack;
 use super::images_in::StrengthRounding;
 use super::vae::Vae;
 
@@ -211,9 +212,7 @@ impl FluxPipeline {
         if let Some(unit) = &p.ip_adapter {
             return Err(EngineError::param("ip_adapter", format!("the IP-Adapter {} is for a UNet (Stable Diffusion); FLUX IP-Adapters are not supported yet", unit.adapter.path.display())));
         }
-        if let Some(unit) = p.controlnets.first() {
-            return Err(EngineError::param("controlnets", format!("the ControlNet {} is for a UNet (Stable Diffusion); FLUX ControlNets are not supported yet", unit.net.path.display())));
-        }
+        self.validate_controlnets(p)?;
         let masked = p.init_image.as_ref().is_some_and(|i| i.mask.is_some());
         if self.is_fill() && !masked {
             return Err(EngineError::param("mask", "a FLUX Fill model repaints where a mask says: send an image and a mask"));
@@ -252,6 +251,50 @@ impl FluxPipeline {
         Ok(())
     }
 
+    /// ControlNets must be FLUX ControlNets made for this transformer's widths, with a control
+    /// mode exactly when they are Union nets, and equally deep when several are stacked (their
+    /// residuals are summed block by block).
+    fn validate_controlnets(&self, p: &GenerateParams) -> Result<()> {
+        let Some(first) = p.controlnets.first() else { return Ok(()) };
+        if p.step_cache.is_some() {
+            return Err(EngineError::param("cache", "step caching does not run with ControlNets (their residuals change every step)"));
+        }
+        if self.is_fill() {
+            return Err(EngineError::param("controlnets", "FLUX Fill with a ControlNet is not supported"));
+        }
+        let depth = |net: &crate::models::flux_controlnet::FluxControlNet| (net.config.base.num_layers, net.config.base.num_single_layers);
+        let first_depth = first.net.flux().map(depth);
+        let mine = &self.transformer.config;
+        for unit in &p.controlnets {
+            let name = unit.net.path.display();
+            let Some(net) = unit.net.flux() else {
+                return Err(EngineError::param("controlnets", format!("the ControlNet {name} is for {}, and this model is FLUX", unit.net.family_name())));
+            };
+            let theirs = &net.config.base;
+            let differs = |what: &str, a: String, b: String| (a != b).then(|| format!("its {what} is {a}, the transformer's {b}"));
+            let why = differs("width (heads x head size)", net.hidden_size().to_string(), mine.hidden_size().to_string())
+                .or_else(|| differs("joint_attention_dim", theirs.joint_attention_dim.to_string(), mine.joint_attention_dim.to_string()))
+                .or_else(|| differs("pooled_projection_dim", theirs.pooled_projection_dim.to_string(), mine.pooled_projection_dim.to_string()))
+                .or_else(|| differs("axes_dims_rope", format!("{:?}", theirs.axes_dims_rope), format!("{:?}", mine.axes_dims_rope)))
+                .or_else(|| differs("in_channels", theirs.in_channels.to_string(), self.packed_channels().to_string()));
+            if let Some(why) = why {
+                return Err(EngineError::param("controlnets", format!("the ControlNet {name} does not fit this model: {why}")));
+            }
+            match (net.config.num_mode, unit.mode) {
+                (Some(n), Some(m)) if m >= n => {
+                    return Err(EngineError::param("controlnets", format!("control mode {m} is out of range: the Union ControlNet {name} has modes 0 to {}", n - 1)))
+                }
+                (Some(n), None) => return Err(EngineError::param("controlnets", format!("the ControlNet {name} is a Union ControlNet: give a control mode (0 to {})", n - 1))),
+                (None, Some(m)) => return Err(EngineError::param("controlnets", format!("control mode {m} is for Union ControlNets, and {name} is not one"))),
+                _ => {}
+            }
+            if Some(depth(net)) != first_depth {
+                return Err(EngineError::param("controlnets", "FLUX ControlNets used together must have as many double and single blocks (their residuals are summed block by block)"));
+            }
+        }
+        Ok(())
+    }
+
     fn encode(&self, prompt: &str) -> Result<Encoded> {
         self.embeddings.get_or_encode(prompt, |p| {
             let (clip, clip_cut) = self.clip.run(p, &self.text_device)?;
@@ -283,6 +326,7 @@ impl FluxPipeline {
     /// when given (parity tests replay diffusers' draws) rather than each request's seed.
     pub fn generate_batch_with_noise(&self, items: &[GenerateParams], mut noise: Option<&mut dyn NoiseSource>, on_step: StepCallback) -> Result<Vec<Generated>> {
         let first = items.first().ok_or_else(|| EngineError::param("batch", "no requests"))?;
+        super::control::check_batch(items)?;
         for p in items {
             self.validate(p)?;
             if (p.width, p.height, p.steps) != (first.width, first.height, first.steps)
@@ -307,20 +351,28 @@ impl FluxPipeline {
         // the encoded image noised to the first step's level (FluxImg2ImgPipeline's scale_noise).
         // FLUX Fill also takes the masked picture and the mask beside the latents at every step
         // (FluxFillPipeline draws their latent sample after the picture's).
+        // ControlNets read their control images' packed latents, one latent-distribution sample
+        // per image row, drawn (in unit order) after the init noise, so a seed gives the same
+        // init with or without them (FluxControlNetPipeline draws them before the init).
         let mut latents = vec![];
         let mut fill = vec![];
+        let mut control_conds: Vec<Vec<Tensor>> = vec![vec![]; first.controlnets.len()];
         for p in items {
             let mut rng = SeededNoise::new(p.seed);
             let init = match &p.init_latents {
                 Some(l) => l.to_device(&self.device)?.to_dtype(self.dtype)?,
                 None => pack(&rng.randn(&[p.batch, c, lh, lw], self.dtype, &self.device)?)?,
             };
+            let source: &mut dyn NoiseSource = match noise.as_mut() {
+                Some(n) => &mut **n,
+                None => &mut rng,
+            };
+            for (conds, unit) in control_conds.iter_mut().zip(&p.controlnets) {
+                let images = unit.image.repeat((p.batch, 1, 1, 1))?;
+                conds.push(pack(&self.vae.encode(&images, source)?.to_dtype(self.dtype)?)?);
+            }
             latents.push(match &p.init_image {
                 Some(image) => {
-                    let source: &mut dyn NoiseSource = match noise.as_mut() {
-                        Some(n) => &mut **n,
-                        None => &mut rng,
-                    };
                     let start_latents = image.start_latents(&self.vae, source, pack, p.batch, &init, &scheduler, start)?;
                     if self.is_fill() {
                         fill.push(image.fill_condition(&self.vae, source, pack, p.batch, self.vae.scale_factor(), self.dtype)?);
@@ -332,6 +384,11 @@ impl FluxPipeline {
         }
         let mut latents = Tensor::cat(&latents, 0)?;
         let fill = if fill.is_empty() { None } else { Some(Tensor::cat(&fill, 0)?) };
+        let control = if first.controlnets.is_empty() {
+            None
+        } else {
+            Some(FluxControlStack::new(&first.controlnets, control_conds.iter().map(|c| Tensor::cat(c, 0)).collect::<candle_core::Result<_>>()?)?)
+        };
         let rows = latents.dim(0)?;
 
         let t0 = Instant::now();
@@ -350,6 +407,8 @@ impl FluxPipeline {
 
         let t1 = Instant::now();
         let guidance = if self.uses_guidance() { Some(Tensor::full(first.guidance as f32, rows, &self.device)?) } else { None };
+        // A ControlNet embeds the guidance scale when it was trained to, whatever the transformer does.
+        let control_guidance = Tensor::full(first.guidance as f32, rows, &self.device)?;
         let timesteps = scheduler.timesteps().to_vec();
         let mut no_noise = SeededNoise::new(0);
         let mut first_block_cache = match first.step_cache {
@@ -363,9 +422,14 @@ impl FluxPipeline {
                 None => latents.clone(),
             };
             let inputs = FluxInputs { img: &img, img_ids: &img_ids, txt: &states, txt_ids: &txt_ids, timesteps: &ts, pooled: &pooled, guidance: guidance.as_ref() };
-            let pred = match first_block_cache.as_mut() {
-                Some(cache) => self.transformer.forward_cached(&inputs, cache)?,
-                None => self.transformer.forward(&inputs)?,
+            let residuals = match &control {
+                Some(stack) => stack.residuals(i - start, timesteps.len() - start, &FluxInputs { guidance: Some(&control_guidance), ..inputs })?,
+                None => None,
+            };
+            let pred = match (first_block_cache.as_mut(), &residuals) {
+                (Some(cache), _) => self.transformer.forward_cached(&inputs, cache)?,
+                (None, Some(r)) => self.transformer.forward_with_control(&inputs, r)?,
+                (None, None) => self.transformer.forward(&inputs)?,
             };
             latents = scheduler.step(&pred, i, &latents, &mut no_noise as &mut dyn NoiseSource)?;
             if !on_step(&crate::preview::Step::packed(i + 1 - start, timesteps.len() - start, &latents, (lh / 2, lw / 2))) {

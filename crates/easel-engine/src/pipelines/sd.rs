@@ -297,13 +297,13 @@ impl StableDiffusionPipeline {
         let family_name = |sdxl: bool| if sdxl { "SDXL" } else { "Stable Diffusion 1.x/2.x" };
         for unit in &p.controlnets {
             let net = &unit.net;
-            if net.is_sdxl() != xl {
-                return Err(EngineError::param(
-                    "controlnets",
-                    format!("the ControlNet {} is for {}, and this model is {}", net.path.display(), family_name(net.is_sdxl()), family_name(xl)),
-                ));
+            if net.is_flux() || net.is_sdxl() != xl {
+                return Err(EngineError::param("controlnets", format!("the ControlNet {} is for {}, and this model is {}", net.path.display(), net.family_name(), family_name(xl))));
             }
-            if let Some(why) = net.mismatch(&self.unet.config, self.vae_scale_factor()) {
+            if let Some(mode) = unit.mode {
+                return Err(EngineError::param("controlnets", format!("control mode {mode} is for Union FLUX ControlNets, and {} is not one", net.path.display())));
+            }
+            if let Some(why) = net.mismatch(&self.unet.config, self.vae.config.latent_channels, self.vae_scale_factor()) {
                 return Err(EngineError::param("controlnets", format!("the ControlNet {} does not fit this model: {why}", net.path.display())));
             }
         }
@@ -501,7 +501,7 @@ impl StableDiffusionPipeline {
             let residuals = match &control {
                 // Windows count the steps that run (image-to-image skips the first `start`), as
                 // diffusers' `controlnet_keep` does. ControlNets see the latents alone, never an
-                // inpainting UNet's extra channels (they only run on 4-channel UNets anyway).
+                // inpainting UNet's extra channels (appended below, for the UNet only).
                 Some(control) => control.residuals(i - start, timesteps.len() - start, &input, t, &context, added.as_ref())?,
                 None => None,
             };

@@ -160,12 +160,15 @@ pub(super) fn submit_request(
         state.loras.source(&l.name)?;
     }
     for c in &spec.controlnets {
-        let family = state.controlnets.family(&c.name)?;
-        if let Some(served) = model.controlnet_family.filter(|f| *f != family) {
+        let info = state.controlnets.info(&c.name)?;
+        if let Some(served) = model.controlnet_family.filter(|f| *f != info.family) {
             return Err(ApiError::invalid(
                 "controlnets",
-                format!("ControlNet `{}` is for {}, and `{}` is {}", c.name, family.describe(), model.id, served.describe()),
+                format!("ControlNet `{}` is for {}, and `{}` is {}", c.name, info.family.describe(), model.id, served.describe()),
             ));
+        }
+        if let Some(why) = info.mode_mismatch(&c.name, c.mode) {
+            return Err(ApiError::invalid("controlnets", why));
         }
     }
     if let Some(ip) = &spec.ip_adapter {

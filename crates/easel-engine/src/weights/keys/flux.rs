@@ -56,8 +56,11 @@ pub fn to_bfl(w: &mut Weights) -> Result<Layout> {
         move_tensor(w, &format!("{d}.attn.norm_q.weight"), format!("{b}.norm.query_norm.scale"))?;
         move_tensor(w, &format!("{d}.attn.norm_k.weight"), format!("{b}.norm.key_norm.scale"))?;
     }
-    for p in ["weight", "bias"] {
-        swap_halves(w, &format!("norm_out.linear.{p}"), format!("final_layer.adaLN_modulation.1.{p}"))?;
+    // A ControlNet has no output layer; a transformer without one fails the shape check later.
+    if w.names().any(|n| n == "norm_out.linear.weight") {
+        for p in ["weight", "bias"] {
+            swap_halves(w, &format!("norm_out.linear.{p}"), format!("final_layer.adaLN_modulation.1.{p}"))?;
+        }
     }
     Ok(Layout::Diffusers)
 }
