@@ -251,16 +251,19 @@ impl ControlNetRegistry {
         let path = self.resolve(name)?;
         let unreadable = |e: &dyn std::fmt::Display| ApiError::internal(format!("ControlNet `{name}` ({}): {e}", path.display()));
         if path.is_file() {
-            let names: Vec<String> = crate::safetensors_header::read(&path).map_err(|e| unreadable(&e))?.into_keys().collect();
+            let shapes = crate::safetensors_header::read(&path).map_err(|e| unreadable(&e))?;
+            let names: Vec<&str> = shapes.keys().map(String::as_str).collect();
+            // The names the engine keys on too (InstantX's diffusers names, XLabs' BFL ones).
             const FLUX_NAMES: [&str; 4] = ["controlnet_x_embedder.weight", "controlnet_single_blocks.0.weight", "pos_embed_input.weight", "double_blocks.0.img_attn.qkv.weight"];
-            let family = if names.iter().any(|n| FLUX_NAMES.contains(&n.as_str())) {
+            let family = if names.iter().any(|n| FLUX_NAMES.contains(n)) {
                 ControlNetFamily::Flux
-            } else if names.iter().any(|n| n.ends_with("label_emb.0.0.weight") || n == "add_embedding.linear_1.weight") {
+            } else if names.iter().any(|n| n.ends_with("label_emb.0.0.weight") || *n == "add_embedding.linear_1.weight") {
                 ControlNetFamily::Sdxl
             } else {
                 ControlNetFamily::Sd
             };
-            return Ok(ControlNetInfo { family, modes: None });
+            let modes = shapes.get("controlnet_mode_embedder.weight").and_then(|s| s.first()).map(|&m| m as u32);
+            return Ok(ControlNetInfo { family, modes });
         }
         let config_path = path.join("config.json");
         let text = std::fs::read_to_string(&config_path).map_err(|e| unreadable(&e))?;
@@ -303,7 +306,7 @@ mod tests {
         std::fs::write(dir.path().join("canny-sd15.safetensors"), file).unwrap();
         std::fs::create_dir_all(dir.path().join("union-flux")).unwrap();
         std::fs::write(dir.path().join("union-flux/config.json"), r#"{"_class_name": "FluxControlNetModel", "num_mode": 10}"#).unwrap();
-        let header = br#"{"controlnet_x_embedder.weight":{"dtype":"F16","shape":[1],"data_offsets":[0,2]}}"#;
+        let header = br#"{"controlnet_x_embedder.weight":{"dtype":"F16","shape":[1],"data_offsets":[0,2]},"controlnet_mode_embedder.weight":{"dtype":"F16","shape":[1],"data_offsets":[0,2]}}"#;
         let file = [&(header.len() as u64).to_le_bytes()[..], header, &[0, 0]].concat();
         std::fs::write(dir.path().join("flux-file.safetensors"), file).unwrap();
         let reg = ControlNetRegistry::new(Some(dir.path().to_path_buf()));
@@ -313,7 +316,7 @@ mod tests {
         assert!(reg.info("union-flux").unwrap().mode_mismatch("union-flux", Some(10)).unwrap().contains("out of range"));
         assert_eq!(reg.info("union-flux").unwrap().mode_mismatch("union-flux", Some(3)), None);
         assert!(reg.info("canny-xl").unwrap().mode_mismatch("canny-xl", Some(0)).unwrap().contains("not one"));
-        assert_eq!(reg.family("flux-file").unwrap(), ControlNetFamily::Flux);
+        assert_eq!(reg.info("flux-file").unwrap(), ControlNetInfo { family: ControlNetFamily::Flux, modes: Some(1) });
         assert_eq!(reg.family("canny-xl").unwrap(), ControlNetFamily::Sdxl);
         assert_eq!(reg.family("canny-sd15").unwrap(), ControlNetFamily::Sd);
         assert!(reg.resolve("canny-sd15").unwrap().is_file());

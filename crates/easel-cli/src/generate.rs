@@ -395,7 +395,7 @@ fn control_unit(arg: &str, picture: easel_api::InputImage, args: &GenerateArgs, 
         _ => easel_api::ControlNetRegistry::new(args.controlnet_dir.clone()).resolve(name).map_err(|e| anyhow::anyhow!("--controlnet {arg}: {}", e.body.message))?,
     };
     let dtype = easel_engine::parse_dtype(&args.dtype)?;
-    let net = easel_engine::ControlNet::load(&path, pipe.unet_config(), dtype, device).with_context(|| format!("--controlnet {arg}"))?;
+    let net = easel_engine::ControlNet::load(&path, pipe.controlnet_host(), dtype, device).with_context(|| format!("--controlnet {arg}"))?;
     let preprocess = easel_api::Preprocess::parse(args.control_preprocess.as_deref()).map_err(|e| anyhow::anyhow!("--control-preprocess: {}", e.body.message))?;
     let picture = preprocess.apply(picture).resized(width as u32, height as u32);
     let image = easel_engine::rgb_pixels("controlnets", width, height, picture.rgb())?;

@@ -23,7 +23,7 @@ pub mod weights;
 
 pub use candle_core::{DType, Device, Tensor};
 pub use error::{EngineError, Result};
-pub use pipelines::{rgb_pixels, ControlNet, ControlUnit, Family, IpAdapter, IpAdapterUnit, RgbPicture, FluxPipeline, GenerateParams, Generated, InitImage, LoadOptions, ModelDefaults, Pipeline, Sd3Pipeline, SkipLayerGuidance, StableDiffusionPipeline, StepCache, TextEncoderFiles};
+pub use pipelines::{rgb_pixels, ControlNet, ControlNetHost, ControlUnit, Family, IpAdapter, IpAdapterUnit, RgbPicture, FluxPipeline, GenerateParams, Generated, InitImage, LoadOptions, ModelDefaults, Pipeline, Sd3Pipeline, SkipLayerGuidance, StableDiffusionPipeline, StepCache, TextEncoderFiles};
 pub use weights::{read_latents, read_tensor_names, read_tensors, write_latents};
 pub use scheduler::SchedulerKind;
 

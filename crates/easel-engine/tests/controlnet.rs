@@ -178,7 +178,7 @@ fn an_ldm_single_file_controlnet_gives_exactly_its_diffusers_folders_output() {
     let mut p = params(&reference);
     let folder = pipe.generate(&p, None, &mut |_| true).unwrap();
     let file = fixtures().join("controlnets/sd15-var-tiny-ldm.safetensors");
-    p.controlnets[0].net = Arc::new(ControlNet::load(&file, pipe.unet_config(), DType::F32, &Device::Cpu).expect("load the single file"));
+    p.controlnets[0].net = Arc::new(ControlNet::load(&file, pipe.controlnet_host(), DType::F32, &Device::Cpu).expect("load the single file"));
     let single = pipe.generate(&p, None, &mut |_| true).unwrap();
     let diff = (&single.latents - &folder.latents).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
     assert_eq!(diff, 0.0, "the single file's output differs from the folder's by {diff}");
@@ -250,6 +250,27 @@ fn flux_union_controlnet_with_a_mode_and_its_own_guidance_on_schnell_with_two_im
 #[test]
 fn flux_controlnet_on_image_to_image_with_its_window_over_the_steps_that_run_matches_diffusers() {
     check_within("flux-dev-tiny-controlnet-img2img", FLUX_LATENTS_BOUND, FLUX_IMAGE_PSNR_DB);
+}
+
+/// A FLUX ControlNet as one file in diffusers' names (as ComfyUI repackages InstantX's): its
+/// config read off its weights, its rotary axes from the model's transformer, it gives exactly
+/// its folder's output. Without a model, or with a UNet model, it is refused saying why.
+#[test]
+fn a_flux_controlnet_single_file_in_diffusers_names_gives_exactly_its_folders_output() {
+    let (reference, pipe, mut p) = flux_case("flux-schnell-tiny-union-controlnet-batch");
+    let folder = reference.generate(&pipe, &p).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("flux-union.safetensors");
+    std::fs::copy(fixtures().join("controlnets/flux-dev-tiny-union/diffusion_pytorch_model.safetensors"), &file).unwrap();
+    p.controlnets[0].net = Arc::new(ControlNet::load(&file, pipe.controlnet_host(), DType::F32, &Device::Cpu).expect("load the single file"));
+    let single = reference.generate(&pipe, &p).unwrap();
+    let diff = (&single.latents - &folder.latents).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+    assert_eq!(diff, 0.0, "the single file's output differs from the folder's by {diff}");
+    let no_host = ControlNet::load(&file, None, DType::F32, &Device::Cpu).unwrap_err().to_string();
+    assert!(no_host.contains("architecture from the model"), "{no_host}");
+    let sd = Pipeline::load(&fixtures().join("pipelines/sd15-var-tiny"), &LoadOptions::default()).unwrap();
+    let on_sd = ControlNet::load(&file, sd.controlnet_host(), DType::F32, &Device::Cpu).unwrap_err().to_string();
+    assert!(on_sd.contains("controlnets") && on_sd.contains("is for FLUX"), "{on_sd}");
 }
 
 fn flux_case(case: &str) -> (Reference, Pipeline, GenerateParams) {

@@ -158,13 +158,14 @@ impl EngineExecutor {
     }
 
     /// A registry ControlNet, loaded on first use and kept. A folder's is shared by every
-    /// model; a single file takes its architecture from `pipe`'s UNet, so it is kept per model.
+    /// model; a single file takes its architecture from `pipe`'s UNet (or, for FLUX, its rotary
+    /// axes from the transformer), so it is kept per model.
     fn controlnet(&self, name: &str, model: &str, pipe: &Pipeline) -> Result<Arc<easel_engine::ControlNet>, ExecError> {
         let path = self.controlnets.resolve(name).map_err(|e| ExecError::Permanent(e.body.message))?;
         let key = if path.is_file() { format!("{name}@{model}") } else { name.to_string() };
         self.warm_controlnets.get_or_load(&key, || {
             let t = Instant::now();
-            let net = easel_engine::ControlNet::load(&path, pipe.unet_config(), self.load.dtype, &self.load.device).map_err(|e| ExecError::Permanent(format!("ControlNet `{name}`: {e}")))?;
+            let net = easel_engine::ControlNet::load(&path, pipe.controlnet_host(), self.load.dtype, &self.load.device).map_err(|e| ExecError::Permanent(format!("ControlNet `{name}`: {e}")))?;
             tracing::info!(controlnet = %name, seconds = t.elapsed().as_secs_f64(), "ControlNet loaded");
             Ok(net)
         })

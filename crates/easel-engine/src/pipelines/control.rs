@@ -16,7 +16,7 @@ use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
 
 use super::common::{load_tensors, GenerateParams};
-use crate::config::{read_json, ControlNetConfig, FluxControlNetConfig, UNetConfig};
+use crate::config::{read_json, ControlNetConfig, FluxControlNetConfig, FluxTransformerConfig, UNetConfig};
 use crate::error::{EngineError, Result};
 use crate::models::controlnet::ControlNetModel;
 use crate::models::flux::FluxInputs;
@@ -50,6 +50,13 @@ struct ClassName {
 /// Names only a FLUX ControlNet's weights have (InstantX's diffusers names, XLabs' BFL ones).
 const FLUX_CONTROLNET_NAMES: [&str; 4] = ["controlnet_x_embedder.weight", "controlnet_single_blocks.0.weight", "pos_embed_input.weight", "double_blocks.0.img_attn.qkv.weight"];
 
+/// The model a single-file ControlNet runs with, whose architecture it mirrors.
+#[derive(Debug, Clone, Copy)]
+pub enum ControlNetHost<'a> {
+    Unet(&'a UNetConfig),
+    Flux(&'a FluxTransformerConfig),
+}
+
 impl ControlNet {
     /// Loads a ControlNet: a folder in the diffusers layout (`config.json` and
     /// `diffusion_pytorch_model.safetensors` or its `.fp16` variant, as the hub's ControlNet
@@ -57,8 +64,10 @@ impl ControlNet {
     /// them (LDM names, lllyasviel's and ComfyUI's, or diffusers' names without a config). A
     /// single file has no config: its architecture is `host`'s (the UNet of the model it runs
     /// with; a ControlNet mirrors it), and its conditioning embedding is read off its weights.
-    /// FLUX ControlNets (`FluxControlNetModel`) load from a diffusers folder.
-    pub fn load(path: &Path, host: Option<&UNetConfig>, dtype: DType, device: &Device) -> Result<Self> {
+    /// FLUX ControlNets (`FluxControlNetModel`) load from a diffusers folder, or from one file
+    /// in diffusers' names (as ComfyUI repackages InstantX's), its depths and widths read off
+    /// its weights and its rotary axes taken from the FLUX host.
+    pub fn load(path: &Path, host: Option<ControlNetHost>, dtype: DType, device: &Device) -> Result<Self> {
         let (config, tensors) = if path.is_dir() {
             let class: ClassName = read_json(&path.join("config.json"))?;
             let (parent, name) = match (path.parent(), path.file_name().and_then(|n| n.to_str())) {
@@ -75,14 +84,21 @@ impl ControlNet {
             }
             (read_json::<ControlNetConfig>(&path.join("config.json"))?, load_tensors(&files, dtype, device)?)
         } else if path.is_file() {
+            let no_host = || EngineError::param("controlnets", format!("{}: a single-file ControlNet takes its architecture from the model it runs with", path.display()));
             let tensors = load_tensors(&[path.to_path_buf()], dtype, device)?;
             if FLUX_CONTROLNET_NAMES.iter().any(|n| tensors.contains_key(*n)) {
-                return Err(EngineError::Unsupported(format!(
-                    "{}: FLUX ControlNets load from a diffusers folder (config.json and diffusion_pytorch_model.safetensors), not a single file",
-                    path.display()
-                )));
+                drop(tensors);
+                return match host {
+                    Some(ControlNetHost::Flux(host)) => Self::load_flux_file(path, host, dtype, device),
+                    Some(ControlNetHost::Unet(_)) => Err(EngineError::param("controlnets", format!("the ControlNet {} is for FLUX, and this model is not", path.display()))),
+                    None => Err(no_host()),
+                };
             }
-            let host = host.ok_or_else(|| EngineError::param("controlnets", format!("{}: a single-file ControlNet takes its architecture from the model it runs with", path.display())))?;
+            let host = match host {
+                Some(ControlNetHost::Unet(unet)) => unet,
+                Some(ControlNetHost::Flux(_)) => return Err(EngineError::param("controlnets", format!("the ControlNet {} is for a UNet (Stable Diffusion), and this model is FLUX", path.display()))),
+                None => return Err(no_host()),
+            };
             let tensors = ldm::controlnet(path, tensors)?;
             (single_file_config(path, host, &tensors)?, tensors)
         } else {
@@ -101,6 +117,21 @@ impl ControlNet {
         let config: FluxControlNetConfig = read_json(&path.join("config.json"))?;
         let mut weights = Weights::read_safetensors(files, dtype, device)?;
         flux_keys::to_bfl(&mut weights)?;
+        Ok(Self { net: Net::Flux(FluxControlNet::new(&weights, &config, dtype, device)?), path: path.to_path_buf() })
+    }
+
+    /// A FLUX ControlNet in one file of diffusers' names: its config read off its weights.
+    /// XLabs' files (BFL names, a pixel hint block) are refused with the reason.
+    fn load_flux_file(path: &Path, host: &FluxTransformerConfig, dtype: DType, device: &Device) -> Result<Self> {
+        let mut weights = Weights::read_safetensors(&[path.to_path_buf()], dtype, device)?;
+        if weights.names().any(|n| n.starts_with("input_hint_block.") || n == "pos_embed_input.weight") {
+            return Err(EngineError::Unsupported(format!(
+                "{}: XLabs-style FLUX ControlNets (a pixel hint block) are not supported yet; InstantX-style ones, which read VAE latents, are",
+                path.display()
+            )));
+        }
+        flux_keys::to_bfl(&mut weights)?;
+        let config = flux_file_config(path, &weights, host)?;
         Ok(Self { net: Net::Flux(FluxControlNet::new(&weights, &config, dtype, device)?), path: path.to_path_buf() })
     }
 
@@ -195,6 +226,39 @@ fn single_file_config(path: &Path, host: &UNetConfig, tensors: &HashMap<String, 
         global_pool_conditions: false,
         unet,
     })
+}
+
+/// A FLUX ControlNet file's config, from its (BFL-renamed) weights: widths from the input
+/// projections, depths from the block indices, the head size from the QK norms, guidance and
+/// Union modes from whether their embeddings exist. The rotary axes are not in the weights:
+/// they are the host transformer's (the fit check compares the rest).
+fn flux_file_config(path: &Path, w: &Weights, host: &FluxTransformerConfig) -> Result<FluxControlNetConfig> {
+    let shapes = w.shapes();
+    let dims = |name: &str| -> Result<&Vec<usize>> {
+        shapes.get(name).ok_or_else(|| EngineError::BadWeights { path: path.to_path_buf(), message: format!("the FLUX ControlNet lacks `{name}`") })
+    };
+    let count = |prefix: &str| shapes.keys().filter_map(|n| n.strip_prefix(prefix)?.split('.').next()?.parse::<usize>().ok()).map(|i| i + 1).max().unwrap_or(0);
+    let img_in = dims("img_in.weight")?;
+    let (hidden, in_channels) = (img_in[0], img_in[1]);
+    let head = dims("double_blocks.0.img_attn.norm.query_norm.scale").or_else(|_| dims("single_blocks.0.norm.query_norm.scale"))?[0];
+    if head == 0 || hidden % head != 0 {
+        return Err(EngineError::BadWeights { path: path.to_path_buf(), message: format!("a width of {hidden} is not a whole number of {head}-wide heads") });
+    }
+    let base = FluxTransformerConfig {
+        patch_size: 1,
+        in_channels,
+        out_channels: None,
+        num_layers: count("double_blocks."),
+        num_single_layers: count("single_blocks."),
+        attention_head_dim: head,
+        num_attention_heads: hidden / head,
+        joint_attention_dim: dims("txt_in.weight")?[1],
+        pooled_projection_dim: dims("vector_in.in_layer.weight")?[1],
+        guidance_embeds: shapes.contains_key("guidance_in.in_layer.weight"),
+        axes_dims_rope: host.axes_dims_rope.clone(),
+    };
+    let num_mode = shapes.get("controlnet_mode_embedder.weight").map(|d| d[0]);
+    Ok(FluxControlNetConfig { base, num_mode, conditioning_embedding_channels: None })
 }
 
 /// One ControlNet applied to a request: diffusers' `controlnet_conditioning_scale` and

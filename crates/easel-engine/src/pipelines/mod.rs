@@ -18,7 +18,7 @@ pub mod vae;
 
 pub use common::{Family, GenerateParams, Generated, InitImage, LoadOptions, ModelDefaults, SkipLayerGuidance, StepCache, StepCallback, TextEncoderFiles};
 pub use clip_image::RgbPicture;
-pub use control::{ControlNet, ControlUnit};
+pub use control::{ControlNet, ControlNetHost, ControlUnit};
 pub use image_prompt::{IpAdapter, IpAdapterUnit};
 pub use images_in::rgb_pixels;
 pub use flux::FluxPipeline;
@@ -66,6 +66,16 @@ impl Pipeline {
             Self::Flux(p) if p.uses_guidance() => Family::FluxDev,
             Self::Flux(_) => Family::FluxSchnell,
             Self::Sd3(_) => Family::Sd3,
+        }
+    }
+
+    /// What a single-file ControlNet, which has no config, takes its architecture from: the
+    /// UNet's config or the FLUX transformer's (`None` for SD 3.5, which takes no ControlNets).
+    pub fn controlnet_host(&self) -> Option<ControlNetHost<'_>> {
+        match self {
+            Self::StableDiffusion(p) => Some(ControlNetHost::Unet(p.unet_config())),
+            Self::Flux(p) => Some(ControlNetHost::Flux(&p.transformer().config)),
+            Self::Sd3(_) => None,
         }
     }
 
