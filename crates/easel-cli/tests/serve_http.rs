@@ -649,7 +649,7 @@ fn controlnets_by_name_over_http_match_the_cli_and_refuse_bad_input() {
         listed["data"],
         json!([
             {"name": "flux-dev-tiny", "object": "controlnet", "family": "flux"},
-            {"name": "flux-dev-tiny-union", "object": "controlnet", "family": "flux"},
+            {"name": "flux-dev-tiny-union", "object": "controlnet", "family": "flux", "modes": 4},
             {"name": "flux-dev-var-tiny", "object": "controlnet", "family": "flux"},
             {"name": "sd15-var-tiny", "object": "controlnet", "family": "sd"},
             {"name": "sd15-var-tiny-ldm", "object": "controlnet", "family": "sd"},

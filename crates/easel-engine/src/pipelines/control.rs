@@ -204,23 +204,20 @@ impl ControlNet {
 /// exactly when the file has one), and the conditioning embedding's channels read off its
 /// convolutions (`conv_in`, then every second block, which halves the image).
 fn single_file_config(path: &Path, host: &UNetConfig, tensors: &HashMap<String, Tensor>) -> Result<ControlNetConfig> {
-    let dims = |name: &str| -> Result<Vec<usize>> {
-        tensors.get(name).map(|t| t.dims().to_vec()).ok_or_else(|| EngineError::BadWeights { path: path.to_path_buf(), message: format!("the ControlNet lacks `{name}`") })
-    };
-    let conv_in = dims("controlnet_cond_embedding.conv_in.weight")?;
-    let mut widths = vec![conv_in[0]];
+    let dim = |name: &str, axis: usize| weight_dim(path, tensors.get(name).map(|t| t.dims()), name, axis);
+    let mut widths = vec![dim("controlnet_cond_embedding.conv_in.weight", 0)?];
     let mut k = 1;
     while let Some(t) = tensors.get(&format!("controlnet_cond_embedding.blocks.{k}.weight")) {
         widths.push(t.dim(0)?);
         k += 2;
     }
     let mut unet = host.clone();
-    unet.in_channels = dims("conv_in.weight")?[1];
+    unet.in_channels = dim("conv_in.weight", 1)?;
     if !tensors.contains_key("add_embedding.linear_1.weight") {
         unet.addition_embed_type = None;
     }
     Ok(ControlNetConfig {
-        conditioning_channels: conv_in[1],
+        conditioning_channels: dim("controlnet_cond_embedding.conv_in.weight", 1)?,
         conditioning_embedding_out_channels: widths,
         controlnet_conditioning_channel_order: "rgb".into(),
         global_pool_conditions: false,
@@ -234,13 +231,10 @@ fn single_file_config(path: &Path, host: &UNetConfig, tensors: &HashMap<String, 
 /// they are the host transformer's (the fit check compares the rest).
 fn flux_file_config(path: &Path, w: &Weights, host: &FluxTransformerConfig) -> Result<FluxControlNetConfig> {
     let shapes = w.shapes();
-    let dims = |name: &str| -> Result<&Vec<usize>> {
-        shapes.get(name).ok_or_else(|| EngineError::BadWeights { path: path.to_path_buf(), message: format!("the FLUX ControlNet lacks `{name}`") })
-    };
+    let dim = |name: &str, axis: usize| weight_dim(path, shapes.get(name).map(Vec::as_slice), name, axis);
     let count = |prefix: &str| shapes.keys().filter_map(|n| n.strip_prefix(prefix)?.split('.').next()?.parse::<usize>().ok()).map(|i| i + 1).max().unwrap_or(0);
-    let img_in = dims("img_in.weight")?;
-    let (hidden, in_channels) = (img_in[0], img_in[1]);
-    let head = dims("double_blocks.0.img_attn.norm.query_norm.scale").or_else(|_| dims("single_blocks.0.norm.query_norm.scale"))?[0];
+    let (hidden, in_channels) = (dim("img_in.weight", 0)?, dim("img_in.weight", 1)?);
+    let head = dim("double_blocks.0.img_attn.norm.query_norm.scale", 0).or_else(|_| dim("single_blocks.0.norm.query_norm.scale", 0))?;
     if head == 0 || hidden % head != 0 {
         return Err(EngineError::BadWeights { path: path.to_path_buf(), message: format!("a width of {hidden} is not a whole number of {head}-wide heads") });
     }
@@ -252,13 +246,21 @@ fn flux_file_config(path: &Path, w: &Weights, host: &FluxTransformerConfig) -> R
         num_single_layers: count("single_blocks."),
         attention_head_dim: head,
         num_attention_heads: hidden / head,
-        joint_attention_dim: dims("txt_in.weight")?[1],
-        pooled_projection_dim: dims("vector_in.in_layer.weight")?[1],
+        joint_attention_dim: dim("txt_in.weight", 1)?,
+        pooled_projection_dim: dim("vector_in.in_layer.weight", 1)?,
         guidance_embeds: shapes.contains_key("guidance_in.in_layer.weight"),
         axes_dims_rope: host.axes_dims_rope.clone(),
     };
-    let num_mode = shapes.get("controlnet_mode_embedder.weight").map(|d| d[0]);
+    let num_mode = if shapes.contains_key("controlnet_mode_embedder.weight") { Some(dim("controlnet_mode_embedder.weight", 0)?) } else { None };
     Ok(FluxControlNetConfig { base, num_mode, conditioning_embedding_channels: None })
+}
+
+/// Axis `axis` of the weight `name`'s `shape`, or why the file cannot say (no such weight, or
+/// too few axes): what a config read off a single file's weights is made of.
+fn weight_dim(path: &Path, shape: Option<&[usize]>, name: &str, axis: usize) -> Result<usize> {
+    let bad = |message: String| EngineError::BadWeights { path: path.to_path_buf(), message };
+    let shape = shape.ok_or_else(|| bad(format!("the ControlNet lacks `{name}`")))?;
+    shape.get(axis).copied().ok_or_else(|| bad(format!("`{name}` has shape {shape:?}, with no axis {axis}")))
 }
 
 /// One ControlNet applied to a request: diffusers' `controlnet_conditioning_scale` and

@@ -21,15 +21,24 @@ pub(super) async fn list_loras(State(state): State<AppState>, headers: HeaderMap
 }
 
 /// The ControlNet registry's names and the family each was trained for, for `controlnets` in
-/// requests.
+/// requests, with a Union FLUX ControlNet's number of control modes (`mode` is 0 to modes-1).
 pub(super) async fn list_controlnets(State(state): State<AppState>, headers: HeaderMap) -> ApiResult<Json<serde_json::Value>> {
     state.authorize(&headers)?;
     let mut data = vec![];
     for name in state.controlnets.names() {
         // An entry whose config cannot be read is listed without a family (requests naming it
         // get the reason).
-        let family = state.controlnets.family(&name).ok();
-        data.push(serde_json::json!({"name": name, "object": "controlnet", "family": family}));
+        let mut entry = serde_json::json!({"name": name, "object": "controlnet"});
+        match state.controlnets.info(&name) {
+            Ok(info) => {
+                entry["family"] = serde_json::json!(info.family);
+                if let Some(modes) = info.modes {
+                    entry["modes"] = serde_json::json!(modes);
+                }
+            }
+            Err(_) => entry["family"] = serde_json::Value::Null,
+        }
+        data.push(entry);
     }
     Ok(Json(serde_json::json!({"object": "list", "data": data})))
 }
