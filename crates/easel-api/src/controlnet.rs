@@ -139,11 +139,14 @@ impl ControlNetRef {
 }
 
 /// What the gateway reads about a registry entry without loading it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ControlNetInfo {
     pub family: ControlNetFamily,
     /// A Union ControlNet's number of control modes; `None` for others.
     pub modes: Option<u32>,
+    /// Why easel cannot run it, when the registry entry says so without loading it (kinds of
+    /// FLUX ControlNet the engine refuses); the gateway refuses requests naming it.
+    pub unsupported: Option<String>,
 }
 
 impl ControlNetInfo {
@@ -262,8 +265,10 @@ impl ControlNetRegistry {
             } else {
                 ControlNetFamily::Sd
             };
-            let modes = shapes.get("controlnet_mode_embedder.weight").and_then(|s| s.first()).map(|&m| m as u32);
-            return Ok(ControlNetInfo { family, modes });
+            let modes = shapes.get("controlnet_mode_embedder.weight").and_then(|s| s.first()).map(|&m| m as u32).filter(|_| family == ControlNetFamily::Flux);
+            let xlabs = names.iter().any(|n| *n == "pos_embed_input.weight" || n.starts_with("input_hint_block."));
+            let unsupported = xlabs.then(|| format!("ControlNet `{name}` is an XLabs-style FLUX ControlNet (a pixel hint block), which easel does not run yet"));
+            return Ok(ControlNetInfo { family, modes, unsupported });
         }
         let config_path = path.join("config.json");
         let text = std::fs::read_to_string(&config_path).map_err(|e| unreadable(&e))?;
@@ -276,8 +281,17 @@ impl ControlNetRegistry {
         } else {
             ControlNetFamily::Sd
         };
-        let modes = config.get("num_mode").and_then(|m| m.as_u64()).map(|m| m as u32);
-        Ok(ControlNetInfo { family, modes })
+        let modes = config.get("num_mode").and_then(|m| m.as_u64()).map(|m| m as u32).filter(|_| family == ControlNetFamily::Flux);
+        let unsupported = if family != ControlNetFamily::Flux {
+            None
+        } else if class != "FluxControlNetModel" {
+            Some(format!("ControlNet `{name}` is a `{class}`; a FLUX ControlNet folder holds one FluxControlNetModel"))
+        } else if config.get("conditioning_embedding_channels").is_some_and(|c| !c.is_null()) {
+            Some(format!("ControlNet `{name}` reads pixels through its own convolutions (conditioning_embedding_channels, XLabs style), which easel does not run yet"))
+        } else {
+            None
+        };
+        Ok(ControlNetInfo { family, modes, unsupported })
     }
 }
 
@@ -311,12 +325,19 @@ mod tests {
         std::fs::write(dir.path().join("flux-file.safetensors"), file).unwrap();
         let reg = ControlNetRegistry::new(Some(dir.path().to_path_buf()));
         assert_eq!(reg.names(), vec!["canny-sd15".to_string(), "canny-xl".to_string(), "flux-file".to_string(), "union-flux".to_string()]);
-        assert_eq!(reg.info("union-flux").unwrap(), ControlNetInfo { family: ControlNetFamily::Flux, modes: Some(10) });
+        assert_eq!(reg.info("union-flux").unwrap(), ControlNetInfo { family: ControlNetFamily::Flux, modes: Some(10), unsupported: None });
         assert!(reg.info("union-flux").unwrap().mode_mismatch("union-flux", None).unwrap().contains("0 to 9"));
         assert!(reg.info("union-flux").unwrap().mode_mismatch("union-flux", Some(10)).unwrap().contains("out of range"));
         assert_eq!(reg.info("union-flux").unwrap().mode_mismatch("union-flux", Some(3)), None);
         assert!(reg.info("canny-xl").unwrap().mode_mismatch("canny-xl", Some(0)).unwrap().contains("not one"));
-        assert_eq!(reg.info("flux-file").unwrap(), ControlNetInfo { family: ControlNetFamily::Flux, modes: Some(1) });
+        assert_eq!(reg.info("flux-file").unwrap(), ControlNetInfo { family: ControlNetFamily::Flux, modes: Some(1), unsupported: None });
+        std::fs::create_dir_all(dir.path().join("xlabs-style")).unwrap();
+        std::fs::write(dir.path().join("xlabs-style/config.json"), r#"{"_class_name": "FluxControlNetModel", "conditioning_embedding_channels": 16}"#).unwrap();
+        assert!(reg.info("xlabs-style").unwrap().unsupported.unwrap().contains("conditioning_embedding_channels"));
+        let header = br#"{"pos_embed_input.weight":{"dtype":"F16","shape":[1],"data_offsets":[0,2]}}"#;
+        let file = [&(header.len() as u64).to_le_bytes()[..], header, &[0, 0]].concat();
+        std::fs::write(dir.path().join("xlabs.safetensors"), file).unwrap();
+        assert!(reg.info("xlabs").unwrap().unsupported.unwrap().contains("XLabs"));
         assert_eq!(reg.family("canny-xl").unwrap(), ControlNetFamily::Sdxl);
         assert_eq!(reg.family("canny-sd15").unwrap(), ControlNetFamily::Sd);
         assert!(reg.resolve("canny-sd15").unwrap().is_file());

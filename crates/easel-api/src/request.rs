@@ -410,7 +410,7 @@ impl ImageRequest {
         }
         let ip_adapter = match &self.ip_adapter {
             Some(_) if model.ip_adapter_fit.is_none() => {
-                return Err(ApiError::invalid("ip_adapter", format!("`{}` does not take IP-Adapters (they run on local Stable Diffusion 1.x/2.x, SDXL and FLUX models)", model.id)))
+                return Err(ApiError::invalid("ip_adapter", format!("`{}` does not take IP-Adapters (they run on local Stable Diffusion 1.x/2.x and SDXL models)", model.id)))
             }
             Some(r) => Some(r.to_spec()?),
             None => None,

@@ -122,6 +122,18 @@ impl FluxControlNet {
                 "FLUX ControlNets that read pixels through their own convolutions (conditioning_embedding_channels, XLabs style) are not supported yet; InstantX-style nets that read VAE latents are".into(),
             ));
         }
+        if config.num_mode == Some(0) {
+            return Err(EngineError::Unsupported("a Union FLUX ControlNet with num_mode 0 has no control modes".into()));
+        }
+        // Every block has many tensors: more blocks than tensors is a bad config or file, and
+        // checked before the expected list (a line per tensor) is built.
+        let tensors = w.names().count();
+        if config.base.num_layers.saturating_add(config.base.num_single_layers) > tensors {
+            return Err(EngineError::Unsupported(format!(
+                "the FLUX ControlNet config asks for {} double and {} single blocks, more than its {tensors} tensors could hold",
+                config.base.num_layers, config.base.num_single_layers
+            )));
+        }
         w.check(&expected_shapes(config), "the FLUX ControlNet config")?;
         let c = &config.base;
         let (heads, hidden) = (c.num_attention_heads, c.hidden_size());

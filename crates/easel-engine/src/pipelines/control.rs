@@ -85,9 +85,9 @@ impl ControlNet {
             (read_json::<ControlNetConfig>(&path.join("config.json"))?, load_tensors(&files, dtype, device)?)
         } else if path.is_file() {
             let no_host = || EngineError::param("controlnets", format!("{}: a single-file ControlNet takes its architecture from the model it runs with", path.display()));
-            let tensors = load_tensors(&[path.to_path_buf()], dtype, device)?;
-            if FLUX_CONTROLNET_NAMES.iter().any(|n| tensors.contains_key(*n)) {
-                drop(tensors);
+            // The header tells the kinds apart; only the one being loaded is read.
+            let names = crate::weights::read_tensor_names(path)?;
+            if names.iter().any(|n| FLUX_CONTROLNET_NAMES.contains(&n.as_str())) {
                 return match host {
                     Some(ControlNetHost::Flux(host)) => Self::load_flux_file(path, host, dtype, device),
                     Some(ControlNetHost::Unet(_)) => Err(EngineError::param("controlnets", format!("the ControlNet {} is for FLUX, and this model is not", path.display()))),
@@ -99,7 +99,7 @@ impl ControlNet {
                 Some(ControlNetHost::Flux(_)) => return Err(EngineError::param("controlnets", format!("the ControlNet {} is for a UNet (Stable Diffusion), and this model is FLUX", path.display()))),
                 None => return Err(no_host()),
             };
-            let tensors = ldm::controlnet(path, tensors)?;
+            let tensors = ldm::controlnet(path, load_tensors(&[path.to_path_buf()], dtype, device)?)?;
             (single_file_config(path, host, &tensors)?, tensors)
         } else {
             return Err(EngineError::MissingFile {
@@ -232,7 +232,7 @@ fn single_file_config(path: &Path, host: &UNetConfig, tensors: &HashMap<String, 
 fn flux_file_config(path: &Path, w: &Weights, host: &FluxTransformerConfig) -> Result<FluxControlNetConfig> {
     let shapes = w.shapes();
     let dim = |name: &str, axis: usize| weight_dim(path, shapes.get(name).map(Vec::as_slice), name, axis);
-    let count = |prefix: &str| shapes.keys().filter_map(|n| n.strip_prefix(prefix)?.split('.').next()?.parse::<usize>().ok()).map(|i| i + 1).max().unwrap_or(0);
+    let count = |prefix: &str| shapes.keys().filter_map(|n| n.strip_prefix(prefix)?.split('.').next()?.parse::<usize>().ok()).map(|i| i.saturating_add(1)).max().unwrap_or(0);
     let (hidden, in_channels) = (dim("img_in.weight", 0)?, dim("img_in.weight", 1)?);
     let head = dim("double_blocks.0.img_attn.norm.query_norm.scale", 0).or_else(|_| dim("single_blocks.0.norm.query_norm.scale", 0))?;
     if head == 0 || hidden % head != 0 {

@@ -282,9 +282,9 @@ impl FluxPipeline {
             }
             match (net.config.num_mode, unit.mode) {
                 (Some(n), Some(m)) if m >= n => {
-                    return Err(EngineError::param("controlnets", format!("control mode {m} is out of range: the Union ControlNet {name} has modes 0 to {}", n - 1)))
+                    return Err(EngineError::param("controlnets", format!("control mode {m} is out of range: the Union ControlNet {name} has modes 0 to {}", n.saturating_sub(1))))
                 }
-                (Some(n), None) => return Err(EngineError::param("controlnets", format!("the ControlNet {name} is a Union ControlNet: give a control mode (0 to {})", n - 1))),
+                (Some(n), None) => return Err(EngineError::param("controlnets", format!("the ControlNet {name} is a Union ControlNet: give a control mode (0 to {})", n.saturating_sub(1)))),
                 (None, Some(m)) => return Err(EngineError::param("controlnets", format!("control mode {m} is for Union ControlNets, and {name} is not one"))),
                 _ => {}
             }

@@ -145,7 +145,17 @@ fn request_view(spec: &easel_api::JobSpec) -> serde_json::Value {
         obj.insert("init_image".into(), serde_json::json!({"digest": image.digest(), "strength": image.strength, "mask": image.mask_png_base64.is_some()}));
     }
     if let Some(obj) = view.as_object_mut().filter(|_| !spec.controlnets.is_empty()) {
-        let nets: Vec<_> = spec.controlnets.iter().map(|c| serde_json::json!({"name": c.name, "scale": c.scale, "start": c.start, "end": c.end, "image_digest": c.image_digest()})).collect();
+        let nets: Vec<_> = spec
+            .controlnets
+            .iter()
+            .map(|c| {
+                let mut net = serde_json::json!({"name": c.name, "scale": c.scale, "start": c.start, "end": c.end, "image_digest": c.image_digest()});
+                if let Some(mode) = c.mode {
+                    net["mode"] = serde_json::json!(mode);
+                }
+                net
+            })
+            .collect();
         obj.insert("controlnets".into(), serde_json::Value::Array(nets));
     }
     if let (Some(ip), Some(obj)) = (&spec.ip_adapter, view.as_object_mut()) {

@@ -167,7 +167,7 @@ pub(super) fn submit_request(
                 format!("ControlNet `{}` is for {}, and `{}` is {}", c.name, info.family.describe(), model.id, served.describe()),
             ));
         }
-        if let Some(why) = info.mode_mismatch(&c.name, c.mode) {
+        if let Some(why) = info.unsupported.clone().or_else(|| info.mode_mismatch(&c.name, c.mode)) {
             return Err(ApiError::invalid("controlnets", why));
         }
     }

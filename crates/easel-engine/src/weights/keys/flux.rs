@@ -28,7 +28,7 @@ pub fn to_bfl(w: &mut Weights) -> Result<Layout> {
         });
     }
     let blocks = |w: &Weights, prefix: &str| -> usize {
-        w.names().filter_map(|n| n.strip_prefix(prefix)?.split('.').next()?.parse::<usize>().ok()).map(|i| i + 1).max().unwrap_or(0)
+        w.names().filter_map(|n| n.strip_prefix(prefix)?.split('.').next()?.parse::<usize>().ok()).map(|i| i.saturating_add(1)).max().unwrap_or(0)
     };
     let (double, single) = (blocks(w, "transformer_blocks."), blocks(w, "single_transformer_blocks."));
     let renames = renames(double, single);

@@ -46,7 +46,7 @@ fn move_tensor(w: &mut Weights, from: &str, to: String) -> Result<()> {
 fn fuse(w: &mut Weights, parts: &[String], to: String) -> Result<()> {
     let tensors = parts.iter().map(|p| dense(w, p)).collect::<Result<Vec<_>>>()?;
     for (name, t) in parts.iter().zip(&tensors).skip(1) {
-        if t.dims()[1..] != tensors[0].dims()[1..] {
+        if t.dims().get(1..) != tensors[0].dims().get(1..) {
             return Err(EngineError::BadWeights {
                 path: w.origin().to_path_buf(),
                 message: format!("tensor `{name}` has shape {:?} but `{}` has {:?}; they must share their input size", t.dims(), parts[0], tensors[0].dims()),
