@@ -240,16 +240,11 @@ impl ControlNetRegistry {
         }
     }
 
-    /// The family a registry entry was trained for: from a folder's `config.json`
-    /// (`_class_name`, SDXL's `text_time` embedding), or from a single file's tensor names
-    /// (SDXL's `label_emb`/`add_embedding`; FLUX's `controlnet_x_embedder`, XLabs'
-    /// `double_blocks`, which easel then refuses to load with a reason).
-    pub fn family(&self, name: &str) -> Result<ControlNetFamily, ApiError> {
-        Ok(self.info(name)?.family)
-    }
-
-    /// A registry entry's family and, for a Union FLUX ControlNet, how many control modes it
-    /// has (`num_mode` in its config).
+    /// A registry entry's family, read from a folder's `config.json` (`_class_name`, SDXL's
+    /// `text_time` embedding) or from a single file's tensor names (SDXL's
+    /// `label_emb`/`add_embedding`; FLUX's `controlnet_x_embedder`, XLabs' `double_blocks`);
+    /// for a Union FLUX ControlNet, how many control modes it has (`num_mode`); and why easel
+    /// cannot run it, for the FLUX kinds the engine refuses.
     pub fn info(&self, name: &str) -> Result<ControlNetInfo, ApiError> {
         let path = self.resolve(name)?;
         let unreadable = |e: &dyn std::fmt::Display| ApiError::internal(format!("ControlNet `{name}` ({}): {e}", path.display()));
@@ -338,8 +333,8 @@ mod tests {
         let file = [&(header.len() as u64).to_le_bytes()[..], header, &[0, 0]].concat();
         std::fs::write(dir.path().join("xlabs.safetensors"), file).unwrap();
         assert!(reg.info("xlabs").unwrap().unsupported.unwrap().contains("XLabs"));
-        assert_eq!(reg.family("canny-xl").unwrap(), ControlNetFamily::Sdxl);
-        assert_eq!(reg.family("canny-sd15").unwrap(), ControlNetFamily::Sd);
+        assert_eq!(reg.info("canny-xl").unwrap().family, ControlNetFamily::Sdxl);
+        assert_eq!(reg.info("canny-sd15").unwrap().family, ControlNetFamily::Sd);
         assert!(reg.resolve("canny-sd15").unwrap().is_file());
         assert_eq!(reg.resolve("empty").unwrap_err().status, 404);
         assert_eq!(reg.resolve("../etc").unwrap_err().status, 400);

@@ -254,7 +254,8 @@ fn flux_controlnet_on_image_to_image_with_its_window_over_the_steps_that_run_mat
 
 /// A FLUX ControlNet as one file in diffusers' names (as ComfyUI repackages InstantX's): its
 /// config read off its weights, its rotary axes from the model's transformer, it gives exactly
-/// its folder's output. Without a model, or with a UNet model, it is refused saying why.
+/// its folder's output. Without a model, or with a UNet model, it is refused saying why, and so
+/// is an XLabs-style file.
 #[test]
 fn a_flux_controlnet_single_file_in_diffusers_names_gives_exactly_its_folders_output() {
     let (reference, pipe, mut p) = flux_case("flux-schnell-tiny-union-controlnet-batch");
@@ -271,6 +272,12 @@ fn a_flux_controlnet_single_file_in_diffusers_names_gives_exactly_its_folders_ou
     let sd = Pipeline::load(&fixtures().join("pipelines/sd15-var-tiny"), &LoadOptions::default()).unwrap();
     let on_sd = ControlNet::load(&file, sd.controlnet_host(), DType::F32, &Device::Cpu).unwrap_err().to_string();
     assert!(on_sd.contains("controlnets") && on_sd.contains("is for FLUX"), "{on_sd}");
+    // XLabs' files (BFL names and a pixel hint block) are told apart by their header.
+    let header = br#"{"pos_embed_input.weight":{"dtype":"F32","shape":[1],"data_offsets":[0,4]}}"#;
+    let xlabs = dir.path().join("xlabs.safetensors");
+    std::fs::write(&xlabs, [&(header.len() as u64).to_le_bytes()[..], header, &[0; 4]].concat()).unwrap();
+    let refused = ControlNet::load(&xlabs, pipe.controlnet_host(), DType::F32, &Device::Cpu).unwrap_err().to_string();
+    assert!(refused.contains("XLabs-style"), "{refused}");
 }
 
 fn flux_case(case: &str) -> (Reference, Pipeline, GenerateParams) {

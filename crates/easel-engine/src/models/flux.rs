@@ -368,27 +368,23 @@ impl FluxTransformer {
 
     /// The velocity prediction `[B, L, out_channels]`.
     pub fn forward(&self, x: &FluxInputs) -> Result<Tensor> {
-        self.forward_inner(x, None)
+        self.forward_inner(x, None, None)
     }
 
     /// One step under the First-Block Cache ([`FirstBlockCache`] decides whether the blocks
     /// after the first run).
     pub fn forward_cached(&self, x: &FluxInputs, cache: &mut FirstBlockCache) -> Result<Tensor> {
-        self.forward_inner(x, Some(cache))
+        self.forward_inner(x, Some(cache), None)
     }
 
     /// One step with ControlNet residuals added after the blocks, as diffusers'
     /// `FluxTransformer2DModel` takes `controlnet_block_samples` and
     /// `controlnet_single_block_samples`.
     pub fn forward_with_control(&self, x: &FluxInputs, control: &FluxControlResiduals) -> Result<Tensor> {
-        self.forward_inner_controlled(x, None, Some(control))
+        self.forward_inner(x, None, Some(control))
     }
 
-    fn forward_inner(&self, x: &FluxInputs, cache: Option<&mut FirstBlockCache>) -> Result<Tensor> {
-        self.forward_inner_controlled(x, cache, None)
-    }
-
-    fn forward_inner_controlled(&self, x: &FluxInputs, cache: Option<&mut FirstBlockCache>, control: Option<&FluxControlResiduals>) -> Result<Tensor> {
+    fn forward_inner(&self, x: &FluxInputs, cache: Option<&mut FirstBlockCache>, control: Option<&FluxControlResiduals>) -> Result<Tensor> {
         let dtype = self.dtype;
         let img = self.embed.img_in.forward(&x.img.to_dtype(dtype)?)?;
         let txt = self.embed.txt_in.forward(&x.txt.to_dtype(dtype)?)?;

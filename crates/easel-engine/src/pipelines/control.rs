@@ -88,6 +88,12 @@ impl ControlNet {
             // The header tells the kinds apart; only the one being loaded is read.
             let names = crate::weights::read_tensor_names(path)?;
             if names.iter().any(|n| FLUX_CONTROLNET_NAMES.contains(&n.as_str())) {
+                if names.iter().any(|n| n.starts_with("input_hint_block.") || n == "pos_embed_input.weight") {
+                    return Err(EngineError::Unsupported(format!(
+                        "{}: XLabs-style FLUX ControlNets (a pixel hint block) are not supported yet; InstantX-style ones, which read VAE latents, are",
+                        path.display()
+                    )));
+                }
                 return match host {
                     Some(ControlNetHost::Flux(host)) => Self::load_flux_file(path, host, dtype, device),
                     Some(ControlNetHost::Unet(_)) => Err(EngineError::param("controlnets", format!("the ControlNet {} is for FLUX, and this model is not", path.display()))),
@@ -121,15 +127,8 @@ impl ControlNet {
     }
 
     /// A FLUX ControlNet in one file of diffusers' names: its config read off its weights.
-    /// XLabs' files (BFL names, a pixel hint block) are refused with the reason.
     fn load_flux_file(path: &Path, host: &FluxTransformerConfig, dtype: DType, device: &Device) -> Result<Self> {
         let mut weights = Weights::read_safetensors(&[path.to_path_buf()], dtype, device)?;
-        if weights.names().any(|n| n.starts_with("input_hint_block.") || n == "pos_embed_input.weight") {
-            return Err(EngineError::Unsupported(format!(
-                "{}: XLabs-style FLUX ControlNets (a pixel hint block) are not supported yet; InstantX-style ones, which read VAE latents, are",
-                path.display()
-            )));
-        }
         flux_keys::to_bfl(&mut weights)?;
         let config = flux_file_config(path, &weights, host)?;
         Ok(Self { net: Net::Flux(FluxControlNet::new(&weights, &config, dtype, device)?), path: path.to_path_buf() })
