@@ -95,6 +95,30 @@ fn unet_and_vae_match_diffusers() {
     check_unet_and_vae("sdxl-var-tiny");
 }
 
+/// The CPU's fused attention kernel (query blocks, scores, softmax and `P V` per task) against
+/// the direct form, reading q, k and v through transposed views as the models pass them, with
+/// query counts no block divides, one key, long key rows (small query blocks) and a value
+/// width unlike the query's.
+#[test]
+fn fused_cpu_attention_equals_direct_attention_within_1e_5() {
+    use easel_engine::models::sdpa::{attention, attention_within};
+    let dev = Device::Cpu;
+    for (b, h, n, m, d, dv) in [(2, 3, 77, 50, 8, 8), (1, 2, 300, 77, 40, 40), (3, 1, 5, 1, 16, 16), (1, 2, 40, 20_000, 8, 8), (2, 2, 33, 19, 12, 20)] {
+        // Projections come out as [b, tokens, heads * d]; attention sees [b, heads, tokens, d].
+        let heads_view = |tokens: usize, width: usize, scale: f64| {
+            let t = (Tensor::randn(0f32, 1.0, (b, tokens, h, width), &dev).unwrap() * scale).unwrap();
+            t.transpose(1, 2).unwrap()
+        };
+        let (q, k, v) = (heads_view(n, d, 2.0), heads_view(m, d, 1.0), heads_view(m, dv, 1.0));
+        let scale = (d as f64).powf(-0.5);
+        let fused = attention(&q, &k, &v, scale).unwrap();
+        let direct = attention_within(&q.contiguous().unwrap(), &k.contiguous().unwrap(), &v, scale, usize::MAX).unwrap();
+        assert_eq!(fused.dims(), direct.dims());
+        let diff = (fused - &direct).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+        assert!(diff < 1e-5, "[{b},{h},{n},{m},{d}->{dv}]: max abs diff {diff:.2e}");
+    }
+}
+
 /// The tiled, online-softmax form (used beyond the score budget) against the direct form, with
 /// budgets that force query blocks only, then key blocks too, on sizes no block divides.
 #[test]
@@ -118,13 +142,14 @@ fn tiled_attention_equals_direct_attention_within_1e_5() {
 }
 
 /// The CPU convolution (per-tap GEMMs over a padded input) against candle's im2col one, for
-/// 3x3 and 1x1 kernels, non-square inputs, a 1x1 image and a batch of two.
+/// 3x3, 5x5 and 1x1 kernels, non-square inputs, a 1x1 image, and batches of one to four (the
+/// batch is one GEMM per tap, through every image's padded rows).
 #[test]
 fn tap_convolution_equals_candle_convolution_within_1e_5() {
     use candle_nn::{Conv2dConfig, Module, VarBuilder, VarMap};
     use easel_engine::models::conv::conv2d;
     let dev = Device::Cpu;
-    for (b, cin, cout, h, w, k) in [(2, 5, 7, 9, 13, 3), (1, 16, 8, 4, 3, 3), (2, 6, 3, 5, 8, 1), (1, 3, 4, 1, 1, 3)] {
+    for (b, cin, cout, h, w, k) in [(2, 5, 7, 9, 13, 3), (1, 16, 8, 4, 3, 3), (2, 6, 3, 5, 8, 1), (1, 3, 4, 1, 1, 3), (3, 4, 6, 7, 5, 3), (4, 3, 5, 6, 9, 5), (3, 8, 2, 4, 6, 1), (1, 7, 3, 6, 4, 1)] {
         let mut varmap = VarMap::new();
         let vb = VarBuilder::from_varmap(&varmap, DType::F32, &dev);
         let cfg = Conv2dConfig { padding: k / 2, ..Default::default() };

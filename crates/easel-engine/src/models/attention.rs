@@ -5,9 +5,10 @@
 //! order when the UNet is built, and adds its scaled image attention to the text's.
 
 use candle_core::{Module, Result, Tensor};
-use candle_nn::{group_norm, layer_norm, linear, linear_no_bias, GroupNorm, LayerNorm, Linear, VarBuilder};
+use candle_nn::{layer_norm, linear, linear_no_bias, LayerNorm, Linear, VarBuilder};
 
 use super::conv::{conv2d, Conv2d};
+use super::group_norm::{group_norm, GroupNorm};
 use super::ip_adapter::{ImageKv, ImagePromptKv};
 
 /// What cross-attention attends to: the text states, and an IP-Adapter's image prompt.
@@ -60,7 +61,7 @@ impl Attention {
         let (b, n, _) = xs.dims3()?;
         let split = |t: Tensor| -> Result<Tensor> {
             let (b, m, inner) = t.dims3()?;
-            t.reshape((b, m, self.heads, inner / self.heads))?.transpose(1, 2)?.contiguous()
+            t.reshape((b, m, self.heads, inner / self.heads))?.transpose(1, 2)
         };
         let q = split(self.to_q.forward(xs)?)?;
         let k = split(self.to_k.forward(context)?)?;
@@ -96,9 +97,7 @@ impl FeedForward {
     }
 
     fn forward(&self, xs: &Tensor) -> Result<Tensor> {
-        let h = self.proj_in.forward(xs)?;
-        let halves = h.chunk(2, candle_core::D::Minus1)?;
-        self.proj_out.forward(&(&halves[0] * halves[1].gelu_erf()?)?)
+        self.proj_out.forward(&super::vector_math::geglu(&self.proj_in.forward(xs)?)?)
     }
 }
 

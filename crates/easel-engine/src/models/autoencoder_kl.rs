@@ -9,9 +9,10 @@
 //! text-to-image run neither reads nor holds the encoder's weights.
 
 use candle_core::{Module, Result, Tensor};
-use candle_nn::{group_norm, Conv2dConfig, GroupNorm, Linear, VarBuilder};
+use candle_nn::{Conv2dConfig, Linear, VarBuilder};
 
 use super::conv::{conv2d, Conv2d};
+use super::group_norm::{group_norm, GroupNorm};
 use super::resnet::{ResnetBlock2D, ResnetConfig};
 
 use crate::config::VaeConfig;
@@ -186,7 +187,7 @@ impl AutoencoderKLDecoder {
         for block in &self.up_blocks {
             xs = block.forward(&xs)?;
         }
-        let xs = candle_nn::ops::silu(&self.conv_norm_out.forward(&xs)?)?;
+        let xs = self.conv_norm_out.forward_silu(&xs)?;
         self.conv_out.forward(&xs)
     }
 }
@@ -265,7 +266,7 @@ impl AutoencoderKLEncoder {
             xs = block.forward(&xs)?;
         }
         xs = self.mid_block.forward(&xs)?;
-        let xs = self.conv_out.forward(&candle_nn::ops::silu(&self.conv_norm_out.forward(&xs)?)?)?;
+        let xs = self.conv_out.forward(&self.conv_norm_out.forward_silu(&xs)?)?;
         match &self.quant_conv {
             Some(conv) => conv.forward(&xs),
             None => Ok(xs),

@@ -15,6 +15,8 @@ use candle_core::{CpuStorage, CustomOp3, DType, Layout, Module, Result, Shape, T
 use candle_nn::{Conv2dConfig, VarBuilder};
 use rayon::prelude::*;
 
+use super::vector_math::contiguous_f32;
+
 /// Peak bytes per output pixel of one "same" convolution with its input and output: on the CPU
 /// in f32 (the tap path) the input, its padded copy and the output at padded width; elsewhere
 /// candle's im2col buffer (9 x the input) besides.
@@ -68,13 +70,6 @@ impl Module for Conv2d {
 #[derive(Debug)]
 struct TapConv;
 
-fn f32_slice<'a>(storage: &'a CpuStorage, layout: &Layout, what: &str) -> Result<&'a [f32]> {
-    let Some((start, end)) = layout.contiguous_offsets() else {
-        candle_core::bail!("conv2d: the {what} must be contiguous");
-    };
-    Ok(&storage.as_slice::<f32>()?[start..end])
-}
-
 impl CustomOp3 for TapConv {
     fn name(&self) -> &'static str {
         "easel-tap-conv2d"
@@ -86,74 +81,85 @@ impl CustomOp3 for TapConv {
         if wcin != cin || kh != kw || kh % 2 == 0 {
             candle_core::bail!("conv2d: input {:?} does not fit weights {:?}", l1.dims(), l2.dims());
         }
-        let (src, weight, bias) = (f32_slice(s1, l1, "input")?, f32_slice(s2, l2, "weight")?, f32_slice(s3, l3, "bias")?);
+        let (src, weight, bias) = (contiguous_f32(s1, l1, "conv2d", "input")?, contiguous_f32(s2, l2, "conv2d", "weight")?, contiguous_f32(s3, l3, "conv2d", "bias")?);
+        if b * h * w == 0 {
+            return Ok((CpuStorage::F32(Vec::new()), Shape::from((b, cout, h, w))));
+        }
         let (k, pad) = (kh, kh / 2);
         let (hp, wp) = (h + 2 * pad, w + 2 * pad);
-        // One channel of the padded input, plus 2*pad so the last tap's slice stays in bounds.
+        // One channel of one image, padded, plus 2*pad so the last tap's slice stays in bounds.
         let plane = hp * wp + 2 * pad;
-        let n = h * wp;
-        let mut out = vec![0f32; b * cout * h * w];
-        let mut padded = vec![0f32; if pad == 0 { 0 } else { cin * plane }];
+        // The padded input is laid out [cin][b][plane], so each tap is one GEMM over the whole
+        // batch: its columns run through every image's rows at padded width, and the columns
+        // between images (the padding rows) are computed and dropped with the padding columns.
+        let row = b * plane;
+        let n = (b - 1) * plane + h * wp;
+        let padded = if pad == 0 && b == 1 {
+            Vec::new()
+        } else {
+            let mut padded = vec![0f32; cin * row];
+            padded.par_chunks_mut(plane).enumerate().for_each(|(index, dst)| {
+                let (channel, batch) = (index / b, index % b);
+                let chan = &src[(batch * cin + channel) * h * w..][..h * w];
+                for y in 0..h {
+                    let start = (y + pad) * wp + pad;
+                    dst[start..start + w].copy_from_slice(&chan[y * w..(y + 1) * w]);
+                }
+            });
+            padded
+        };
+        let rhs = if padded.is_empty() { src } else { &padded[..] };
         let mut wide = vec![0f32; cout * n];
+        wide.par_chunks_mut(n).zip(bias.par_iter()).for_each(|(row, &v)| row.fill(v));
         let parallelism = match candle_core::utils::get_num_threads() {
             0 | 1 => gemm::Parallelism::None,
             threads => gemm::Parallelism::Rayon(threads),
         };
-        for batch in 0..b {
-            let input = &src[batch * cin * h * w..(batch + 1) * cin * h * w];
-            let (rhs, rhs_rs) = if pad == 0 {
-                (input, h * w)
-            } else {
-                padded.par_chunks_mut(plane).zip(input.par_chunks(h * w)).for_each(|(dst, chan)| {
-                    for y in 0..h {
-                        let row = (y + pad) * wp + pad;
-                        dst[row..row + w].copy_from_slice(&chan[y * w..(y + 1) * w]);
-                    }
-                });
-                (&padded[..], plane)
-            };
-            wide.par_chunks_mut(n).zip(bias.par_iter()).for_each(|(row, &v)| row.fill(v));
-            for dy in 0..k {
-                for dx in 0..k {
-                    let tap = dy * k + dx;
-                    let offset = dy * wp + dx;
-                    // SAFETY: dst is cout x n (row stride n); lhs is weight[:, :, dy, dx], cout x
-                    // cin at row stride cin*k*k and column stride k*k from `tap`; rhs is cin x n
-                    // at row stride rhs_rs from `offset`, whose last element,
-                    // (cin-1)*rhs_rs + offset + n - 1, is inside the padded buffer by `plane`'s
-                    // construction (or is the unpadded input itself for a 1x1 kernel).
-                    unsafe {
-                        gemm::gemm(
-                            cout,
-                            n,
-                            cin,
-                            wide.as_mut_ptr(),
-                            1,
-                            n as isize,
-                            true,
-                            weight.as_ptr().add(tap),
-                            (k * k) as isize,
-                            (cin * k * k) as isize,
-                            rhs.as_ptr().add(offset),
-                            1,
-                            rhs_rs as isize,
-                            1.0,
-                            1.0,
-                            false,
-                            false,
-                            false,
-                            parallelism,
-                        );
-                    }
+        for dy in 0..k {
+            for dx in 0..k {
+                let tap = dy * k + dx;
+                let offset = dy * wp + dx;
+                // SAFETY: dst is cout x n (row stride n); lhs is weight[:, :, dy, dx], cout x cin
+                // at row stride cin*k*k and column stride k*k from `tap`; rhs is cin x n at row
+                // stride `row` from `offset`. Its last element is (cin-1)*row + offset + n - 1,
+                // and offset + n - 1 is at most 2*pad*(wp+1) + (b-1)*plane + h*wp - 1, which is
+                // b*plane - 1 = row - 1 by `plane`'s construction, so it is inside the buffer
+                // (for an unpadded 1x1 kernel on one image, the input itself: n = h*w = row).
+                unsafe {
+                    gemm::gemm(
+                        cout,
+                        n,
+                        cin,
+                        wide.as_mut_ptr(),
+                        1,
+                        n as isize,
+                        true,
+                        weight.as_ptr().add(tap),
+                        (k * k) as isize,
+                        (cin * k * k) as isize,
+                        rhs.as_ptr().add(offset),
+                        1,
+                        row as isize,
+                        1.0,
+                        1.0,
+                        false,
+                        false,
+                        false,
+                        parallelism,
+                    );
                 }
             }
-            // Drop the padding columns: row y of channel o is wide[o][y*wp .. y*wp + w].
-            out[batch * cout * h * w..(batch + 1) * cout * h * w].par_chunks_mut(h * w).zip(wide.par_chunks(n)).for_each(|(dst, src)| {
-                for y in 0..h {
-                    dst[y * w..(y + 1) * w].copy_from_slice(&src[y * wp..y * wp + w]);
-                }
-            });
         }
+        // Drop the padding: row y of channel o of image `batch` is
+        // wide[o][batch*plane + y*wp ..][..w].
+        let mut out = vec![0f32; b * cout * h * w];
+        out.par_chunks_mut(h * w).enumerate().for_each(|(index, dst)| {
+            let (batch, channel) = (index / cout, index % cout);
+            let src = &wide[channel * n + batch * plane..];
+            for y in 0..h {
+                dst[y * w..(y + 1) * w].copy_from_slice(&src[y * wp..y * wp + w]);
+            }
+        });
         Ok((CpuStorage::F32(out), Shape::from((b, cout, h, w))))
     }
 }

@@ -4,9 +4,10 @@
 //! candle-transformers') so its convolutions take [`super::conv`]'s CPU path.
 
 use candle_core::{Module, Result, Tensor};
-use candle_nn::{group_norm, linear, Conv2dConfig, GroupNorm, Linear, VarBuilder};
+use candle_nn::{linear, Conv2dConfig, Linear, VarBuilder};
 
 use super::conv::{conv2d, Conv2d};
+use super::group_norm::{group_norm, GroupNorm};
 
 /// One residual block (weights `norm1`, `conv1`, `time_emb_proj`, `norm2`, `conv2`, `conv_shortcut`).
 #[derive(Debug)]
@@ -53,12 +54,12 @@ impl ResnetBlock2D {
 
     /// `xs` `[b, c, h, w]`; `temb` `[b, temb_channels]` for the UNets' blocks.
     pub fn forward(&self, xs: &Tensor, temb: Option<&Tensor>) -> Result<Tensor> {
-        let h = self.conv1.forward(&candle_nn::ops::silu(&self.norm1.forward(xs)?)?)?;
+        let h = self.conv1.forward(&self.norm1.forward_silu(xs)?)?;
         let h = match (temb, &self.time_emb_proj) {
             (Some(temb), Some(proj)) => h.broadcast_add(&proj.forward(&candle_nn::ops::silu(temb)?)?.unsqueeze(2)?.unsqueeze(3)?)?,
             _ => h,
         };
-        let h = self.conv2.forward(&candle_nn::ops::silu(&self.norm2.forward(&h)?)?)?;
+        let h = self.conv2.forward(&self.norm2.forward_silu(&h)?)?;
         let skip = match &self.conv_shortcut {
             Some(conv) => conv.forward(xs)?,
             None => xs.clone(),

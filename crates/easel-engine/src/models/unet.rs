@@ -8,10 +8,11 @@
 //! the timestep's (`time_embedding.cond_proj`), instead of classifier-free guidance.
 
 use candle_core::{DType, Module, Result, Tensor};
-use candle_nn::{group_norm, Conv2dConfig, GroupNorm, VarBuilder};
+use candle_nn::{Conv2dConfig, VarBuilder};
 use candle_transformers::models::stable_diffusion::embeddings::{TimestepEmbedding, Timesteps};
 
 use super::conv::{conv2d, Conv2d};
+use super::group_norm::{group_norm, GroupNorm};
 use super::resnet::{ResnetBlock2D, ResnetConfig};
 
 use super::attention::{CrossContext, Transformer2DModel, TransformerConfig};
@@ -495,7 +496,7 @@ impl UNet2DConditionModel {
             }
         };
         xs = last_up.up(&xs, &emb, context, &mut residuals, None)?;
-        let xs = candle_nn::ops::silu(&self.conv_norm_out.forward(&xs)?)?;
+        let xs = self.conv_norm_out.forward_silu(&xs)?;
         self.conv_out.forward(&xs)
     }
 }
