@@ -236,17 +236,22 @@ fn erf_poly(x: f32) -> f32 {
     magnitude.copysign(x)
 }
 
-/// Cephes' `expf`, branch-free so that a loop of it vectorises: `exp(x) = 2^n exp(r)` with
-/// `n = round(x / ln 2)`, `r = x - n ln 2` (ln 2 in two parts for precision), and `exp(r)` by a
-/// degree-6 polynomial. Inputs are clamped to where the result is a normal f32 (below, it is
-/// about 1e-38 instead of 0 or a denormal: far below what a softmax sum or a SiLU can see).
+/// Cephes' `expf`, branch-free and cast-free so that a loop of it vectorises: `exp(x) = 2^n exp(r)`
+/// with `n = round(x / ln 2)`, `r = x - n ln 2` (ln 2 in two parts for precision), and `exp(r)`
+/// by a degree-6 polynomial. `n` is rounded by adding 1.5 * 2^23, which leaves it in the low
+/// mantissa bits, and `2^n` is those bits plus the exponent bias shifted into the exponent
+/// field (a float-to-int `as` cast would saturate, which compiles to scalar code). Inputs are
+/// clamped to where the result is a normal f32 (below, it is about 1e-38 instead of 0 or a
+/// denormal: far below what a softmax sum or a SiLU can see).
 #[inline(always)]
 fn exp_poly(x: f32) -> f32 {
     const LOG2E: f32 = std::f32::consts::LOG2_E;
     const LN2_HI: f32 = 0.693_359_4;
     const LN2_LO: f32 = -2.121_944_4e-4;
+    const ROUNDER: f32 = 12_582_912.0;
     let x = x.clamp(-87.3, 88.3);
-    let n = (x * LOG2E + 0.5).floor();
+    let shifted = x * LOG2E + ROUNDER;
+    let n = shifted - ROUNDER;
     let r = x - n * LN2_HI - n * LN2_LO;
     let mut p = 1.987_569_1e-4f32;
     p = p * r + 1.398_199_9e-3;
@@ -255,7 +260,8 @@ fn exp_poly(x: f32) -> f32 {
     p = p * r + 1.666_666_5e-1;
     p = p * r + 5.000_000_1e-1;
     let e = p * r * r + r + 1.0;
-    e * f32::from_bits(((n as i32 + 127) as u32) << 23)
+    // The low 9 bits of `shifted` are n mod 512; n + 127 is in 1..=254 after the clamp.
+    e * f32::from_bits(shifted.to_bits().wrapping_add(127) << 23)
 }
 
 #[cfg(test)]
