@@ -180,7 +180,7 @@ impl Mlp {
     }
 
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        Ok(self.fc2.forward(&self.fc0.forward(x)?.gelu()?)?)
+        Ok(self.fc2.forward(&super::vector_math::gelu_tanh(&self.fc0.forward(x)?)?)?)
     }
 }
 
@@ -263,7 +263,7 @@ impl SingleStreamBlock {
         let mlp = fused.narrow(D::Minus1, 3 * self.hidden, fused.dim(D::Minus1)? - 3 * self.hidden)?;
         let (q, k, v) = split_qkv(&qkv, self.heads, &self.norm)?;
         let attn = attention(&q, &k, &v, pe)?;
-        let out = self.linear2.forward(&Tensor::cat(&[attn, mlp.gelu()?], D::Minus1)?)?;
+        let out = self.linear2.forward(&Tensor::cat(&[attn, super::vector_math::gelu_tanh(&mlp)?], D::Minus1)?)?;
         Ok((x + out.broadcast_mul(&m[2])?)?)
     }
 }

@@ -141,7 +141,7 @@ impl Mlp {
     }
 
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        Ok(self.fc2.forward(&self.fc1.forward(x)?.gelu()?)?)
+        Ok(self.fc2.forward(&super::vector_math::gelu_tanh(&self.fc1.forward(x)?)?)?)
     }
 }
 
