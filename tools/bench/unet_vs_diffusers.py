@@ -50,7 +50,9 @@ def main():
         model_dir = os.path.join(tmp, "unet-random")
         unet.save_pretrained(os.path.join(model_dir, "unet"), safe_serialization=True)
         del unet
-        size_gb = os.path.getsize(os.path.join(model_dir, "unet", "diffusion_pytorch_model.safetensors")) / 1e9
+        # An SDXL-size UNet is saved in shards: count them all.
+        unet_dir = os.path.join(model_dir, "unet")
+        size_gb = sum(os.path.getsize(os.path.join(unet_dir, f)) for f in os.listdir(unet_dir) if f.endswith(".safetensors")) / 1e9
 
         lat = args.size // 8
         sample = torch.randn(args.batch, 4, lat, lat)
