@@ -85,6 +85,11 @@ impl CustomOp3 for TapConv {
         if b * h * w == 0 {
             return Ok((CpuStorage::F32(Vec::new()), Shape::from((b, cout, h, w))));
         }
+        if cin == 0 {
+            // No input channels: the bias alone (and no pointer arithmetic on empty buffers).
+            let out = (0..b * cout).flat_map(|i| std::iter::repeat(bias[i % cout]).take(h * w)).collect();
+            return Ok((CpuStorage::F32(out), Shape::from((b, cout, h, w))));
+        }
         let (k, pad) = (kh, kh / 2);
         let (hp, wp) = (h + 2 * pad, w + 2 * pad);
         // One channel of one image, padded, plus 2*pad so the last tap's slice stays in bounds.

@@ -116,10 +116,12 @@ impl CustomOp3 for FusedGroupNorm {
                 let inv_std = 1.0 / (var + self.eps).sqrt();
                 let first_channel = (index % self.groups) * per_group;
                 for (k, (dst, xs)) in dst.chunks_mut(spatial).zip(xs.chunks(spatial)).enumerate() {
+                    // (x - mean) first, as candle does: x * scale + (bias - mean * scale) would
+                    // cancel catastrophically where |mean| is far above the deviation.
                     let scale = (weight[first_channel + k] as f64 * inv_std) as f32;
-                    let shift = (bias[first_channel + k] as f64 - mean * weight[first_channel + k] as f64 * inv_std) as f32;
+                    let shift = bias[first_channel + k];
                     for (y, &x) in dst.iter_mut().zip(xs) {
-                        *y = x * scale + shift;
+                        *y = (x - mean32) * scale + shift;
                     }
                     if self.silu {
                         silu_in_place(dst);

@@ -199,9 +199,8 @@ fn softmax_row_generic(src: &[f32], dst: &mut [f32], scale: f32) {
 
 #[inline(always)]
 fn softmax_in_place_inline(xs: &mut [f32]) {
+    // A row whose maximum is infinite gives NaN (inf - inf), as candle's and PyTorch's do.
     let max = max_lanes(xs);
-    // A row of -inf (every key masked) has no finite maximum: use 0 so it stays -inf, not NaN.
-    let max = if max.is_finite() { max } else { 0.0 };
     for x in xs.iter_mut() {
         *x -= max;
     }
@@ -291,6 +290,7 @@ fn exp_poly(x: f32) -> f32 {
     const LN2_HI: f32 = 0.693_359_4;
     const LN2_LO: f32 = -2.121_944_4e-4;
     const ROUNDER: f32 = 12_582_912.0;
+    let unclamped = x;
     let x = x.clamp(-87.3, 88.3);
     let shifted = x * LOG2E + ROUNDER;
     let n = shifted - ROUNDER;
@@ -303,7 +303,13 @@ fn exp_poly(x: f32) -> f32 {
     p = p * r + 5.000_000_1e-1;
     let e = p * r * r + r + 1.0;
     // The low 9 bits of `shifted` are n mod 512; n + 127 is in 1..=254 after the clamp.
-    e * f32::from_bits(shifted.to_bits().wrapping_add(127) << 23)
+    let e = e * f32::from_bits(shifted.to_bits().wrapping_add(127) << 23);
+    // Above the clamp, overflow to infinity as expf does (so silu(-1e38) is -0, not -1.4).
+    if unclamped > 88.3 {
+        f32::INFINITY
+    } else {
+        e
+    }
 }
 
 #[cfg(test)]
@@ -312,7 +318,7 @@ mod tests {
     use candle_core::Device;
 
     #[test]
-    fn polynomial_exp_is_within_2e_7_relative_of_libm_over_softmax_range() {
+    fn polynomial_exp_is_within_2e_7_relative_of_libm_and_saturates_like_it() {
         let mut worst = 0f32;
         let xs: Vec<f32> = (0..200_000).map(|i| -87.0 + i as f32 * (175.0 / 200_000.0)).collect();
         let mut ours = xs.clone();
@@ -324,9 +330,14 @@ mod tests {
         let mut tiny = [f32::NEG_INFINITY, -1000.0];
         exp_in_place(&mut tiny);
         assert!(tiny.iter().all(|&e| (0.0..1e-37).contains(&e)), "{tiny:?}");
+        let mut huge = [100.0, f32::INFINITY, f32::NAN];
+        exp_in_place(&mut huge);
+        assert!(huge[0] == f32::INFINITY && huge[1] == f32::INFINITY && huge[2].is_nan(), "{huge:?}");
+        let mut silu = [-1e38f32, -100.0, 100.0];
+        silu_in_place(&mut silu);
+        assert!(silu[0] == 0.0 && silu[1].abs() < 1e-40 && silu[2] == 100.0, "{silu:?}");
     }
 
-    #[test]
     #[test]
     fn gelu_tanh_equals_candles_gelu_within_1e_6_relative() -> Result<()> {
         let dev = Device::Cpu;
