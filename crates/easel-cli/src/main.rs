@@ -55,9 +55,8 @@ fn keep_freed_buffers() {}
 /// candle runs large elementwise operations on its own thread pool besides rayon's, and by
 /// default each of its workers spins 25,000 times after every operation before it sleeps. The
 /// GEMMs and easel's kernels run on rayon's threads meanwhile, so a spinning candle worker takes
-/// a core from them: profiling the bundled model on the 2-core development machine, the spinning
-/// worker took 15% of all CPU samples with the default and 1.2% with 100 spins. (Wall times were
-/// within that machine's run-to-run noise of 10-20%.) A value the user sets is kept.
+/// a core from them: profiling the bundled model on 2 cores, the spinning worker took 15% of
+/// the CPU samples by default and 1.2% with 100 spins. A value the user sets is kept.
 fn short_candle_spins() {
     const VAR: &str = "CANDLE_BARRIER_POOL_SPIN_LIMIT";
     if std::env::var_os(VAR).is_none() {

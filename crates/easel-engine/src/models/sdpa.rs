@@ -5,10 +5,8 @@
 //!   which never materialises the tokens x tokens score matrix. Its 53 kernels take hours to
 //!   compile on a small machine, so tools/gpu/build.sh builds it only with `--flash-attn`.
 //! - The CPU in f32: one fused kernel ([`FusedCpuAttention`]), parallel over batch, head and
-//!   block of query rows, each task holding one block of scores in its thread's buffer. Before
-//!   it, candle's batched matmul wrote the whole score matrix, a single-threaded pass scaled it
-//!   and the softmax allocated it again, with Q, K and V each copied to contiguous first; at the
-//!   bundled model's size (head width 8) that overhead was most of a UNet step.
+//!   block of query rows, each task holding one block of scores in its thread's buffer (candle
+//!   wrote, scaled and copied whole score matrices: most of a bundled-model UNet step).
 //! - Other devices, while the scores for every batch and head fit [`SCORE_BUDGET`] elements:
 //!   two matrix products around a softmax, as diffusers' default processor.
 //! - Beyond that: tiled attention with an online softmax (FlashAttention's recurrence, in
