@@ -98,9 +98,9 @@ fn unet_and_vae_match_diffusers() {
 /// The CPU's fused attention kernel (query blocks, scores, softmax and `P V` per task) against
 /// the direct form, reading q, k and v through transposed views as the models pass them, with
 /// query counts no block divides, one key, long key rows (small query blocks) and a value
-/// width unlike the query's.
+/// width unlike the query's (measured: up to 7.2e-7).
 #[test]
-fn fused_cpu_attention_equals_direct_attention_within_1e_5() {
+fn fused_cpu_attention_equals_direct_attention_within_5e_6() {
     use easel_engine::models::sdpa::{attention, attention_within};
     let dev = Device::Cpu;
     for (b, h, n, m, d, dv) in [(2, 3, 77, 50, 8, 8), (1, 2, 300, 77, 40, 40), (3, 1, 5, 1, 16, 16), (1, 2, 40, 20_000, 8, 8), (2, 2, 33, 19, 12, 20)] {
@@ -115,7 +115,8 @@ fn fused_cpu_attention_equals_direct_attention_within_1e_5() {
         let direct = attention_within(&q.contiguous().unwrap(), &k.contiguous().unwrap(), &v, scale, usize::MAX).unwrap();
         assert_eq!(fused.dims(), direct.dims());
         let diff = (fused - &direct).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
-        assert!(diff < 1e-5, "[{b},{h},{n},{m},{d}->{dv}]: max abs diff {diff:.2e}");
+        println!("[{b},{h},{n},{m},{d}->{dv}]: max abs diff {diff:.2e}");
+        assert!(diff < 5e-6, "[{b},{h},{n},{m},{d}->{dv}]: max abs diff {diff:.2e}");
     }
 }
 

@@ -139,7 +139,7 @@ mod tests {
     use candle_core::Device;
 
     /// The fused CPU kernel against candle's operations, on shapes that vary the group size,
-    /// the spatial rank and a group larger than one f32 block.
+    /// the spatial rank and a group larger than one f32 block (measured: up to 1.4e-6).
     #[test]
     fn fused_group_norm_and_silu_match_candles_operations_within_1e5() -> Result<()> {
         let dev = Device::Cpu;
@@ -153,6 +153,7 @@ mod tests {
             let reference = norm.inner.forward(&xs)?;
             for (silu, ours, theirs) in [(false, norm.forward(&xs)?, reference.clone()), (true, norm.forward_silu(&xs)?, reference.silu()?)] {
                 let err = (ours - &theirs)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?;
+                println!("dims {dims:?} groups {groups} silu {silu}: max difference {err:e}");
                 assert!(err < 1e-5, "dims {dims:?} groups {groups} silu {silu}: max difference {err}");
             }
         }

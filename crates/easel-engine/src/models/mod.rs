@@ -16,4 +16,5 @@ pub mod autoencoder_kl;
 pub mod autoencoder_tiny;
 pub mod conv;
 pub mod group_norm;
+pub mod linear;
 pub mod resnet;

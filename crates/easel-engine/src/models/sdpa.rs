@@ -18,7 +18,7 @@
 use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor, D};
 use rayon::prelude::*;
 
-use super::vector_math::{softmax_in_place, softmax_last_dim_scaled};
+use super::vector_math::softmax_in_place;
 
 /// Score elements one attention block may hold.
 pub const SCORE_BUDGET: usize = 64 << 20;
@@ -186,10 +186,9 @@ pub fn attention_within(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64, budget: 
     Tensor::cat(&blocks, 2)
 }
 
-/// Two matrix products around a softmax with the scale folded in ([`super::vector_math`]), all keys
-/// at once.
+/// Two matrix products around a softmax, all keys at once.
 fn direct(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Result<Tensor> {
-    softmax_last_dim_scaled(&q.matmul(&k.t()?)?, scale)?.matmul(v)
+    candle_nn::ops::softmax_last_dim(&(q.matmul(&k.t()?)? * scale)?)?.matmul(v)
 }
 
 /// One query block against every key, `k_cols` keys at a time, with the online softmax:

@@ -72,6 +72,24 @@ pub fn bad_weights(path: &Path, e: &dyn std::fmt::Display) -> EngineError {
 /// does, keeps the mapped pages resident beside the copy until the map is dropped, doubling
 /// the peak resident memory of a load; reading from the page cache is as fast.
 pub fn read_tensors(path: &std::path::Path) -> Result<std::collections::HashMap<String, Tensor>> {
+    read(path, false)
+}
+
+/// [`read_tensors`], with linear layers' f32 weights read straight into
+/// [`crate::models::linear::for_cpu_gemm`]'s layout (through one reused buffer per thread, so
+/// that loading touches no more fresh memory than the weights: in a VM, fresh pages cost more
+/// than the transposition).
+pub fn read_tensors_laid_out(path: &std::path::Path) -> Result<std::collections::HashMap<String, Tensor>> {
+    let tensors = read(path, true);
+    rayon::broadcast(|_| SCRATCH.with_borrow_mut(std::mem::take));
+    tensors
+}
+
+thread_local! {
+    static SCRATCH: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+fn read(path: &std::path::Path, lay_out: bool) -> Result<std::collections::HashMap<String, Tensor>> {
     use rayon::prelude::*;
     use std::os::unix::fs::FileExt;
 
@@ -128,7 +146,18 @@ pub fn read_tensors(path: &std::path::Path) -> Result<std::collections::HashMap<
     entries
         .into_par_iter()
         .map(|(name, dtype, shape, offset, elems)| {
-            let t = read_tensor_at(&file, offset, elems, dtype, &shape).map_err(io)?;
+            let t = match shape[..] {
+                [n, k] if lay_out && dtype == DType::F32 && crate::models::linear::is_linear_weight(&name, &shape) => SCRATCH.with_borrow_mut(|scratch| {
+                    scratch.clear();
+                    scratch.resize(elems, 0f32);
+                    read_f32_at(&file, offset, scratch)?;
+                    // Not in parallel: a stolen read on this thread would borrow `SCRATCH` again.
+                    let laid_out = crate::models::linear::transpose(scratch, n, k, false);
+                    Tensor::from_vec(laid_out, (k, n), &Device::Cpu).and_then(|t| t.t()).map_err(std::io::Error::other)
+                }),
+                _ => read_tensor_at(&file, offset, elems, dtype, &shape),
+            }
+            .map_err(io)?;
             Ok((name, t))
         })
         .collect()
@@ -147,16 +176,22 @@ fn read_tensor_at(file: &std::fs::File, offset: usize, elems: usize, dtype: DTyp
     use std::os::unix::fs::FileExt;
     if dtype == DType::F32 {
         let mut data = vec![0f32; elems];
-        // SAFETY: f32 has no invalid bit patterns or padding; the byte view covers exactly
-        // `data`'s initialized elements. safetensors data is little-endian, as are the CPUs
-        // easel builds for (x86-64, aarch64).
-        let bytes = unsafe { std::slice::from_raw_parts_mut(data.as_mut_ptr().cast::<u8>(), std::mem::size_of_val(data.as_slice())) };
-        file.read_exact_at(bytes, offset as u64)?;
+        read_f32_at(file, offset, &mut data)?;
         return Tensor::from_vec(data, shape, &Device::Cpu).map_err(std::io::Error::other);
     }
     let mut bytes = vec![0u8; elems * dtype.size_in_bytes()];
     file.read_exact_at(&mut bytes, offset as u64)?;
     Tensor::from_raw_buffer(&bytes, dtype, shape, &Device::Cpu).map_err(std::io::Error::other)
+}
+
+/// Fills `data` with the f32 values at `offset`.
+fn read_f32_at(file: &std::fs::File, offset: usize, data: &mut [f32]) -> std::io::Result<()> {
+    use std::os::unix::fs::FileExt;
+    // SAFETY: f32 has no invalid bit patterns or padding; the byte view covers exactly `data`'s
+    // initialized elements. safetensors data is little-endian, as are the CPUs easel builds for
+    // (x86-64, aarch64).
+    let bytes = unsafe { std::slice::from_raw_parts_mut(data.as_mut_ptr().cast::<u8>(), std::mem::size_of_val(data)) };
+    file.read_exact_at(bytes, offset as u64)
 }
 
 #[cfg(not(target_endian = "little"))]
@@ -198,6 +233,32 @@ mod tests {
         let f = tempfile::NamedTempFile::new().unwrap();
         std::fs::write(f.path(), bytes).unwrap();
         f
+    }
+
+    /// Linear weights come back as transposed views of `[in, out]` copies, other tensors (an
+    /// embedding table, a bias, a bf16 matrix) as stored; all hold the stored values.
+    #[test]
+    fn tensors_read_laid_out_equal_the_stored_values_and_only_linear_f32_weights_are_laid_out() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("t.safetensors");
+        let dev = Device::Cpu;
+        let named = |name: &str, t: Tensor| (name.to_string(), t);
+        let stored = std::collections::HashMap::from([
+            named("blk.qkv.weight", Tensor::randn(0f32, 1.0, (300, 17), &dev).unwrap()),
+            named("blk.proj.weight", Tensor::randn(0f32, 1.0, (5, 513), &dev).unwrap()),
+            named("te.token_embedding.weight", Tensor::randn(0f32, 1.0, (9, 4), &dev).unwrap()),
+            named("blk.proj.bias", Tensor::randn(0f32, 1.0, 5, &dev).unwrap()),
+            named("half.weight", Tensor::randn(0f32, 1.0, (3, 4), &dev).unwrap().to_dtype(DType::BF16).unwrap()),
+        ]);
+        candle_core::safetensors::save(&stored, &path).unwrap();
+        let read = read_tensors_laid_out(&path).unwrap();
+        for (name, want) in &stored {
+            let got = &read[name];
+            assert_eq!(got.dims(), want.dims(), "{name}");
+            assert_eq!(got.is_contiguous(), !name.ends_with("qkv.weight") && !name.ends_with("proj.weight"), "{name}");
+            let diff = (got.to_dtype(DType::F32).unwrap() - want.to_dtype(DType::F32).unwrap()).unwrap().abs().unwrap().max_all().unwrap();
+            assert_eq!(diff.to_scalar::<f32>().unwrap(), 0.0, "{name}");
+        }
     }
 
     #[test]

@@ -11,6 +11,7 @@ use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
 use candle_core::{DType, Device, Module, Tensor};
 
 use crate::error::{EngineError, Result};
+use crate::models::linear;
 
 /// One weight: a plain tensor, or GGML blocks.
 #[derive(Clone)]
@@ -76,9 +77,12 @@ impl Weights {
     pub fn read_safetensors(files: &[PathBuf], dtype: DType, device: &Device) -> Result<Self> {
         let mut params = HashMap::new();
         for f in files {
-            for (name, t) in crate::read_tensors(f)? {
-                let t = if t.dtype().is_float() { t.to_dtype(dtype)? } else { t };
-                params.insert(name, Param::Dense(t.to_device(device)?));
+            // Laid out for the CPU's GEMM as they are read; a GPU takes them as stored.
+            let tensors = if device.is_cpu() && dtype == DType::F32 { super::read_tensors_laid_out(f)? } else { super::read_tensors(f)? };
+            for (name, t) in tensors {
+                let t = if t.dtype().is_float() { t.to_dtype(dtype)? } else { t }.to_device(device)?;
+                let t = if linear::is_linear_weight(&name, t.dims()) { linear::for_cpu_gemm(t)? } else { t };
+                params.insert(name, Param::Dense(t));
             }
         }
         let origin = files.first().cloned().unwrap_or_default();
@@ -165,7 +169,7 @@ impl Weights {
     /// The linear layer `name` (`name.weight`, and `name.bias` when present).
     pub fn linear(&self, name: &str) -> Result<Linear> {
         let weight = match self.get(&format!("{name}.weight"))? {
-            Param::Dense(t) => LinearWeight::Dense(t.to_device(&self.device)?.to_dtype(self.dtype)?),
+            Param::Dense(t) => LinearWeight::Dense(linear::for_cpu_gemm(t.to_device(&self.device)?.to_dtype(self.dtype)?)?),
             // candle's q4_1/q5_0/q5_1 kernels take rows of an even number of blocks (always so
             // in real models); narrower rows (tiny test models) run dequantized.
             Param::Quantized(q) if needs_block_pairs(q.dtype()) && (q.shape().dims().last().copied().unwrap_or(0) / q.dtype().block_size()) % 2 == 1 => {
@@ -233,6 +237,13 @@ pub struct Linear {
 impl Module for Linear {
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         let y = match &self.weight {
+            // One 2-D product over every row, as candle_nn's `Linear` (no per-batch GEMMs).
+            LinearWeight::Dense(w) if x.rank() > 2 && x.is_contiguous() => {
+                let mut dims = x.dims().to_vec();
+                let k = dims.pop().unwrap_or(1);
+                dims.push(w.dim(0)?);
+                x.reshape(((), k))?.matmul(&w.t()?)?.reshape(dims)?
+            }
             LinearWeight::Dense(w) => {
                 let w = match x.rank() {
                     4 => w.broadcast_left((x.dim(0)?, x.dim(1)?))?.t()?,
