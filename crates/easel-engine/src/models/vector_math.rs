@@ -122,6 +122,7 @@ macro_rules! runtime_simd {
 }
 
 runtime_simd! {
+    /// `dst = a * gelu_erf(gate)`.
     fn geglu_row(a: &[f32], gate: &[f32], dst: &mut [f32]) => geglu_row_inline
 }
 

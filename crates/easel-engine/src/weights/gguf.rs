@@ -43,7 +43,7 @@ pub fn read(path: &Path, device: &Device) -> Result<Weights> {
         let q = content.tensor(&mut file, name, device).map_err(|e| gguf_error(path, &format!("tensor `{name}`: {e}")))?;
         params.insert(name.clone(), Param::Quantized(Arc::new(q)));
     }
-    Ok(Weights::new(params, path, DType::F32, device))
+    Weights::new(params, path, DType::F32, device)
 }
 
 fn gguf_error(path: &Path, e: &dyn std::fmt::Display) -> EngineError {

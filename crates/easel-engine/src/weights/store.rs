@@ -68,8 +68,17 @@ pub(super) struct LowRank {
 
 impl Weights {
     /// Weights already in memory; `dtype` is the compute type of dense tensors.
-    pub fn new(params: HashMap<String, Param>, origin: &Path, dtype: DType, device: &Device) -> Self {
-        Self { params, origin: origin.to_path_buf(), dtype, device: device.clone(), low_rank: HashMap::new() }
+    /// Dense linear weights are laid out for the CPU's GEMM here ([`linear::for_cpu_gemm`]; a
+    /// no-op for ones read laid out), so that no layer holds a second copy.
+    pub fn new(mut params: HashMap<String, Param>, origin: &Path, dtype: DType, device: &Device) -> Result<Self> {
+        for (name, p) in params.iter_mut() {
+            if let Param::Dense(t) = p {
+                if linear::is_linear_weight(name, t.dims()) {
+                    *t = linear::for_cpu_gemm(t.clone())?;
+                }
+            }
+        }
+        Ok(Self { params, origin: origin.to_path_buf(), dtype, device: device.clone(), low_rank: HashMap::new() })
     }
 
     /// Reads full-precision weights from safetensors files, converted to `dtype` on `device`
@@ -80,13 +89,12 @@ impl Weights {
             // Laid out for the CPU's GEMM as they are read; a GPU takes them as stored.
             let tensors = if device.is_cpu() && dtype == DType::F32 { super::read_tensors_laid_out(f)? } else { super::read_tensors(f)? };
             for (name, t) in tensors {
-                let t = if t.dtype().is_float() { t.to_dtype(dtype)? } else { t }.to_device(device)?;
-                let t = if linear::is_linear_weight(&name, t.dims()) { linear::for_cpu_gemm(t)? } else { t };
-                params.insert(name, Param::Dense(t));
+                let t = if t.dtype().is_float() { t.to_dtype(dtype)? } else { t };
+                params.insert(name, Param::Dense(t.to_device(device)?));
             }
         }
         let origin = files.first().cloned().unwrap_or_default();
-        Ok(Self::new(params, &origin, dtype, device))
+        Self::new(params, &origin, dtype, device)
     }
 
     /// Weight names and shapes.
@@ -169,7 +177,7 @@ impl Weights {
     /// The linear layer `name` (`name.weight`, and `name.bias` when present).
     pub fn linear(&self, name: &str) -> Result<Linear> {
         let weight = match self.get(&format!("{name}.weight"))? {
-            Param::Dense(t) => LinearWeight::Dense(linear::for_cpu_gemm(t.to_device(&self.device)?.to_dtype(self.dtype)?)?),
+            Param::Dense(t) => LinearWeight::Dense(t.to_device(&self.device)?.to_dtype(self.dtype)?),
             // candle's q4_1/q5_0/q5_1 kernels take rows of an even number of blocks (always so
             // in real models); narrower rows (tiny test models) run dequantized.
             Param::Quantized(q) if needs_block_pairs(q.dtype()) && (q.shape().dims().last().copied().unwrap_or(0) / q.dtype().block_size()) % 2 == 1 => {
