@@ -17,4 +17,5 @@ pub mod autoencoder_tiny;
 pub mod conv;
 pub mod group_norm;
 pub mod linear;
+pub mod quant_tiles;
 pub mod resnet;

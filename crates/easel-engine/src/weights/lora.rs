@@ -387,8 +387,8 @@ impl Weights {
                     dense.insert(a.target.clone(), t.clone());
                     dense_adapters.push(*a);
                 }
-                Some(Param::Quantized(q)) => {
-                    let up = a.full_up(q.shape().dims()[0], &self.device)?;
+                Some(p @ (Param::Quantized(_) | Param::Tiled(_))) => {
+                    let up = a.full_up(p.dims()[0], &self.device)?;
                     let down = a.down.flatten_from(1)?.to_device(&self.device)?;
                     out.low_rank.entry(a.target.clone()).or_default().push(super::store::LowRank { down, up, scale: a.scale });
                 }

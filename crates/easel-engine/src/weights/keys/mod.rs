@@ -29,7 +29,7 @@ pub type RowMap = (Option<(usize, usize)>, Option<(usize, usize)>);
 fn dense(w: &mut Weights, name: &str) -> Result<Tensor> {
     match w.take(name) {
         Some(Param::Dense(t)) => Ok(t),
-        Some(Param::Quantized(q)) => Ok(q.dequantize(&candle_core::Device::Cpu)?),
+        Some(p) => p.dequantize(&candle_core::Device::Cpu),
         None => Err(EngineError::BadWeights { path: w.origin().to_path_buf(), message: format!("tensor `{name}` is missing") }),
     }
 }
